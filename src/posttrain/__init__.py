@@ -1,0 +1,3 @@
+"""posttrain: post-training of generative models with feedback."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Pure objectives: advantages, policy losses, aggregation, KL, value and preference losses."""
