@@ -1,1 +1,28 @@
+"""Typed, validated configs; YAML recipes; dotted overrides on the command line."""
 
+from posttrain.config.loading import ConfigError, describe_options, load_config, validate
+from posttrain.config.sections import (
+    DataSection,
+    EvalSection,
+    LoraSection,
+    ModelSection,
+    RunSection,
+    TaskSection,
+    TrainSection,
+)
+from posttrain.config.sft import SFTConfig
+
+__all__ = [
+    "ConfigError",
+    "DataSection",
+    "EvalSection",
+    "LoraSection",
+    "ModelSection",
+    "RunSection",
+    "SFTConfig",
+    "TaskSection",
+    "TrainSection",
+    "describe_options",
+    "load_config",
+    "validate",
+]

@@ -1,1 +1,28 @@
+"""What is trained: causal LMs from local paths or presets, LoRA, chunked per-token log-probs."""
 
+from posttrain.policies.logprobs import gather_logprobs_and_entropy, token_logprobs
+from posttrain.policies.models import (
+    DTYPES,
+    MODEL_PRESETS,
+    ModelLoadError,
+    apply_lora,
+    build_model,
+    enable_gradient_checkpointing,
+    load_model,
+    load_tokenizer,
+    save_pretrained,
+)
+
+__all__ = [
+    "DTYPES",
+    "MODEL_PRESETS",
+    "ModelLoadError",
+    "apply_lora",
+    "build_model",
+    "enable_gradient_checkpointing",
+    "gather_logprobs_and_entropy",
+    "load_model",
+    "load_tokenizer",
+    "save_pretrained",
+    "token_logprobs",
+]

@@ -1,1 +1,1 @@
-
+"""Checkpoints, logging, seeding, device and thread choices."""

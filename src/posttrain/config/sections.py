@@ -1,0 +1,158 @@
+"""Config sections shared by every trainer. Every default runs on a laptop CPU.
+
+Public contract (issue #3): `model.path`, `data.train`, `data.eval`, `output_dir`, `seed`,
+`train.max_steps`, `train.lr` mean the same in every trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class LoraSection(Section):
+    r: PositiveInt = 8
+    """LoRA rank."""
+    alpha: PositiveInt = 16
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: Fraction = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt, or peft's 'all-linear'."""
+
+
+class ModelSection(Section):
+    path: str | None = None
+    """A local Hugging Face model directory. Exactly one of path and preset."""
+    preset: str | None = None
+    """Build a new, randomly initialised model of this preset (see `posttrain list presets`)."""
+    tokenizer: str | None = None
+    """A tokenizer directory, or a built-in task name (e.g. arithmetic) whose tokenizer is built. Default: model.path."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter dtype."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    lora: LoraSection | None = None
+    """Train a LoRA adapter (needs the `lora` extra) instead of all weights."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        if (self.path is None) == (self.preset is None):
+            raise ValueError("set exactly one of model.path (a local model directory) and model.preset")
+        if self.preset is not None and self.tokenizer is None:
+            raise ValueError("model.preset needs model.tokenizer (a tokenizer directory or a task name)")
+        return self
+
+
+class TaskSection(Section):
+    name: Literal["arithmetic"] = "arithmetic"
+    """A built-in task."""
+    digits: PositiveInt = 2
+    """Largest number of digits in an operand."""
+    operators: str = "+-"
+    """Operators to draw from (any of +-*)."""
+    train_size: PositiveInt = 20000
+    """Training problems to generate (seeded by `seed`)."""
+    eval_size: PositiveInt = 500
+    """Held-out problems to generate; never overlap with training problems."""
+
+
+class DataSection(Section):
+    train: str | None = None
+    """Training data: JSONL, JSON, Parquet or CSV file, or a saved `datasets` directory."""
+    eval: str | None = None
+    """Held-out data, same formats."""
+    task: TaskSection | None = None
+    """Generate train/eval rows from a built-in task instead of files."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """Stop at the first invalid row, or skip and count invalid rows."""
+    max_length: PositiveInt = 512
+    """Longest sequence in tokens (prompt + completion)."""
+    truncation: Literal["truncate", "drop"] = "truncate"
+    """What to do with longer rows; both are counted."""
+    completion_only: bool = True
+    """Loss on completion (assistant) tokens only; false trains on every token."""
+    packing: bool = False
+    """Pack several examples into one row (no padding compute); otherwise bucket by length."""
+
+    @model_validator(mode="after")
+    def _has_source(self) -> DataSection:
+        if self.train is None and self.task is None:
+            raise ValueError("set data.train (a file or datasets directory) or data.task")
+        return self
+
+
+class TrainSection(Section):
+    max_steps: PositiveInt = 200
+    """Optimiser steps."""
+    lr: PositiveFloat = 1e-3
+    """Peak learning rate (AdamW)."""
+    batch_size: PositiveInt = 32
+    """Examples per optimiser step."""
+    micro_batch_size: PositiveInt | None = None
+    """Examples per forward/backward (memory bound only; never changes the result). Default: batch_size."""
+    warmup_steps: NonNegativeInt = 10
+    """Linear warm-up steps."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up."""
+    min_lr_ratio: Fraction = 0.1
+    """Final learning rate as a fraction of lr (cosine, linear)."""
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    """AdamW decoupled weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    max_grad_norm: PositiveFloat | None = 1.0
+    """Clip the global gradient norm; null disables."""
+    bf16: bool = False
+    """bfloat16 autocast for forward/backward (master weights stay in model.dtype)."""
+    eval_every: NonNegativeInt = 0
+    """Evaluate every N steps (0: only at the end)."""
+    save_every: NonNegativeInt = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_last: PositiveInt = 2
+    """Checkpoints to keep."""
+    log_every: PositiveInt = 1
+    """Log metrics every N steps."""
+
+
+class EvalSection(Section):
+    max_new_tokens: PositiveInt = 16
+    """Tokens to generate per answer."""
+    samples: PositiveInt = 1
+    """Sampled completions per prompt for pass@k (1: greedy accuracy only)."""
+    k: PositiveInt = 1
+    """k of pass@k (at most samples)."""
+    temperature: PositiveFloat = 1.0
+    """Sampling temperature for pass@k."""
+    batch_size: PositiveInt = 64
+    """Prompts per generation batch."""
+    limit: PositiveInt | None = None
+    """Evaluate at most this many rows."""
+    reward: str = "numeric_match"
+    """Reward that decides correctness (score >= 1): a built-in name or module:function."""
+
+    @model_validator(mode="after")
+    def _k_within_samples(self) -> EvalSection:
+        if self.k > self.samples:
+            raise ValueError(f"eval.k={self.k} needs eval.samples >= k (got {self.samples})")
+        return self
+
+
+class RunSection(Section):
+    """Fields every trainer config has at its top level."""
+
+    output_dir: str = "runs/default"
+    """Run directory: checkpoints, metrics.jsonl, tensorboard/, final model."""
+    seed: int = 0
+    """Seed for data order, initialisation and sampling."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto."""
+    recipe_dir: str | None = Field(default=None, exclude=True)
+    """Set by the loader: the recipe's directory, for relative paths in it."""

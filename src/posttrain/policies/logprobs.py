@@ -1,0 +1,158 @@
+"""Per-token log-probs and entropy of given tokens, computed over vocabulary chunks.
+
+A [B, T, V] float32 log-softmax costs 4*B*T*V bytes (8 x 1024 tokens x 152k vocab = 5 GB) and the same
+again for its gradient. Here the language-model head runs chunk by chunk over the vocabulary with an
+online log-sum-exp, only at the positions the caller asks for (completion tokens, not the prompt or
+padding), and the backward pass recomputes each chunk instead of storing it: memory is O(N * chunk).
+
+Alignment, used by every caller: `logp_B_T[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`, so a
+mask aligned with `input_ids` (True where a token is a target) selects the right values; t = 0 has no
+prediction and holds 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+DEFAULT_VOCAB_CHUNK = 8192
+
+
+class _ChunkedLogprobEntropy(torch.autograd.Function):
+    """log p(target) and entropy of softmax(h @ W.T / tau) without materialising the [N, V] matrix.
+
+    With z = logits / tau, p = softmax(z), lse = logsumexp(z), E[z] = sum_i p_i z_i:
+        logp   = z_target - lse          d logp / d z_i = 1[i = target] - p_i
+        H      = lse - E[z]              d H    / d z_i = -p_i (z_i - E[z])
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden_N_H: Tensor, weight_V_H: Tensor, bias_V: Tensor | None,
+                targets_N: Tensor, inv_temperature: float, chunk: int) -> tuple[Tensor, Tensor]:
+        n, vocab = hidden_N_H.shape[0], weight_V_H.shape[0]
+        running_max = hidden_N_H.new_full((n,), float("-inf"), dtype=torch.float32)
+        sum_exp = hidden_N_H.new_zeros((n,), dtype=torch.float32)
+        sum_exp_z = hidden_N_H.new_zeros((n,), dtype=torch.float32)
+        target_z = hidden_N_H.new_zeros((n,), dtype=torch.float32)
+        for start in range(0, vocab, chunk):
+            z_N_C = _chunk_logits(hidden_N_H, weight_V_H, bias_V, start, chunk, inv_temperature)
+            new_max = torch.maximum(running_max, z_N_C.max(dim=1).values)
+            rescale = torch.exp(running_max - new_max)
+            e_N_C = torch.exp(z_N_C - new_max[:, None])
+            sum_exp = sum_exp * rescale + e_N_C.sum(dim=1)
+            sum_exp_z = sum_exp_z * rescale + (e_N_C * z_N_C).sum(dim=1)
+            running_max = new_max
+            in_chunk = (targets_N >= start) & (targets_N < start + z_N_C.shape[1])
+            local = (targets_N - start).clamp(0, z_N_C.shape[1] - 1)
+            target_z += torch.where(in_chunk, z_N_C.gather(1, local[:, None]).squeeze(1), 0.0)
+        lse = running_max + torch.log(sum_exp)
+        mean_z = sum_exp_z / sum_exp
+        ctx.save_for_backward(hidden_N_H, weight_V_H, bias_V, targets_N, lse, mean_z)
+        ctx.inv_temperature, ctx.chunk = inv_temperature, chunk
+        return target_z - lse, lse - mean_z
+
+    @staticmethod
+    def backward(ctx: Any, grad_logp_N: Tensor | None, grad_entropy_N: Tensor | None):  # type: ignore[override]
+        hidden_N_H, weight_V_H, bias_V, targets_N, lse, mean_z = ctx.saved_tensors
+        inv_t, chunk = ctx.inv_temperature, ctx.chunk
+        grad_hidden = torch.zeros_like(hidden_N_H, dtype=torch.float32)
+        grad_weight = torch.zeros_like(weight_V_H, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias_V, dtype=torch.float32) if bias_V is not None and ctx.needs_input_grad[2] else None
+        for start in range(0, weight_V_H.shape[0], chunk):
+            z_N_C = _chunk_logits(hidden_N_H, weight_V_H, bias_V, start, chunk, inv_t)
+            p_N_C = torch.exp(z_N_C - lse[:, None])
+            dz_N_C = torch.zeros_like(z_N_C)
+            if grad_logp_N is not None:
+                dz_N_C -= grad_logp_N[:, None] * p_N_C
+                in_chunk = (targets_N >= start) & (targets_N < start + z_N_C.shape[1])
+                rows = in_chunk.nonzero().squeeze(1)
+                dz_N_C[rows, targets_N[rows] - start] += grad_logp_N[rows]
+            if grad_entropy_N is not None:
+                dz_N_C -= grad_entropy_N[:, None] * p_N_C * (z_N_C - mean_z[:, None])
+            dlogits_N_C = (dz_N_C * inv_t).to(weight_V_H.dtype)
+            w_C_H = weight_V_H[start:start + chunk]
+            grad_hidden += (dlogits_N_C @ w_C_H).float()
+            if grad_weight is not None:
+                grad_weight[start:start + chunk] += (dlogits_N_C.T @ hidden_N_H).float()
+            if grad_bias is not None:
+                grad_bias[start:start + chunk] += dlogits_N_C.float().sum(dim=0)
+        return (
+            grad_hidden.to(hidden_N_H.dtype),
+            None if grad_weight is None else grad_weight.to(weight_V_H.dtype),
+            None if grad_bias is None else grad_bias.to(bias_V.dtype),
+            None, None, None,
+        )
+
+
+def _chunk_logits(hidden_N_H: Tensor, weight_V_H: Tensor, bias_V: Tensor | None,
+                  start: int, chunk: int, inv_temperature: float) -> Tensor:
+    logits_N_C = hidden_N_H @ weight_V_H[start:start + chunk].T
+    if bias_V is not None:
+        logits_N_C = logits_N_C + bias_V[start:start + chunk]
+    return logits_N_C.float() * inv_temperature
+
+
+def gather_logprobs_and_entropy(hidden_N_H: Tensor, weight_V_H: Tensor, targets_N: Tensor, *,
+                                bias_V: Tensor | None = None, temperature: float = 1.0,
+                                chunk: int = DEFAULT_VOCAB_CHUNK) -> tuple[Tensor, Tensor]:
+    """log p(target) and entropy, both float32 [N], of softmax((hidden @ weight.T + bias) / temperature)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
+    return _ChunkedLogprobEntropy.apply(hidden_N_H, weight_V_H, bias_V, targets_N, 1.0 / temperature, chunk)
+
+
+def token_logprobs(model: torch.nn.Module, input_ids_B_T: Tensor, attention_mask_B_T: Tensor,
+                   target_mask_B_T: Tensor, *, position_ids_B_T: Tensor | None = None,
+                   temperature: float = 1.0, chunk: int = DEFAULT_VOCAB_CHUNK) -> tuple[Tensor, Tensor]:
+    """Log-probs and entropies [B, T] of `input_ids` under `model`, at the positions of `target_mask`.
+
+    Only target positions are computed; elsewhere both outputs are 0. See the module docstring for the
+    alignment. Models whose head post-processes logits (soft-capping, logit scale) take the plain path.
+    """
+    hidden_B_T_H = _final_hidden_states(model, input_ids_B_T, attention_mask_B_T, position_ids_B_T)
+    predict_B_T = torch.zeros_like(target_mask_B_T, dtype=torch.bool)
+    predict_B_T[:, :-1] = target_mask_B_T[:, 1:]  # the hidden state at t predicts token t + 1
+    hidden_N_H = hidden_B_T_H[predict_B_T]
+    targets_N = input_ids_B_T[:, 1:][target_mask_B_T[:, 1:]]
+    head = model.get_output_embeddings()
+    if _head_postprocesses_logits(model.config):
+        logp_N, entropy_N = _plain_logprobs_and_entropy(model, hidden_N_H, targets_N, temperature)
+    else:
+        logp_N, entropy_N = gather_logprobs_and_entropy(
+            hidden_N_H, head.weight, targets_N, bias_V=getattr(head, "bias", None),
+            temperature=temperature, chunk=chunk,
+        )
+    logp_B_T = hidden_B_T_H.new_zeros(target_mask_B_T.shape, dtype=torch.float32)
+    entropy_B_T = torch.zeros_like(logp_B_T)
+    target_at_B_T = torch.zeros_like(predict_B_T)
+    target_at_B_T[:, 1:] = target_mask_B_T[:, 1:]
+    logp_B_T = logp_B_T.masked_scatter(target_at_B_T, logp_N)
+    entropy_B_T = entropy_B_T.masked_scatter(target_at_B_T, entropy_N)
+    return logp_B_T, entropy_B_T
+
+
+def _final_hidden_states(model: torch.nn.Module, input_ids_B_T: Tensor, attention_mask_B_T: Tensor,
+                         position_ids_B_T: Tensor | None) -> Tensor:
+    out = model.get_decoder()(input_ids=input_ids_B_T, attention_mask=attention_mask_B_T,
+                              position_ids=position_ids_B_T, use_cache=False)
+    return out.last_hidden_state
+
+
+def _head_postprocesses_logits(config: Any) -> bool:
+    return bool(getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
+
+
+def _plain_logprobs_and_entropy(model: torch.nn.Module, hidden_N_H: Tensor, targets_N: Tensor,
+                                temperature: float) -> tuple[Tensor, Tensor]:
+    logits_N_V = model.get_output_embeddings()(hidden_N_H).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits_N_V = torch.tanh(logits_N_V / cap) * cap
+    scale = getattr(model.config, "logit_scale", None)
+    if scale:
+        logits_N_V = logits_N_V * scale
+    logp_N_V = torch.log_softmax(logits_N_V / temperature, dim=-1)
+    entropy_N = -(logp_N_V.exp() * logp_N_V).sum(dim=-1)
+    return logp_N_V.gather(1, targets_N[:, None]).squeeze(1), entropy_N

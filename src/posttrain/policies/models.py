@@ -1,0 +1,154 @@
+"""Causal LMs: load any Hugging Face model from a local path, or build a tiny one from a named preset.
+
+Nothing here downloads: a path that is not a local model directory is an error that says so.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer path that cannot be used, with what was found there."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    family: str  # "qwen2" | "llama"
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    tie_embeddings: bool = True
+
+
+# Parameter counts are for a 378-token vocabulary (the arithmetic tokenizer); embeddings grow with V.
+MODEL_PRESETS: dict[str, Preset] = {
+    "qwen2-tiny": Preset("qwen2", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=192),  # ~0.1M
+    "llama-tiny": Preset("llama", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=192),
+    "qwen2-small": Preset("qwen2", hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384),  # ~0.7M
+    "llama-small": Preset("llama", hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384),
+    "qwen2-base": Preset("qwen2", hidden=256, layers=6, heads=8, kv_heads=4, intermediate=768),  # ~4M
+    "qwen2-30m": Preset("qwen2", hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1536),  # ~24M
+    "qwen2-0.5b-shape": Preset("qwen2", hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864),
+}
+
+
+def preset_config(name: str, *, vocab_size: int, max_positions: int = 2048,
+                  pad_token_id: int | None = None, bos_token_id: int | None = None,
+                  eos_token_id: int | None = None) -> Any:
+    if name not in MODEL_PRESETS:
+        raise ModelLoadError(f"model.preset: '{name}' is not a preset; presets: {', '.join(MODEL_PRESETS)}")
+    p = MODEL_PRESETS[name]
+    config_class = Qwen2Config if p.family == "qwen2" else LlamaConfig
+    return config_class(
+        vocab_size=vocab_size, hidden_size=p.hidden, num_hidden_layers=p.layers,
+        num_attention_heads=p.heads, num_key_value_heads=p.kv_heads, intermediate_size=p.intermediate,
+        max_position_embeddings=max_positions, tie_word_embeddings=p.tie_embeddings,
+        pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+    )
+
+
+def build_model(preset: str, tokenizer: PreTrainedTokenizerBase, *, seed: int = 0,
+                dtype: str = "float32") -> PreTrainedModel:
+    """A randomly initialised causal LM of a named preset, sized to the tokenizer's vocabulary."""
+    config = preset_config(preset, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def load_model(path: str | Path, *, dtype: str = "float32", device: str | torch.device = "cpu",
+               gradient_checkpointing: bool = False) -> PreTrainedModel:
+    """Any Hugging Face causal LM from a local directory (safetensors or bin weights)."""
+    directory = _local_directory(path, "model.path")
+    if not (directory / "config.json").is_file():
+        raise ModelLoadError(f"model.path: {directory} has no config.json; it is not a Hugging Face model directory")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype], local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"model.path: cannot load a causal LM from {directory}: {error}") from error
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model.to(device)
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    directory = _local_directory(path, "model.tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"model.tokenizer: cannot load a tokenizer from {directory}: {error}") from error
+    if tokenizer.pad_token_id is None:
+        # Padding is masked out everywhere; EOS is the conventional stand-in (TRL does the same).
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def apply_lora(model: PreTrainedModel, *, r: int, alpha: int, dropout: float,
+               target_modules: list[str] | str) -> PreTrainedModel:
+    """Wrap with a peft LoRA adapter (optional extra `posttrain[lora]`)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise ModelLoadError("model.lora needs peft: pip install 'posttrain[lora]'") from error
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
+                    directory: str | Path) -> Path:
+    """A standard Hugging Face directory (safetensors) that `from_pretrained` loads.
+
+    A peft LoRA model writes its adapter to `directory/adapter` and the merged full model beside it
+    (merged on a copy, because training may go on after a save).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "merge_and_unload"):
+        model.save_pretrained(directory / "adapter")
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(directory, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _local_directory(path: str | Path, key: str) -> Path:
+    directory = Path(path).expanduser()
+    if not directory.exists():
+        raise ModelLoadError(f"{key}: {directory} does not exist (posttrain loads local directories only)")
+    if not directory.is_dir():
+        raise ModelLoadError(f"{key}: {directory} is a file, not a model directory")
+    return directory
+
+
+def model_config(path: str | Path) -> Any:
+    return AutoConfig.from_pretrained(_local_directory(path, "model.path"), local_files_only=True)

@@ -1,0 +1,93 @@
+"""Run logging: a rich progress bar, metrics as JSONL in the run directory, TensorBoard when installed."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunLogger:
+    """Writes one JSON object per logged step to `run_dir/metrics.jsonl` and shows progress."""
+
+    def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int = 0,
+                 headline: tuple[str, ...] = ("loss",), progress: bool = True, tensorboard: bool = True):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.headline = headline
+        self._metrics = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+        self._tensorboard = _open_tensorboard(self.run_dir) if tensorboard else None
+        self._progress = _make_progress() if progress else None
+        self._task = None
+        if self._progress is not None:
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=total_steps, completed=start_step, stats="")
+
+    def log(self, step: int, metrics: dict[str, float], *, kind: str = "train") -> None:
+        record = {"step": step, "kind": kind, "time": time.time(), **{k: _plain(v) for k, v in metrics.items()}}
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        if self._tensorboard is not None:
+            for key, value in metrics.items():
+                if isinstance(value, int | float) and math.isfinite(value):
+                    self._tensorboard.add_scalar(f"{kind}/{key}", value, step)
+        if self._progress is not None and kind == "train":
+            stats = "  ".join(f"{k} {_short(metrics[k])}" for k in self.headline if k in metrics)
+            self._progress.update(self._task, completed=step, stats=stats)
+
+    def print(self, message: str) -> None:
+        (self._progress.console if self._progress is not None else console).print(message)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        self._metrics.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _make_progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        console=console, transient=False,
+    )
+
+
+def _open_tensorboard(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is an optional extra
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _short(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4g}"
