@@ -10,11 +10,12 @@ from posttrain.config.sections import (
     TaskSection,
     TrainSection,
 )
-from posttrain.config.sft import SFTConfig
+from posttrain.config.sft import EvalConfig, SFTConfig
 
 __all__ = [
     "ConfigError",
     "DataSection",
+    "EvalConfig",
     "EvalSection",
     "LoraSection",
     "ModelSection",

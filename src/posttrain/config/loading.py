@@ -114,7 +114,11 @@ def format_validation_error(error: ValidationError, model: type[BaseModel]) -> s
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     current: Any = model
     for part in loc:
-        sub = _model_of(current.model_fields[part].annotation) if _is_model(current) and part in current.model_fields else None
+        sub = (
+            _model_of(current.model_fields[part].annotation)
+            if _is_model(current) and part in current.model_fields
+            else None
+        )
         if sub is None:
             return []
         current = sub

@@ -82,11 +82,9 @@ class DataSection(Section):
     packing: bool = False
     """Pack several examples into one row (no padding compute); otherwise bucket by length."""
 
-    @model_validator(mode="after")
-    def _has_source(self) -> DataSection:
+    def require_train(self) -> None:
         if self.train is None and self.task is None:
             raise ValueError("set data.train (a file or datasets directory) or data.task")
-        return self
 
 
 class TrainSection(Section):

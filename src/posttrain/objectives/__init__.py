@@ -1,1 +1,35 @@
-"""Pure objectives: advantages, policy losses, aggregation, KL, value and preference losses."""
+"""Pure objectives: advantages, policy losses, aggregation, KL, value and preference losses.
+
+Importing this package registers every built-in objective in the registries of `registry.py`.
+"""
+
+from posttrain.objectives import (  # noqa: F401  (imported to register)
+    advantages,
+    aggregation,
+    kl,
+    policy_losses,
+    preference,
+    reward_model,
+    value,
+)
+from posttrain.objectives.registry import (
+    ADVANTAGES,
+    AGGREGATIONS,
+    ALL_REGISTRIES,
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
+    PREFERENCE_LOSSES,
+    REWARD_MODEL_LOSSES,
+    UnknownObjectiveError,
+)
+
+__all__ = [
+    "ADVANTAGES",
+    "AGGREGATIONS",
+    "ALL_REGISTRIES",
+    "KL_ESTIMATORS",
+    "POLICY_LOSSES",
+    "PREFERENCE_LOSSES",
+    "REWARD_MODEL_LOSSES",
+    "UnknownObjectiveError",
+]

@@ -29,8 +29,15 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, hidden_N_H: Tensor, weight_V_H: Tensor, bias_V: Tensor | None,
-                targets_N: Tensor, inv_temperature: float, chunk: int) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx: Any,
+        hidden_N_H: Tensor,
+        weight_V_H: Tensor,
+        bias_V: Tensor | None,
+        targets_N: Tensor,
+        inv_temperature: float,
+        chunk: int,
+    ) -> tuple[Tensor, Tensor]:
         n, vocab = hidden_N_H.shape[0], weight_V_H.shape[0]
         running_max = hidden_N_H.new_full((n,), float("-inf"), dtype=torch.float32)
         sum_exp = hidden_N_H.new_zeros((n,), dtype=torch.float32)
@@ -59,7 +66,11 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         inv_t, chunk = ctx.inv_temperature, ctx.chunk
         grad_hidden = torch.zeros_like(hidden_N_H, dtype=torch.float32)
         grad_weight = torch.zeros_like(weight_V_H, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros_like(bias_V, dtype=torch.float32) if bias_V is not None and ctx.needs_input_grad[2] else None
+        grad_bias = (
+            torch.zeros_like(bias_V, dtype=torch.float32)
+            if bias_V is not None and ctx.needs_input_grad[2]
+            else None
+        )
         for start in range(0, weight_V_H.shape[0], chunk):
             z_N_C = _chunk_logits(hidden_N_H, weight_V_H, bias_V, start, chunk, inv_t)
             p_N_C = torch.exp(z_N_C - lse[:, None])
@@ -72,40 +83,61 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
             if grad_entropy_N is not None:
                 dz_N_C -= grad_entropy_N[:, None] * p_N_C * (z_N_C - mean_z[:, None])
             dlogits_N_C = (dz_N_C * inv_t).to(weight_V_H.dtype)
-            w_C_H = weight_V_H[start:start + chunk]
+            w_C_H = weight_V_H[start : start + chunk]
             grad_hidden += (dlogits_N_C @ w_C_H).float()
             if grad_weight is not None:
-                grad_weight[start:start + chunk] += (dlogits_N_C.T @ hidden_N_H).float()
+                grad_weight[start : start + chunk] += (dlogits_N_C.T @ hidden_N_H).float()
             if grad_bias is not None:
-                grad_bias[start:start + chunk] += dlogits_N_C.float().sum(dim=0)
+                grad_bias[start : start + chunk] += dlogits_N_C.float().sum(dim=0)
         return (
             grad_hidden.to(hidden_N_H.dtype),
             None if grad_weight is None else grad_weight.to(weight_V_H.dtype),
             None if grad_bias is None else grad_bias.to(bias_V.dtype),
-            None, None, None,
+            None,
+            None,
+            None,
         )
 
 
-def _chunk_logits(hidden_N_H: Tensor, weight_V_H: Tensor, bias_V: Tensor | None,
-                  start: int, chunk: int, inv_temperature: float) -> Tensor:
-    logits_N_C = hidden_N_H @ weight_V_H[start:start + chunk].T
+def _chunk_logits(
+    hidden_N_H: Tensor,
+    weight_V_H: Tensor,
+    bias_V: Tensor | None,
+    start: int,
+    chunk: int,
+    inv_temperature: float,
+) -> Tensor:
+    logits_N_C = hidden_N_H @ weight_V_H[start : start + chunk].T
     if bias_V is not None:
-        logits_N_C = logits_N_C + bias_V[start:start + chunk]
+        logits_N_C = logits_N_C + bias_V[start : start + chunk]
     return logits_N_C.float() * inv_temperature
 
 
-def gather_logprobs_and_entropy(hidden_N_H: Tensor, weight_V_H: Tensor, targets_N: Tensor, *,
-                                bias_V: Tensor | None = None, temperature: float = 1.0,
-                                chunk: int = DEFAULT_VOCAB_CHUNK) -> tuple[Tensor, Tensor]:
+def gather_logprobs_and_entropy(
+    hidden_N_H: Tensor,
+    weight_V_H: Tensor,
+    targets_N: Tensor,
+    *,
+    bias_V: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk: int = DEFAULT_VOCAB_CHUNK,
+) -> tuple[Tensor, Tensor]:
     """log p(target) and entropy, both float32 [N], of softmax((hidden @ weight.T + bias) / temperature)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
     return _ChunkedLogprobEntropy.apply(hidden_N_H, weight_V_H, bias_V, targets_N, 1.0 / temperature, chunk)
 
 
-def token_logprobs(model: torch.nn.Module, input_ids_B_T: Tensor, attention_mask_B_T: Tensor,
-                   target_mask_B_T: Tensor, *, position_ids_B_T: Tensor | None = None,
-                   temperature: float = 1.0, chunk: int = DEFAULT_VOCAB_CHUNK) -> tuple[Tensor, Tensor]:
+def token_logprobs(
+    model: torch.nn.Module,
+    input_ids_B_T: Tensor,
+    attention_mask_B_T: Tensor,
+    target_mask_B_T: Tensor,
+    *,
+    position_ids_B_T: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk: int = DEFAULT_VOCAB_CHUNK,
+) -> tuple[Tensor, Tensor]:
     """Log-probs and entropies [B, T] of `input_ids` under `model`, at the positions of `target_mask`.
 
     Only target positions are computed; elsewhere both outputs are 0. See the module docstring for the
@@ -121,8 +153,12 @@ def token_logprobs(model: torch.nn.Module, input_ids_B_T: Tensor, attention_mask
         logp_N, entropy_N = _plain_logprobs_and_entropy(model, hidden_N_H, targets_N, temperature)
     else:
         logp_N, entropy_N = gather_logprobs_and_entropy(
-            hidden_N_H, head.weight, targets_N, bias_V=getattr(head, "bias", None),
-            temperature=temperature, chunk=chunk,
+            hidden_N_H,
+            head.weight,
+            targets_N,
+            bias_V=getattr(head, "bias", None),
+            temperature=temperature,
+            chunk=chunk,
         )
     logp_B_T = hidden_B_T_H.new_zeros(target_mask_B_T.shape, dtype=torch.float32)
     entropy_B_T = torch.zeros_like(logp_B_T)
@@ -133,10 +169,15 @@ def token_logprobs(model: torch.nn.Module, input_ids_B_T: Tensor, attention_mask
     return logp_B_T, entropy_B_T
 
 
-def _final_hidden_states(model: torch.nn.Module, input_ids_B_T: Tensor, attention_mask_B_T: Tensor,
-                         position_ids_B_T: Tensor | None) -> Tensor:
-    out = model.get_decoder()(input_ids=input_ids_B_T, attention_mask=attention_mask_B_T,
-                              position_ids=position_ids_B_T, use_cache=False)
+def _final_hidden_states(
+    model: torch.nn.Module, input_ids_B_T: Tensor, attention_mask_B_T: Tensor, position_ids_B_T: Tensor | None
+) -> Tensor:
+    out = model.get_decoder()(
+        input_ids=input_ids_B_T,
+        attention_mask=attention_mask_B_T,
+        position_ids=position_ids_B_T,
+        use_cache=False,
+    )
     return out.last_hidden_state
 
 
@@ -144,8 +185,9 @@ def _head_postprocesses_logits(config: Any) -> bool:
     return bool(getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
 
 
-def _plain_logprobs_and_entropy(model: torch.nn.Module, hidden_N_H: Tensor, targets_N: Tensor,
-                                temperature: float) -> tuple[Tensor, Tensor]:
+def _plain_logprobs_and_entropy(
+    model: torch.nn.Module, hidden_N_H: Tensor, targets_N: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
     logits_N_V = model.get_output_embeddings()(hidden_N_H).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:

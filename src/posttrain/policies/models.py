@@ -51,26 +51,45 @@ MODEL_PRESETS: dict[str, Preset] = {
 }
 
 
-def preset_config(name: str, *, vocab_size: int, max_positions: int = 2048,
-                  pad_token_id: int | None = None, bos_token_id: int | None = None,
-                  eos_token_id: int | None = None) -> Any:
+def preset_config(
+    name: str,
+    *,
+    vocab_size: int,
+    max_positions: int = 2048,
+    pad_token_id: int | None = None,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+) -> Any:
     if name not in MODEL_PRESETS:
         raise ModelLoadError(f"model.preset: '{name}' is not a preset; presets: {', '.join(MODEL_PRESETS)}")
     p = MODEL_PRESETS[name]
     config_class = Qwen2Config if p.family == "qwen2" else LlamaConfig
     return config_class(
-        vocab_size=vocab_size, hidden_size=p.hidden, num_hidden_layers=p.layers,
-        num_attention_heads=p.heads, num_key_value_heads=p.kv_heads, intermediate_size=p.intermediate,
-        max_position_embeddings=max_positions, tie_word_embeddings=p.tie_embeddings,
-        pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+        vocab_size=vocab_size,
+        hidden_size=p.hidden,
+        num_hidden_layers=p.layers,
+        num_attention_heads=p.heads,
+        num_key_value_heads=p.kv_heads,
+        intermediate_size=p.intermediate,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=p.tie_embeddings,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
     )
 
 
-def build_model(preset: str, tokenizer: PreTrainedTokenizerBase, *, seed: int = 0,
-                dtype: str = "float32") -> PreTrainedModel:
+def build_model(
+    preset: str, tokenizer: PreTrainedTokenizerBase, *, seed: int = 0, dtype: str = "float32"
+) -> PreTrainedModel:
     """A randomly initialised causal LM of a named preset, sized to the tokenizer's vocabulary."""
-    config = preset_config(preset, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = preset_config(
+        preset,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
@@ -79,12 +98,19 @@ def build_model(preset: str, tokenizer: PreTrainedTokenizerBase, *, seed: int = 
     return model
 
 
-def load_model(path: str | Path, *, dtype: str = "float32", device: str | torch.device = "cpu",
-               gradient_checkpointing: bool = False) -> PreTrainedModel:
+def load_model(
+    path: str | Path,
+    *,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    gradient_checkpointing: bool = False,
+) -> PreTrainedModel:
     """Any Hugging Face causal LM from a local directory (safetensors or bin weights)."""
     directory = _local_directory(path, "model.path")
     if not (directory / "config.json").is_file():
-        raise ModelLoadError(f"model.path: {directory} has no config.json; it is not a Hugging Face model directory")
+        raise ModelLoadError(
+            f"model.path: {directory} has no config.json; it is not a Hugging Face model directory"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype], local_files_only=True)
     except (OSError, ValueError) as error:
@@ -111,20 +137,23 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     model.config.use_cache = False
 
 
-def apply_lora(model: PreTrainedModel, *, r: int, alpha: int, dropout: float,
-               target_modules: list[str] | str) -> PreTrainedModel:
+def apply_lora(
+    model: PreTrainedModel, *, r: int, alpha: int, dropout: float, target_modules: list[str] | str
+) -> PreTrainedModel:
     """Wrap with a peft LoRA adapter (optional extra `posttrain[lora]`)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as error:
         raise ModelLoadError("model.lora needs peft: pip install 'posttrain[lora]'") from error
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
+    )
     return get_peft_model(model, config)
 
 
-def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
-                    directory: str | Path) -> Path:
+def save_pretrained(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, directory: str | Path
+) -> Path:
     """A standard Hugging Face directory (safetensors) that `from_pretrained` loads.
 
     A peft LoRA model writes its adapter to `directory/adapter` and the merged full model beside it

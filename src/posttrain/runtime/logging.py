@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 console = Console(stderr=True)
 
@@ -19,8 +26,16 @@ METRICS_FILE = "metrics.jsonl"
 class RunLogger:
     """Writes one JSON object per logged step to `run_dir/metrics.jsonl` and shows progress."""
 
-    def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int = 0,
-                 headline: tuple[str, ...] = ("loss",), progress: bool = True, tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        total_steps: int,
+        start_step: int = 0,
+        headline: tuple[str, ...] = ("loss",),
+        progress: bool = True,
+        tensorboard: bool = True,
+    ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.headline = headline
@@ -33,7 +48,12 @@ class RunLogger:
             self._task = self._progress.add_task("train", total=total_steps, completed=start_step, stats="")
 
     def log(self, step: int, metrics: dict[str, float], *, kind: str = "train") -> None:
-        record = {"step": step, "kind": kind, "time": time.time(), **{k: _plain(v) for k, v in metrics.items()}}
+        record = {
+            "step": step,
+            "kind": kind,
+            "time": time.time(),
+            **{k: _plain(v) for k, v in metrics.items()},
+        }
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
         if self._tensorboard is not None:
@@ -65,9 +85,15 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def _make_progress() -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        console=console, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
     )
 
 

@@ -33,7 +33,9 @@ class ArithmeticTask:
             raise ValueError(f"arithmetic.digits must be >= 1, got {self.digits}")
         unknown = set(self.operators) - set(OPERATORS)
         if not self.operators or unknown:
-            raise ValueError(f"arithmetic.operators: {self.operators!r}; allowed: any of {''.join(OPERATORS)}")
+            raise ValueError(
+                f"arithmetic.operators: {self.operators!r}; allowed: any of {''.join(OPERATORS)}"
+            )
         if not 0 < self.heldout_per_mille < 1000:
             raise ValueError(f"arithmetic.heldout_per_mille must be in 1..999, got {self.heldout_per_mille}")
 

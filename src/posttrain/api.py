@@ -1,0 +1,183 @@
+"""The Python API: one function per CLI command, taking objects (configs, models, rows, reward callables).
+
+    import posttrain
+    result = posttrain.sft({"model": {"path": "my-model"}, "data": {"train": "train.jsonl"}})
+    posttrain.evaluate({"model": {"path": str(result.final_dir)}, "data": {"eval": "eval.jsonl"}})
+
+A config may be a config object, a dict, or a path to a YAML recipe (plus `overrides`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from pydantic import BaseModel
+
+from posttrain.config import EvalConfig, SFTConfig, load_config, validate
+from posttrain.data.encoding import encode_prompt
+from posttrain.objectives.registry import ALL_REGISTRIES
+from posttrain.policies import MODEL_PRESETS, load_model, load_tokenizer
+from posttrain.rewards import BUILTIN_REWARDS
+from posttrain.rollout import ENGINES, SamplingParams
+from posttrain.runtime.logging import read_metrics
+from posttrain.tasks import TASKS
+from posttrain.trainers.build import build_builtin_tokenizer
+from posttrain.trainers.evaluation import EvalResult, RewardFn, run_evaluation
+from posttrain.trainers.sft import SFTResult, train_sft
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def as_config(kind: type[C], config: C | dict[str, Any] | str | Path, overrides: list[str] = ()) -> C:
+    if isinstance(config, kind):
+        return (
+            config if not overrides else load_config(kind, None, [*_flatten(config.model_dump()), *overrides])
+        )
+    if isinstance(config, dict):
+        return (
+            load_config(kind, None, [*_flatten(config), *overrides]) if overrides else validate(kind, config)
+        )
+    return load_config(kind, config, list(overrides))
+
+
+def sft(
+    config: SFTConfig | dict[str, Any] | str | Path,
+    *,
+    overrides: list[str] = (),
+    model: Any = None,
+    tokenizer: Any = None,
+    train: Any = None,
+    eval: Any = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> SFTResult:
+    """Supervised fine-tuning (`posttrain sft`). `train`/`eval`: lists of row dicts or `datasets.Dataset`."""
+    return train_sft(
+        as_config(SFTConfig, config, overrides),
+        model=model,
+        tokenizer=tokenizer,
+        train_rows=train,
+        eval_rows=eval,
+        resume=resume,
+        progress=progress,
+    )
+
+
+def evaluate(
+    config: EvalConfig | dict[str, Any] | str | Path,
+    *,
+    overrides: list[str] = (),
+    model: Any = None,
+    tokenizer: Any = None,
+    rows: Any = None,
+    reward: RewardFn | None = None,
+) -> EvalResult:
+    """Greedy accuracy and pass@k (`posttrain eval`). `reward`: a TRL-style reward callable."""
+    return run_evaluation(
+        as_config(EvalConfig, config, overrides), model=model, tokenizer=tokenizer, rows=rows, reward=reward
+    )
+
+
+@torch.inference_mode()
+def generate(
+    model: Any,
+    prompts: list[str],
+    *,
+    tokenizer: Any = None,
+    n: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 32,
+    chat: bool = False,
+    seed: int = 0,
+    engine: str = "native",
+) -> list[list[str]]:
+    """`n` completions for each prompt (`posttrain generate`). `model`: a model object or a local directory."""
+    if isinstance(model, str | Path):
+        tokenizer = tokenizer or load_tokenizer(model)
+        model = load_model(model)
+    if tokenizer is None:
+        raise ValueError("generate: pass tokenizer= with a model object")
+    model.eval()
+    prompt_ids = [
+        encode_prompt(tokenizer, [{"role": "user", "content": p}] if chat else p, where=f"prompt {i + 1}")
+        for i, p in enumerate(prompts)
+    ]
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        stop_token_ids=(tokenizer.eos_token_id,),
+    )
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    rollouts = ENGINES[engine].generate(
+        model, prompt_ids, params, n=n, generator=generator, tokenizer=tokenizer
+    )
+    texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
+    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def write_task(
+    name: str,
+    out_dir: str | Path,
+    *,
+    digits: int = 2,
+    operators: str = "+-",
+    train_size: int = 20000,
+    eval_size: int = 500,
+    seed: int = 0,
+) -> list[Path]:
+    """A built-in task's train.jsonl, eval.jsonl and tokenizer/ (`posttrain task`)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task = TASKS[name](digits=digits, operators=operators)
+    paths = []
+    for split, size in (("train", train_size), ("eval", eval_size)):
+        path = out / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in task.sample(size, seed=seed, split=split)))
+        paths.append(path)
+    tokenizer_dir = out / "tokenizer"
+    build_builtin_tokenizer(name).save_pretrained(tokenizer_dir)
+    return [*paths, tokenizer_dir]
+
+
+def registered() -> dict[str, list[str]]:
+    """Every registry's names (objectives, rewards, engines, model presets, tasks)."""
+    import posttrain.objectives  # noqa: F401  (registers the built-in objectives)
+
+    table = {name: sorted(registry) for name, registry in ALL_REGISTRIES.items()}
+    table |= {
+        "rewards": sorted(BUILTIN_REWARDS),
+        "engines": sorted(ENGINES),
+        "presets": list(MODEL_PRESETS),
+        "tasks": sorted(TASKS),
+    }
+    return table
+
+
+def summarise_run(run_dir: str | Path) -> dict[str, Any]:
+    """Last and best values of a run's logged metrics (`posttrain report`)."""
+    records = read_metrics(run_dir)
+    if not records:
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is it a posttrain run directory?)")
+    summary: dict[str, Any] = {"steps": max(r["step"] for r in records)}
+    for kind in ("train", "eval"):
+        rows = [r for r in records if r.get("kind") == kind]
+        if rows:
+            for key, value in rows[-1].items():
+                if key not in ("step", "kind", "time") and isinstance(value, int | float):
+                    summary[f"{kind} {key} (last)"] = value
+    return summary
+
+
+def _flatten(raw: dict[str, Any], prefix: str = "") -> list[str]:
+    items = []
+    for key, value in raw.items():
+        if isinstance(value, dict) and value:
+            items += _flatten(value, f"{prefix}{key}.")
+        elif value is not None:
+            items.append(f"{prefix}{key}={json.dumps(value)}")
+    return items

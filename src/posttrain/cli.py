@@ -1,0 +1,273 @@
+"""The `posttrain` command line. It parses and dispatches only; every command is a Python function too.
+
+posttrain sft RECIPE [key.sub=value ...] [--resume]
+posttrain eval [RECIPE] [key.sub=value ...]
+posttrain generate MODEL_DIR --prompt TEXT [--n N]
+posttrain demo
+posttrain task arithmetic OUT_DIR
+posttrain list [advantages|policy_losses|aggregations|kl_estimators|preference_losses|rewards|presets]
+posttrain report RUN_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from posttrain import __version__
+
+USER_ERROR_NAMES = (
+    "ConfigError",
+    "DataError",
+    "ModelLoadError",
+    "RewardLoadError",
+    "RewardFailureError",
+    "UnknownObjectiveError",
+    "CheckpointError",
+    "PosttrainError",
+    "TrainingStopped",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    _quiet_libraries()
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.debug or not _is_user_error(error):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        print("(run again with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="posttrain", description="Post-training of generative models with feedback."
+    )
+    parser.add_argument("--version", action="version", version=f"posttrain {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_recipe_command(sub, "sft", "supervised fine-tuning", "SFTConfig", _run_sft, resume=True)
+    _add_recipe_command(
+        sub, "eval", "greedy accuracy and pass@k on held-out prompts with answers", "EvalConfig", _run_eval
+    )
+
+    gen = _add(sub, "generate", "sample completions for prompts", _run_generate)
+    gen.add_argument("model_dir", help="a local Hugging Face model directory")
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    gen.add_argument("--n", type=int, default=1, help="completions per prompt")
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 for greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message (chat template)")
+    gen.add_argument("--seed", type=int, default=0)
+
+    demo = _add(
+        sub, "demo", "build a tiny model, SFT on arithmetic, evaluate (CPU, a few minutes)", _run_demo
+    )
+    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--seed", type=int, default=0)
+
+    task = _add(sub, "task", "write a built-in task's train/eval JSONL and its tokenizer", _run_task)
+    task.add_argument("name", choices=["arithmetic"])
+    task.add_argument("out_dir")
+    task.add_argument("--digits", type=int, default=2)
+    task.add_argument("--operators", default="+-")
+    task.add_argument("--train-size", type=int, default=20000)
+    task.add_argument("--eval-size", type=int, default=500)
+    task.add_argument("--seed", type=int, default=0)
+
+    lst = _add(sub, "list", "list registered objectives, rewards and model presets", _run_list)
+    lst.add_argument("what", nargs="?", default="all")
+
+    report = _add(sub, "report", "summarise a run directory's metrics", _run_report)
+    report.add_argument("run_dir")
+    return parser
+
+
+def _add(
+    sub: Any, name: str, help_text: str, handler: Callable[[argparse.Namespace], int]
+) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(handler=handler)
+    return p
+
+
+def _add_recipe_command(
+    sub: Any,
+    name: str,
+    help_text: str,
+    config_name: str,
+    handler: Callable[[argparse.Namespace], int],
+    *,
+    resume: bool = False,
+) -> None:
+    p = _add(sub, name, help_text, handler)
+    p.epilog = _options_epilog(config_name, name)
+    p.add_argument("recipe", nargs="?", help="a YAML recipe (optional: everything can be given as key=value)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a recipe value")
+    if resume:
+        p.add_argument(
+            "--resume", action="store_true", help="continue from the last checkpoint in output_dir"
+        )
+    p.set_defaults(config_name=config_name)
+
+
+def _options_epilog(config_name: str, command: str) -> str:
+    import posttrain.config as config
+
+    rows = config.describe_options(getattr(config, config_name))
+    width = max(len(k) for k, _, _ in rows)
+    lines = [f"options (key=value; default, meaning) for `posttrain {command}`:"]
+    for key, default, description in rows:
+        wrapped = textwrap.shorten(description, 90, placeholder="...")
+        lines.append(f"  {key:<{width}}  {default:>10}  {wrapped}")
+    return "\n".join(lines)
+
+
+def _split_recipe(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """The first positional is a recipe unless it looks like an override."""
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe and not Path(recipe).exists():
+        overrides.insert(0, recipe)
+        recipe = None
+    return recipe, overrides
+
+
+def _load(args: argparse.Namespace) -> Any:
+    import posttrain.config as config
+
+    recipe, overrides = _split_recipe(args)
+    return config.load_config(getattr(config, args.config_name), recipe, overrides)
+
+
+def _run_sft(args: argparse.Namespace) -> int:
+    from posttrain.trainers.sft import train_sft
+
+    result = train_sft(_load(args), resume=args.resume)
+    print(f"final model: {result.final_dir}")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from posttrain.trainers.evaluation import run_evaluation
+
+    cfg = _load(args)
+    result = run_evaluation(cfg)
+    _print_table("evaluation", result.metrics(), extra={"prompts": result.num_prompts})
+    print(f"written: {Path(cfg.output_dir) / 'eval.json'}")
+    return 0
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from posttrain.api import generate
+
+    completions = generate(
+        args.model_dir,
+        args.prompt,
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        chat=args.chat,
+        seed=args.seed,
+    )
+    for prompt, outs in zip(args.prompt, completions):
+        for out in outs:
+            print(json.dumps({"prompt": prompt, "completion": out}))
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from posttrain.demo import run_demo
+
+    run_demo(output_dir=args.output_dir, seed=args.seed)
+    return 0
+
+
+def _run_task(args: argparse.Namespace) -> int:
+    from posttrain.api import write_task
+
+    paths = write_task(
+        args.name,
+        args.out_dir,
+        digits=args.digits,
+        operators=args.operators,
+        train_size=args.train_size,
+        eval_size=args.eval_size,
+        seed=args.seed,
+    )
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    from posttrain.api import registered
+
+    table = registered()
+    if args.what != "all" and args.what not in table:
+        raise _config_error(f"list: '{args.what}' is not a list; lists: {', '.join(table)}")
+    for name, entries in table.items():
+        if args.what in ("all", name):
+            print(f"{name}: {', '.join(entries) or '(none)'}")
+    return 0
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from posttrain.api import summarise_run
+
+    summary = summarise_run(args.run_dir)
+    _print_table(f"run {args.run_dir}", summary)
+    return 0
+
+
+def _print_table(title: str, metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in {**(extra or {}), **metrics}.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+def _config_error(message: str) -> Exception:
+    from posttrain.config import ConfigError
+
+    return ConfigError(message)
+
+
+def _is_user_error(error: BaseException) -> bool:
+    return any(cls.__name__ in USER_ERROR_NAMES for cls in type(error).__mro__) or isinstance(
+        error, FileNotFoundError
+    )
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Advantage estimators: how a step's rewards become a weight per completion or per token.
+
+Each estimator is registered with `@advantage(name, needs=...)`. The training loop calls it with the
+inputs its signature names (see `posttrain.objectives.registry.ADVANTAGES` for what each need
+supplies) plus the recipe's `rl.advantage_args` as keyword arguments. It is called once per step on
+the whole step's batch, so group and batch statistics never depend on micro-batching.
+
+An estimator returns either [P*G] (one advantage per completion; the loop broadcasts it over that
+completion's tokens) or [B, T] (one per token, zero outside `mask_B_T`). Advantages carry no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from posttrain.objectives.registry import advantage
+
+_VAR_FLOOR = 1e-8  # OpenRLHF's floor on the variance before rsqrt: a batch of equal returns gives 0, not NaN
+
+
+def _require_groups(name: str, group_size: int, minimum: int) -> None:
+    if group_size < minimum:
+        raise ValueError(f"advantage '{name}': group_size={group_size}; it needs at least {minimum}")
+
+
+def _normalise_over_tokens(x_B_T: Tensor, mask_B_T: Tensor, *, scale_std: bool) -> Tensor:
+    """(x - mean) / std over the valid tokens of the whole batch; zero outside the mask.
+
+    mean and the biased variance (divide by N) are taken over all N valid tokens; the variance is
+    floored at 1e-8 before the square root, as in OpenRLHF's REINFORCE++ (arXiv:2501.03262).
+    """
+    valid_B_T = mask_B_T.to(x_B_T.dtype)
+    count = valid_B_T.sum().clamp(min=1.0)
+    mean = (x_B_T * valid_B_T).sum() / count
+    centred_B_T = (x_B_T - mean) * valid_B_T
+    if not scale_std:
+        return centred_B_T
+    var = centred_B_T.square().sum() / count
+    return centred_B_T * var.clamp(min=_VAR_FLOOR).rsqrt()
+
+
+def _discounted_returns(token_rewards_B_T: Tensor, mask_B_T: Tensor, *, gamma: float) -> Tensor:
+    """G_t = sum_{s >= t, s valid} gamma^(number of valid tokens strictly between t and s) * r_s.
+
+    Invalid positions are skipped (their reward is ignored and they do not count as a step), so a mask
+    with holes (tool output inside a multi-turn completion) chains the valid tokens around the hole.
+    Returns [B, T], zero outside the mask.
+    """
+    rewards_B_T = token_rewards_B_T.detach()
+    running_B = torch.zeros_like(rewards_B_T[:, 0])
+    returns_T = []
+    for t in reversed(range(rewards_B_T.shape[1])):
+        valid_B = mask_B_T[:, t]
+        running_B = torch.where(valid_B, rewards_B_T[:, t] + gamma * running_B, running_B)
+        returns_T.append(torch.where(valid_B, running_B, torch.zeros_like(running_B)))
+    return torch.stack(returns_T[::-1], dim=1)
+
+
+@advantage("gae", needs=("token_rewards", "critic"))
+def gae(
+    token_rewards_B_T: Tensor,
+    values_B_T: Tensor,
+    mask_B_T: Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten: bool = True,
+) -> Tensor:
+    """Generalised advantage estimation (Schulman et al. 2016, arXiv:1506.02438), as used by PPO.
+
+        delta_t = r_t + gamma * V_{t+1} - V_t            (V after the last completion token = 0)
+        A_t     = delta_t + gamma * lam * A_{t+1}
+        whiten:   A <- (A - mean(A)) / std(A)            over all valid tokens of the step
+
+    Value targets are the lambda-returns `advantages + values` computed *before* whitening; the loop
+    computes them (this function returns only the advantages).
+
+    token_rewards_B_T: [B, T] reward at the last completion token minus any per-token KL penalty.
+    values_B_T: [B, T] critic values at completion positions. mask_B_T: [B, T] bool completion mask.
+    Returns [B, T], zero outside the mask, detached.
+
+    Defaults: gamma=1.0 (an episode is one completion; no discount, as in Ziegler et al. 2019,
+    arXiv:1909.08593, and OpenRLHF); lam=0.95 (Ziegler et al. 2019 and OpenRLHF; also PPO's Atari and
+    MuJoCo value, arXiv:1707.06347). whiten=True as in OpenRLHF and verl.
+
+    Deviations: positions outside the mask are skipped rather than treated as zero-value steps, so a mask
+    with holes bootstraps from the next valid token's value (verl's multi-turn GAE does the same). The
+    whitening std is the biased one (divide by N) with a 1e-8 variance floor (OpenRLHF); verl uses the
+    unbiased one, a difference of a factor sqrt(N / (N - 1)).
+    """
+    rewards_B_T, values_B_T = token_rewards_B_T.detach(), values_B_T.detach()
+    next_value_B = torch.zeros_like(values_B_T[:, 0])
+    running_B = torch.zeros_like(values_B_T[:, 0])
+    advantages_T = []
+    for t in reversed(range(rewards_B_T.shape[1])):
+        valid_B = mask_B_T[:, t]
+        delta_B = rewards_B_T[:, t] + gamma * next_value_B - values_B_T[:, t]
+        running_B = torch.where(valid_B, delta_B + gamma * lam * running_B, running_B)
+        next_value_B = torch.where(valid_B, values_B_T[:, t], next_value_B)
+        advantages_T.append(torch.where(valid_B, running_B, torch.zeros_like(running_B)))
+    advantages_B_T = torch.stack(advantages_T[::-1], dim=1)
+    if whiten:
+        return _normalise_over_tokens(advantages_B_T, mask_B_T, scale_std=True)
+    return advantages_B_T
+
+
+@advantage("grpo", needs=("groups",))
+def grpo(rewards_PG: Tensor, *, group_size: int, scale_std: bool = True, eps: float = 1e-4) -> Tensor:
+    """Group relative advantage (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, Sec. 4.1.2).
+
+        A_i = (r_i - mean_j r_j) / (std_j r_j + eps)     over the G completions of one prompt
+        scale_std=False:  A_i = r_i - mean_j r_j         (Dr. GRPO, Liu et al. 2025, arXiv:2503.20783)
+
+    std is the unbiased sample std (divide by G - 1), as TRL (`nanstd`, Bessel-corrected) and verl
+    (`torch.std`) compute it. A group with equal rewards gives zeros (0 / eps, hence eps > 0), never NaN.
+
+    rewards_PG: [P*G], each prompt's G completions contiguous. Returns [P*G].
+
+    Deviations: the paper has no eps; eps=1e-4 is TRL's value (verl uses 1e-6), kept so that our runs
+    compare with TRL's.
+    """
+    _require_groups("grpo", group_size, 2)
+    if scale_std and eps <= 0:
+        raise ValueError(f"advantage 'grpo': eps={eps}; it must be > 0 so that equal-reward groups give 0")
+    r_P_G = rewards_PG.detach().view(-1, group_size)
+    centred_P_G = r_P_G - r_P_G.mean(dim=1, keepdim=True)
+    if scale_std:
+        centred_P_G = centred_P_G / (r_P_G.std(dim=1, keepdim=True) + eps)
+    return centred_P_G.flatten()
+
+
+@advantage("rloo", needs=("groups",))
+def rloo(rewards_PG: Tensor, *, group_size: int) -> Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, arXiv:2402.14740).
+
+        A_i = r_i - 1/(G-1) * sum_{j != i} r_j      over the G completions of one prompt
+
+    rewards_PG: [P*G], each prompt's G completions contiguous. Returns [P*G].
+    Deviations: none.
+    """
+    _require_groups("rloo", group_size, 2)
+    r_P_G = rewards_PG.detach().view(-1, group_size)
+    baseline_P_G = (r_P_G.sum(dim=1, keepdim=True) - r_P_G) / (group_size - 1)
+    return (r_P_G - baseline_P_G).flatten()
+
+
+@advantage("remax", needs=("greedy_rollout", "groups"))
+def remax(rewards_PG: Tensor, greedy_rewards_P: Tensor, *, group_size: int) -> Tensor:
+    """ReMax: REINFORCE with the greedy completion's reward as baseline (Li et al. 2023, arXiv:2310.10505).
+
+        A_i = r_i - r(greedy completion of the same prompt)
+
+    rewards_PG: [P*G], each prompt's G completions contiguous; greedy_rewards_P: [P]. Returns [P*G].
+    Deviations: the paper samples one completion per prompt (G = 1); with G > 1 every completion of a
+    prompt shares that prompt's greedy baseline.
+    """
+    _require_groups("remax", group_size, 1)
+    r_P_G = rewards_PG.detach().view(-1, group_size)
+    return (r_P_G - greedy_rewards_P.detach().view(-1, 1)).flatten()
+
+
+@advantage("reinforce_pp", needs=("token_rewards",))
+def reinforce_pp(
+    token_rewards_B_T: Tensor, mask_B_T: Tensor, *, gamma: float = 1.0, scale_std: bool = True
+) -> Tensor:
+    """REINFORCE++ (Hu 2025, arXiv:2501.03262): discounted return, normalised over the whole batch.
+
+        G_t = sum_{s >= t} gamma^(s - t) * r_s          r_s: token reward (outcome at the last token - KL_s)
+        A_t = (G_t - mean(G)) / std(G)                  mean, std over every valid token of the step
+
+    token_rewards_B_T: [B, T]; mask_B_T: [B, T] bool completion mask. Returns [B, T], zero outside the mask.
+    std is the biased one (divide by N) with a 1e-8 variance floor, as in OpenRLHF (the paper's reference
+    implementation). gamma=1.0 as in the paper and OpenRLHF. scale_std=False only centres (OpenRLHF's
+    `--no_advantage_std_norm`).
+    Deviations: none.
+    """
+    returns_B_T = _discounted_returns(token_rewards_B_T, mask_B_T, gamma=gamma)
+    return _normalise_over_tokens(returns_B_T, mask_B_T, scale_std=scale_std)
+
+
+@advantage("reinforce_pp_baseline", needs=("groups", "token_rewards"))
+def reinforce_pp_baseline(
+    rewards_PG: Tensor,
+    token_rewards_B_T: Tensor,
+    mask_B_T: Tensor,
+    *,
+    group_size: int,
+    scale_std: bool = True,
+) -> Tensor:
+    """REINFORCE++-baseline (Hu 2025, arXiv:2501.03262): group-mean baseline, then batch normalisation.
+
+        r'_i = r_i - mean_j r_j                         over the G completions of one prompt
+        G_t  = sum_{s >= t} r'_s                        r'_s: token reward with r'_i at the last token
+        A_t  = (G_t - mean(G)) / std(G)                 mean, std over every valid token of the step
+
+    With gamma = 1 (forced here, as OpenRLHF forces it for this estimator) moving the baseline onto the
+    last token subtracts mean_j r_j from the return of every valid token of completion i, which is how it
+    is computed.
+
+    rewards_PG: [P*G] outcome rewards, each prompt's G completions contiguous (the same rewards that
+    token_rewards_B_T carries at each completion's last token); token_rewards_B_T, mask_B_T: [B, T] with
+    B = P*G. Returns [B, T], zero outside the mask. std: biased, 1e-8 variance floor (OpenRLHF).
+    Deviations: none from OpenRLHF's `reinforce_baseline`.
+    """
+    _require_groups("reinforce_pp_baseline", group_size, 2)
+    r_P_G = rewards_PG.detach().view(-1, group_size)
+    group_mean_B = r_P_G.mean(dim=1, keepdim=True).expand_as(r_P_G).flatten()
+    returns_B_T = _discounted_returns(token_rewards_B_T, mask_B_T, gamma=1.0)
+    returns_B_T = returns_B_T - group_mean_B[:, None] * mask_B_T.to(returns_B_T.dtype)
+    return _normalise_over_tokens(returns_B_T, mask_B_T, scale_std=scale_std)
+
+
+@advantage("reinforce", needs=("moving_baseline",))
+def reinforce(rewards_PG: Tensor, baseline: Tensor) -> Tensor:
+    """REINFORCE with a moving-average baseline (Williams 1992, Machine Learning 8:229-256).
+
+        A_i = r_i - b        b: the loop's running mean of past batch rewards (0-dim tensor)
+
+    rewards_PG: [P*G]. Returns [P*G].
+    Deviations: none (Williams allows any baseline that does not depend on the action; a running mean of
+    past rewards is the reinforcement-comparison baseline he discusses).
+    """
+    return rewards_PG.detach() - baseline.detach()

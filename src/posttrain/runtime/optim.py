@@ -1,0 +1,50 @@
+"""Optimiser and learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+
+def build_adamw(
+    parameters: Iterable[torch.nn.Parameter], *, lr: float, weight_decay: float, betas: tuple[float, float]
+) -> torch.optim.AdamW:
+    """AdamW; biases and norm weights (1-D tensors) get no weight decay, as in GPT-2 / nanoGPT."""
+    params = [p for p in parameters if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters (is every weight frozen?)")
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, fused=fused or None)
+
+
+def lr_multiplier(
+    step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float
+) -> float:
+    """Linear warm-up from lr/warmup to lr, then cosine or linear decay to min_ratio*lr at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "cosine":
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - (1 - min_ratio) * progress
+    raise ValueError(f"schedule: {schedule!r}; allowed: cosine, linear, constant")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_multiplier(
+            step, warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule, min_ratio=min_ratio
+        ),
+    )

@@ -1,0 +1,184 @@
+"""Builder functions shared by the trainers: each turns one config section into a built part.
+
+Trainers call these once, before their loop; the loops never build anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.config.sections import DataSection, ModelSection, TaskSection, TrainSection
+from posttrain.data.errors import DataError
+from posttrain.data.examples import Kind, load_examples, validate_rows
+from posttrain.data.readers import Row
+from posttrain.data.report import LoadReport
+from posttrain.policies import apply_lora, build_model, load_model, load_tokenizer
+from posttrain.policies.models import enable_gradient_checkpointing
+from posttrain.runtime.optim import build_adamw, build_scheduler
+from posttrain.tasks import TASKS, ArithmeticTask, build_tokenizer
+
+Rows = Sequence[dict[str, Any]] | Any  # a list of dicts or a `datasets.Dataset`
+
+
+def build_task(section: TaskSection) -> ArithmeticTask:
+    return TASKS[section.name](digits=section.digits, operators=section.operators)
+
+
+def build_builtin_tokenizer(name: str) -> Any:
+    """The tokenizer of a built-in task. Its corpus is fixed, so the vocabulary is the same every time."""
+    if name not in TASKS:
+        return None
+    return build_tokenizer(ArithmeticTask(digits=3, operators="+-*").corpus())
+
+
+def build_tokenizer_for(section: ModelSection, recipe_dir: str | None) -> Any:
+    source = section.tokenizer or section.path
+    builtin = build_builtin_tokenizer(source)
+    return builtin if builtin is not None else load_tokenizer(resolve_path(source, recipe_dir))
+
+
+def build_policy(
+    section: ModelSection,
+    *,
+    seed: int,
+    device: torch.device,
+    recipe_dir: str | None,
+    path_override: str | Path | None = None,
+) -> tuple[Any, Any]:
+    """(model, tokenizer) from model.path or model.preset, with dtype, checkpointing and LoRA applied."""
+    tokenizer = build_tokenizer_for(section, recipe_dir)
+    if path_override is not None or section.path is not None:
+        path = path_override or resolve_path(section.path, recipe_dir)
+        model = load_model(path, dtype=section.dtype, device=device)
+    else:
+        model = build_model(section.preset, tokenizer, seed=seed, dtype=section.dtype).to(device)
+    if section.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if section.lora is not None:
+        lora = section.lora
+        model = apply_lora(
+            model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules
+        )
+    return model, tokenizer
+
+
+def resolve_path(path: str | Path, recipe_dir: str | None) -> Path:
+    """Paths in a recipe are relative to the working directory, else to the recipe's directory."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute() or candidate.exists() or recipe_dir is None:
+        return candidate
+    beside_recipe = Path(recipe_dir) / candidate
+    return beside_recipe if beside_recipe.exists() else candidate
+
+
+def rows_from_memory(rows: Rows, source: str) -> list[Row]:
+    """Rows handed over from Python (a list of dicts or a datasets.Dataset), named for error messages."""
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(
+                f"{source} row {i + 1}: expected a mapping of field names to values, got {type(row).__name__}"
+            )
+        out.append(Row(fields=dict(row), where=f"{source} row {i + 1}"))
+    if not out:
+        raise DataError(f"{source}: the dataset is empty (no rows)", reason="empty dataset")
+    return out
+
+
+def load_split(
+    section: DataSection,
+    kind: Kind,
+    split: str,
+    *,
+    seed: int,
+    recipe_dir: str | None,
+    rows: Rows | None = None,
+) -> tuple[list[Any], LoadReport] | None:
+    """Examples of one split ("train" or "eval") from Python rows, a file, or a built-in task; None if absent."""
+    report = LoadReport()
+    if rows is not None:
+        report.source = f"{split} rows"
+        memory_rows = rows_from_memory(rows, report.source)
+        report.rows = len(memory_rows)
+        return validate_rows(memory_rows, kind, on_bad_row=section.on_bad_row, report=report), report
+    path = section.train if split == "train" else section.eval
+    if path is not None:
+        return load_examples(resolve_path(path, recipe_dir), kind, on_bad_row=section.on_bad_row)
+    if section.task is None:
+        return None
+    task = build_task(section.task)
+    size = section.task.train_size if split == "train" else section.task.eval_size
+    generated = task.sample(size, seed=seed, split=split)
+    report.source = f"task {section.task.name} ({split})"
+    report.rows = len(generated)
+    memory_rows = [Row(fields=r, where=f"{report.source} row {i + 1}") for i, r in enumerate(generated)]
+    return validate_rows(memory_rows, kind, on_bad_row=section.on_bad_row, report=report), report
+
+
+@dataclass
+class Optimisation:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+def build_optimisation(model: torch.nn.Module, section: TrainSection) -> Optimisation:
+    optimizer = build_adamw(
+        model.parameters(), lr=section.lr, weight_decay=section.weight_decay, betas=section.adam_betas
+    )
+    scheduler = build_scheduler(
+        optimizer,
+        warmup_steps=section.warmup_steps,
+        total_steps=section.max_steps,
+        schedule=section.schedule,
+        min_ratio=section.min_lr_ratio,
+    )
+    return Optimisation(optimizer, scheduler)
+
+
+class EpochSampler:
+    """Endless seeded epochs over `n` items; its position is saved in checkpoints and restored exactly."""
+
+    def __init__(self, n: int, *, seed: int):
+        if n == 0:
+            raise DataError(
+                "no training examples are left after validation and truncation", reason="empty dataset"
+            )
+        self.n, self.seed = n, seed
+        self.epoch, self.cursor = 0, 0
+        self._order = self._permutation(0)
+
+    def take(self, count: int) -> list[int]:
+        picked = []
+        while len(picked) < count:
+            if self.cursor == self.n:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            take = min(count - len(picked), self.n - self.cursor)
+            picked += self._order[self.cursor : self.cursor + take]
+            self.cursor += take
+        return picked
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._order = self._permutation(self.epoch)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n, generator=generator).tolist()
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def trainable_parameters(model: torch.nn.Module) -> Iterable[torch.nn.Parameter]:
+    return (p for p in model.parameters() if p.requires_grad)

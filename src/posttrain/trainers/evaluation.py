@@ -1,0 +1,181 @@
+"""Held-out evaluation: greedy accuracy and sampled pass@k of a model on prompts with answers.
+
+A completion counts as correct when the configured reward scores it >= 1 (the built-in verifiers return
+1.0 or 0.0). pass@k uses the unbiased estimator of Chen et al. 2021 (arXiv:2107.03374, Eq. 1) over
+`samples` >= k completions per prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.data.encoding import PromptTokens, encode_prompts
+from posttrain.data.errors import DataError
+from posttrain.rewards import load_reward_fn
+from posttrain.rollout import ENGINES, SamplingParams
+from posttrain.runtime.device import limit_cpu_threads, resolve_device
+from posttrain.runtime.seeding import seed_everything
+from posttrain.trainers.build import build_policy, load_split
+
+RewardFn = Callable[..., list[float]]
+
+
+@dataclass
+class EvalResult:
+    num_prompts: int
+    greedy_accuracy: float
+    pass_at_k: dict[int, float] = field(default_factory=dict)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    """Per prompt: prompt text, answer, greedy completion, correct."""
+
+    def metrics(self) -> dict[str, float]:
+        return {"accuracy": self.greedy_accuracy, **{f"pass@{k}": v for k, v in self.pass_at_k.items()}}
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """1 - C(n - c, k) / C(n, k): the chance that k of the n samples hold at least one correct one."""
+    if num_samples - num_correct < k:
+        return 1.0
+    return 1.0 - math.comb(num_samples - num_correct, k) / math.comb(num_samples, k)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[PromptTokens],
+    reward: RewardFn,
+    *,
+    max_new_tokens: int = 16,
+    samples: int = 1,
+    k: int = 1,
+    temperature: float = 1.0,
+    batch_size: int = 64,
+    engine: str = "native",
+    generator: torch.Generator | None = None,
+) -> EvalResult:
+    """Greedy accuracy over `prompts` and, when samples > 1, pass@1..k from sampled completions."""
+    was_training = model.training
+    model.eval()
+    stop = (tokenizer.eos_token_id,)
+    greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=stop)
+    sampled = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop_token_ids=stop)
+    examples, correct_counts = [], []
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start : start + batch_size])
+        greedy_correct, texts = _generate_and_score(
+            model, tokenizer, batch, reward, greedy, 1, engine, generator
+        )
+        examples += [
+            {
+                "where": p.where,
+                "prompt": tokenizer.decode(p.prompt_ids, skip_special_tokens=True),
+                "completion": text,
+                "correct": bool(ok),
+                **_plain_columns(p.extra),
+            }
+            for p, text, ok in zip(batch, texts, greedy_correct)
+        ]
+        if samples > 1:
+            sample_correct, _ = _generate_and_score(
+                model, tokenizer, batch, reward, sampled, samples, engine, generator
+            )
+            correct_counts += [
+                sum(sample_correct[i * samples : (i + 1) * samples]) for i in range(len(batch))
+            ]
+    model.train(was_training)
+    accuracy = sum(e["correct"] for e in examples) / max(1, len(examples))
+    result = EvalResult(num_prompts=len(examples), greedy_accuracy=accuracy, examples=examples)
+    if samples > 1:
+        result.pass_at_k = {
+            j: sum(pass_at_k(samples, c, j) for c in correct_counts) / len(correct_counts)
+            for j in range(1, k + 1)
+        }
+    return result
+
+
+def _generate_and_score(
+    model: Any,
+    tokenizer: Any,
+    batch: list[PromptTokens],
+    reward: RewardFn,
+    params: SamplingParams,
+    n: int,
+    engine: str,
+    generator: torch.Generator | None,
+) -> tuple[list[bool], list[str]]:
+    rollouts = ENGINES[engine].generate(
+        model, [p.prompt_ids for p in batch], params, n=n, generator=generator, tokenizer=tokenizer
+    )
+    texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
+    prompt_texts = tokenizer.batch_decode([p.prompt_ids for p in batch], skip_special_tokens=True)
+    columns = {key: [p.extra.get(key) for p in batch for _ in range(n)] for key in batch[0].extra}
+    scores = reward(
+        prompts=[t for t in prompt_texts for _ in range(n)],
+        completions=texts,
+        completion_ids=rollouts.completion_ids,
+        **columns,
+    )
+    return [s is not None and s >= 1.0 for s in scores], texts
+
+
+def _plain_columns(extra: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in extra.items() if isinstance(v, str | int | float | bool)}
+
+
+def run_evaluation(
+    cfg: Any, *, model: Any = None, tokenizer: Any = None, rows: Any = None, reward: RewardFn | None = None
+) -> EvalResult:
+    """`posttrain eval`: evaluate cfg.model on data.eval (or the task's held-out split); writes eval.json."""
+    limit_cpu_threads()
+    generator = seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    if model is None or tokenizer is None:
+        model, tokenizer = build_policy(cfg.model, seed=cfg.seed, device=device, recipe_dir=cfg.recipe_dir)
+    examples, report = load_split(
+        cfg.data, "prompt", "eval", seed=cfg.seed, recipe_dir=cfg.recipe_dir, rows=rows
+    )
+    if cfg.eval.limit is not None:
+        examples = examples[: cfg.eval.limit]
+    prompts = encode_prompts(examples, tokenizer, max_length=cfg.data.max_length, report=report)
+    missing = [p.where for p in prompts if "answer" not in p.extra]
+    if missing:
+        raise DataError(
+            f"{missing[0]}: eval rows need an 'answer' field ({len(missing)} rows lack one)",
+            reason="missing field",
+        )
+    e = cfg.eval
+    reward = reward or load_reward_fn(e.reward, base_dir=cfg.recipe_dir)
+    result = evaluate(
+        model,
+        tokenizer,
+        prompts,
+        reward,
+        max_new_tokens=e.max_new_tokens,
+        samples=e.samples,
+        k=e.k,
+        temperature=e.temperature,
+        batch_size=e.batch_size,
+        generator=generator,
+    )
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(
+        json.dumps(
+            {
+                "metrics": result.metrics(),
+                "num_prompts": result.num_prompts,
+                "data": report.summary(),
+                "examples": result.examples,
+            },
+            indent=1,
+        )
+    )
+    return result

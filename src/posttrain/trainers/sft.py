@@ -1,0 +1,304 @@
+"""Supervised fine-tuning: next-token NLL on demonstrations (`posttrain sft`).
+
+A step takes `train.batch_size` examples in seeded epoch order, splits them into micro-batches of
+similar length (or packs them into rows of `data.max_length`), and averages the NLL over the step's
+target tokens, so micro-batching never changes the update.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.config.sft import SFTConfig
+from posttrain.data import (
+    SFTExample,
+    SFTTokens,
+    TokenBatch,
+    collate_packed,
+    collate_sft,
+    encode_prompts,
+    encode_sft,
+)
+from posttrain.data.batching import pack_by_length
+from posttrain.data.report import LoadReport
+from posttrain.objectives.aggregation import token_mean
+from posttrain.policies import save_pretrained, token_logprobs
+from posttrain.rewards import load_reward_fn
+from posttrain.runtime.checkpoint import Checkpointer, model_dir
+from posttrain.runtime.device import limit_cpu_threads, resolve_device
+from posttrain.runtime.logging import RunLogger
+from posttrain.runtime.seeding import capture_rng_states, restore_rng_states, seed_everything
+from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, build_policy, chunks, load_split
+from posttrain.trainers.evaluation import EvalResult, evaluate
+
+
+@dataclass
+class SFTResult:
+    model: Any
+    tokenizer: Any
+    final_dir: Path
+    history: list[dict[str, float]] = field(default_factory=list)
+    eval: EvalResult | None = None
+
+
+def train_sft(
+    cfg: SFTConfig,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    train_rows: Rows | None = None,
+    eval_rows: Rows | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> SFTResult:
+    """Fine-tune on demonstrations. Objects passed in (model, tokenizer, rows) replace the config's."""
+    limit_cpu_threads()
+    generator = seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    run_dir = Path(cfg.output_dir)
+    checkpointer = Checkpointer(run_dir, keep_last=cfg.train.keep_last)
+    checkpoint = checkpointer.latest() if resume else None
+    if model is None or tokenizer is None:
+        model, tokenizer = build_policy(
+            cfg.model,
+            seed=cfg.seed,
+            device=device,
+            recipe_dir=cfg.recipe_dir,
+            path_override=model_dir(checkpoint) if checkpoint else None,
+        )
+    train, report = _encode_train(cfg, tokenizer, train_rows)
+    eval_prompts, eval_tokens = _encode_eval(cfg, tokenizer, eval_rows)
+    sampler = EpochSampler(len(train), seed=cfg.seed)
+    optim = build_optimisation(model, cfg.train)
+    history: list[dict[str, float]] = []
+    start_step = 0
+    if checkpoint is not None:
+        state = checkpointer.load_state(checkpoint)
+        optim.optimizer.load_state_dict(state["optimizer"])
+        optim.scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["data"])
+        restore_rng_states(state["rng"], {"sampling": generator})
+        history, start_step = state["history"], state["step"]
+        _rewrite_metrics(run_dir, history)
+    log = RunLogger(
+        run_dir,
+        total_steps=cfg.train.max_steps,
+        start_step=start_step,
+        headline=("loss", "tokens_per_s"),
+        progress=progress,
+    )
+    log.print(f"data: {report.summary()}")
+    if checkpoint is not None:
+        log.print(f"resumed from {checkpoint} at step {start_step}")
+    reward = load_reward_fn(cfg.eval.reward, base_dir=cfg.recipe_dir) if eval_prompts else None
+
+    model.train()
+    for step in range(start_step, cfg.train.max_steps):
+        started = time.perf_counter()
+        items = [train[i] for i in sampler.take(cfg.train.batch_size)]
+        micro_batches = _micro_batches(
+            items,
+            size=cfg.train.micro_batch_size,
+            packing=cfg.data.packing,
+            max_length=cfg.data.max_length,
+            pad_id=tokenizer.pad_token_id,
+        )
+        num_tokens = sum(mb.num_target_tokens for mb in micro_batches)
+        loss = sum(_backward_nll(model, mb, num_tokens, device, bf16=cfg.train.bf16) for mb in micro_batches)
+        grad_norm = _clip_and_step(model, optim, cfg.train.max_grad_norm)
+        elapsed = time.perf_counter() - started
+        metrics = {
+            "loss": float(loss),
+            "grad_norm": grad_norm,
+            "lr": optim.scheduler.get_last_lr()[0],
+            "tokens": num_tokens,
+            "tokens_per_s": num_tokens / elapsed,
+            "step_time_s": elapsed,
+        }
+        done = step + 1
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.max_steps:
+            metrics |= _evaluate_metrics(
+                model, tokenizer, eval_prompts, eval_tokens, reward, cfg, device, generator
+            )[0]
+        history.append({"step": done, **metrics})
+        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+            log.log(done, metrics)
+        if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.train.max_steps:
+            _save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
+
+    final_eval = None
+    if eval_prompts or eval_tokens:
+        eval_metrics, final_eval = _evaluate_metrics(
+            model, tokenizer, eval_prompts, eval_tokens, reward, cfg, device, generator
+        )
+        log.log(cfg.train.max_steps, eval_metrics, kind="eval")
+        log.print("eval: " + "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+    _save_checkpoint(checkpointer, cfg.train.max_steps, model, tokenizer, optim, sampler, generator, history)
+    final_dir = save_pretrained(model, tokenizer, run_dir / "final")
+    log.close()
+    return SFTResult(model, tokenizer, final_dir, history, final_eval)
+
+
+def _encode_train(cfg: SFTConfig, tokenizer: Any, rows: Rows | None) -> tuple[list[SFTTokens], LoadReport]:
+    examples, report = load_split(
+        cfg.data, "sft", "train", seed=cfg.seed, recipe_dir=cfg.recipe_dir, rows=rows
+    )
+    tokens = encode_sft(
+        examples,
+        tokenizer,
+        max_length=cfg.data.max_length,
+        truncation=cfg.data.truncation,
+        completion_only=cfg.data.completion_only,
+        report=report,
+    )
+    return tokens, report
+
+
+def _encode_eval(cfg: SFTConfig, tokenizer: Any, rows: Rows | None) -> tuple[list[Any], list[SFTTokens]]:
+    """Prompts with an `answer` (for accuracy) and demonstrations (for held-out loss), either may be empty."""
+    loaded = load_split(cfg.data, "prompt", "eval", seed=cfg.seed, recipe_dir=cfg.recipe_dir, rows=rows)
+    if loaded is None:
+        return [], []
+    examples, report = loaded
+    if cfg.eval.limit is not None:
+        examples = examples[: cfg.eval.limit]
+    prompts = encode_prompts(examples, tokenizer, max_length=cfg.data.max_length, report=report)
+    with_answer = [p for p in prompts if "answer" in p.extra]
+    demonstrations = [e for e in examples if "completion" in e.extra]
+    tokens = (
+        encode_sft(
+            [_as_sft(e) for e in demonstrations],
+            tokenizer,
+            max_length=cfg.data.max_length,
+            truncation=cfg.data.truncation,
+            completion_only=cfg.data.completion_only,
+            report=report,
+        )
+        if demonstrations
+        else []
+    )
+    return with_answer, tokens
+
+
+def _as_sft(example: Any) -> SFTExample:
+    return SFTExample(prompt=example.prompt, completion=example.extra["completion"], where=example.where)
+
+
+def _micro_batches(
+    items: Sequence[SFTTokens], *, size: int | None, packing: bool, max_length: int, pad_id: int
+) -> list[TokenBatch]:
+    """Similar lengths together (sorting changes no result: the loss is a sum over tokens), or packed rows."""
+    size = size or len(items)
+    if packing:
+        rows = pack_by_length([len(t.input_ids) for t in items], max_length=max_length)
+        return [collate_packed(items, group, pad_id=pad_id) for group in chunks(rows, size)]
+    ordered = sorted(items, key=lambda t: len(t.input_ids))
+    return [collate_sft(group, pad_id=pad_id) for group in chunks(ordered, size)]
+
+
+def _nll(model: Any, batch: TokenBatch, num_tokens: int, device: torch.device, *, bf16: bool) -> torch.Tensor:
+    attention_mask = None if batch.packed else batch.attention_mask_B_T.to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logp_B_T, _ = token_logprobs(
+            model,
+            batch.input_ids_B_T.to(device),
+            attention_mask,
+            batch.loss_mask_B_T.to(device),
+            position_ids_B_T=batch.position_ids_B_T.to(device),
+        )
+    return token_mean(-logp_B_T, batch.loss_mask_B_T.to(device), num_tokens=num_tokens)
+
+
+def _backward_nll(
+    model: Any, batch: TokenBatch, num_tokens: int, device: torch.device, *, bf16: bool
+) -> float:
+    loss = _nll(model, batch, num_tokens, device, bf16=bf16)
+    loss.backward()
+    return loss.item()
+
+
+def _clip_and_step(model: Any, optim: Any, max_grad_norm: float | None) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(
+        [p for p in model.parameters() if p.requires_grad], max_grad_norm or float("inf")
+    )
+    optim.optimizer.step()
+    optim.scheduler.step()
+    optim.optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+@torch.no_grad()
+def _evaluate_metrics(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[Any],
+    tokens: list[SFTTokens],
+    reward: Any,
+    cfg: SFTConfig,
+    device: torch.device,
+    generator: torch.Generator,
+) -> tuple[dict[str, float], EvalResult | None]:
+    metrics: dict[str, float] = {}
+    result = None
+    if tokens:
+        was_training = model.training
+        model.eval()
+        batches = _micro_batches(
+            tokens,
+            size=cfg.eval.batch_size,
+            packing=False,
+            max_length=cfg.data.max_length,
+            pad_id=tokenizer.pad_token_id,
+        )
+        total = sum(b.num_target_tokens for b in batches)
+        metrics["eval_loss"] = sum(float(_nll(model, b, total, device, bf16=cfg.train.bf16)) for b in batches)
+        model.train(was_training)
+    if prompts:
+        e = cfg.eval
+        result = evaluate(
+            model,
+            tokenizer,
+            prompts,
+            reward,
+            max_new_tokens=e.max_new_tokens,
+            samples=e.samples,
+            k=e.k,
+            temperature=e.temperature,
+            batch_size=e.batch_size,
+            generator=generator,
+        )
+        metrics |= {f"eval_{k}": v for k, v in result.metrics().items()}
+    return metrics, result
+
+
+def _save_checkpoint(
+    checkpointer: Checkpointer,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    optim: Any,
+    sampler: EpochSampler,
+    generator: torch.Generator,
+    history: list[dict[str, float]],
+) -> None:
+    state = {
+        "optimizer": optim.optimizer.state_dict(),
+        "scheduler": optim.scheduler.state_dict(),
+        "data": sampler.state_dict(),
+        "rng": capture_rng_states({"sampling": generator}),
+        "history": history,
+    }
+    checkpointer.save(step, save_model=lambda d: save_pretrained(model, tokenizer, d), state=state)
+
+
+def _rewrite_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
+    """After a resume, metrics.jsonl holds exactly the checkpoint's history (later lines were lost work)."""
+    lines = [json.dumps({"kind": "train", **h}) for h in history]
+    (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))

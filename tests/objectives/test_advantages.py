@@ -1,0 +1,260 @@
+"""Advantage estimators against hand-computed numbers (arithmetic in the comments)."""
+
+import inspect
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from posttrain.objectives.advantages import (
+    gae,
+    grpo,
+    reinforce,
+    reinforce_pp,
+    reinforce_pp_baseline,
+    remax,
+    rloo,
+)
+from posttrain.objectives.registry import ADVANTAGES
+
+
+def t(values) -> Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def m(rows) -> Tensor:
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+def test_registered_names_and_needs():
+    assert ADVANTAGES["gae"].needs == ("token_rewards", "critic")
+    assert ADVANTAGES["grpo"].needs == ("groups",)
+    assert ADVANTAGES["rloo"].needs == ("groups",)
+    assert ADVANTAGES["remax"].needs == ("greedy_rollout", "groups")
+    assert ADVANTAGES["reinforce_pp"].needs == ("token_rewards",)
+    assert ADVANTAGES["reinforce_pp_baseline"].needs == ("groups", "token_rewards")
+    assert ADVANTAGES["reinforce"].needs == ("moving_baseline",)
+
+
+# ---------------------------------------------------------------- gae
+
+
+def test_gae_recursion_matches_hand_computation():
+    # rewards [0, 0, 1], values [0.5, 0.6, 0.7], gamma 1, lam 0.5, V after the end = 0
+    # t=2: delta = 1 + 0 - 0.7 = 0.3                      A2 = 0.3
+    # t=1: delta = 0 + 0.7 - 0.6 = 0.1                    A1 = 0.1 + 0.5 * 0.3 = 0.25
+    # t=0: delta = 0 + 0.6 - 0.5 = 0.1                    A0 = 0.1 + 0.5 * 0.25 = 0.225
+    adv = gae(t([[0.0, 0.0, 1.0]]), t([[0.5, 0.6, 0.7]]), m([[1, 1, 1]]), gamma=1.0, lam=0.5, whiten=False)
+    torch.testing.assert_close(adv, t([[0.225, 0.25, 0.3]]))
+
+
+def test_gae_with_discount_and_padding():
+    # row 0, gamma 0.5, lam 1, valid length 2, padding holds junk reward 9 and value 9 (ignored):
+    #   t=1: delta = 1 + 0.5 * 0 - 0.4 = 0.6                A1 = 0.6
+    #   t=0: delta = 0 + 0.5 * 0.4 - 0.2 = 0.0              A0 = 0 + 0.5 * 1 * 0.6 = 0.3
+    # row 1: all padding -> zeros
+    rewards = t([[0.0, 1.0, 9.0], [9.0, 9.0, 9.0]])
+    values = t([[0.2, 0.4, 9.0], [9.0, 9.0, 9.0]])
+    adv = gae(rewards, values, m([[1, 1, 0], [0, 0, 0]]), gamma=0.5, lam=1.0, whiten=False)
+    torch.testing.assert_close(adv, t([[0.3, 0.6, 0.0], [0.0, 0.0, 0.0]]))
+
+
+def test_gae_skips_a_hole_in_the_mask():
+    # mask [1, 0, 1]: position 1 (tool output) is skipped; token 0's next value is token 2's.
+    # gamma 1, lam 1: t=2: A2 = 1 - 0.7 = 0.3; t=0: delta = 0 + 0.7 - 0.5 = 0.2, A0 = 0.2 + 0.3 = 0.5
+    adv = gae(t([[0.0, 5.0, 1.0]]), t([[0.5, 5.0, 0.7]]), m([[1, 0, 1]]), gamma=1.0, lam=1.0, whiten=False)
+    torch.testing.assert_close(adv, t([[0.5, 0.0, 0.3]]))
+
+
+def test_gae_whitening_is_over_valid_tokens_with_biased_std():
+    # gamma = lam = 1 -> A_t = R - V_t = 1 - [-2, -1, 0] = [3, 2, 1]; row 1 is padding
+    # mean 2, biased var = (1 + 0 + 1) / 3 = 2/3, std = 0.816497 -> [1.224745, 0, -1.224745]
+    rewards = t([[0.0, 0.0, 1.0], [7.0, 7.0, 7.0]])
+    values = t([[-2.0, -1.0, 0.0], [7.0, 7.0, 7.0]])
+    adv = gae(rewards, values, m([[1, 1, 1], [0, 0, 0]]), gamma=1.0, lam=1.0, whiten=True)
+    torch.testing.assert_close(adv, t([[1.224745, 0.0, -1.224745], [0.0, 0.0, 0.0]]))
+
+
+def test_gae_defaults_and_lambda_returns():
+    # defaults gamma 1, lam 0.95; one valid token: A = r - V = 1 - 0.25 = 0.75 (no whitening)
+    # lambda-return target = A + V = 1.0 = the reward
+    values = t([[0.25]])
+    adv = gae(t([[1.0]]), values, m([[1]]), whiten=False)
+    torch.testing.assert_close(adv + values, t([[1.0]]))
+    # with whitening, a single token centres to 0 (variance floored, no NaN)
+    assert gae(t([[1.0]]), values, m([[1]])).item() == 0.0
+
+
+def test_gae_carries_no_gradient():
+    values = t([[0.5, 0.6]]).requires_grad_()
+    adv = gae(t([[0.0, 1.0]]), values, m([[1, 1]]), whiten=False)
+    assert not adv.requires_grad
+
+
+# ---------------------------------------------------------------- grpo / rloo / remax / reinforce
+
+
+def test_grpo_uses_the_unbiased_group_std():
+    # group [1, 0, 0, 1]: mean 0.5, unbiased var = 4 * 0.25 / 3 = 1/3, std = 0.577350
+    # default eps 1e-4 (TRL's): A = +-0.5 / (0.577350 + 1e-4) = +-0.5 / 0.577450 = +-0.865875
+    adv = grpo(t([1.0, 0.0, 0.0, 1.0]), group_size=4)
+    torch.testing.assert_close(adv, t([0.865875, -0.865875, -0.865875, 0.865875]))
+    # groups [3, 1] and [0, 0]: mean 2, unbiased std = sqrt((1 + 1) / 1) = 1.414214
+    # -> A = +-1 / 1.414314 = +-0.707057; the [0, 0] group gives 0 / 1e-4 = 0
+    adv = grpo(t([3.0, 1.0, 0.0, 0.0]), group_size=2)
+    torch.testing.assert_close(adv, t([0.707057, -0.707057, 0.0, 0.0]))
+
+
+def test_grpo_group_with_equal_rewards_gives_zeros_not_nan():
+    # group 0 [2, 2, 2]: r - mean = 0, std = 0 -> 0 / (0 + 1e-4) = 0
+    # group 1 [0, 3, 0]: mean 1, unbiased var = (1 + 4 + 1) / 2 = 3, std = 1.732051, + 1e-4 = 1.732151
+    #   -> [-1 / 1.732151, 2 / 1.732151, -1 / 1.732151] = [-0.577317, 1.154634, -0.577317]
+    adv = grpo(t([2.0, 2.0, 2.0, 0.0, 3.0, 0.0]), group_size=3)
+    assert torch.isfinite(adv).all()
+    torch.testing.assert_close(adv, t([0.0, 0.0, 0.0, -0.577317, 1.154634, -0.577317]))
+
+
+def test_grpo_rejects_a_zero_eps():
+    with pytest.raises(ValueError, match=r"eps=0\.0"):
+        grpo(t([1.0, 1.0]), group_size=2, eps=0.0)
+
+
+def test_dr_grpo_only_centres():
+    # group [1, 0, 0, 1]: mean 0.5 -> [0.5, -0.5, -0.5, 0.5]
+    adv = grpo(t([1.0, 0.0, 0.0, 1.0]), group_size=4, scale_std=False)
+    torch.testing.assert_close(adv, t([0.5, -0.5, -0.5, 0.5]))
+
+
+def test_grpo_and_rloo_reject_groups_of_one():
+    with pytest.raises(ValueError, match="group_size=1"):
+        grpo(t([1.0, 0.0]), group_size=1)
+    with pytest.raises(ValueError, match="group_size=1"):
+        rloo(t([1.0, 0.0]), group_size=1)
+
+
+def test_rloo_leaves_each_sample_out():
+    # group [1, 0, 0, 1]: baselines 1/3, 2/3, 2/3, 1/3 -> advantages 2/3, -2/3, -2/3, 2/3
+    adv = rloo(t([1.0, 0.0, 0.0, 1.0]), group_size=4)
+    torch.testing.assert_close(adv, t([2 / 3, -2 / 3, -2 / 3, 2 / 3]))
+
+
+def test_rloo_is_the_group_centred_reward_scaled_by_g_over_g_minus_1():
+    # group [3, 1, 2]: baselines (1+2)/2 = 1.5, (3+2)/2 = 2.5, (3+1)/2 = 2 -> [1.5, -1.5, 0]
+    # (= (r - mean) * G/(G-1) = [1, -1, 0] * 1.5)
+    torch.testing.assert_close(rloo(t([3.0, 1.0, 2.0]), group_size=3), t([1.5, -1.5, 0.0]))
+
+
+def test_remax_subtracts_the_greedy_reward_of_the_same_prompt():
+    # prompt 0: greedy 0.5 -> [1 - 0.5, 0 - 0.5]; prompt 1: greedy 1 -> [0.5 - 1, 1 - 1]
+    adv = remax(t([1.0, 0.0, 0.5, 1.0]), t([0.5, 1.0]), group_size=2)
+    torch.testing.assert_close(adv, t([0.5, -0.5, -0.5, 0.0]))
+
+
+def test_reinforce_subtracts_the_moving_baseline():
+    # baseline 0.25: [1 - 0.25, 0 - 0.25, 0.5 - 0.25]
+    adv = reinforce(t([1.0, 0.0, 0.5]), torch.tensor(0.25))
+    torch.testing.assert_close(adv, t([0.75, -0.25, 0.25]))
+
+
+# ---------------------------------------------------------------- reinforce++
+
+
+TOKEN_REWARDS = t([[-0.1, 0.0, 0.9], [0.0, -1.0, 0.0]])
+TOKEN_MASK = m([[1, 1, 1], [1, 1, 0]])
+
+
+def test_reinforce_pp_returns_then_batch_normalisation():
+    # returns (gamma 1): row 0 [-0.1 + 0 + 0.9, 0 + 0.9, 0.9] = [0.8, 0.9, 0.9]; row 1 [-1, -1, pad]
+    # valid: 0.8, 0.9, 0.9, -1, -1 -> mean 0.6 / 5 = 0.12
+    # centred: 0.68, 0.78, 0.78, -1.12, -1.12
+    # biased var = (0.4624 + 0.6084 + 0.6084 + 1.2544 + 1.2544) / 5 = 4.188 / 5 = 0.8376, std 0.915205
+    # -> 0.743003, 0.852268, 0.852268, -1.223770, -1.223770
+    adv = reinforce_pp(TOKEN_REWARDS, TOKEN_MASK)
+    expected = t([[0.743003, 0.852268, 0.852268], [-1.223770, -1.223770, 0.0]])
+    torch.testing.assert_close(adv, expected)
+
+
+def test_reinforce_pp_without_std_only_centres():
+    # centred values from the test above
+    adv = reinforce_pp(TOKEN_REWARDS, TOKEN_MASK, scale_std=False)
+    torch.testing.assert_close(adv, t([[0.68, 0.78, 0.78], [-1.12, -1.12, 0.0]]))
+
+
+def test_reinforce_pp_discounts_the_return():
+    # row 0 alone, gamma 0.5: G2 = 0.9; G1 = 0 + 0.5 * 0.9 = 0.45; G0 = -0.1 + 0.5 * 0.45 = 0.125
+    # mean (0.9 + 0.45 + 0.125) / 3 = 1.475 / 3 = 0.491667 -> centred [-0.366667, -0.041667, 0.408333]
+    adv = reinforce_pp(TOKEN_REWARDS[:1], TOKEN_MASK[:1], gamma=0.5, scale_std=False)
+    torch.testing.assert_close(adv, t([[-0.366667, -0.041667, 0.408333]]))
+
+
+def test_reinforce_pp_equal_returns_give_zeros_not_nan():
+    # every valid token has return 1 -> centred 0, variance 0 floored at 1e-8 -> 0
+    adv = reinforce_pp(t([[0.0, 1.0], [1.0, 0.0]]), m([[1, 1], [1, 0]]))
+    torch.testing.assert_close(adv, torch.zeros(2, 2))
+
+
+def test_reinforce_pp_baseline_subtracts_the_group_mean_before_normalising():
+    # P=2, G=2. outcome rewards [1, 0 | 0.5, 0.5] -> group means 0.5, 0.5
+    # row 0: token rewards [-0.1, -0.1, 0.9] (r=1 minus KL 0.1 per token) -> returns [0.7, 0.8, 0.9]
+    # row 1: [0, 0, pad] -> [0, 0]; row 2: [0, 0.5, pad] -> [0.5, 0.5]; row 3: [0.5, pad, pad] -> [0.5]
+    # minus the group mean 0.5 on every valid token:
+    #   [0.2, 0.3, 0.4], [-0.5, -0.5], [0, 0], [0]
+    # batch mean over 8 tokens: (0.9 - 1.0) / 8 = -0.0125
+    # centred: 0.2125, 0.3125, 0.4125, -0.4875, -0.4875, 0.0125, 0.0125, 0.0125
+    rewards = t([1.0, 0.0, 0.5, 0.5])
+    token_rewards = t([[-0.1, -0.1, 0.9], [0.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.5, 0.0, 0.0]])
+    mask = m([[1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 0, 0]])
+    centred = reinforce_pp_baseline(rewards, token_rewards, mask, group_size=2, scale_std=False)
+    expected = t([[0.2125, 0.3125, 0.4125], [-0.4875, -0.4875, 0], [0.0125, 0.0125, 0], [0.0125, 0, 0]])
+    torch.testing.assert_close(centred, expected)
+    # squares: 0.04515625 + 0.09765625 + 0.17015625 + 2 * 0.23765625 + 3 * 0.00015625 = 0.78875
+    # biased var = 0.78875 / 8 = 0.09859375, std = 0.313996
+    adv = reinforce_pp_baseline(rewards, token_rewards, mask, group_size=2)
+    torch.testing.assert_close(adv, expected / 0.313996, atol=1e-5, rtol=1e-5)
+
+
+def test_reinforce_pp_baseline_group_with_equal_rewards_and_no_kl_gives_zeros():
+    # every completion of the single prompt scores 1, no KL: returns 1 - mean 1 = 0 everywhere
+    adv = reinforce_pp_baseline(t([1.0, 1.0]), t([[0.0, 1.0], [1.0, 0.0]]), m([[1, 1], [1, 0]]), group_size=2)
+    assert torch.isfinite(adv).all()
+    torch.testing.assert_close(adv, torch.zeros(2, 2))
+
+
+def test_sequence_estimators_return_one_value_per_completion():
+    # shapes: [P*G] in, [P*G] out (the loop broadcasts over tokens)
+    rewards = t([1.0, 0.0, 0.5, 0.25])
+    for adv in (grpo(rewards, group_size=2), rloo(rewards, group_size=2), reinforce(rewards, t(0.0))):
+        assert adv.shape == (4,)
+    assert remax(rewards, t([0.0, 0.0]), group_size=2).shape == (4,)
+    assert math.isfinite(float(grpo(rewards, group_size=2).sum()))
+
+
+# ---------------------------------------------------------------- the calling contract
+
+ALWAYS_SUPPLIED = {"rewards_PG", "mask_B_T"}
+SUPPLIED_BY_NEED = {
+    "groups": "group_size",
+    "token_rewards": "token_rewards_B_T",
+    "critic": "values_B_T",
+    "greedy_rollout": "greedy_rewards_P",
+    "moving_baseline": "baseline",
+}
+BUILT_IN = ["gae", "grpo", "rloo", "remax", "reinforce_pp", "reinforce_pp_baseline", "reinforce"]
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_signature_names_only_inputs_the_loop_supplies(name):
+    # every parameter without a default is an input the loop supplies for this estimator's needs;
+    # every parameter with a default (a hyper-parameter) is keyword-only
+    fn = ADVANTAGES[name]
+    supplied = ALWAYS_SUPPLIED | {SUPPLIED_BY_NEED[need] for need in fn.needs}
+    for param in inspect.signature(fn).parameters.values():
+        if param.default is inspect.Parameter.empty:
+            assert param.name in supplied, f"{name}: '{param.name}' is not supplied by needs {fn.needs}"
+        else:
+            assert param.kind is inspect.Parameter.KEYWORD_ONLY, (
+                f"{name}: '{param.name}' must be keyword-only"
+            )
+    assert "arXiv:" in fn.__doc__ or "Williams 1992" in fn.__doc__
+    assert "Deviations" in fn.__doc__
