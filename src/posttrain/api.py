@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+import transformers
 from pydantic import BaseModel
 
 from posttrain.config import EvalConfig, SFTConfig, load_config, validate
@@ -29,6 +30,9 @@ from posttrain.trainers.evaluation import EvalResult, RewardFn, run_evaluation
 from posttrain.trainers.sft import SFTResult, train_sft
 
 C = TypeVar("C", bound=BaseModel)
+
+# transformers prints a progress bar for every save and load; posttrain shows its own progress.
+transformers.utils.logging.disable_progress_bar()
 
 
 def as_config(kind: type[C], config: C | dict[str, Any] | str | Path, overrides: list[str] = ()) -> C:
@@ -55,6 +59,8 @@ def sft(
     progress: bool = True,
 ) -> SFTResult:
     """Supervised fine-tuning (`posttrain sft`). `train`/`eval`: lists of row dicts or `datasets.Dataset`."""
+    if train is not None:
+        config = with_in_memory_train(config)
     return train_sft(
         as_config(SFTConfig, config, overrides),
         model=model,
@@ -64,6 +70,19 @@ def sft(
         resume=resume,
         progress=progress,
     )
+
+
+IN_MEMORY = "<rows passed from Python>"
+
+
+def with_in_memory_train(config: Any) -> Any:
+    """Rows passed from Python are the training data: a config dict may then leave data.train out."""
+    if not isinstance(config, dict):
+        return config
+    data = dict(config.get("data") or {})
+    if data.get("train") is None and data.get("task") is None:
+        data["train"] = IN_MEMORY
+    return {**config, "data": data}
 
 
 def evaluate(

@@ -21,9 +21,10 @@ from posttrain.api import evaluate, sft
 from posttrain.policies import build_model
 from posttrain.trainers.build import build_builtin_tokenizer
 
-TASK = {"name": "arithmetic", "digits": 2, "operators": "+-", "train_size": 2000, "eval_size": 300}
+TASK = {"name": "arithmetic", "digits": 2, "operators": "+-", "train_size": 20000, "eval_size": 300}
 PRESET = "qwen2-small"
-SFT_TRAIN = {"max_steps": 300, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20, "schedule": "cosine"}
+# Measured here: about 90 s of SFT on 2 cores to ~25% held-out accuracy, leaving room for RL to improve.
+SFT_TRAIN = {"max_steps": 1500, "batch_size": 64, "lr": 3e-3, "warmup_steps": 50, "schedule": "cosine"}
 
 
 @dataclass

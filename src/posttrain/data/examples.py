@@ -1,0 +1,347 @@
+"""Validate rows into typed examples, one type per kind of data a trainer consumes.
+
+Kinds and the fields they read (Hugging Face / TRL names, so TRL data works unchanged):
+
+| kind         | fields                                                                 |
+|--------------|------------------------------------------------------------------------|
+| `sft`        | `prompt` + `completion`, or `messages`, or `text` (plain LM)           |
+| `preference` | `chosen` + `rejected`, optional `prompt`                               |
+| `unpaired`   | `prompt` + `completion` + `label` (bool)                               |
+| `listwise`   | `prompt` + `completions` (>= 2) + `scores` (numbers, one each)         |
+| `prompt`     | `prompt`; every other column is kept verbatim in `extra` (`answer`...) |
+
+A field is text (a non-empty string) or conversational (a list of `{"role", "content"}` messages);
+the fields of one row are all text or all conversational.
+
+Conversation rules (checked on every conversational field; `Conversation` below):
+- roles are `system`, `user`, `assistant`, `tool`; `content` is a string, non-empty except for an
+  assistant message that carries `tool_calls`; other keys (`tool_calls`, `name`, ...) are kept;
+- `system` only as the first message; the first other message is `user`;
+- no two `user` turns and no two `assistant` turns in a row; `tool` only after `assistant` or `tool`;
+- a whole conversation (`messages`, or `prompt` + `completion`) ends with an `assistant` turn;
+- a prompt ends with a `user` or `tool` turn (the model speaks next);
+- an SFT completion starts and ends with `assistant` (it may hold tool turns in between); a
+  preference, unpaired or listwise completion is exactly one `assistant` message.
+
+Preference rows without `prompt` whose `chosen` and `rejected` are conversations sharing a prefix
+("implicit prompt"): the longest shared prefix of messages becomes the prompt and the rest of each must
+be one assistant message. Text rows without `prompt` are compared as whole sequences (prompt None).
+"""
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from posttrain.data.errors import DataError
+from posttrain.data.readers import Row, read_rows
+from posttrain.data.report import LoadReport
+
+Message = dict[str, Any]
+Conversation = list[Message]
+Content = str | Conversation
+Kind = Literal["sft", "preference", "unpaired", "listwise", "prompt"]
+OnBadRow = Literal["error", "skip"]
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """A demonstration. `text` rows: prompt None, completion the text (every token trained).
+    `messages` rows: prompt None, completion the conversation (every assistant turn trained)."""
+
+    prompt: Content | None
+    completion: Content
+    where: str
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """A pair: `chosen` preferred over `rejected` after `prompt` (None: no prompt, text only)."""
+
+    prompt: Content | None
+    chosen: Content
+    rejected: Content
+    where: str
+
+
+@dataclass(frozen=True)
+class UnpairedExample:
+    """One completion labelled desirable (True) or undesirable (False), as KTO consumes."""
+
+    prompt: Content
+    completion: Content
+    label: bool
+    where: str
+
+
+@dataclass(frozen=True)
+class ListwiseExample:
+    """Several completions of one prompt with a score each (higher is better)."""
+
+    prompt: Content
+    completions: list[Content]
+    scores: list[float]
+    where: str
+
+
+@dataclass(frozen=True)
+class PromptExample:
+    """A prompt for generation (RL, evaluation), with the row's other columns kept verbatim."""
+
+    prompt: Content
+    where: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Example = SFTExample | PreferenceExample | UnpairedExample | ListwiseExample | PromptExample
+
+
+def load_examples(path: str | Path, kind: Kind, *, split: str | None = None,
+                  on_bad_row: OnBadRow = "error") -> tuple[list[Example], LoadReport]:
+    """Read a dataset and validate every row as `kind`. Returns the examples and the report."""
+    report = LoadReport(source=str(path))
+    rows = read_rows(path, split=split, on_bad_row=on_bad_row, report=report)
+    return validate_rows(rows, kind, on_bad_row=on_bad_row, report=report), report
+
+
+def validate_rows(rows: list[Row], kind: Kind, *, on_bad_row: OnBadRow = "error",
+                  report: LoadReport | None = None) -> list[Example]:
+    """Turn rows into examples of `kind`.
+
+    on_bad_row: "error" raises the first DataError (it names file, row and field); "skip" leaves the
+    row out and counts it in `report.skipped` under the error's reason.
+    """
+    if kind not in VALIDATORS:
+        raise ValueError(f"kind: {kind!r} is not a data kind; kinds: {', '.join(VALIDATORS)}")
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row: {on_bad_row!r}; allowed: 'error', 'skip'")
+    validate = VALIDATORS[kind]
+    report = report if report is not None else LoadReport()
+    examples = []
+    for row in rows:
+        try:
+            examples.append(validate(row))
+        except DataError as error:
+            if on_bad_row == "error":
+                raise
+            report.skipped[error.reason] += 1
+    return examples
+
+
+# --- one validator per kind -------------------------------------------------------------------------
+
+def validate_sft_row(row: Row) -> SFTExample:
+    fields = row.fields
+    if "prompt" in fields and "completion" in fields:
+        prompt, completion = _content_pair(row, "prompt", "completion", single_turn=False)
+        return SFTExample(prompt, completion, row.where)
+    if "messages" in fields:
+        messages = _conversation(row, "messages")
+        _check_turns(messages, row.where, "messages", first="user", last=("assistant",))
+        return SFTExample(None, messages, row.where)
+    if "text" in fields:
+        return SFTExample(None, _text(row, "text"), row.where)
+    raise _missing_fields(row, "'prompt' + 'completion', or 'messages', or 'text'")
+
+
+def validate_preference_row(row: Row) -> PreferenceExample:
+    _require(row, ("chosen", "rejected"), "'chosen' + 'rejected' (and optionally 'prompt')")
+    if "prompt" in row.fields:
+        prompt, chosen = _content_pair(row, "prompt", "chosen", single_turn=True)
+        _, rejected = _content_pair(row, "prompt", "rejected", single_turn=True)
+        return PreferenceExample(prompt, chosen, rejected, row.where)
+    if isinstance(row.fields["chosen"], str):
+        rejected = _text_matching(row, "rejected", "chosen")
+        return PreferenceExample(None, _text(row, "chosen"), rejected, row.where)
+    return _split_implicit_prompt(row)
+
+
+def validate_unpaired_row(row: Row) -> UnpairedExample:
+    _require(row, ("prompt", "completion", "label"), "'prompt' + 'completion' + 'label'")
+    prompt, completion = _content_pair(row, "prompt", "completion", single_turn=True)
+    label = row.fields["label"]
+    if not isinstance(label, bool):
+        raise DataError(f"{row.where}: field 'label': expected true or false, found {label!r}",
+                        reason="bad label")
+    return UnpairedExample(prompt, completion, label, row.where)
+
+
+def validate_listwise_row(row: Row) -> ListwiseExample:
+    _require(row, ("prompt", "completions", "scores"), "'prompt' + 'completions' + 'scores'")
+    completions, scores = row.fields["completions"], row.fields["scores"]
+    if not isinstance(completions, list) or len(completions) < 2:
+        raise DataError(f"{row.where}: field 'completions': expected a list of at least 2 completions, "
+                        f"found {_describe(completions)}", reason="wrong type")
+    _check_scores(scores, len(completions), row.where)
+    prompt = None
+    checked = []
+    for i, completion in enumerate(completions):
+        pair_row = Row({"prompt": row.fields["prompt"], f"completions[{i}]": completion}, row.where)
+        prompt, checked_completion = _content_pair(pair_row, "prompt", f"completions[{i}]", single_turn=True)
+        checked.append(checked_completion)
+    return ListwiseExample(prompt, checked, [float(s) for s in scores], row.where)
+
+
+def validate_prompt_row(row: Row) -> PromptExample:
+    _require(row, ("prompt",), "'prompt' (other columns are kept as they are)")
+    if isinstance(row.fields["prompt"], str):
+        prompt: Content = _text(row, "prompt")
+    else:
+        prompt = _conversation(row, "prompt")
+        _check_turns(prompt, row.where, "prompt", first="user", last=("user", "tool"))
+    extra = {name: value for name, value in row.fields.items() if name != "prompt"}
+    return PromptExample(prompt, row.where, extra)
+
+
+VALIDATORS: dict[str, Callable[[Row], Example]] = {
+    "sft": validate_sft_row,
+    "preference": validate_preference_row,
+    "unpaired": validate_unpaired_row,
+    "listwise": validate_listwise_row,
+    "prompt": validate_prompt_row,
+}
+
+
+# --- fields -------------------------------------------------------------------------------------------
+
+def _require(row: Row, names: tuple[str, ...], expected: str) -> None:
+    if not all(name in row.fields for name in names):
+        raise _missing_fields(row, expected)
+
+
+def _missing_fields(row: Row, expected: str) -> DataError:
+    return DataError(f"{row.where}: fields found: {sorted(row.fields)}; expected {expected}",
+                     reason="missing field")
+
+
+def _text(row: Row, name: str) -> str:
+    value = row.fields[name]
+    if not isinstance(value, str):
+        raise DataError(f"{row.where}: field {name!r}: expected text or a list of messages, "
+                        f"found {_describe(value)}", reason="wrong type")
+    if not value.strip():
+        raise DataError(f"{row.where}: field {name!r}: empty text", reason="empty text")
+    return value
+
+
+def _text_matching(row: Row, name: str, other: str) -> str:
+    if not isinstance(row.fields[name], str):
+        raise _mixed_forms(row, other, name)
+    return _text(row, name)
+
+
+def _mixed_forms(row: Row, text_field: str, other: str) -> DataError:
+    return DataError(f"{row.where}: field {other!r}: {text_field!r} is "
+                     f"{'text' if isinstance(row.fields[text_field], str) else 'a conversation'} but "
+                     f"{other!r} is {_describe(row.fields[other])}; both must be text or both conversations",
+                     reason="mixed forms")
+
+
+def _content_pair(row: Row, prompt_name: str, completion_name: str, *,
+                  single_turn: bool) -> tuple[Content, Content]:
+    """A prompt and its completion, both text or both conversations that together obey the turn rules."""
+    if isinstance(row.fields[prompt_name], str):
+        return _text(row, prompt_name), _text_matching(row, completion_name, prompt_name)
+    prompt = _conversation(row, prompt_name)
+    if isinstance(row.fields[completion_name], str) or not isinstance(row.fields[completion_name], list):
+        raise _mixed_forms(row, prompt_name, completion_name)
+    completion = _conversation(row, completion_name)
+    _check_turns(prompt, row.where, prompt_name, first="user", last=("user", "tool"))
+    _check_completion(completion, row.where, completion_name, single_turn=single_turn)
+    _check_turns(prompt + completion, row.where, f"{prompt_name} + {completion_name}", first="user",
+                 last=("assistant",))
+    return prompt, completion
+
+
+def _check_completion(completion: Conversation, where: str, name: str, *, single_turn: bool) -> None:
+    if single_turn and (len(completion) != 1 or completion[0]["role"] != "assistant"):
+        roles = [m["role"] for m in completion]
+        raise DataError(f"{where}: field {name!r}: expected exactly one assistant message, "
+                        f"found roles {roles}", reason="turn order")
+    _check_turns(completion, where, name, first="assistant", last=("assistant",))
+
+
+def _split_implicit_prompt(row: Row) -> PreferenceExample:
+    chosen = _conversation(row, "chosen")
+    if not isinstance(row.fields["rejected"], list):
+        raise _mixed_forms(row, "chosen", "rejected")
+    rejected = _conversation(row, "rejected")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    prompt = chosen[:shared]
+    if not prompt:
+        raise DataError(f"{row.where}: fields 'chosen' and 'rejected' share no leading messages and there is "
+                        "no 'prompt' field; give 'prompt', or make both conversations start with it",
+                        reason="turn order")
+    split_row = Row({"prompt": prompt, "chosen": chosen[shared:], "rejected": rejected[shared:]}, row.where)
+    _, chosen_completion = _content_pair(split_row, "prompt", "chosen", single_turn=True)
+    _, rejected_completion = _content_pair(split_row, "prompt", "rejected", single_turn=True)
+    return PreferenceExample(prompt, chosen_completion, rejected_completion, row.where)
+
+
+def _check_scores(scores: Any, count: int, where: str) -> None:
+    if not isinstance(scores, list) or len(scores) != count:
+        raise DataError(f"{where}: field 'scores': expected a list of {count} numbers (one per completion), "
+                        f"found {_describe(scores)}", reason="bad scores")
+    for i, score in enumerate(scores):
+        if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+            raise DataError(f"{where}: field 'scores[{i}]': expected a finite number, found {score!r}",
+                            reason="bad scores")
+
+
+# --- conversations ------------------------------------------------------------------------------------
+
+def _conversation(row: Row, name: str) -> Conversation:
+    value = row.fields[name]
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{row.where}: field {name!r}: expected text or a non-empty list of messages, "
+                        f"found {_describe(value)}", reason="wrong type")
+    for i, message in enumerate(value):
+        _check_message(message, row.where, f"{name}[{i}]")
+    return value
+
+
+def _check_message(message: Any, where: str, name: str) -> None:
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise DataError(f"{where}: field {name!r}: expected a message {{'role': ..., 'content': ...}}, "
+                        f"found {_describe(message)}", reason="wrong type")
+    role, content = message["role"], message["content"]
+    if role not in ROLES:
+        raise DataError(f"{where}: field {name!r}: unknown role {role!r}; allowed: {', '.join(ROLES)}",
+                        reason="unknown role")
+    if not isinstance(content, str):
+        raise DataError(f"{where}: field {name}.content: expected a string, found {_describe(content)}",
+                        reason="wrong type")
+    if not content.strip() and not (role == "assistant" and message.get("tool_calls")):
+        raise DataError(f"{where}: field {name}.content: empty text", reason="empty text")
+
+
+def _check_turns(messages: Conversation, where: str, name: str, *, first: str, last: tuple[str, ...]) -> None:
+    """The order rules of the module docstring, for one conversation (or one part of one)."""
+    roles = [m["role"] for m in messages]
+    if "system" in roles[1:]:
+        raise _turn_error(where, name, roles, "a system message may only come first")
+    spoken = roles[1:] if roles[0] == "system" and first == "user" else roles
+    if not spoken or spoken[0] != first:
+        raise _turn_error(where, name, roles, f"the first turn must be {first}")
+    for before, after in itertools.pairwise(spoken):
+        if before == after and before in ("user", "assistant"):
+            raise _turn_error(where, name, roles, f"two {before} turns in a row")
+        if after == "tool" and before not in ("assistant", "tool"):
+            raise _turn_error(where, name, roles, "a tool turn must follow an assistant or tool turn")
+    if spoken[-1] not in last:
+        raise _turn_error(where, name, roles, f"it must end with {' or '.join(last)}")
+
+
+def _turn_error(where: str, name: str, roles: list[str], rule: str) -> DataError:
+    return DataError(f"{where}: field {name!r}: turns {roles}: {rule}", reason="turn order")
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"

@@ -1,0 +1,144 @@
+"""Verifiers: does the completion state the ground-truth `answer` column? Each scores 1.0 or 0.0.
+
+All three read the content of the last `<answer>...</answer>` of a completion when it has one (the
+R1 output format), and the whole completion otherwise. A row whose `answer` is None or cannot be
+read as the verifier needs gets `None` (not applicable) rather than a wrong-answer 0, as TRL's
+`accuracy_reward` does for unparseable gold answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+from fractions import Fraction
+from typing import Any
+
+from posttrain.rewards.base import completion_text
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# An integer or decimal, thousands separated by commas or not, with an optional exponent and an optional
+# "/denominator" so that "3/4" reads as 0.75 rather than 4. A sign counts only where it cannot be a
+# binary operator ("1-5" is 1 and 5, "= -5" is -5).
+_NUMBER = re.compile(r"(?:(?<![\w).])[-+])?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?(?:\s*/\s*\d+)?")
+
+
+def extract_answer_span(text: str) -> str:
+    """The content of the last `<answer>...</answer>` in `text`, or `text` itself when there is none."""
+    spans = _ANSWER_TAG.findall(text)
+    return spans[-1] if spans else text
+
+
+def extract_final_number(text: str) -> float | None:
+    """The last number written in `text` ("1,234.5" -> 1234.5, "3/4" -> 0.75), or None if there is none."""
+    last = None
+    for match in _NUMBER.finditer(text):
+        if any(ch.isdigit() for ch in match.group()):
+            last = match.group()
+    return None if last is None else _parse_number(last)
+
+
+def _parse_number(token: str) -> float:
+    token = token.replace(",", "").replace(" ", "")
+    if "/" in token:
+        numerator, denominator = token.split("/")
+        if float(denominator) == 0:
+            return float(numerator)  # "1/0" is not a fraction; keep the number that was written first
+        return float(Fraction(numerator) / Fraction(denominator))
+    return float(token)
+
+
+def exact_match(*, completions: list[Any], answer: list[Any], **kwargs: Any) -> list[float | None]:
+    """1.0 when the completion (or its `<answer>` content), stripped, equals `str(answer)`, stripped."""
+    return [
+        None if gold is None else float(extract_answer_span(completion_text(c)).strip() == str(gold).strip())
+        for c, gold in zip(completions, answer, strict=True)
+    ]
+
+
+def numeric_match(
+    *,
+    completions: list[Any],
+    answer: list[Any],
+    abs_tol: float = 1e-6,
+    rel_tol: float = 0.0,
+    **kwargs: Any,
+) -> list[float | None]:
+    """1.0 when the final number of the completion (or of its `<answer>` content) equals the answer's.
+
+    The gold answer goes through the same extraction, so "#### 72" (GSM8K style), "72" and 72 all
+    read as 72. Equal means `math.isclose(pred, gold, rel_tol=rel_tol, abs_tol=abs_tol)`. A completion
+    without a number scores 0.0; an answer without one gets None (not applicable).
+    """
+    scores: list[float | None] = []
+    for c, gold in zip(completions, answer, strict=True):
+        gold_value = None if gold is None else extract_final_number(str(gold))
+        if gold_value is None:
+            scores.append(None)
+            continue
+        pred = extract_final_number(extract_answer_span(completion_text(c)))
+        matched = pred is not None and math.isclose(pred, gold_value, rel_tol=rel_tol, abs_tol=abs_tol)
+        scores.append(float(matched))
+    return scores
+
+
+class MathVerifyReward:
+    """1.0 when Hugging Face's math-verify finds the completion's answer equal to the gold answer.
+
+    Parses the gold answer and the completion (LaTeX, `\\boxed{}`, plain expressions) into sympy and
+    compares them, so `\\frac{1}{2}` matches `0.5`. Args are those of `math_verify.verify`:
+    `float_rounding` (digits kept before comparing floats) and `strict`.
+
+    Runs off the main thread under `RewardSet`'s time limit, where math-verify's own `signal.alarm`
+    limits cannot work; they are switched off there and `RewardSet`'s `timeout_s` bounds the call.
+    """
+
+    __name__ = "math_verify"
+
+    def __init__(self, *, float_rounding: int = 6, strict: bool = True):
+        self._parse, self._verify = _import_math_verify()
+        _silence_disabled_timeout_warnings()
+        self.float_rounding = float_rounding
+        self.strict = strict
+
+    def __call__(self, *, completions: list[Any], answer: list[Any], **kwargs: Any) -> list[float | None]:
+        limit_s = 5 if threading.current_thread() is threading.main_thread() else None
+        scores: list[float | None] = []
+        for c, gold in zip(completions, answer, strict=True):
+            gold_parsed = [] if gold is None else self._parse(str(gold), parsing_timeout=limit_s)
+            if not gold_parsed:
+                scores.append(None)
+                continue
+            pred_parsed = self._parse(extract_answer_span(completion_text(c)), parsing_timeout=limit_s)
+            same = self._verify(
+                gold_parsed,
+                pred_parsed,
+                float_rounding=self.float_rounding,
+                strict=self.strict,
+                timeout_seconds=limit_s,
+            )
+            scores.append(float(same))
+        return scores
+
+
+def _import_math_verify() -> tuple[Any, Any]:
+    # Optional dependency: only the math_verify reward needs it, so import it when that reward is built.
+    try:
+        from math_verify import parse, verify
+    except ImportError as err:
+        raise ImportError("reward 'math_verify' needs the math-verify library: pip install posttrain[math]") from err
+    return parse, verify
+
+
+def _drop_disabled_timeout_warning(record: logging.LogRecord) -> bool:
+    return "Timeout is disabled" not in record.getMessage()
+
+
+def _silence_disabled_timeout_warnings() -> None:
+    # math-verify warns on every call made with its timeout off; off the main thread that is by design
+    # here (RewardSet bounds the call), so drop that one message and keep the library's other logs.
+    for name in ("math_verify.parser", "math_verify.grader"):
+        library_logger = logging.getLogger(name)
+        if _drop_disabled_timeout_warning not in library_logger.filters:
+            library_logger.addFilter(_drop_disabled_timeout_warning)

@@ -1,0 +1,130 @@
+import csv
+import json
+import re
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from posttrain.data import DataError, LoadReport, read_rows
+
+ROWS = [{"prompt": "two plus two", "completion": " four"}, {"prompt": "sky", "completion": " blue"}]
+MESSAGES = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+def write_jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_jsonl_skips_blank_lines_and_numbers_rows_by_line(tmp_path: Path):
+    path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(ROWS[0]), "", json.dumps(ROWS[1])])
+    rows = read_rows(path)
+    assert [r.fields for r in rows] == ROWS
+    assert [r.where for r in rows] == [f"{path} line 1", f"{path} line 3"]
+
+
+def test_json_list_and_data_object(tmp_path: Path):
+    (tmp_path / "a.json").write_text(json.dumps(ROWS))
+    (tmp_path / "b.json").write_text(json.dumps({"data": ROWS}))
+    for name in ("a.json", "b.json"):
+        rows = read_rows(tmp_path / name)
+        assert [r.fields for r in rows] == ROWS
+        assert rows[1].where == f"{tmp_path / name} item 2"
+
+
+def test_parquet_keeps_nested_messages(tmp_path: Path):
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist([{"messages": MESSAGES, "answer": "4"}]), path)
+    rows = read_rows(path)
+    assert rows[0].fields == {"messages": MESSAGES, "answer": "4"}
+    assert rows[0].where == f"{path} row 1"
+
+
+def test_csv_decodes_structured_fields_and_keeps_other_columns_as_text(tmp_path: Path):
+    path = tmp_path / "d.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["prompt", "completion", "label", "answer", "messages"])
+        writer.writerow(["[INST] sky", " blue", "true", "42", json.dumps(MESSAGES)])
+        writer.writerow(["q", " a", "False", "", ""])
+    rows = read_rows(path)
+    assert rows[1].fields == {"prompt": "q", "completion": " a", "label": False}  # empty cells are absent
+    # "[INST] sky" is not JSON, so it stays text; "42" is not a structured field, so it stays text
+    assert rows[0].fields == {"prompt": "[INST] sky", "completion": " blue", "label": True, "answer": "42",
+                              "messages": MESSAGES}
+    assert rows[0].where == f"{path} row 1"
+
+
+def test_saved_dataset_and_dataset_dict_splits(tmp_path: Path):
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "one"))
+    assert [r.fields for r in read_rows(tmp_path / "one")] == ROWS
+    both = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS),
+                                 "test": datasets.Dataset.from_list(ROWS[:1])})
+    both.save_to_disk(str(tmp_path / "two"))
+    test_rows = read_rows(tmp_path / "two", split="test")
+    assert [r.fields for r in test_rows] == ROWS[:1]
+    assert test_rows[0].where == f"{tmp_path / 'two'} [test] row 1"
+    with pytest.raises(DataError, match=r"holds splits \['test', 'train'\]; name one"):
+        read_rows(tmp_path / "two")
+    with pytest.raises(DataError, match="no split 'validation'"):
+        read_rows(tmp_path / "two", split="validation")
+
+
+def test_directory_that_is_not_a_saved_dataset(tmp_path: Path):
+    with pytest.raises(DataError, match="not a directory written by datasets' save_to_disk"):
+        read_rows(tmp_path)
+
+
+def test_missing_file_and_unknown_extension(tmp_path: Path):
+    with pytest.raises(DataError, match=r"nope\.jsonl: no such file"):
+        read_rows(tmp_path / "nope.jsonl")
+    (tmp_path / "d.txt").write_text("x")
+    supported = "supported: .jsonl, .json, .parquet, .csv"
+    with pytest.raises(DataError, match=re.escape(f"d.txt: unknown file extension '.txt'; {supported}")):
+        read_rows(tmp_path / "d.txt")
+
+
+def test_invalid_json_line_is_named_or_skipped_and_counted(tmp_path: Path):
+    path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(ROWS[0]), '{"prompt": "x", ', json.dumps(ROWS[1])])
+    with pytest.raises(DataError, match=re.escape(f"{path} line 2: invalid JSON")):
+        read_rows(path)
+    report = LoadReport()
+    rows = read_rows(path, on_bad_row="skip", report=report)
+    assert [r.fields for r in rows] == ROWS
+    assert report.rows == 3 and report.skipped == {"invalid json": 1}
+
+
+def test_non_utf8_bytes_name_the_line(tmp_path: Path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(ROWS[0]).encode() + b'\n{"prompt": "caf\xe9", "completion": "x"}\n')
+    with pytest.raises(DataError, match=re.escape(f"{path} line 2: bytes are not UTF-8")):
+        read_rows(path)
+    json_path = tmp_path / "d.json"
+    json_path.write_bytes(b'[\n{"prompt": "a"},\n{"prompt": "caf\xe9"}\n]')
+    with pytest.raises(DataError, match=re.escape(f"{json_path} line 3: bytes are not UTF-8")):
+        read_rows(json_path)
+
+
+def test_row_that_is_not_an_object(tmp_path: Path):
+    path = write_jsonl(tmp_path / "d.jsonl", ['["a", "b"]'])
+    message = f"{path} line 1: expected a JSON object with named fields, found list"
+    with pytest.raises(DataError, match=re.escape(message)):
+        read_rows(path)
+
+
+def test_json_with_wrong_top_level(tmp_path: Path):
+    (tmp_path / "d.json").write_text(json.dumps({"rows": ROWS}))
+    message = "expected a list of objects or {\"data\": [...]}, found an object with keys ['rows']"
+    with pytest.raises(DataError, match=re.escape(message)):
+        read_rows(tmp_path / "d.json")
+
+
+@pytest.mark.parametrize("name,content", [("e.jsonl", "\n\n"), ("e.json", "[]"),
+                                          ("e.csv", "prompt,completion\n")])
+def test_empty_dataset(tmp_path: Path, name: str, content: str):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=re.escape(f"{name}: the dataset is empty")):
+        read_rows(tmp_path / name)

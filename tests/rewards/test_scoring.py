@@ -1,0 +1,261 @@
+"""RewardSet: weighted sums by hand, None handling, and every failure mode isolated and counted."""
+
+import logging
+import math
+import threading
+import time
+
+import pytest
+import torch
+
+from posttrain.rewards import LoadedReward, RewardFailureError, RewardSet, RewardSpec
+
+PROMPTS = ["p0", "p1", "p2", "p3"]
+COMPLETIONS = ["a", "bb", "ccc", "dddd"]
+IDS = [[1], [1, 2], [1, 2, 3], [1, 2, 3, 4]]
+
+
+def t(values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def constant(values):
+    def reward(*, completions, **kwargs):
+        return list(values)
+
+    return reward
+
+
+def score(rewards, columns=None):
+    return rewards.score(PROMPTS, COMPLETIONS, IDS, columns)
+
+
+def test_weighted_sum_by_hand():
+    rewards = RewardSet(
+        [
+            LoadedReward("a", constant([1.0, 0.0, 1.0, 0.0]), weight=2.0),
+            LoadedReward("b", constant([0.5, 0.5, -1.0, 3.0]), weight=-1.0),
+        ]
+    )
+    result = score(rewards)
+    # total = 2 * a - b = [2 - 0.5, 0 - 0.5, 2 + 1, 0 - 3]
+    torch.testing.assert_close(result.total, t([1.5, -0.5, 3.0, -3.0]))
+    torch.testing.assert_close(result.per_reward["b"], t([0.5, 0.5, -1.0, 3.0]))  # raw, before weight
+    assert result.failures == {"a": 0, "b": 0}
+    # a: mean 0.5, population std 0.5; total: mean (1.5 - 0.5 + 3 - 3)/4 = 0.25
+    assert result.metrics["rewards/a/mean"] == pytest.approx(0.5)
+    assert result.metrics["rewards/a/std"] == pytest.approx(0.5)
+    assert result.metrics["rewards/total/mean"] == pytest.approx(0.25)
+    # total std: deviations 1.25, -0.75, 2.75, -3.25 -> squares 1.5625 + 0.5625 + 7.5625 + 10.5625 = 20.25
+    # -> variance 20.25 / 4 = 5.0625 -> std 2.25
+    assert result.metrics["rewards/total/std"] == pytest.approx(2.25)
+
+
+def test_functions_get_columns_and_token_ids_like_trl():
+    seen = {}
+
+    def trl_style(prompts, completions, completion_ids, **kwargs):
+        seen.update(prompts=prompts, completion_ids=completion_ids, **kwargs)
+        return [float(len(ids)) for ids in completion_ids]
+
+    rewards = RewardSet([LoadedReward("len", trl_style)])
+    result = rewards.score(PROMPTS, COMPLETIONS, IDS, {"answer": [1, 2, 3, 4]}, extra_kwargs={"step": 7})
+    torch.testing.assert_close(result.total, t([1.0, 2.0, 3.0, 4.0]))
+    assert seen == {"prompts": PROMPTS, "completion_ids": IDS, "answer": [1, 2, 3, 4], "step": 7}
+
+
+def test_builtins_from_specs_end_to_end():
+    rewards = RewardSet.from_specs(
+        [
+            RewardSpec("numeric_match"),
+            RewardSpec("overlong_penalty", weight=0.5, args={"max_new_tokens": 4, "overlong_buffer": 2}),
+        ]
+    )
+    result = rewards.score(["q"] * 3, ["4", "5", "x 4"], [[0], [0] * 3, [0] * 4], {"answer": ["4", "4", "4"]})
+    # numeric: [1, 0, 1]; overlong (L_max - L_cache = 2): |y| 1 -> 0, 3 -> (2 - 3)/2 = -0.5, 4 -> -1
+    # total = numeric + 0.5 * overlong = [1, -0.25, 0.5]
+    torch.testing.assert_close(result.total, t([1.0, -0.25, 0.5]))
+
+
+def test_none_is_not_applicable_adds_zero_and_is_not_a_failure():
+    rewards = RewardSet(
+        [
+            LoadedReward("a", constant([None, 1.0, None, 3.0]), weight=2.0),
+            LoadedReward("b", constant([1.0, 1.0, 1.0, 1.0])),
+        ]
+    )
+    result = score(rewards)
+    # total = 2 * [0, 1, 0, 3] + 1 = [1, 3, 1, 7]
+    torch.testing.assert_close(result.total, t([1.0, 3.0, 1.0, 7.0]))
+    assert torch.isnan(result.per_reward["a"]).tolist() == [True, False, True, False]
+    assert result.failures["a"] == 0
+    # mean over the applicable samples only: (1 + 3) / 2
+    assert result.metrics["rewards/a/mean"] == pytest.approx(2.0)
+    assert result.metrics["rewards/a/not_applicable"] == 2.0
+
+
+def test_all_none_gives_nan_metrics_and_zero_total():
+    result = score(RewardSet([LoadedReward("a", constant([None] * 4))]))
+    torch.testing.assert_close(result.total, t([0.0] * 4))
+    assert math.isnan(result.metrics["rewards/a/mean"])
+
+
+@pytest.mark.parametrize(
+    ("returned", "first_error"),
+    [
+        ([1.0, math.nan, 2.0, 3.0], "sample 1: nan is not a finite number"),
+        ([1.0, 2.0, math.inf, 3.0], "sample 2: inf is not a finite number"),
+        ([1.0, 2.0, 3.0, "4.0"], "sample 3: '4.0' is not a finite number"),
+    ],
+)
+def test_bad_sample_scores_failure_score(returned, first_error, caplog):
+    rewards = RewardSet([LoadedReward("r", constant(returned), failure_score=-1.0)])
+    with caplog.at_level(logging.WARNING, logger="posttrain.rewards"):
+        result = score(rewards)
+    expected = [-1.0 if not isinstance(v, float) or not math.isfinite(v) else v for v in returned]
+    torch.testing.assert_close(result.total, t(expected))
+    assert result.failures == {"r": 1}
+    assert rewards.failure_totals == {"r": 1}
+    assert result.metrics["rewards/r/failures"] == 1.0
+    assert f"reward 'r': 1 of 4 samples failed and scored failure_score=-1.0; first error: {first_error}" in (
+        caplog.text
+    )
+
+
+def test_numbers_of_other_types_are_accepted():
+    import numpy as np
+
+    result = score(RewardSet([LoadedReward("r", constant([True, np.float32(0.5), torch.tensor(2.0), 3]))]))
+    torch.testing.assert_close(result.total, t([1.0, 0.5, 2.0, 3.0]))
+    tensor_out = score(RewardSet([LoadedReward("r", lambda **kw: torch.tensor([1.0, 2.0, 3.0, 4.0]))]))
+    torch.testing.assert_close(tensor_out.total, t([1.0, 2.0, 3.0, 4.0]))
+
+
+@pytest.mark.parametrize(
+    ("fn", "first_error"),
+    [
+        (lambda **kw: 1 / 0, "ZeroDivisionError: division by zero"),
+        (constant([1.0, 2.0]), "returned 2 scores, expected a list of 4 scores"),
+        (lambda **kw: 1.0, "returned a float, expected a list of 4 scores"),
+        (lambda **kw: None, "returned a NoneType, expected a list of 4 scores"),
+    ],
+)
+def test_whole_call_failures_score_every_sample(fn, first_error, caplog):
+    rewards = RewardSet(
+        [LoadedReward("bad", fn, weight=2.0, failure_score=-0.5), LoadedReward("ok", constant([1.0] * 4))],
+        max_failure_fraction=1.0,
+    )
+    with caplog.at_level(logging.WARNING, logger="posttrain.rewards"):
+        result = score(rewards)
+    # 2 * -0.5 + 1 = 0 for every sample
+    torch.testing.assert_close(result.total, t([0.0] * 4))
+    assert result.failures == {"bad": 4, "ok": 0}
+    assert first_error in caplog.text
+
+
+def test_raise_is_logged_with_its_traceback(caplog):
+    def broken(**kwargs):
+        raise KeyError("answer")
+
+    rewards = RewardSet([LoadedReward("broken", broken)], max_failure_fraction=1.0)
+    with caplog.at_level(logging.WARNING, logger="posttrain.rewards"):
+        score(rewards)
+    [record] = caplog.records
+    assert record.exc_info is not None and record.exc_info[0] is KeyError
+
+
+def test_timeout_scores_failure_score_for_the_whole_call():
+    release = threading.Event()
+
+    def hangs(**kwargs):
+        release.wait(5.0)  # as a 5 s sleep, but the test lets it go once done
+        return [9.0] * 4
+
+    rewards = RewardSet(
+        [
+            LoadedReward("slow", hangs, timeout_s=0.2, failure_score=-2.0),
+            LoadedReward("ok", constant([1.0] * 4)),
+        ],
+        max_failure_fraction=1.0,
+    )
+    start = time.perf_counter()
+    result = score(rewards)
+    elapsed = time.perf_counter() - start
+    release.set()
+    assert 0.2 <= elapsed < 2.0
+    torch.testing.assert_close(result.per_reward["slow"], t([-2.0] * 4))
+    torch.testing.assert_close(result.total, t([-1.0] * 4))  # -2 + 1
+    assert result.failures == {"slow": 4, "ok": 0}
+    assert rewards.failure_totals == {"slow": 4, "ok": 0}
+
+
+def test_sleeping_5s_reward_times_out_after_0_2s():
+    def sleeps(**kwargs):
+        time.sleep(5)
+        return [1.0] * 4
+
+    rewards = RewardSet([LoadedReward("sleepy", sleeps, timeout_s=0.2)], max_failure_fraction=1.0)
+    start = time.perf_counter()
+    result = score(rewards)
+    assert time.perf_counter() - start < 1.0
+    assert result.failures == {"sleepy": 4}
+    # the same set scores again at once: the hung worker was replaced, not queued behind
+    rewards.rewards[0] = LoadedReward("sleepy", constant([1.0, 2.0, 3.0, 4.0]), timeout_s=0.2)
+    torch.testing.assert_close(score(rewards).total, t([1.0, 2.0, 3.0, 4.0]))
+
+
+def test_failure_fraction_stops_the_run_with_a_named_error():
+    rewards = RewardSet(
+        [LoadedReward("flaky", constant([math.nan, math.nan, math.nan, 1.0]))], max_failure_fraction=0.5
+    )
+    # 3 of 4 = 0.75 > 0.5
+    with pytest.raises(RewardFailureError, match=r"'flaky': 3 of 4 samples failed in one call.*sample 0: nan"):
+        score(rewards)
+
+
+def test_failure_fraction_at_the_limit_is_allowed():
+    rewards = RewardSet(
+        [LoadedReward("flaky", constant([math.nan, math.nan, 1.0, 1.0]), failure_score=0.0)],
+        max_failure_fraction=0.5,
+    )
+    # 2 of 4 = 0.5, not more than 0.5
+    torch.testing.assert_close(score(rewards).total, t([0.0, 0.0, 1.0, 1.0]))
+
+
+def test_a_raise_stops_the_run_under_the_default_fraction():
+    rewards = RewardSet([LoadedReward("broken", lambda **kw: 1 / 0)])
+    with pytest.raises(RewardFailureError, match=r"'broken': 4 of 4 .*ZeroDivisionError") as info:
+        score(rewards)
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+def test_inline_call_without_timeout_runs_in_the_callers_thread():
+    threads = []
+
+    def record(**kwargs):
+        threads.append(threading.current_thread())
+        return [0.0] * 4
+
+    score(RewardSet([LoadedReward("inline", record, timeout_s=None)]))
+    score(RewardSet([LoadedReward("threaded", record, timeout_s=5.0)]))
+    assert threads[0] is threading.current_thread()
+    assert threads[1] is not threading.current_thread() and threads[1].daemon
+
+
+@pytest.mark.parametrize(
+    ("prompts", "ids", "columns", "message"),
+    [
+        (PROMPTS[:3], IDS, None, "3 prompts, 4 completions and 4 completion_ids"),
+        (PROMPTS, IDS, {"answer": [1]}, "column 'answer' has 1 values for 4 completions"),
+        (PROMPTS, IDS, {"completions": [1] * 4}, "column 'completions' clashes"),
+    ],
+)
+def test_batch_shape_errors(prompts, ids, columns, message):
+    rewards = RewardSet([LoadedReward("a", constant([0.0] * 4))])
+    with pytest.raises(ValueError, match=message):
+        rewards.score(prompts, COMPLETIONS, ids, columns)
+
+
+def test_reward_named_total_is_rejected():
+    with pytest.raises(ValueError, match="named 'total'"):
+        RewardSet([LoadedReward("total", constant([0.0] * 4))])
