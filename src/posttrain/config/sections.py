@@ -34,7 +34,7 @@ class ModelSection(Section):
     preset: str | None = None
     """Build a new, randomly initialised model of this preset (see `posttrain list presets`)."""
     tokenizer: str | None = None
-    """A tokenizer directory, or a built-in task name (e.g. arithmetic) whose tokenizer is built. Default: model.path."""
+    """A tokenizer directory, or a built-in task name (arithmetic) whose tokenizer is built. Default: model.path."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype."""
     gradient_checkpointing: bool = False
