@@ -30,6 +30,7 @@ import dataclasses
 import json
 import os
 import random
+import resource
 import selectors
 import shutil
 import signal
@@ -313,7 +314,7 @@ MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = (
     1 << 18,
     1 << 21,
 )
-PR_SET_PDEATHSIG = 1
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 # statvfs flag -> mount flag that a read-only remount must keep (the kernel refuses to drop locked ones)
 KEPT_MOUNT_FLAGS = (
     (os.ST_NOSUID, MS_NOSUID),
@@ -341,13 +342,17 @@ def _launch(config: dict) -> None:
     status_fd = config["status_fd"]
     try:
         isolation = _confine(config)
+        libc = _libc()  # loaded now: after the uid drop the standard library may be out of reach
+        # Orphans (a setsid() grandchild) re-parent to the launcher, which kills them at the end;
+        # this matters when no PID namespace does it.
+        _check(libc.prctl(PR_SET_CHILD_SUBREAPER, 1), "prctl(PR_SET_CHILD_SUBREAPER)")
         pid = os.fork()
     except Exception as err:
         _write_status(status_fd, {"error": f"{type(err).__name__}: {err}"})
         os._exit(LAUNCHER_FAILED_EXIT)
     if pid == 0:
         os.close(status_fd)
-        _exec_program(config, isolation)
+        _exec_program(config, isolation, libc)
     _write_status(status_fd, {"isolation": isolation})
     os.close(status_fd)
     _exit_like_child(pid)
@@ -359,8 +364,6 @@ def _write_status(fd: int, status: dict) -> None:
 
 def _confine(config: dict) -> list[str]:
     """Enter namespaces and make the filesystem read-only; return the layers that took effect."""
-    import resource
-
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     isolation: list[str] = []
     root = os.geteuid() == 0
@@ -370,9 +373,18 @@ def _confine(config: dict) -> list[str]:
         isolation.append("readonly-fs")
     else:
         isolation.append("audit-network-guard")
+    if config["uid"] is not None and not _can_drop_uid(isolation, config["python_prefix"]):
+        # Without a mount namespace an unprivileged uid cannot reach an interpreter under /root: run
+        # as root with the other limits rather than not at all (docs/sandbox.md, "Fallbacks").
+        config["uid"] = None
+        isolation.append("root-no-uid-drop")
     if config["uid"] is not None:
         isolation.append("uid")
     return isolation
+
+
+def _can_drop_uid(isolation: list[str], prefix: str) -> bool:
+    return "mountns" in isolation or _first_untraversable_ancestor(prefix) is None
 
 
 def _libc():
@@ -473,13 +485,13 @@ def _first_untraversable_ancestor(path: str) -> str | None:
     return None
 
 
-def _exec_program(config: dict, isolation: list[str]) -> None:
+def _exec_program(config: dict, isolation: list[str], libc) -> None:
     """In the forked child (PID 1 of the new PID namespace when there is one): drop, limit, exec."""
     try:
         if config["uid"] is not None:
             _drop_to_uid(config["uid"])
         _set_limits(config["limits"], own_uid_namespace="pidns" in isolation or config["uid"] is not None)
-        _check(_libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL), "prctl(PR_SET_PDEATHSIG)")
+        _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL), "prctl(PR_SET_PDEATHSIG)")
         argv = [config["python"], "-I", "-S", "-u"]
         argv += ["-c", NETWORK_GUARD, "main.py"] if "netns" not in isolation else ["main.py"]
         os.execve(config["python"], argv, config["env"])
@@ -495,8 +507,6 @@ def _drop_to_uid(uid: int) -> None:
 
 
 def _set_limits(limits: dict, *, own_uid_namespace: bool) -> None:
-    import resource
-
     cpu = limits["cpu_time_s"]
     nproc = limits["max_processes"]
     if not own_uid_namespace:
@@ -520,9 +530,24 @@ def _count_processes_of_uid(uid: int) -> int:
     return count
 
 
+def _kill_descendants() -> None:
+    """SIGKILL and reap every process left under this (subreaper) launcher."""
+    me = str(os.getpid())
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/status", encoding="ascii", errors="replace") as f:
+                parent = next((line.split()[1] for line in f if line.startswith("PPid:")), None)
+            if parent == me:
+                os.kill(int(entry), signal.SIGKILL)
+                os.waitpid(int(entry), 0)
+        except (OSError, ValueError, ChildProcessError):
+            continue
+
+
 def _exit_like_child(pid: int) -> None:
     """Wait for the program and end this launcher the same way, so the parent sees its status."""
     _, status = os.waitpid(pid, 0)
+    _kill_descendants()
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         signal.signal(sig, signal.SIG_DFL) if sig != signal.SIGKILL else None

@@ -23,6 +23,8 @@ _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 # binary operator ("1-5" is 1 and 5, "= -5" is -5).
 _NUMBER = re.compile(r"(?:(?<![\w).])[-+])?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?(?:\s*/\s*\d+)?")
 
+_MANTISSA = re.compile(r"[-+]?\.?\d")
+
 
 def extract_answer_span(text: str) -> str:
     """The content of the last `<answer>...</answer>` in `text`, or `text` itself when there is none."""
@@ -34,7 +36,7 @@ def extract_final_number(text: str) -> float | None:
     """The last number written in `text` ("1,234.5" -> 1234.5, "3/4" -> 0.75), or None if there is none."""
     last = None
     for match in _NUMBER.finditer(text):
-        if any(ch.isdigit() for ch in match.group()):
+        if _MANTISSA.match(match.group()):  # "e1" alone matches _NUMBER but is not a number
             last = match.group()
     return None if last is None else _parse_number(last)
 
