@@ -17,7 +17,7 @@ import torch
 import transformers
 from pydantic import BaseModel
 
-from posttrain.config import EvalConfig, SFTConfig, load_config, validate
+from posttrain.config import EvalConfig, PrefConfig, RLConfig, RMConfig, SFTConfig, load_config, validate
 from posttrain.data.encoding import encode_prompt
 from posttrain.objectives.registry import ALL_REGISTRIES
 from posttrain.policies import MODEL_PRESETS, load_model, load_tokenizer
@@ -27,6 +27,9 @@ from posttrain.runtime.logging import read_metrics
 from posttrain.tasks import TASKS
 from posttrain.trainers.build import build_builtin_tokenizer
 from posttrain.trainers.evaluation import EvalResult, RewardFn, run_evaluation
+from posttrain.trainers.preference import PrefResult, train_pref
+from posttrain.trainers.reward_model import RMResult, train_rm
+from posttrain.trainers.rl import RLResult, train_rl
 from posttrain.trainers.sft import SFTResult, train_sft
 
 C = TypeVar("C", bound=BaseModel)
@@ -83,6 +86,81 @@ def with_in_memory_train(config: Any) -> Any:
     if data.get("train") is None and data.get("task") is None:
         data["train"] = IN_MEMORY
     return {**config, "data": data}
+
+
+def rl(
+    config: RLConfig | dict[str, Any] | str | Path,
+    *,
+    overrides: list[str] = (),
+    model: Any = None,
+    tokenizer: Any = None,
+    train: Any = None,
+    eval: Any = None,
+    rewards: list[Any] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> RLResult:
+    """Online RL (`posttrain rl`). `rewards`: TRL-style callables or `RewardSpec`s replacing the config's."""
+    return train_rl(
+        as_config(RLConfig, config, overrides),
+        model=model,
+        tokenizer=tokenizer,
+        train_rows=train,
+        eval_rows=eval,
+        rewards=rewards,
+        resume=resume,
+        progress=progress,
+    )
+
+
+def pref(
+    config: PrefConfig | dict[str, Any] | str | Path,
+    *,
+    overrides: list[str] = (),
+    model: Any = None,
+    tokenizer: Any = None,
+    train: Any = None,
+    eval: Any = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> PrefResult:
+    """Offline preference optimisation (`posttrain pref`). `train`/`eval`: row dicts or a `datasets.Dataset`."""
+    if train is not None:
+        config = with_in_memory_train(config)
+    return train_pref(
+        as_config(PrefConfig, config, overrides),
+        model=model,
+        tokenizer=tokenizer,
+        train_rows=train,
+        eval_rows=eval,
+        resume=resume,
+        progress=progress,
+    )
+
+
+def rm(
+    config: RMConfig | dict[str, Any] | str | Path,
+    *,
+    overrides: list[str] = (),
+    model: Any = None,
+    tokenizer: Any = None,
+    train: Any = None,
+    eval: Any = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> RMResult:
+    """Reward-model training (`posttrain rm`). `train`/`eval`: row dicts or a `datasets.Dataset`."""
+    if train is not None:
+        config = with_in_memory_train(config)
+    return train_rm(
+        as_config(RMConfig, config, overrides),
+        model=model,
+        tokenizer=tokenizer,
+        train_rows=train,
+        eval_rows=eval,
+        resume=resume,
+        progress=progress,
+    )
 
 
 def evaluate(

@@ -1,6 +1,9 @@
 """The `posttrain` command line. It parses and dispatches only; every command is a Python function too.
 
 posttrain sft RECIPE [key.sub=value ...] [--resume]
+posttrain rl RECIPE [key.sub=value ...] [--resume]
+posttrain pref RECIPE [key.sub=value ...] [--resume]
+posttrain rm RECIPE [key.sub=value ...] [--resume]
 posttrain eval [RECIPE] [key.sub=value ...]
 posttrain generate MODEL_DIR --prompt TEXT [--n N]
 posttrain demo
@@ -61,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"posttrain {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_recipe_command(sub, "sft", "supervised fine-tuning", "SFTConfig", _run_sft, resume=True)
+    _add_recipe_command(sub, "pref", "offline preference optimisation", "PrefConfig", _run_pref, resume=True)
+    _add_recipe_command(sub, "rm", "reward model (Bradley-Terry, listwise)", "RMConfig", _run_rm, resume=True)
+    _add_recipe_command(sub, "rl", "online RL (PPO / GRPO family)", "RLConfig", _run_rl, resume=True)
     _add_recipe_command(
         sub, "eval", "greedy accuracy and pass@k on held-out prompts with answers", "EvalConfig", _run_eval
     )
@@ -161,6 +167,30 @@ def _run_sft(args: argparse.Namespace) -> int:
     from posttrain.trainers.sft import train_sft
 
     result = train_sft(_load(args), resume=args.resume)
+    print(f"final model: {result.final_dir}")
+    return 0
+
+
+def _run_rl(args: argparse.Namespace) -> int:
+    from posttrain.trainers.rl import train_rl
+
+    result = train_rl(_load(args), resume=args.resume)
+    print(f"final model: {result.final_dir}")
+    return 0
+
+
+def _run_pref(args: argparse.Namespace) -> int:
+    from posttrain.trainers.preference import train_pref
+
+    result = train_pref(_load(args), resume=args.resume)
+    print(f"final model: {result.final_dir}")
+    return 0
+
+
+def _run_rm(args: argparse.Namespace) -> int:
+    from posttrain.trainers.reward_model import train_rm
+
+    result = train_rm(_load(args), resume=args.resume)
     print(f"final model: {result.final_dir}")
     return 0
 

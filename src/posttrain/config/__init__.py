@@ -1,6 +1,8 @@
 """Typed, validated configs; YAML recipes; dotted overrides on the command line."""
 
 from posttrain.config.loading import ConfigError, describe_options, load_config, validate
+from posttrain.config.pref import PrefConfig, RMConfig
+from posttrain.config.rl import RLConfig
 from posttrain.config.sections import (
     DataSection,
     EvalSection,
@@ -19,6 +21,9 @@ __all__ = [
     "EvalSection",
     "LoraSection",
     "ModelSection",
+    "PrefConfig",
+    "RLConfig",
+    "RMConfig",
     "RunSection",
     "SFTConfig",
     "TaskSection",

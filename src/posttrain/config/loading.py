@@ -164,6 +164,13 @@ def describe_options(model: type[BaseModel], prefix: str = "") -> list[tuple[str
 
 
 def _show(value: Any) -> str:
+    value = _plain_value(value)
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def _plain_value(value: Any) -> Any:
     if isinstance(value, BaseModel):
-        return "{...}"
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        return value.model_dump(exclude_none=True)
+    if isinstance(value, list | tuple):
+        return [_plain_value(v) for v in value]
+    return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -27,3 +28,30 @@ def clipped_value_loss(
     clipped_B_T = old_values_B_T + (values_B_T - old_values_B_T).clamp(-clip_range, clip_range)
     unclipped_loss_B_T = (values_B_T - returns_B_T).square()
     return 0.5 * unclipped_loss_B_T.maximum((clipped_B_T - returns_B_T).square())
+
+
+def lambda_returns(
+    token_rewards_B_T: Tensor, values_B_T: Tensor, mask_B_T: Tensor, *, gamma: float = 1.0, lam: float = 0.95
+) -> Tensor:
+    """Lambda-returns, the critic's value targets (Schulman et al. 2016, arXiv:1506.02438, Eq. 18).
+
+        delta_t = r_t + gamma * V_{t+1} - V_t          (V after the last valid token = 0)
+        A_t     = delta_t + gamma * lam * A_{t+1}      (un-whitened GAE)
+        R_t     = A_t + V_t
+
+    token_rewards_B_T, values_B_T: [B, T]; mask_B_T: [B, T] bool completion mask. Returns [B, T], zero
+    outside the mask, detached. Positions outside the mask are skipped, as in `advantages.gae`.
+    Defaults gamma=1.0, lam=0.95 are gae's (the loop passes rl.advantage_args' gamma and lam when set).
+    Deviations: none.
+    """
+    rewards_B_T, values_B_T = token_rewards_B_T.detach(), values_B_T.detach()
+    next_value_B = torch.zeros_like(values_B_T[:, 0])
+    running_B = torch.zeros_like(values_B_T[:, 0])
+    returns_T = []
+    for t in reversed(range(rewards_B_T.shape[1])):
+        valid_B = mask_B_T[:, t]
+        delta_B = rewards_B_T[:, t] + gamma * next_value_B - values_B_T[:, t]
+        running_B = torch.where(valid_B, delta_B + gamma * lam * running_B, running_B)
+        next_value_B = torch.where(valid_B, values_B_T[:, t], next_value_B)
+        returns_T.append(torch.where(valid_B, running_B + values_B_T[:, t], torch.zeros_like(running_B)))
+    return torch.stack(returns_T[::-1], dim=1)

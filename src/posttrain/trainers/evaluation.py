@@ -75,11 +75,11 @@ def evaluate(
         )
         examples += [
             {
+                **_plain_columns(p.extra),  # first: a row's own "completion" must not hide the generated one
                 "where": p.where,
                 "prompt": tokenizer.decode(p.prompt_ids, skip_special_tokens=True),
                 "completion": text,
                 "correct": bool(ok),
-                **_plain_columns(p.extra),
             }
             for p, text, ok in zip(batch, texts, greedy_correct)
         ]

@@ -1,0 +1,222 @@
+"""Online RL config (`posttrain rl`): sample a group of completions per prompt, score, update.
+
+Objectives are named by their registered names (`posttrain list advantages`); `plugins` are imported
+before validation, so an objective a user registers in their own file can be named like a built-in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+
+from posttrain.config.sections import DataSection, EvalSection, Fraction, ModelSection, RunSection, Section
+from posttrain.config.sections import TrainSection as _TrainSection
+from posttrain.objectives import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+from posttrain.objectives.registry import Registry
+
+LOOP_SUPPLIED = frozenset({"group_size", "num_tokens", "num_seqs", "max_len"})
+"""Keyword-only parameters the loop fills itself (from `needs` or step-wide counts), never from *_args."""
+
+
+def check_registered(
+    key: str, name: str, registry: Registry, args_key: str | None = None, args: dict[str, Any] | None = None
+) -> None:
+    if name not in registry:
+        raise ValueError(
+            f"{key}: '{name}' is not a registered {registry.kind}; registered: {', '.join(sorted(registry))}"
+        )
+    if args:
+        params = inspect.signature(registry[name]).parameters
+        allowed = {p for p, v in params.items() if v.kind is v.KEYWORD_ONLY} - LOOP_SUPPLIED
+        unknown = sorted(set(args) - allowed)
+        if unknown:
+            raise ValueError(
+                f"{args_key}: {unknown} are not arguments of {registry.kind} '{name}'; "
+                f"allowed: {', '.join(sorted(allowed)) or 'none'}"
+            )
+
+
+def import_plugin(plugin: str, recipe_dir: str | None = None) -> None:
+    """Import a plugin: a `.py` file (relative to the recipe's directory, then the working directory) or a module."""
+    if not plugin.endswith(".py"):
+        try:
+            importlib.import_module(plugin)
+        except ImportError as err:
+            raise ValueError(f"plugins: cannot import module '{plugin}': {err}") from None
+        return
+    path = Path(plugin).expanduser()
+    if not path.is_absolute() and not path.exists() and recipe_dir is not None:
+        path = Path(recipe_dir) / path
+    if not path.is_file():
+        raise ValueError(f"plugins: file '{plugin}' does not exist")
+    path = path.resolve()
+    name = "posttrain_plugin_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    if name in sys.modules:  # a recipe loaded twice registers its objectives once
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        del sys.modules[name]
+        raise
+
+
+class SamplingSection(Section):
+    temperature: PositiveFloat = 1.0
+    """Sampling temperature (> 0: RL needs sampled completions); training log-probs use the same one."""
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    """Nucleus mass; 1.0 is off."""
+    top_k: NonNegativeInt = 0
+    """Keep the k most likely tokens; 0 is off."""
+    min_p: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    """Drop tokens with p < min_p * max p; 0 is off."""
+    max_new_tokens: PositiveInt = 16
+    """Most tokens per completion; a completion cut here counts as truncated."""
+    stop_strings: list[str] = []
+    """Generation also ends once the completion contains one of these (the EOS token always ends it)."""
+
+
+class KLSection(Section):
+    estimator: str = "k3"
+    """A registered KL estimator (k1, k2, k3; `posttrain list kl_estimators`)."""
+    coef: NonNegativeFloat = 0.0
+    """beta. 0 turns the KL off and no reference model is built."""
+    in_reward: bool = False
+    """true: subtract coef * KL_t from the token rewards (PPO, REINFORCE++; use k1); false: add it to the loss."""
+    target: PositiveFloat | None = None
+    """Adapt coef towards this KL per sequence each step (Ziegler et al. 2019, arXiv:1909.08593); null: fixed."""
+    horizon: PositiveFloat = 10000
+    """Adaptive KL horizon in samples (Ziegler et al. 2019 use 10000)."""
+
+
+class ValueSection(Section):
+    clip_range: PositiveFloat = 0.2
+    """Clipped value loss range (PPO implementations, Baselines ppo2); a large value turns the clip off."""
+    coef: NonNegativeFloat = 0.5
+    """Weight of the value loss (it trains the critic with its own optimiser; the weight scales its gradient)."""
+    lr: PositiveFloat | None = None
+    """Critic learning rate; null: train.lr."""
+
+
+class RLSection(Section):
+    prompts_per_step: PositiveInt = 8
+    """Prompts sampled per optimiser step (P)."""
+    group_size: Annotated[int, Field(ge=2)] = 8
+    """Completions per prompt (G); group baselines need at least 2."""
+    epochs: PositiveInt = 1
+    """Passes over each step's rollouts."""
+    minibatches: PositiveInt = 1
+    """Optimiser updates per pass; 1 with epochs=1 is strictly on-policy."""
+    micro_batch_size: PositiveInt | None = None
+    """Sequences per forward/backward (memory only; never changes the result). Default: the whole minibatch."""
+    engine: str = "native"
+    """Generation engine (`posttrain list engines`)."""
+    sampling: SamplingSection = SamplingSection()
+    """How completions are sampled."""
+    advantage: str = "grpo"
+    """A registered advantage estimator (`posttrain list advantages`)."""
+    advantage_args: dict[str, Any] = {}
+    """Keyword arguments of the advantage estimator (its keyword-only parameters)."""
+    policy_loss: str = "ppo"
+    """A registered policy loss (`posttrain list policy_losses`)."""
+    policy_loss_args: dict[str, Any] = {}
+    """Keyword arguments of the policy loss."""
+    loss_aggregation: str = "token_mean"
+    """A registered loss aggregation (`posttrain list aggregations`)."""
+    kl: KLSection = KLSection()
+    """KL to the initial policy (the reference)."""
+    entropy_coef: NonNegativeFloat = 0.0
+    """Entropy bonus weight (PPO, arXiv:1707.06347, Eq. 9); 0 disables it."""
+    value: ValueSection = ValueSection()
+    """The critic, used only when the advantage needs one."""
+    dynamic_sampling: bool = False
+    """DAPO (arXiv:2503.14476): drop groups whose rewards are all equal and sample more prompts."""
+    dynamic_sampling_max_batches: PositiveInt = 3
+    """Most generation rounds per step under dynamic sampling; then the step trains on what it has."""
+    max_prompt_length: PositiveInt | None = None
+    """Keep a prompt's last this many tokens; null: data.max_length."""
+
+    @model_validator(mode="after")
+    def _registered(self) -> RLSection:
+        check_registered("rl.advantage", self.advantage, ADVANTAGES, "rl.advantage_args", self.advantage_args)
+        check_registered(
+            "rl.policy_loss", self.policy_loss, POLICY_LOSSES, "rl.policy_loss_args", self.policy_loss_args
+        )
+        check_registered("rl.loss_aggregation", self.loss_aggregation, AGGREGATIONS)
+        check_registered("rl.kl.estimator", self.kl.estimator, KL_ESTIMATORS)
+        from posttrain.rollout import ENGINES
+
+        if self.engine not in ENGINES:
+            raise ValueError(f"rl.engine: '{self.engine}' is not an engine; engines: {', '.join(sorted(ENGINES))}")
+        return self
+
+
+class RewardEntry(Section):
+    fn: str = "numeric_match"
+    """A built-in reward name, `package.module:function` or `path/to/file.py:function`."""
+    weight: float = 1.0
+    """Multiplies this reward's scores in the total."""
+    args: dict[str, Any] = {}
+    """Keyword arguments bound to the function (or given to a class's constructor)."""
+    timeout_s: PositiveFloat | None = 30.0
+    """Seconds one call may take before its samples score failure_score; null waits forever."""
+    failure_score: float = 0.0
+    """Score of a sample whose reward raised, timed out or returned a non-number."""
+    name: str | None = None
+    """Name in metrics; default: the function's name."""
+
+
+class RLTrainSection(_TrainSection):
+    lr: PositiveFloat = 1e-5
+    """Peak learning rate (AdamW)."""
+    warmup_steps: NonNegativeInt = 0
+    """Linear warm-up steps."""
+    schedule: Literal["cosine", "linear", "constant"] = "constant"
+    """Decay after warm-up: cosine, linear or constant."""
+
+
+class RLConfig(RunSection):
+    """Online RL from verifiable or learned rewards (PPO / GRPO family)."""
+
+    model: ModelSection
+    """The policy to train (and, frozen, the reference when a KL term is used)."""
+    data: DataSection
+    """Prompt rows (`prompt` plus columns such as `answer`), or data.task."""
+    train: RLTrainSection = RLTrainSection()
+    """Optimisation (train.batch_size is unused: a step is rl.prompts_per_step x rl.group_size)."""
+    eval: EvalSection = EvalSection()
+    """Held-out greedy accuracy at eval_every and at the end."""
+    rl: RLSection = RLSection()
+    """Sampling, advantage, policy loss, KL, critic."""
+    rewards: list[RewardEntry] = [RewardEntry()]
+    """Weighted rewards summed into the total."""
+    max_failure_fraction: Fraction = 0.5
+    """Stop when more than this share of one reward call's samples fail."""
+    plugins: list[str] = []
+    """Python files or modules imported before validation (to register your own objectives)."""
+    output_dir: str = "runs/rl"
+    """Run directory: checkpoints, metrics.jsonl, tensorboard/, final model."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _import_plugins(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            for plugin in raw.get("plugins") or []:
+                import_plugin(str(plugin), raw.get("recipe_dir"))
+        return raw
+
+    @model_validator(mode="after")
+    def _checks(self) -> RLConfig:
+        self.data.require_train()
+        if not self.rewards:
+            raise ValueError("rewards: empty; give at least one reward (e.g. [{fn: numeric_match}])")
+        return self
