@@ -146,8 +146,10 @@ def train_rl(
         num_tokens = int(mask_B_T.sum())
 
         def forward_of(net: Any, fn: Any, padded: Any = padded, mask_B_T: torch.Tensor = mask_B_T) -> torch.Tensor:
-            rows = lambda r: fn(net, padded.input_ids_B_T[r], padded.attention_mask_B_T[r], mask_B_T[r])
-            return batched_forward(rows, len(mask_B_T), rl.micro_batch_size)
+            def forward_rows(sel: Any) -> torch.Tensor:
+                return fn(net, padded.input_ids_B_T[sel], padded.attention_mask_B_T[sel], mask_B_T[sel])
+
+            return batched_forward(forward_rows, len(mask_B_T), rl.micro_batch_size)
 
         step_tensors = StepTensors(padded, adv_B_T=torch.empty(0))
         token_rewards_B_T = outcome_at_last_token(rewards_PG, mask_B_T)
