@@ -1,0 +1,195 @@
+"""Recipes, dotted overrides, `inherit:` and one-line ConfigErrors that name the key and what is allowed."""
+
+from pathlib import Path
+
+import pytest
+
+from posttrain.config import ConfigError, EvalConfig, SFTConfig, describe_options, load_config, validate
+
+GOOD_RECIPE = """\
+model:
+  preset: qwen2-tiny
+  tokenizer: arithmetic
+data:
+  task:
+    name: arithmetic
+    train_size: 100
+train:
+  max_steps: 7
+  batch_size: 4
+"""
+
+BASE = ["model.preset=qwen2-tiny", "model.tokenizer=arithmetic", "data.task.name=arithmetic"]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def error_of(overrides: list[str]) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(SFTConfig, None, overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_good_recipe_with_overrides_has_the_right_types(tmp_path: Path) -> None:
+    recipe = write(tmp_path / "r.yaml", GOOD_RECIPE)
+    cfg = load_config(SFTConfig, recipe, ["train.lr=3e-4", "model.path=/x", "model.preset=null", "seed=7"])
+    # YAML 1.1 reads "3e-4" as a string; pydantic must still give a float
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == 3e-4
+    assert cfg.model.path == "/x" and cfg.model.preset is None
+    assert cfg.seed == 7 and isinstance(cfg.seed, int)
+    assert cfg.train.max_steps == 7 and cfg.train.batch_size == 4
+    assert cfg.data.task is not None and cfg.data.task.train_size == 100
+    assert cfg.data.task.eval_size == 500  # a default kept
+    assert cfg.recipe_dir == str(tmp_path.resolve())
+
+
+def test_override_of_a_whole_dotted_path_creates_sections() -> None:
+    cfg = load_config(SFTConfig, None, [*BASE, "train.adam_betas=[0.8, 0.95]", "train.max_grad_norm=null"])
+    assert cfg.train.adam_betas == (0.8, 0.95)
+    assert cfg.train.max_grad_norm is None
+
+
+def test_inherit_merges_nested_keys_and_the_child_wins(tmp_path: Path) -> None:
+    write(tmp_path / "base.yaml", GOOD_RECIPE)
+    (tmp_path / "sub").mkdir()
+    child = write(tmp_path / "sub" / "child.yaml", "inherit: ../base.yaml\ntrain:\n  lr: 0.01\n")
+    cfg = load_config(SFTConfig, child, ["train.batch_size=8"])
+    assert cfg.train.lr == 0.01  # from the child
+    assert cfg.train.max_steps == 7  # from the parent, same section
+    assert cfg.train.batch_size == 8  # the command line beats both
+    assert cfg.model.preset == "qwen2-tiny"
+
+
+def test_inherit_loop_is_an_error(tmp_path: Path) -> None:
+    a = write(tmp_path / "a.yaml", "inherit: b.yaml\n")
+    write(tmp_path / "b.yaml", "inherit: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(SFTConfig, a)
+
+
+def test_missing_recipe_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(SFTConfig, tmp_path / "nope.yaml")
+
+
+def test_unknown_top_level_key_names_it_and_lists_the_allowed_keys() -> None:
+    message = error_of([*BASE, "bogus=1"])
+    assert message.startswith("bogus: unknown key")
+    for allowed in ("output_dir", "seed", "model", "data", "train", "eval"):
+        assert allowed in message
+    assert "recipe_dir" not in message  # internal, excluded
+
+
+def test_unknown_nested_key_lists_that_sections_keys() -> None:
+    message = error_of([*BASE, "train.lrr=0.1"])
+    assert message.startswith("train.lrr: unknown key")
+    assert "lr" in message and "max_steps" in message and "warmup_steps" in message
+
+
+def test_wrong_type_names_the_key_and_the_value() -> None:
+    message = error_of([*BASE, "train.lr=abc"])
+    assert message.startswith("train.lr:")
+    assert "number" in message and "'abc'" in message
+    message = error_of([*BASE, "train.max_steps=1.5"])
+    assert message.startswith("train.max_steps:") and "integer" in message
+
+
+def test_negative_lr_is_rejected() -> None:
+    message = error_of([*BASE, "train.lr=-1"])
+    assert message.startswith("train.lr:") and "greater than 0" in message and "-1" in message
+
+
+def test_literal_choice_lists_the_allowed_values() -> None:
+    message = error_of([*BASE, "train.schedule=step"])
+    assert message.startswith("train.schedule:")
+    assert "cosine" in message and "linear" in message and "constant" in message
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        ["model.path=/x", "model.preset=qwen2-tiny", "model.tokenizer=arithmetic"],  # both
+        ["model.tokenizer=arithmetic"],  # neither
+    ],
+)
+def test_exactly_one_of_model_path_and_preset(model: list[str]) -> None:
+    message = error_of([*model, "data.task.name=arithmetic"])
+    assert message.startswith("model:")
+    assert "model.path" in message and "model.preset" in message
+
+
+def test_preset_needs_a_tokenizer() -> None:
+    message = error_of(["model.preset=qwen2-tiny", "data.task.name=arithmetic"])
+    assert "model.tokenizer" in message
+
+
+def test_missing_data_source() -> None:
+    # a data section that exists but names no source
+    message = error_of(["model.path=/x", "data.max_length=64"])
+    assert "data.train" in message and "data.task" in message
+    # no data section at all
+    assert error_of(["model.path=/x"]) == "data: required"
+
+
+def test_eval_config_needs_eval_data() -> None:
+    with pytest.raises(ConfigError, match=r"data\.eval"):
+        load_config(EvalConfig, None, ["model.path=/x", "data.train=t.jsonl"])
+
+
+def test_eval_k_above_samples() -> None:
+    message = error_of([*BASE, "eval.k=3", "eval.samples=2"])
+    assert message.startswith("eval:") and "eval.k=3" in message and "eval.samples" in message
+    cfg = load_config(SFTConfig, None, [*BASE, "eval.k=2", "eval.samples=2"])  # k == samples is fine
+    assert cfg.eval.k == 2
+
+
+@pytest.mark.parametrize("override", ["foo", "=3", "train.=3", ".lr=3"])
+def test_malformed_override(override: str) -> None:
+    message = error_of([*BASE, override])
+    assert f"'{override}'" in message and "key.sub=value" in message
+
+
+def test_override_into_a_value_is_an_error(tmp_path: Path) -> None:
+    recipe = write(tmp_path / "r.yaml", GOOD_RECIPE + "seed: 3\n")
+    with pytest.raises(ConfigError, match="'seed' is a value, not a section"):
+        load_config(SFTConfig, recipe, ["seed.x=1"])
+    # without a recipe value the override builds a mapping, which the int field rejects
+    assert error_of([*BASE, "seed.x=1"]).startswith("seed:")
+
+
+def test_configs_are_frozen() -> None:
+    cfg = validate(SFTConfig, {"model": {"path": "/x"}, "data": {"train": "t.jsonl"}})
+    with pytest.raises(Exception):  # noqa: B017 (pydantic's ValidationError for a frozen instance)
+        cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_describe_options_lists_leaf_keys_with_defaults() -> None:
+    rows = {key: (default, text) for key, default, text in describe_options(SFTConfig)}
+    assert rows["train.lr"][0] == "0.001"
+    assert "learning rate" in rows["train.lr"][1]
+    assert rows["train.max_steps"][0] == "200"
+    assert rows["model.path"][0] == "null"
+    assert rows["model.lora"][0] == "null" and "a section" in rows["model.lora"][1]
+    assert rows["train.schedule"][0] == "cosine"
+    assert "recipe_dir" not in rows
+
+
+def test_describe_options_shows_a_list_of_sections_default() -> None:
+    # a default that is a list of config models (e.g. several reward entries) cannot go through yaml
+    from pydantic import BaseModel, ConfigDict
+
+    class Entry(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+        name: str = "a"
+
+    class WithList(BaseModel):
+        entries: list[Entry] = [Entry(), Entry(name="b")]
+        plain: list[int] = [1, 2]
+
+    rows = {key: default for key, default, _ in describe_options(WithList)}
+    assert rows == {"entries": "[{name: a}, {name: b}]", "plain": "[1, 2]"}

@@ -1,0 +1,149 @@
+"""The command line: exit codes, one-line user errors, help text, and each command on tiny inputs."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from posttrain.cli import main
+from posttrain.config import ConfigError
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-step SFT run through the CLI; its final/ model directory."""
+    out = tmp_path_factory.mktemp("sft")
+    code = main(
+        [
+            "sft",
+            "model.preset=qwen2-tiny",
+            "model.tokenizer=arithmetic",
+            "data.task.name=arithmetic",
+            "data.task.train_size=50",
+            "data.task.eval_size=4",
+            "train.max_steps=3",
+            "train.batch_size=4",
+            "eval.max_new_tokens=2",
+            f"output_dir={out}",
+        ]
+    )
+    assert code == 0
+    return out / "final"
+
+
+def test_list(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "presets: qwen2-tiny" in out and "tasks: arithmetic" in out
+    assert main(["list", "presets"]) == 0
+    assert capsys.readouterr().out.startswith("presets: ")
+
+
+def test_list_of_an_unknown_table_is_a_user_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: list: 'nonsense' is not a list")
+
+
+def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 0
+    assert "sft" in capsys.readouterr().out
+
+
+def test_sft_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["sft", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.strip().startswith("train.lr "))
+    assert "0.001" in line and "learning rate" in line
+    assert "model.path" in out and "--resume" in out
+
+
+def test_task_writes_data_and_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "arith"
+    assert main(["task", "arithmetic", str(out), "--train-size", "30", "--eval-size", "7", "--seed", "1"]) == 0
+    train = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    assert len(train) == 30 and len(evals) == 7
+    assert set(train[0]) == {"prompt", "completion", "answer"}
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in evals}
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(out / "train.jsonl"), str(out / "eval.jsonl"), str(out / "tokenizer")]
+
+
+def test_bad_override_is_one_line_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["sft", "model.path=/x", "data.train=t.jsonl", "train.lr=-1"])
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert lines[0].startswith("error: train.lr:") and "greater than 0" in lines[0]
+    assert lines[1:] == ["(run again with --debug for the traceback)"]
+    assert "Traceback" not in captured.err
+
+
+def test_malformed_override_and_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # "foo" has no "=", so it is read as a recipe path that does not exist
+    assert main(["sft", "foo"]) == 2
+    assert "error: recipe foo does not exist" in capsys.readouterr().err
+    assert main(["sft", "model.path=/x", "data.train=t.jsonl", "=3"]) == 2
+    assert "error: override '=3' must look like key.sub=value" in capsys.readouterr().err
+    # a valid config whose model directory does not exist: a ModelLoadError, also one line
+    missing = tmp_path / "no-model"
+    code = main(["eval", f"model.path={missing}", "data.task.name=arithmetic", f"output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: model.") and str(missing) in err and "Traceback" not in err
+
+
+def test_debug_reraises(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        main(["sft", "--debug", "model.path=/x", "data.train=t.jsonl", "train.lr=-1"])
+
+
+def test_sft_writes_a_loadable_model(trained: Path) -> None:
+    assert (trained / "config.json").is_file() and (trained / "tokenizer.json").is_file()
+    lines = [json.loads(x) for x in (trained.parent / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["kind"] == "train"] == [1, 2, 3]
+
+
+def test_eval_on_the_trained_model(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "eval",
+            f"model.path={trained}",
+            "data.task.name=arithmetic",
+            "data.task.eval_size=10",
+            "eval.max_new_tokens=3",
+            f"output_dir={tmp_path}",
+        ]
+    )
+    assert code == 0
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written["num_prompts"] == 10 and len(written["examples"]) == 10
+    assert 0.0 <= written["metrics"]["accuracy"] <= 1.0
+    # each example's verdict agrees with the numeric verifier on the generated completion
+    from posttrain.tasks import verify
+
+    for example in written["examples"]:
+        assert example["correct"] == verify(example["completion"], example["answer"])
+    assert f"written: {tmp_path / 'eval.json'}" in capsys.readouterr().out
+
+
+def test_generate_prints_json_lines(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        ["generate", str(trained), "--prompt", "1+1=", "--n", "2", "--temperature", "0", "--max-new-tokens", "3"]
+    )
+    assert code == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert len(lines) == 2
+    assert all(x["prompt"] == "1+1=" and isinstance(x["completion"], str) for x in lines)
+    assert lines[0]["completion"] == lines[1]["completion"]  # greedy: both samples agree
+
+
+def test_report_summarises_a_run(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(trained.parent)]) == 0
+    out = capsys.readouterr().out
+    assert "steps" in out and "loss" in out
+    assert main(["report", str(trained)]) == 2  # final/ has no metrics.jsonl
+    assert "no metrics.jsonl" in capsys.readouterr().err
