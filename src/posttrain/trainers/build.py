@@ -61,9 +61,7 @@ def build_policy(
         enable_gradient_checkpointing(model)
     if section.lora is not None:
         lora = section.lora
-        model = apply_lora(
-            model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules
-        )
+        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
     return model, tokenizer
 
 
@@ -145,9 +143,7 @@ class EpochSampler:
 
     def __init__(self, n: int, *, seed: int):
         if n == 0:
-            raise DataError(
-                "no training examples are left after validation and truncation", reason="empty dataset"
-            )
+            raise DataError("no training examples are left after validation and truncation", reason="empty dataset")
         self.n, self.seed = n, seed
         self.epoch, self.cursor = 0, 0
         self._order = self._permutation(0)

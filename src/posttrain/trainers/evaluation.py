@@ -70,9 +70,7 @@ def evaluate(
     examples, correct_counts = [], []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
-        greedy_correct, texts = _generate_and_score(
-            model, tokenizer, batch, reward, greedy, 1, engine, generator
-        )
+        greedy_correct, texts = _generate_and_score(model, tokenizer, batch, reward, greedy, 1, engine, generator)
         examples += [
             {
                 **_plain_columns(p.extra),  # first: a row's own "completion" must not hide the generated one
@@ -87,16 +85,13 @@ def evaluate(
             sample_correct, _ = _generate_and_score(
                 model, tokenizer, batch, reward, sampled, samples, engine, generator
             )
-            correct_counts += [
-                sum(sample_correct[i * samples : (i + 1) * samples]) for i in range(len(batch))
-            ]
+            correct_counts += [sum(sample_correct[i * samples : (i + 1) * samples]) for i in range(len(batch))]
     model.train(was_training)
     accuracy = sum(e["correct"] for e in examples) / max(1, len(examples))
     result = EvalResult(num_prompts=len(examples), greedy_accuracy=accuracy, examples=examples)
     if samples > 1:
         result.pass_at_k = {
-            j: sum(pass_at_k(samples, c, j) for c in correct_counts) / len(correct_counts)
-            for j in range(1, k + 1)
+            j: sum(pass_at_k(samples, c, j) for c in correct_counts) / len(correct_counts) for j in range(1, k + 1)
         }
     return result
 
@@ -139,9 +134,7 @@ def run_evaluation(
     device = resolve_device(cfg.device)
     if model is None or tokenizer is None:
         model, tokenizer = build_policy(cfg.model, seed=cfg.seed, device=device, recipe_dir=cfg.recipe_dir)
-    examples, report = load_split(
-        cfg.data, "prompt", "eval", seed=cfg.seed, recipe_dir=cfg.recipe_dir, rows=rows
-    )
+    examples, report = load_split(cfg.data, "prompt", "eval", seed=cfg.seed, recipe_dir=cfg.recipe_dir, rows=rows)
     if cfg.eval.limit is not None:
         examples = examples[: cfg.eval.limit]
     prompts = encode_prompts(examples, tokenizer, max_length=cfg.data.max_length, report=report)

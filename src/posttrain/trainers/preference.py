@@ -45,7 +45,7 @@ from posttrain.trainers.offline import (
     objective_inputs,
     sequence_logps,
 )
-from posttrain.trainers.sft import _clip_and_step, _rewrite_metrics, _save_checkpoint
+from posttrain.trainers.run_state import clip_and_step, rewrite_metrics, save_checkpoint
 
 
 @dataclass
@@ -105,7 +105,7 @@ def train_pref(
         sampler.load_state_dict(state["data"])
         restore_rng_states(state["rng"], {"sampling": generator})
         history, start_step = state["history"], state["step"]
-        _rewrite_metrics(run_dir, history)
+        rewrite_metrics(run_dir, history)
     log = RunLogger(
         run_dir,
         total_steps=cfg.train.max_steps,
@@ -151,7 +151,7 @@ def train_pref(
             (losses_N.sum() / len(items)).backward()
             totals["loss"] += float(losses_N.detach().sum())
             _add_metrics(totals, inputs, scale)
-        grad_norm = _clip_and_step(model, optim, cfg.train.max_grad_norm)
+        grad_norm = clip_and_step(model, optim, cfg.train.max_grad_norm)
         metrics = {k: v / len(items) for k, v in totals.items()} | {
             "grad_norm": grad_norm,
             "lr": optim.scheduler.get_last_lr()[0],
@@ -165,7 +165,7 @@ def train_pref(
         if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
             log.log(done, metrics)
         if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.train.max_steps:
-            _save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
+            save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
 
     final_eval, generation = held_out_metrics() if eval_items else {}, None
     if held_out and held_out.answer_prompts:
@@ -186,7 +186,7 @@ def train_pref(
     if final_eval:
         log.log(cfg.train.max_steps, final_eval, kind="eval")
         log.print("eval: " + "  ".join(f"{k} {v:.4f}" for k, v in final_eval.items()))
-    _save_checkpoint(checkpointer, cfg.train.max_steps, model, tokenizer, optim, sampler, generator, history)
+    save_checkpoint(checkpointer, cfg.train.max_steps, model, tokenizer, optim, sampler, generator, history)
     final_dir = save_pretrained(model, tokenizer, run_dir / "final")
     log.close()
     return PrefResult(

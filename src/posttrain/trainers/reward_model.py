@@ -30,7 +30,7 @@ from posttrain.runtime.logging import RunLogger
 from posttrain.runtime.seeding import restore_rng_states, seed_everything
 from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, build_tokenizer_for, chunks, resolve_path
 from posttrain.trainers.offline import Tokens, call_with, collate_feedback, feedback_kind, load_feedback
-from posttrain.trainers.sft import _clip_and_step, _rewrite_metrics, _save_checkpoint
+from posttrain.trainers.run_state import clip_and_step, rewrite_metrics, save_checkpoint
 
 
 @dataclass
@@ -86,7 +86,7 @@ def train_rm(
         sampler.load_state_dict(state["data"])
         restore_rng_states(state["rng"], {"sampling": generator})
         history, start_step = state["history"], state["step"]
-        _rewrite_metrics(run_dir, history)
+        rewrite_metrics(run_dir, history)
     log = RunLogger(
         run_dir,
         total_steps=cfg.train.max_steps,
@@ -115,7 +115,7 @@ def train_rm(
             best_N, worst_N = _best_and_worst(inputs)
             totals["accuracy"] += float((best_N > worst_N).sum())
             totals["reward_margin"] += float((best_N - worst_N).sum())
-        grad_norm = _clip_and_step(model, optim, cfg.train.max_grad_norm)
+        grad_norm = clip_and_step(model, optim, cfg.train.max_grad_norm)
         metrics = {k: v / len(indices) for k, v in totals.items()} | {
             "grad_norm": grad_norm,
             "lr": optim.scheduler.get_last_lr()[0],
@@ -128,13 +128,13 @@ def train_rm(
         if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
             log.log(done, metrics)
         if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.train.max_steps:
-            _save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
+            save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
 
     final_eval = _held_out_accuracy(model, eval_items, mb_size, pad_id, device, bf16) if eval_items else {}
     if final_eval:
         log.log(cfg.train.max_steps, final_eval, kind="eval")
         log.print("eval: " + "  ".join(f"{k} {v:.4f}" for k, v in final_eval.items()))
-    _save_checkpoint(checkpointer, cfg.train.max_steps, model, tokenizer, optim, sampler, generator, history)
+    save_checkpoint(checkpointer, cfg.train.max_steps, model, tokenizer, optim, sampler, generator, history)
     final_dir = save_pretrained(model, tokenizer, run_dir / "final")
     log.close()
     return RMResult(model, tokenizer, final_dir, history, initial_eval, final_eval)

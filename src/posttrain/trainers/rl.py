@@ -46,7 +46,7 @@ from posttrain.trainers.rl_parts import (
     score_rollouts,
     update_minibatch,
 )
-from posttrain.trainers.sft import _rewrite_metrics
+from posttrain.trainers.run_state import rewrite_metrics
 
 
 @dataclass
@@ -106,7 +106,7 @@ def train_rl(
             critic_optimizer.load_state_dict(state["critic_optimizer"])
         baseline = MovingBaseline(**state["baseline"])
         kl_coef, history, start_step = state["kl_coef"], state["history"], state["step"]
-        _rewrite_metrics(run_dir, history)
+        rewrite_metrics(run_dir, history)
     log = RunLogger(
         run_dir,
         total_steps=cfg.train.max_steps,

@@ -7,7 +7,6 @@ target tokens, so micro-batching never changes the update.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,9 +33,10 @@ from posttrain.rewards import load_reward_fn
 from posttrain.runtime.checkpoint import Checkpointer, model_dir
 from posttrain.runtime.device import limit_cpu_threads, resolve_device
 from posttrain.runtime.logging import RunLogger
-from posttrain.runtime.seeding import capture_rng_states, restore_rng_states, seed_everything
+from posttrain.runtime.seeding import restore_rng_states, seed_everything
 from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, build_policy, chunks, load_split
 from posttrain.trainers.evaluation import EvalResult, evaluate
+from posttrain.trainers.run_state import clip_and_step, rewrite_metrics, save_checkpoint
 
 
 @dataclass
@@ -86,7 +86,7 @@ def train_sft(
         sampler.load_state_dict(state["data"])
         restore_rng_states(state["rng"], {"sampling": generator})
         history, start_step = state["history"], state["step"]
-        _rewrite_metrics(run_dir, history)
+        rewrite_metrics(run_dir, history)
     log = RunLogger(
         run_dir,
         total_steps=cfg.train.max_steps,
@@ -112,7 +112,7 @@ def train_sft(
         )
         num_tokens = sum(mb.num_target_tokens for mb in micro_batches)
         loss = sum(_backward_nll(model, mb, num_tokens, device, bf16=cfg.train.bf16) for mb in micro_batches)
-        grad_norm = _clip_and_step(model, optim, cfg.train.max_grad_norm)
+        grad_norm = clip_and_step(model, optim, cfg.train.max_grad_norm)
         elapsed = time.perf_counter() - started
         metrics = {
             "loss": float(loss),
@@ -124,14 +124,12 @@ def train_sft(
         }
         done = step + 1
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.max_steps:
-            metrics |= _evaluate_metrics(
-                model, tokenizer, eval_prompts, eval_tokens, reward, cfg, device, generator
-            )[0]
+            metrics |= _evaluate_metrics(model, tokenizer, eval_prompts, eval_tokens, reward, cfg, device, generator)[0]
         history.append({"step": done, **metrics})
         if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
             log.log(done, metrics)
         if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.train.max_steps:
-            _save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
+            save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
 
     final_eval = None
     if eval_prompts or eval_tokens:
@@ -140,16 +138,14 @@ def train_sft(
         )
         log.log(cfg.train.max_steps, eval_metrics, kind="eval")
         log.print("eval: " + "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-    _save_checkpoint(checkpointer, cfg.train.max_steps, model, tokenizer, optim, sampler, generator, history)
+    save_checkpoint(checkpointer, cfg.train.max_steps, model, tokenizer, optim, sampler, generator, history)
     final_dir = save_pretrained(model, tokenizer, run_dir / "final")
     log.close()
     return SFTResult(model, tokenizer, final_dir, history, final_eval)
 
 
 def _encode_train(cfg: SFTConfig, tokenizer: Any, rows: Rows | None) -> tuple[list[SFTTokens], LoadReport]:
-    examples, report = load_split(
-        cfg.data, "sft", "train", seed=cfg.seed, recipe_dir=cfg.recipe_dir, rows=rows
-    )
+    examples, report = load_split(cfg.data, "sft", "train", seed=cfg.seed, recipe_dir=cfg.recipe_dir, rows=rows)
     tokens = encode_sft(
         examples,
         tokenizer,
@@ -216,22 +212,10 @@ def _nll(model: Any, batch: TokenBatch, num_tokens: int, device: torch.device, *
     return token_mean(-logp_B_T, batch.loss_mask_B_T.to(device), num_tokens=num_tokens)
 
 
-def _backward_nll(
-    model: Any, batch: TokenBatch, num_tokens: int, device: torch.device, *, bf16: bool
-) -> float:
+def _backward_nll(model: Any, batch: TokenBatch, num_tokens: int, device: torch.device, *, bf16: bool) -> float:
     loss = _nll(model, batch, num_tokens, device, bf16=bf16)
     loss.backward()
     return loss.item()
-
-
-def _clip_and_step(model: Any, optim: Any, max_grad_norm: float | None) -> float:
-    norm = torch.nn.utils.clip_grad_norm_(
-        [p for p in model.parameters() if p.requires_grad], max_grad_norm or float("inf")
-    )
-    optim.optimizer.step()
-    optim.scheduler.step()
-    optim.optimizer.zero_grad(set_to_none=True)
-    return float(norm)
 
 
 @torch.no_grad()
@@ -276,29 +260,3 @@ def _evaluate_metrics(
         )
         metrics |= {f"eval_{k}": v for k, v in result.metrics().items()}
     return metrics, result
-
-
-def _save_checkpoint(
-    checkpointer: Checkpointer,
-    step: int,
-    model: Any,
-    tokenizer: Any,
-    optim: Any,
-    sampler: EpochSampler,
-    generator: torch.Generator,
-    history: list[dict[str, float]],
-) -> None:
-    state = {
-        "optimizer": optim.optimizer.state_dict(),
-        "scheduler": optim.scheduler.state_dict(),
-        "data": sampler.state_dict(),
-        "rng": capture_rng_states({"sampling": generator}),
-        "history": history,
-    }
-    checkpointer.save(step, save_model=lambda d: save_pretrained(model, tokenizer, d), state=state)
-
-
-def _rewrite_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
-    """After a resume, metrics.jsonl holds exactly the checkpoint's history (later lines were lost work)."""
-    lines = [json.dumps({"kind": "train", **h}) for h in history]
-    (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
