@@ -40,13 +40,12 @@ transformers.utils.logging.disable_progress_bar()
 
 def as_config(kind: type[C], config: C | dict[str, Any] | str | Path, overrides: list[str] = ()) -> C:
     if isinstance(config, kind):
-        return (
-            config if not overrides else load_config(kind, None, [*_flatten(config.model_dump()), *overrides])
-        )
+        if not overrides:
+            return config
+        # only what was set: a default re-read as if the user had written it could clash with an override
+        return load_config(kind, None, [*_flatten(config.model_dump(exclude_unset=True)), *overrides])
     if isinstance(config, dict):
-        return (
-            load_config(kind, None, [*_flatten(config), *overrides]) if overrides else validate(kind, config)
-        )
+        return load_config(kind, None, [*_flatten(config), *overrides]) if overrides else validate(kind, config)
     return load_config(kind, config, list(overrides))
 
 
@@ -124,7 +123,9 @@ def pref(
     resume: bool = False,
     progress: bool = True,
 ) -> PrefResult:
-    """Offline preference optimisation (`posttrain pref`). `train`/`eval`: row dicts or a `datasets.Dataset`."""
+    """Preference optimisation (`posttrain pref`): offline on preference rows, or in rounds on the policy's own
+    samples when the config has an `online` section (then `train`/`eval` are prompt rows with `answer`...).
+    `train`/`eval`: row dicts or a `datasets.Dataset`."""
     if train is not None:
         config = with_in_memory_train(config)
     return train_pref(
@@ -210,9 +211,7 @@ def generate(
         stop_token_ids=(tokenizer.eos_token_id,),
     )
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    rollouts = ENGINES[engine].generate(
-        model, prompt_ids, params, n=n, generator=generator, tokenizer=tokenizer
-    )
+    rollouts = ENGINES[engine].generate(model, prompt_ids, params, n=n, generator=generator, tokenizer=tokenizer)
     texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 

@@ -10,12 +10,17 @@ posttrain demo
 posttrain task arithmetic OUT_DIR
 posttrain list [advantages|policy_losses|aggregations|kl_estimators|preference_losses|rewards|presets]
 posttrain report RUN_DIR
+
+Exit codes: 0 done; 2 a user error (one line on stderr, the traceback with --debug); 130 / 143 stopped by
+SIGINT / SIGTERM (a training command first finishes its step and writes a checkpoint, and prints the
+command that resumes it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import __version__
+from posttrain.runtime.signals import TrainingInterrupted
 
 USER_ERROR_NAMES = (
     "ConfigError",
@@ -46,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return int(args.handler(args) or 0)
+    except TrainingInterrupted as stop:
+        print(f"{stop}\nresume with: {_resume_command(args)}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -58,13 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="posttrain", description="Post-training of generative models with feedback."
-    )
+    parser = argparse.ArgumentParser(prog="posttrain", description="Post-training of generative models with feedback.")
     parser.add_argument("--version", action="version", version=f"posttrain {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_recipe_command(sub, "sft", "supervised fine-tuning", "SFTConfig", _run_sft, resume=True)
-    _add_recipe_command(sub, "pref", "offline preference optimisation", "PrefConfig", _run_pref, resume=True)
+    _add_recipe_command(
+        sub, "pref", "preference optimisation: offline, or in rounds on own samples (online:)", "PrefConfig", _run_pref,
+        resume=True,
+    )
     _add_recipe_command(sub, "rm", "reward model (Bradley-Terry, listwise)", "RMConfig", _run_rm, resume=True)
     _add_recipe_command(sub, "rl", "online RL (PPO / GRPO family)", "RLConfig", _run_rl, resume=True)
     _add_recipe_command(
@@ -81,9 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message (chat template)")
     gen.add_argument("--seed", type=int, default=0)
 
-    demo = _add(
-        sub, "demo", "build a tiny model, SFT on arithmetic, evaluate (CPU, a few minutes)", _run_demo
-    )
+    demo = _add(sub, "demo", "tiny model, SFT then GRPO on arithmetic, evaluated (CPU, minutes)", _run_demo)
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
 
@@ -104,9 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add(
-    sub: Any, name: str, help_text: str, handler: Callable[[argparse.Namespace], int]
-) -> argparse.ArgumentParser:
+def _add(sub: Any, name: str, help_text: str, handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
     p = sub.add_parser(
         name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -129,9 +135,7 @@ def _add_recipe_command(
     p.add_argument("recipe", nargs="?", help="a YAML recipe (optional: everything can be given as key=value)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a recipe value")
     if resume:
-        p.add_argument(
-            "--resume", action="store_true", help="continue from the last checkpoint in output_dir"
-        )
+        p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
     p.set_defaults(config_name=config_name)
 
 
@@ -154,6 +158,11 @@ def _split_recipe(args: argparse.Namespace) -> tuple[str | None, list[str]]:
         overrides.insert(0, recipe)
         recipe = None
     return recipe, overrides
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    recipe = [args.recipe] if args.recipe else []
+    return shlex.join(["posttrain", args.command, *recipe, *args.overrides, "--resume"])
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -287,9 +296,7 @@ def _config_error(message: str) -> Exception:
 
 
 def _is_user_error(error: BaseException) -> bool:
-    return any(cls.__name__ in USER_ERROR_NAMES for cls in type(error).__mro__) or isinstance(
-        error, FileNotFoundError
-    )
+    return any(cls.__name__ in USER_ERROR_NAMES for cls in type(error).__mro__) or isinstance(error, FileNotFoundError)
 
 
 def _quiet_libraries() -> None:

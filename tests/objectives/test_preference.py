@@ -147,10 +147,13 @@ def test_kto_matches_hand_computed_values():
 
 
 def test_bco_matches_hand_computed_values():
-    # beta 1, delta 0.5: shifted = r - 0.5 = [0.5, 0.5, -1.5, -1.5]
+    # beta 1, reward_shift 0.5 (delta = 0.5): shifted = r - 0.5 = [0.5, 0.5, -1.5, -1.5]
     # desirable sp(shifted), undesirable sp(-shifted):
     #   sp(0.5) = 0.474077, sp(-0.5) = 0.974077, sp(-1.5) = 1.701413, sp(1.5) = 0.201413
-    close(P.bco(**UNPAIRED, beta=1.0, delta=0.5), [0.474077, 0.974077, 1.701413, 0.201413])
+    close(P.bco(**UNPAIRED, reward_shift=torch.tensor(0.5), beta=1.0), [0.474077, 0.974077, 1.701413, 0.201413])
+    # beta 2, reward_shift 0.25 (delta = 0.5): shifted = 2 * (r - 0.25) = [1.5, 1.5, -2.5, -2.5]
+    #   sp(1.5) = 0.201413, sp(-1.5) = 1.701413, sp(-2.5) = 2.578890, sp(2.5) = 0.078889
+    close(P.bco(**UNPAIRED, reward_shift=torch.tensor(0.25), beta=2.0), [0.201413, 1.701413, 2.578890, 0.078889])
 
 
 def test_nca_matches_hand_computed_values():
@@ -361,7 +364,7 @@ def test_gradient_raises_chosen_and_lowers_rejected(name):
 @pytest.mark.parametrize("name", ["kto", "bco"])
 def test_unpaired_gradient_raises_desirable_and_lowers_undesirable(name):
     logps = UNPAIRED["logps"].clone().requires_grad_()
-    inputs = dict(UNPAIRED, logps=logps, kl_ref_point=torch.tensor(0.2))
+    inputs = dict(UNPAIRED, logps=logps, kl_ref_point=torch.tensor(0.2), reward_shift=torch.tensor(0.2))
     call(PREFERENCE_LOSSES[name], inputs).sum().backward()
     labels = UNPAIRED["labels"]
     assert (logps.grad[labels] < 0).all() and (logps.grad[~labels] > 0).all()
@@ -450,6 +453,7 @@ def test_matches_trl_bco_pair_summed_over_both_rows():
         torch.cat([x["chosen"], x["rejected"]]),
         torch.arange(2 * n) < n,
         torch.cat([x["ref_chosen"], x["ref_rejected"]]),
+        torch.tensor(0.0),
         beta=beta,
     )
     torch.testing.assert_close(ours[:n] + ours[n:], trl)

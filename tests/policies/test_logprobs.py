@@ -7,6 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from posttrain.policies import build_model, gather_logprobs_and_entropy, token_logprobs
+from posttrain.policies.logprobs import is_right_padded
 from posttrain.tasks import ArithmeticTask, build_tokenizer
 
 
@@ -224,3 +225,62 @@ def test_plain_head_path_for_softcapped_logits() -> None:
         ref = torch.log_softmax(capped, -1)[0, :-1].gather(1, ids[0, 1:, None]).squeeze(1)
     torch.testing.assert_close(logp[0, 1:], ref, atol=1e-5, rtol=1e-5)
     assert logp[0, 0] == 0
+
+
+# ---------------------------------------------------------------- right padding: the mask-free path
+
+
+def test_is_right_padded_by_hand() -> None:
+    assert is_right_padded(torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))
+    assert is_right_padded(torch.tensor([[True, True], [True, True]]))
+    assert not is_right_padded(torch.tensor([[0, 1, 1]]))  # left padding
+    assert not is_right_padded(torch.tensor([[1, 0, 1]]))  # a hole
+
+
+def row_by_row(model, ids_B_T, lengths, target_B_T):
+    """The straightforward reference: each row alone, unpadded, through the plain full log-softmax."""
+    out = torch.zeros(ids_B_T.shape)
+    for b, n in enumerate(lengths):
+        logits = model(input_ids=ids_B_T[b : b + 1, :n]).logits[0].float()
+        logp = torch.log_softmax(logits, -1)[:-1].gather(1, ids_B_T[b, 1:n, None]).squeeze(1)
+        out[b, 1:n] = logp
+    return out * target_B_T
+
+
+@pytest.mark.parametrize("preset", ["qwen2-tiny", "llama-tiny"])
+def test_right_padded_batch_equals_each_row_alone_values_and_gradients(preset, tokenizer) -> None:
+    # rows of 9, 6 and 3 real tokens, right-padded to 9: token_logprobs drops the mask (causal attention
+    # already hides every later position); values and gradients must equal the rows run one by one
+    lengths = [9, 6, 3]
+    ids = torch.randint(3, len(tokenizer), (3, 9), generator=torch.Generator().manual_seed(2))
+    attention = (torch.arange(9)[None] < torch.tensor(lengths)[:, None]).long()
+    target = attention.bool().clone()
+    target[:, :2] = False
+    model = build_model(preset, tokenizer, seed=3)
+    logp, _ = token_logprobs(model, ids, attention, target, chunk=64)
+    (logp * torch.linspace(0.5, 1.5, 9)).sum().backward()
+    fast = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ref = row_by_row(model, ids, lengths, target)
+    (ref * torch.linspace(0.5, 1.5, 9)).sum().backward()
+    torch.testing.assert_close(logp, ref.detach(), atol=1e-5, rtol=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(fast[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_left_padded_batch_keeps_the_mask(tokenizer) -> None:
+    # a left-padded row is not right padding: the mask stays and the values equal the row alone
+    model = build_model("qwen2-tiny", tokenizer, seed=4).eval()
+    ids = torch.randint(3, len(tokenizer), (2, 7), generator=torch.Generator().manual_seed(5))
+    attention = torch.ones(2, 7, dtype=torch.long)
+    attention[1, :3] = 0
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    target = torch.zeros(2, 7, dtype=torch.bool)
+    target[:, 4:] = True
+    with torch.no_grad():
+        logp, _ = token_logprobs(model, ids, attention, target, position_ids_B_T=positions)
+        alone = torch.log_softmax(model(input_ids=ids[1:, 3:]).logits[0].float(), -1)
+    # row 1 alone is ids[1, 3:]; target t (4..6) is predicted at t - 1, i.e. index t - 4 of the unpadded row
+    expected = alone[:-1].gather(1, ids[1, 4:, None]).squeeze(1)
+    torch.testing.assert_close(logp[1, 4:], expected, atol=1e-5, rtol=1e-5)
+

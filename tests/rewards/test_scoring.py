@@ -259,3 +259,103 @@ def test_batch_shape_errors(prompts, ids, columns, message):
 def test_reward_named_total_is_rejected():
     with pytest.raises(ValueError, match="named 'total'"):
         RewardSet([LoadedReward("total", constant([0.0] * 4))])
+
+
+# ---------------------------------------------------------------- a raise is isolated to the samples that cause it
+
+
+def raises_on_boom(*, completions, **kwargs):
+    """Scores len(completion), batch-wise: one completion holding "boom" makes the whole call raise."""
+    if any("boom" in c for c in completions):
+        raise ValueError("boom")
+    return [float(len(c)) for c in completions]
+
+
+def test_one_sample_that_makes_the_call_raise_fails_alone(caplog):
+    rewards = RewardSet([LoadedReward("lengths", raises_on_boom, failure_score=-1.0)])  # default fraction 0.5
+    with caplog.at_level(logging.WARNING, logger="posttrain.rewards"):
+        result = rewards.score(PROMPTS, ["a", "a boom", "ccc", "dddd"], IDS)
+    # the batch call raised; alone, samples 0, 2, 3 score their lengths and sample 1 scores failure_score
+    torch.testing.assert_close(result.total, t([1.0, -1.0, 3.0, 4.0]))
+    assert result.failures == {"lengths": 1} and rewards.failure_totals == {"lengths": 1}
+    assert result.metrics["rewards/lengths/failures"] == 1.0
+    [record] = caplog.records
+    assert record.getMessage() == (
+        "reward 'lengths': 1 of 4 samples failed and scored failure_score=-1.0; first error: sample 1: "
+        "ValueError: boom (the call on all 4 raised ValueError: boom; each sample was then called alone)"
+    )
+    assert record.exc_info is not None and record.exc_info[0] is ValueError
+
+
+def test_per_sample_calls_get_their_own_slice_of_every_column_and_the_shared_kwargs():
+    seen = []
+
+    def batch_shy(*, prompts, completions, completion_ids, answer, step, **kwargs):
+        seen.append((prompts, completions, completion_ids, answer, step))
+        if len(completions) > 1:
+            raise RuntimeError("cannot batch")
+        return [float(answer[0])]
+
+    rewards = RewardSet([LoadedReward("shy", batch_shy, timeout_s=None)])
+    result = rewards.score(PROMPTS, COMPLETIONS, IDS, {"answer": [5, 6, 7, 8]}, extra_kwargs={"step": 3})
+    # every sample scored on its own call: no failure, the scores are the answers
+    torch.testing.assert_close(result.total, t([5.0, 6.0, 7.0, 8.0]))
+    assert result.failures == {"shy": 0}
+    assert seen[2] == (["p1"], ["bb"], [[1, 2]], [6], 3)
+    assert len(seen) == 5  # the batch call, then one per sample
+
+
+def test_a_function_that_always_raises_stops_calling_once_the_run_must_stop():
+    calls = []
+
+    def broken(*, completions, **kwargs):
+        calls.append(len(completions))
+        raise KeyError("answer")
+
+    rewards = RewardSet([LoadedReward("broken", broken)], max_failure_fraction=0.5)
+    completions = [f"c{i}" for i in range(8)]
+    with pytest.raises(RewardFailureError, match=r"'broken': 8 of 8 samples failed.*sample 0: KeyError"):
+        rewards.score(completions, completions, [[1]] * 8)
+    # batch call, then samples 0..4: 5 failures > 0.5 * 8 stops the pass; samples 5..7 are not called
+    assert calls == [8, 1, 1, 1, 1, 1]
+
+
+def test_a_hanging_sample_uses_up_the_pass_and_the_rest_are_not_called(caplog):
+    release = threading.Event()
+    calls = []
+
+    def hangs_on_b(*, completions, **kwargs):
+        calls.append(list(completions))
+        if len(completions) > 1:
+            raise ValueError("batch")
+        if completions[0] == "bb":
+            release.wait(5.0)
+        return [1.0]
+
+    rewards = RewardSet([LoadedReward("h", hangs_on_b, timeout_s=0.5)], max_failure_fraction=1.0)
+    with caplog.at_level(logging.WARNING, logger="posttrain.rewards"):
+        result = rewards.score(PROMPTS, COMPLETIONS, IDS)
+    release.set()
+    # sample 0 scores; sample 1 hangs until the pass's 0.5 s are gone; samples 2, 3 are never called
+    assert calls == [COMPLETIONS, ["a"], ["bb"]]
+    torch.testing.assert_close(result.total, t([1.0, 0.0, 0.0, 0.0]))
+    assert result.failures == {"h": 3}
+    assert caplog.messages[0].startswith(
+        "reward 'h': 3 of 4 samples failed and scored failure_score=0.0; first error: sample 1: TimeoutError: "
+        "no result within"
+    )
+
+
+def test_a_timeout_of_the_batch_call_is_not_retried_per_sample():
+    release = threading.Event()
+    calls = []
+
+    def hangs(*, completions, **kwargs):
+        calls.append(len(completions))
+        release.wait(5.0)
+        return [1.0] * len(completions)
+
+    rewards = RewardSet([LoadedReward("slow", hangs, timeout_s=0.2)], max_failure_fraction=1.0)
+    result = rewards.score(PROMPTS, COMPLETIONS, IDS)
+    release.set()
+    assert calls == [4] and result.failures == {"slow": 4}

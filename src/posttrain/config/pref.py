@@ -1,19 +1,23 @@
-"""Offline preference optimisation config (`posttrain pref`) and reward-model config (`posttrain rm`)."""
+"""Preference optimisation config (`posttrain pref`: offline, or in rounds on the policy's own samples
+with an `online` section) and reward-model config (`posttrain rm`)."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import inspect
+import math
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import model_validator
+from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
 
+from posttrain.config.rl import RewardEntry, SamplingSection
 from posttrain.config.sections import (
     DataSection,
     EvalSection,
+    Fraction,
     ModelSection,
     RunSection,
     Section,
@@ -43,6 +47,75 @@ class PrefSection(Section):
     """Reference log-probs: once over the train set before training, per batch, or none (reference-free losses)."""
     length_normalize: bool = False
     """Divide each completion's summed log-prob by its token count before the loss sees it."""
+
+
+class JudgeSection(Section):
+    fn: str
+    """A pairwise judge, `package.module:function` or `path/to/file.py:function`, called as
+    fn(prompts, completions_a, completions_b, **columns) -> P(a preferred to b) per row
+    (`posttrain.rewards.judges:closer_answer` is a built-in one for numeric answers)."""
+    args: dict[str, Any] = {}
+    """Keyword arguments bound to the judge."""
+
+
+SELECTIONS = {
+    "preference": ("best_vs_worst", "all_pairs"),
+    "unpaired": ("threshold", "top_k"),
+    "listwise": ("all",),
+}
+"""Which `online.select` values build examples of each data kind (the first is the default)."""
+
+
+class OnlineSection(Section):
+    """Rounds on the policy's own samples: sample, score, select, train. train.max_steps optimiser steps
+    make train.max_steps / steps_per_round rounds."""
+
+    steps_per_round: PositiveInt = 1
+    """Optimiser steps on each round's examples (online DPO: 1; iterative DPO, SPPO, RAFT: many)."""
+    prompts_per_round: PositiveInt = 16
+    """Prompts drawn from data.train each round (P)."""
+    samples_per_prompt: PositiveInt = 2
+    """Completions the policy samples per prompt (N); losses with opponents sample N of theirs too."""
+    sampling: SamplingSection = SamplingSection()
+    """How completions are sampled."""
+    engine: str = "native"
+    """Generation engine (`posttrain list engines`)."""
+    rewards: list[RewardEntry] = []
+    """Scalar rewards summed into each completion's score (the `rewards:` format of `posttrain rl`)."""
+    judge: JudgeSection | None = None
+    """A pairwise judge instead of rewards: scores become win rates from the judge's preferences."""
+    max_failure_fraction: Fraction = 0.5
+    """Stop when more than this share of one reward call's samples fail."""
+    select: Literal["best_vs_worst", "all_pairs", "threshold", "top_k", "all"] | None = None
+    """How scored samples become examples. Pairs: best_vs_worst, all_pairs (above `margin`); unpaired
+    labels: threshold (score >= label_threshold), top_k (RAFT); listwise: all. null: the first for the
+    loss's data kind."""
+    margin: NonNegativeFloat = 0.0
+    """A pair needs chosen score - rejected score > margin (reward units, or win rate under a judge)."""
+    label_threshold: float = 1.0
+    """select: threshold: a completion scoring at least this is desirable (1.0: a verifier's correct)."""
+    top_k: PositiveInt = 1
+    """select: top_k: the k best completions of each prompt are trained on."""
+    min_score: float | None = None
+    """select: top_k: a selected completion scoring below this is left out (rejection sampling)."""
+    reference: Literal["keep", "refresh"] = "keep"
+    """keep: the initial model throughout; refresh: a frozen copy of the policy at the start of each round
+    (the previous iterate of iterative DPO, SPPO and DNO)."""
+    mixture_coef: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    """Losses that need mixture_opponents: opponents sample from pi^(1-m) * ref^m, token by token (m)."""
+
+    @model_validator(mode="after")
+    def _one_feedback(self) -> OnlineSection:
+        if bool(self.rewards) == (self.judge is not None):
+            raise ValueError(
+                "online: give exactly one of rewards (a list, e.g. [{fn: numeric_match}]) and judge "
+                "(a pairwise judge, e.g. {fn: posttrain.rewards.judges:closer_answer})"
+            )
+        from posttrain.rollout import ENGINES
+
+        if self.engine not in ENGINES:
+            raise ValueError(f"online.engine: '{self.engine}' is not an engine; engines: {', '.join(sorted(ENGINES))}")
+        return self
 
 
 class RMSection(Section):
@@ -78,6 +151,12 @@ class _OfflineConfig(RunSection):
         unknown = sorted(set(args) - set(keywords))
         if unknown:
             raise ValueError(f"{key}.loss_args: {unknown} are not hyper-parameters of '{name}'; it takes {keywords}")
+        beta = args.get("beta", 1.0)
+        if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 < beta < math.inf:
+            raise ValueError(
+                f"{key}.loss_args.beta: {beta!r}; beta scales the loss's log-ratios (an inverse temperature) "
+                "and must be a number > 0"
+            )
         return fn
 
 
@@ -86,6 +165,9 @@ class PrefConfig(_OfflineConfig):
 
     pref: PrefSection = PrefSection()
     """The preference loss and where its reference log-probs come from."""
+    online: OnlineSection | None = None
+    """Train in rounds on the policy's own samples (online / iterative DPO, RAFT, SPPO, XPO, Nash-MD, DNO);
+    null: offline, on data.train's preference rows."""
     output_dir: str = "runs/pref"
     """Run directory: checkpoints, metrics.jsonl, tensorboard/, final model."""
 
@@ -97,7 +179,40 @@ class PrefConfig(_OfflineConfig):
                 f"pref.reference: 'none' is incompatible with pref.loss '{self.pref.loss}', which needs a "
                 "reference model; use precomputed or on_the_fly, or a reference-free loss (simpo, orpo, cpo)"
             )
+        if "reference" not in fn.needs and "reference" in self.pref.model_fields_set and self.pref.reference != "none":
+            raise ValueError(
+                f"pref.reference: '{self.pref.reference}' is incompatible with pref.loss '{self.pref.loss}', which "
+                "is reference-free (no reference model is built); set pref.reference to none or leave it out"
+            )
+        sampled = {"reference_samples", "mixture_opponents"} & set(fn.needs)
+        if self.online is None and sampled:
+            raise ValueError(
+                f"pref.loss: '{self.pref.loss}' needs {sorted(sampled)[0]}, drawn while training; add an "
+                "online section (e.g. online: {rewards: [{fn: numeric_match}]})"
+            )
+        if self.online is not None:
+            self._online_fits(fn.needs)
         return self
+
+    def _online_fits(self, needs: tuple[str, ...]) -> None:
+        online, kind = self.online, feedback_kind(needs)
+        if self.train.max_steps % online.steps_per_round:
+            raise ValueError(
+                f"train.max_steps={self.train.max_steps} is not a multiple of online.steps_per_round="
+                f"{online.steps_per_round} (a round trains steps_per_round steps)"
+            )
+        allowed = SELECTIONS[kind]
+        if online.select is not None and online.select not in allowed:
+            raise ValueError(
+                f"online.select: '{online.select}' does not build {kind} examples for pref.loss "
+                f"'{self.pref.loss}'; use {' or '.join(allowed)}"
+            )
+        opponents = {"reference_samples", "mixture_opponents"} & set(needs)
+        if online.samples_per_prompt < 2 and (kind != "unpaired" or online.judge is not None) and not opponents:
+            raise ValueError(
+                f"online.samples_per_prompt: pref.loss '{self.pref.loss}' (or a judge) compares a prompt's "
+                "samples with each other, so it needs at least 2"
+            )
 
 
 class RMConfig(_OfflineConfig):
@@ -132,3 +247,8 @@ def import_plugins(plugins: list[str], base_dir: str | None) -> None:
         module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
         sys.modules[name] = module
         spec.loader.exec_module(module)  # type: ignore[union-attr]
+
+
+def feedback_kind(needs: tuple[str, ...] | list[str]) -> Literal["preference", "unpaired", "listwise"]:
+    """The data kind an objective consumes, from what it declares it needs."""
+    return "unpaired" if "unpaired" in needs else "listwise" if "listwise" in needs else "preference"

@@ -118,6 +118,9 @@ class TrainSection(Section):
     """Checkpoints to keep."""
     log_every: PositiveInt = 1
     """Log metrics every N steps."""
+    max_bad_steps: PositiveInt = 5
+    """An optimiser update whose loss or gradient norm is NaN/inf is skipped (counted as skipped_steps);
+    this many in a row stop the run, keeping the checkpoints already written."""
 
 
 class EvalSection(Section):

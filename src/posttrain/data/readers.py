@@ -42,13 +42,16 @@ def read_rows(path: str | Path, *, split: str | None = None, on_bad_row: str = "
     on_bad_row: "error" raises on a row that cannot be read (a JSONL line of invalid JSON or non-UTF-8
         bytes, an item that is not an object); "skip" leaves it out and counts it in `report.skipped`.
     report: counts rows read and skipped; its `rows` includes unreadable rows.
-    Raises DataError for a missing file, an unknown extension, a file that cannot be read as a whole,
-    or a dataset with no rows; the message names the file and, where there is one, the row.
+    Raises DataError for a missing or unreadable file, an unknown extension, a file that cannot be parsed
+    as a whole, or a dataset with no rows; the message names the file and, where there is one, the row.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
-    results = _read_saved_dataset(path, split) if path.is_dir() else _reader_for(path)(path)
+    try:
+        results = _read_saved_dataset(path, split) if path.is_dir() else _reader_for(path)(path)
+    except OSError as error:  # permissions, a device error, ...: the file, not a row, is at fault
+        raise DataError(f"{path}: cannot read it ({error.strerror or error})") from None
     report = report if report is not None else LoadReport()
     report.source = report.source or str(path)
     rows = [result for result in results if not _is_skipped_bad_row(result, on_bad_row, report)]

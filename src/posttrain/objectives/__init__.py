@@ -7,6 +7,8 @@ from posttrain.objectives import (  # noqa: F401  (imported to register)
     advantages,
     aggregation,
     kl,
+    online_preference,
+    pairing,
     policy_losses,
     preference,
     reward_model,

@@ -118,16 +118,17 @@ def grpo(rewards_PG: Tensor, *, group_size: int, scale_std: bool = True, eps: fl
     rewards_PG: [P*G], each prompt's G completions contiguous. Returns [P*G].
 
     Deviations: the paper has no eps; eps=1e-4 is TRL's value (verl uses 1e-6), kept so that our runs
-    compare with TRL's.
+    compare with TRL's. Group statistics are taken in float64, so that a group of equal rewards that
+    float32 cannot average exactly (5 x 999.123) still centres to 0 instead of rounding noise / eps.
     """
     _require_groups("grpo", group_size, 2)
     if scale_std and eps <= 0:
         raise ValueError(f"advantage 'grpo': eps={eps}; it must be > 0 so that equal-reward groups give 0")
-    r_P_G = rewards_PG.detach().view(-1, group_size)
+    r_P_G = rewards_PG.detach().view(-1, group_size).double()  # float64: equal rewards centre to exactly 0
     centred_P_G = r_P_G - r_P_G.mean(dim=1, keepdim=True)
     if scale_std:
         centred_P_G = centred_P_G / (r_P_G.std(dim=1, keepdim=True) + eps)
-    return centred_P_G.flatten()
+    return centred_P_G.flatten().to(rewards_PG.dtype)
 
 
 @advantage("rloo", needs=("groups",))

@@ -8,7 +8,8 @@ calls it with the inputs its signature names and the recipe's `pref.loss_args` a
     lengths     chosen_len, rejected_len [N]    completion token counts (float)
     unpaired    logps [N], labels [N] (bool, True = desirable); with reference: ref_logps [N]
     kl_reference_point  kl_ref_point (0-dim)    KTO's z0, detached and clamped >= 0 by the loop
-    listwise    logps_N_K, scores_N_K; with reference: ref_logps_N_K
+    reward_shift        reward_shift (0-dim)    BCO: running mean of logps - ref_logps of earlier steps
+    listwise    logps_N_K, scores_N_K; with reference: ref_logps_N_K; with win_rates: win_rates_N_K
 
 Every loss returns per-example losses [N]; reduction is the caller's. Notation used below:
 
@@ -37,7 +38,7 @@ TRL_LOSS_TYPES: dict[str, tuple[str, str] | None] = {
     "hinge": ("DPOTrainer", "hinge"),
     "exo": ("DPOTrainer", "exo_pair"),
     "nca": ("DPOTrainer", "nca_pair"),
-    "bco": ("DPOTrainer", "bco_pair"),  # bco_pair = our bco on both rows of a pair, summed, delta=0
+    "bco": ("DPOTrainer", "bco_pair"),  # bco_pair = our bco on both rows of a pair, summed, reward_shift=0
     "sppo_hard": ("DPOTrainer", "sppo_hard"),  # TRL beta = 1 / eta
     "aot": ("DPOTrainer", "aot"),
     "apo_zero": ("DPOTrainer", "apo_zero"),
@@ -48,6 +49,10 @@ TRL_LOSS_TYPES: dict[str, tuple[str, str] | None] = {
     "orpo": ("ORPOTrainer", "orpo"),  # ORPOTrainer has one loss; its beta is ORPO's lambda
     "kto": ("KTOTrainer", "kto"),  # desirable_weight = lam_d, undesirable_weight = lam_u
     "dpop": None,
+    "xpo": ("XPOTrainer", "sigmoid"),  # identical on the pairs it trains on; see online_preference.xpo
+    "nash_md": None,  # NashMDTrainer weights tokens by token-level log-ratios; ours by the sequence's
+    "sppo": None,  # TRL has only sppo_hard
+    "nll": None,
     "lipo_lambda": None,
     "plackett_luce": None,
 }
@@ -270,29 +275,32 @@ def kto(
     return torch.where(labels.bool(), desirable, undesirable)
 
 
-@preference_loss("bco", needs=("unpaired", "reference"))
+@preference_loss("bco", needs=("unpaired", "reference", "reward_shift"))
 def bco(
     logps: Tensor,
     labels: Tensor,
     ref_logps: Tensor,
+    reward_shift: Tensor,
     *,
     beta: float = 0.1,
-    delta: float | Tensor = 0.0,
 ) -> Tensor:
     """Binary classifier optimisation (Jung et al. 2024, arXiv:2404.04656, with its reward shift
     delta): a logistic classifier whose logit is the implicit reward.
 
         r_theta = beta * (log pi(y|x) - log ref(y|x))
+        delta   = beta * reward_shift
         desirable:    loss = -log sigmoid(r_theta - delta)
         undesirable:  loss = -log sigmoid(-(r_theta - delta))
 
-    delta is the running mean of r_theta over past chosen and rejected completions, maintained by the
-    loop (float or detached 0-dim tensor, in reward units). Inputs [N], labels bool [N]; returns [N].
+    reward_shift (0-dim, detached) is the running mean of log pi - log ref over the completions of
+    earlier steps, desirable and undesirable alike, which the loop maintains; delta is then the paper's
+    running mean of r_theta. Inputs [N], labels bool [N]; returns [N].
     Deviations from the paper: the underlying-distribution-matching (UDM) density-ratio weights are not
-    applied (the paper's BCO without UDM). With delta=0, the losses of the two rows of a pair sum to
-    TRL's bco_pair.
+    applied (the paper's BCO without UDM); the running mean covers earlier steps only (TRL's BCOTrainer
+    also folds in the current batch; at the first step both are 0, as policy = reference). With
+    reward_shift=0, the losses of the two rows of a pair sum to TRL's bco_pair.
     """
-    shifted = beta * (logps - ref_logps) - delta
+    shifted = beta * (logps - ref_logps - reward_shift)
     return -F.logsigmoid(torch.where(labels.bool(), shifted, -shifted))
 
 

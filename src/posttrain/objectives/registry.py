@@ -11,10 +11,28 @@ This module imports nothing else of posttrain (DESIGN.md: `objectives/` is the b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import inspect
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def call_with(fn: Callable[..., Any], available: Mapping[str, Any], hyper: Mapping[str, Any] | None = None) -> Any:
+    """Call an objective with the parameters its signature names: from `hyper` first, then `available`.
+
+    This is how every loop calls every objective, so none ever looks at an objective's name. A parameter
+    named by neither keeps its default; keys the function does not name are not passed (configs reject
+    unknown hyper-parameters at load time).
+    """
+    hyper = hyper or {}
+    kwargs = {}
+    for name in inspect.signature(fn).parameters:
+        if name in hyper:
+            kwargs[name] = hyper[name]
+        elif name in available:
+            kwargs[name] = available[name]
+    return fn(**kwargs)
 
 
 class UnknownObjectiveError(LookupError):
@@ -83,6 +101,10 @@ PREFERENCE_LOSSES = Registry(
         "unpaired",  # KTO/BCO-style: logps [N] with labels [N] instead of chosen/rejected pairs
         "listwise",  # logps [N, K] with scores [N, K] instead of pairs
         "kl_reference_point",  # KTO's z0: batch estimate of KL(policy || reference) from mismatched pairs
+        "reward_shift",  # BCO's delta / beta: running mean of logps - ref_logps over earlier steps (0-dim)
+        "win_rates",  # listwise: win_rates_N_K, each completion's estimated probability of beating an opponent
+        "reference_samples",  # online: pairs mix policy and reference samples; chosen/rejected_from_reference [N]
+        "mixture_opponents",  # online: win_rates_N_K against samples of the policy/reference geometric mixture
     ),
 )
 REWARD_MODEL_LOSSES = Registry("reward-model loss", allowed_needs=("listwise",))

@@ -58,12 +58,16 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         mean_z = sum_exp_z / sum_exp
         ctx.save_for_backward(hidden_N_H, weight_V_H, bias_V, targets_N, lse, mean_z)
         ctx.inv_temperature, ctx.chunk = inv_temperature, chunk
+        # an output the loss does not use (usually the entropy) arrives as None, not as zeros to multiply
+        ctx.set_materialize_grads(False)
         return target_z - lse, lse - mean_z
 
     @staticmethod
     def backward(ctx: Any, grad_logp_N: Tensor | None, grad_entropy_N: Tensor | None):  # type: ignore[override]
         hidden_N_H, weight_V_H, bias_V, targets_N, lse, mean_z = ctx.saved_tensors
         inv_t, chunk = ctx.inv_temperature, ctx.chunk
+        if grad_logp_N is None and grad_entropy_N is None:
+            return None, None, None, None, None, None
         grad_hidden = torch.zeros_like(hidden_N_H, dtype=torch.float32)
         grad_weight = torch.zeros_like(weight_V_H, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         grad_bias = (
@@ -172,6 +176,13 @@ def token_logprobs(
 def _final_hidden_states(
     model: torch.nn.Module, input_ids_B_T: Tensor, attention_mask_B_T: Tensor, position_ids_B_T: Tensor | None
 ) -> Tensor:
+    if position_ids_B_T is None and attention_mask_B_T is not None and is_right_padded(attention_mask_B_T):
+        # Right padding only: under the causal mask no real token attends to a later position, so the padding
+        # is invisible to every real token and positions count 0, 1, ... either way. Without the mask the
+        # model takes its plain causal attention path (no [B, 1, T, T] mask built and applied): 10-15% less
+        # time per forward + backward on CPU (bench/profile_grpo.py). Outputs at padding positions change;
+        # they are never targets. tests/policies/test_logprobs.py holds both paths equal.
+        attention_mask_B_T = None
     out = model.get_decoder()(
         input_ids=input_ids_B_T,
         attention_mask=attention_mask_B_T,
@@ -179,6 +190,12 @@ def _final_hidden_states(
         use_cache=False,
     )
     return out.last_hidden_state
+
+
+def is_right_padded(attention_mask_B_T: Tensor) -> bool:
+    """Every row is real tokens then padding (a prefix of ones), so the mask hides only trailing positions."""
+    mask_B_T = attention_mask_B_T.bool()
+    return bool((mask_B_T[:, 1:] <= mask_B_T[:, :-1]).all())
 
 
 def _head_postprocesses_logits(config: Any) -> bool:

@@ -24,6 +24,10 @@ from transformers import (
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+"""A directory holding none of these holds no tokenizer AutoTokenizer could load."""
+
+
 class ModelLoadError(ValueError):
     """A model or tokenizer path that cannot be used, with what was found there."""
 
@@ -106,11 +110,7 @@ def load_model(
     gradient_checkpointing: bool = False,
 ) -> PreTrainedModel:
     """Any Hugging Face causal LM from a local directory (safetensors or bin weights)."""
-    directory = _local_directory(path, "model.path")
-    if not (directory / "config.json").is_file():
-        raise ModelLoadError(
-            f"model.path: {directory} has no config.json; it is not a Hugging Face model directory"
-        )
+    directory = check_model_directory(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype], local_files_only=True)
     except (OSError, ValueError) as error:
@@ -120,12 +120,27 @@ def load_model(
     return model.to(device)
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    directory = _local_directory(path, "model.tokenizer")
+def check_model_directory(path: str | Path, key: str = "model.path") -> Path:
+    """The directory, if it can hold a Hugging Face model (it exists and has a config.json)."""
+    directory = _local_directory(path, key)
+    if not (directory / "config.json").is_file():
+        raise ModelLoadError(f"{key}: {directory} has no config.json; it is not a Hugging Face model directory")
+    return directory
+
+
+def load_tokenizer(path: str | Path, key: str = "model.tokenizer") -> PreTrainedTokenizerBase:
+    """A tokenizer from a local directory. `key`: the config key named in errors."""
+    directory = _local_directory(path, key)
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        found = ", ".join(sorted(p.name for p in directory.iterdir())[:8]) or "nothing"
+        raise ModelLoadError(
+            f"{key}: {directory} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}; found {found})"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError) as error:
-        raise ModelLoadError(f"model.tokenizer: cannot load a tokenizer from {directory}: {error}") from error
+        reason = " ".join(str(error).split())  # transformers' messages span several lines
+        raise ModelLoadError(f"{key}: cannot load a tokenizer from {directory}: {reason}") from error
     if tokenizer.pad_token_id is None:
         # Padding is masked out everywhere; EOS is the conventional stand-in (TRL does the same).
         tokenizer.pad_token = tokenizer.eos_token
@@ -151,9 +166,7 @@ def apply_lora(
     return get_peft_model(model, config)
 
 
-def save_pretrained(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, directory: str | Path
-) -> Path:
+def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, directory: str | Path) -> Path:
     """A standard Hugging Face directory (safetensors) that `from_pretrained` loads.
 
     A peft LoRA model writes its adapter to `directory/adapter` and the merged full model beside it

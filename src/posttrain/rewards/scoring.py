@@ -3,14 +3,19 @@
     total_N = sum_k weight_k * r_k_N      (a None, "not applicable", adds 0, as TRL's nansum does)
 
 Isolation, per reward call:
-- raises, returns the wrong number of scores, or exceeds `timeout_s`: every sample of the call scores
-  the spec's `failure_score`;
-- returns NaN, +-inf or a non-number for a sample: that sample scores `failure_score`.
+- returns NaN, +-inf or a non-number for a sample: that sample scores `failure_score`;
+- raises: the function is called again once per sample, so that only the samples whose own call
+  raises (or times out, or returns a bad score) score `failure_score`; one odd completion that makes a
+  batch-wise function raise does not fail the whole batch. The cost is bounded: the per-sample pass
+  as a whole gets the call's `timeout_s` (samples it does not reach fail), and it stops calling once
+  more samples have failed than `max_failure_fraction` allows, since the run stops then anyway;
+- returns the wrong number of scores, or exceeds `timeout_s`: every sample of the call scores
+  `failure_score` (a call that hangs is not retried sample by sample, which could hang N times).
 Failures are counted (`RewardResult.failures`, cumulative in `RewardSet.failure_totals`) and logged
 on the "posttrain.rewards" logger. If more than `max_failure_fraction` of one call's samples fail,
 `RewardFailureError` stops the run, since a reward that is mostly broken would otherwise train the
-policy on `failure_score`. Note that a whole-call failure fails all of the call's samples, so below
-1.0 any raise or timeout stops the run; `max_failure_fraction=1.0` tolerates them all.
+policy on `failure_score`. Note that a timeout or a wrong count fails all of the call's samples, so
+below 1.0 either stops the run; `max_failure_fraction=1.0` tolerates them all.
 
 Time limits: with `timeout_s` set, the call runs on a daemon worker thread and the caller waits at
 most `timeout_s`. Python cannot kill a thread, so a call that hangs is abandoned: its thread keeps
@@ -76,6 +81,11 @@ class _CallOutcome:
     first_error: str | None
     exception: BaseException | None
     seconds: float
+    batch_error: str | None = None  # the whole-batch call raised this; samples were then scored one by one
+
+
+class _Timeout(TimeoutError):
+    """A call that did not return within its time limit (told apart from a TimeoutError the function raises)."""
 
 
 class RewardSet:
@@ -128,9 +138,10 @@ class RewardSet:
             **(columns or {}),
             **(extra_kwargs or {}),
         }
+        per_sample = ("prompts", "completions", "completion_ids", *(columns or {}))
         outcomes = []
         for reward in self.rewards:
-            outcome = self._call(reward, kwargs, n)
+            outcome = self._call(reward, kwargs, per_sample, n)
             self._account_failures(reward, outcome, n)
             outcomes.append(outcome)
         # One [K, N] tensor for all rewards keeps the per-batch bookkeeping to a handful of torch ops.
@@ -150,39 +161,95 @@ class RewardSet:
             self._worker.stop()
             self._worker = None
 
-    def _call(self, reward: LoadedReward, kwargs: dict[str, Any], n: int) -> _CallOutcome:
+    def _call(self, reward: LoadedReward, kwargs: dict[str, Any], per_sample: Sequence[str], n: int) -> _CallOutcome:
         start = time.perf_counter()
-        if reward.timeout_s is None or reward.timeout_s == math.inf:
-            value, error = _call_inline(reward.fn, kwargs)
-        else:
-            value, error = self._call_on_worker(reward, kwargs)
+        value, error = self._invoke(reward, kwargs, reward.timeout_s)
+        if error is not None and n > 1 and not isinstance(error, _Timeout):
+            return self._call_per_sample(reward, kwargs, per_sample, n, error, start)
         seconds = time.perf_counter() - start
         if error is not None:
             return _whole_call_failure(reward, n, error, seconds)
         return _check_scores(reward, value, n, seconds)
 
-    def _call_on_worker(self, reward: LoadedReward, kwargs: dict[str, Any]) -> tuple[Any, BaseException | None]:
+    def _call_per_sample(
+        self,
+        reward: LoadedReward,
+        kwargs: dict[str, Any],
+        per_sample: Sequence[str],
+        n: int,
+        batch_error: BaseException,
+        start: float,
+    ) -> _CallOutcome:
+        """The call on all n samples raised: call once per sample so that only the samples whose own call
+        fails score failure_score. The whole pass gets timeout_s, and calling stops once more samples
+        have failed than max_failure_fraction allows (the run stops then anyway)."""
+        deadline = None if _unlimited(reward.timeout_s) else time.perf_counter() + reward.timeout_s
+        scores: list[float] = []
+        failed, errors, exception = 0, [], None
+        for i in range(n):
+            left = None if deadline is None else deadline - time.perf_counter()
+            too_many = failed > self.max_failure_fraction * n
+            if too_many or (left is not None and left <= 0):
+                why = "more than max_failure_fraction had failed" if too_many else "the pass used up timeout_s"
+                errors.append(f"samples {i}..{n - 1} not called: {why}")
+                scores += [reward.failure_score] * (n - i)
+                failed += n - i
+                break
+            one = {k: kwargs[k][i : i + 1] if k in per_sample else v for k, v in kwargs.items()}
+            value, error = self._invoke(reward, one, left)
+            outcome = (
+                _whole_call_failure(reward, 1, error, 0.0) if error else _check_scores(reward, value, 1, 0.0, first=i)
+            )
+            scores += outcome.scores
+            failed += outcome.failed
+            if outcome.failed:
+                message = outcome.first_error or ""
+                errors.append(message if message.startswith("sample ") else f"sample {i}: {message}")
+                exception = exception or outcome.exception
+        return _CallOutcome(
+            scores,
+            failed,
+            errors[0] if errors else None,
+            exception or batch_error,
+            time.perf_counter() - start,
+            batch_error=f"{type(batch_error).__name__}: {batch_error}",
+        )
+
+    def _invoke(
+        self, reward: LoadedReward, kwargs: dict[str, Any], timeout_s: float | None
+    ) -> tuple[Any, BaseException | None]:
+        if _unlimited(reward.timeout_s):
+            return _call_inline(reward.fn, kwargs)
+        return self._call_on_worker(reward.fn, kwargs, timeout_s)
+
+    def _call_on_worker(
+        self, fn: Callable[..., Any], kwargs: dict[str, Any], timeout_s: float
+    ) -> tuple[Any, BaseException | None]:
         if self._worker is None:
             self._worker = _CallWorker()
-        job = self._worker.submit(reward.fn, kwargs)
-        if job.wait(reward.timeout_s):
+        job = self._worker.submit(fn, kwargs)
+        if job.wait(timeout_s):
             return job.value, job.error
         # The hung call keeps its thread; later calls must not queue behind it.
         self._worker.stop()
         self._worker = None
-        return None, TimeoutError(f"no result after timeout_s={reward.timeout_s}; its thread was abandoned")
+        return None, _Timeout(f"no result within {timeout_s:.3g} s (timeout_s); its thread was abandoned")
 
     def _account_failures(self, reward: LoadedReward, outcome: _CallOutcome, n: int) -> None:
+        retried = f" (the call on all {n} raised {outcome.batch_error}; each sample was then called alone)"
         if outcome.failed == 0:
+            if outcome.batch_error is not None:
+                logger.warning("reward '%s': every sample scored%s", reward.name, retried, exc_info=outcome.exception)
             return
         self.failure_totals[reward.name] += outcome.failed
         logger.warning(
-            "reward '%s': %d of %d samples failed and scored failure_score=%s; first error: %s",
+            "reward '%s': %d of %d samples failed and scored failure_score=%s; first error: %s%s",
             reward.name,
             outcome.failed,
             n,
             reward.failure_score,
             outcome.first_error,
+            retried if outcome.batch_error is not None else "",
             exc_info=outcome.exception,
         )
         if outcome.failed / n > self.max_failure_fraction:
@@ -249,13 +316,19 @@ def _call_inline(fn: Callable[..., Any], kwargs: dict[str, Any]) -> tuple[Any, B
         return None, err
 
 
+def _unlimited(timeout_s: float | None) -> bool:
+    return timeout_s is None or timeout_s == math.inf
+
+
 def _whole_call_failure(reward: LoadedReward, n: int, error: BaseException, seconds: float) -> _CallOutcome:
-    message = f"{type(error).__name__}: {error}"
-    exception = None if isinstance(error, TimeoutError) else error
+    timed_out = isinstance(error, _Timeout)
+    message = f"{'TimeoutError' if timed_out else type(error).__name__}: {error}"
+    exception = None if timed_out else error
     return _CallOutcome([reward.failure_score] * n, n, message, exception, seconds)
 
 
-def _check_scores(reward: LoadedReward, value: Any, n: int, seconds: float) -> _CallOutcome:
+def _check_scores(reward: LoadedReward, value: Any, n: int, seconds: float, *, first: int = 0) -> _CallOutcome:
+    """`first`: the batch index of the first sample, for the error message of a per-sample call."""
     values = _as_score_list(value)
     if values is None or len(values) != n:
         got = f"{len(values)} scores" if values is not None else f"a {type(value).__name__}"
@@ -267,7 +340,7 @@ def _check_scores(reward: LoadedReward, value: Any, n: int, seconds: float) -> _
         score = _as_finite_float(v)
         if score is None:
             failed += 1
-            first_error = first_error or f"sample {i}: {v!r} is not a finite number"
+            first_error = first_error or f"sample {first + i}: {v!r} is not a finite number"
             score = reward.failure_score
         scores.append(score)
     return _CallOutcome(scores, failed, first_error, None, seconds)

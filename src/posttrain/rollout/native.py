@@ -3,17 +3,21 @@
 Design (DESIGN.md, "Performance principles"):
 
 1. Shared-prompt prefill. The P prompts are left-padded into one [P, T] batch and run through the model
-   ONCE, with a 2-D attention mask that hides the padding and position ids that count real tokens only
+   ONCE, with a mask that hides the padding and position ids that count real tokens only
    (`cumsum(mask) - 1`), so a padded prompt sees exactly what it would see alone. Only the last
-   position's logits are computed (`logits_to_keep=1`).
-2. Cache expansion. The prefilled `DynamicCache`, the attention mask, the next position ids and the last
-   logits are repeated G times along the batch (`repeat_interleave`, so a prompt's G rows are
-   contiguous). A group of G completions costs one prompt prefill, not G.
+   position's logits are computed.
+2. Cache expansion. The prefilled KV cache, the mask, the next position ids and the last logits are
+   repeated G times along the batch (`repeat_interleave`, so a prompt's G rows are contiguous). A group
+   of G completions costs one prompt prefill, not G.
 3. Decode with batch shrinking. Each step samples one token for every active row and feeds those tokens
    back. Rows that finish (stop token, stop string, or max_new_tokens) leave the decode batch: the cache
-   rows, mask rows and positions of the still-active rows are selected (`Cache.batch_select_indices`),
-   so later steps compute only what is still running. Finishing is checked on the host once per step
-   (one small device-to-host copy of the sampled tokens, as `generate` does for its own stopping test).
+   rows, mask rows and positions of the still-active rows are selected, so later steps compute only what
+   is still running. Finishing is checked on the host once per step (one small device-to-host copy of
+   the sampled tokens, as `generate` does for its own stopping test).
+4. The incremental forward (`posttrain.rollout.decoders`): for the Llama family (Llama, Qwen2) a compact
+   forward over a KV cache preallocated for the whole generation, which skips what the model's generic
+   forward redoes at every step (mask building, cache concatenation, module dispatch); for any other
+   model, the model's own forward with a `DynamicCache`. Tests hold the two equal.
 
 Everything runs under `torch.inference_mode` on the model's device (no CPU-only calls), so the engine
 works on CUDA; a CUDA generator must then be passed for seeded sampling. CUDA graphs come later.
@@ -30,10 +34,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
 
+from posttrain.rollout.decoders import Decoder, build_decoder, positions_from_mask
 from posttrain.rollout.engine import FinishReason, Rollouts, SamplingParams, StopChecker
 from posttrain.rollout.sampling import sample_tokens
+
+__all__ = ["NativeEngine", "left_pad", "positions_from_mask"]
 
 
 def left_pad(prompt_ids: list[list[int]], device: torch.device, pad_id: int = 0) -> tuple[Tensor, Tensor]:
@@ -47,41 +53,12 @@ def left_pad(prompt_ids: list[list[int]], device: torch.device, pad_id: int = 0)
     return input_ids_P_T.to(device), attention_mask_P_T.to(device)
 
 
-def positions_from_mask(attention_mask_B_T: Tensor) -> Tensor:
-    """Position ids under left padding: real tokens count 0, 1, 2, ...; padding gets 0. [B, T] -> [B, T]."""
-    return (attention_mask_B_T.cumsum(dim=-1) - 1).clamp(min=0)
-
-
-def prefill(model: Any, input_ids_P_T: Tensor, attention_mask_P_T: Tensor) -> tuple[DynamicCache, Tensor]:
-    """Run the prompts once. Returns the filled cache and the last position's logits_P_V (float32)."""
-    cache = DynamicCache(config=model.config)
-    out = model(
-        input_ids=input_ids_P_T,
-        attention_mask=attention_mask_P_T,
-        position_ids=positions_from_mask(attention_mask_P_T),
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    return out.past_key_values, out.logits[:, -1].float()
-
-
-def decode_step(
-    model: Any, cache: DynamicCache, tokens_A: Tensor, attention_mask_A_T: Tensor, positions_A: Tensor
-) -> Tensor:
-    """Feed one token per active row (A rows); the mask already includes it. Returns logits_A_V (float32)."""
-    out = model(
-        input_ids=tokens_A[:, None],
-        attention_mask=attention_mask_A_T,
-        position_ids=positions_A[:, None],
-        past_key_values=cache,
-        use_cache=True,
-    )
-    return out.logits[:, -1].float()
-
-
 class NativeEngine:
     """Batched KV-cache sampler with shared-prompt prefill and finished rows leaving the batch."""
+
+    def decoder(self, model: Any, max_new_tokens: int) -> Decoder:
+        """The incremental forward: a static KV cache for the Llama family, the model's own forward otherwise."""
+        return build_decoder(model, max_new_tokens)
 
     @torch.inference_mode()
     def generate(
@@ -101,13 +78,10 @@ class NativeEngine:
             return self.generate(model, prompt_ids, params, n=1, tokenizer=tokenizer).repeat_groups(n)
         stop = StopChecker(params, tokenizer)
         device = model.device
-        input_ids_P_T, attention_mask_P_T = left_pad(prompt_ids, device)
-        cache, logits_P_V = prefill(model, input_ids_P_T, attention_mask_P_T)
-
-        cache.batch_repeat_interleave(n)
+        decoder = self.decoder(model, params.max_new_tokens)
+        logits_P_V = decoder.prefill(*left_pad(prompt_ids, device))
+        decoder.expand(n)
         logits_A_V = logits_P_V.repeat_interleave(n, dim=0)
-        attention_mask_A_T = attention_mask_P_T.repeat_interleave(n, dim=0)
-        positions_A = attention_mask_A_T.sum(dim=-1)  # next position = number of real prompt tokens
         num_rows = len(prompt_ids) * n
         rows = list(range(num_rows))  # which completion each active row is (host copy of rows_A)
         rows_A = torch.arange(num_rows, device=device)
@@ -130,14 +104,9 @@ class NativeEngine:
             if len(keep) < len(rows):
                 rows = [rows[a] for a in keep]
                 keep_A = torch.tensor(keep, device=device)
-                cache.batch_select_indices(keep_A)
+                decoder.select(keep_A)
                 rows_A, tokens_A = rows_A[keep_A], tokens_A[keep_A]
-                attention_mask_A_T, positions_A = attention_mask_A_T[keep_A], positions_A[keep_A]
-            attention_mask_A_T = torch.cat(
-                [attention_mask_A_T, attention_mask_A_T.new_ones(len(keep), 1)], dim=-1
-            )
-            logits_A_V = decode_step(model, cache, tokens_A, attention_mask_A_T, positions_A)
-            positions_A = positions_A + 1
+            logits_A_V = decoder.step(tokens_A)
 
         logprobs = [logp_B_S[i, : len(c)].clone() for i, c in enumerate(completions)]
         return Rollouts(

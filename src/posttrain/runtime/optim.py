@@ -23,9 +23,7 @@ def build_adamw(
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, fused=fused or None)
 
 
-def lr_multiplier(
-    step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float
-) -> float:
+def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
     """Linear warm-up from lr/warmup to lr, then cosine or linear decay to min_ratio*lr at total_steps."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps

@@ -18,7 +18,7 @@ from posttrain.data.examples import Kind, load_examples, validate_rows
 from posttrain.data.readers import Row
 from posttrain.data.report import LoadReport
 from posttrain.policies import apply_lora, build_model, load_model, load_tokenizer
-from posttrain.policies.models import enable_gradient_checkpointing
+from posttrain.policies.models import check_model_directory, enable_gradient_checkpointing
 from posttrain.runtime.optim import build_adamw, build_scheduler
 from posttrain.tasks import TASKS, ArithmeticTask, build_tokenizer
 
@@ -37,9 +37,14 @@ def build_builtin_tokenizer(name: str) -> Any:
 
 
 def build_tokenizer_for(section: ModelSection, recipe_dir: str | None) -> Any:
+    """The tokenizer of model.tokenizer (a built-in name or a directory), else of model.path. model.path
+    is checked first, so that a wrong path is reported as model.path, before any tokenizer error."""
+    if section.path is not None:
+        check_model_directory(resolve_path(section.path, recipe_dir))
     source = section.tokenizer or section.path
     builtin = build_builtin_tokenizer(source)
-    return builtin if builtin is not None else load_tokenizer(resolve_path(source, recipe_dir))
+    key = "model.tokenizer" if section.tokenizer else "model.path"
+    return builtin if builtin is not None else load_tokenizer(resolve_path(source, recipe_dir), key)
 
 
 def build_policy(
@@ -141,9 +146,14 @@ def build_optimisation(model: torch.nn.Module, section: TrainSection) -> Optimis
 class EpochSampler:
     """Endless seeded epochs over `n` items; its position is saved in checkpoints and restored exactly."""
 
-    def __init__(self, n: int, *, seed: int):
+    def __init__(self, n: int, *, seed: int, report: LoadReport | None = None):
         if n == 0:
-            raise DataError("no training examples are left after validation and truncation", reason="empty dataset")
+            counts = f" ({report.summary()})" if report is not None else ""
+            raise DataError(
+                f"no training examples are left after validation and truncation{counts}; a row too long for "
+                "data.max_length is dropped, also when truncating would leave it nothing to train on",
+                reason="empty dataset",
+            )
         self.n, self.seed = n, seed
         self.epoch, self.cursor = 0, 0
         self._order = self._permutation(0)

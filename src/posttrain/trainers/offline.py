@@ -1,5 +1,6 @@
-"""Parts the offline trainers (`preference.py`, `reward_model.py`) share: feedback data by kind, one
-forward for every completion of a batch, and calling an objective with the inputs its signature names.
+"""Parts the offline trainers (`preference.py`, `reward_model.py`) and the online preference loop share:
+feedback data by kind, one forward for every completion of a batch, and calling an objective with the
+inputs its signature names.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from posttrain.config.pref import FeedbackDataSection
+from posttrain.config.pref import FeedbackDataSection, feedback_kind  # noqa: F401  (the trainers import it from here)
 from posttrain.data import (
     CompletionTokens,
     LoadReport,
@@ -28,17 +29,13 @@ from posttrain.data import (
     validate_rows,
 )
 from posttrain.data.readers import Row
+from posttrain.objectives.pairing import preference_matrix, win_rates_within_group
 from posttrain.policies import token_logprobs
 from posttrain.tasks.preference_data import FeedbackKind, feedback_rows
 from posttrain.trainers.build import Rows, build_task, chunks, resolve_path, rows_from_memory
 
 Tokens = PreferenceTokens | CompletionTokens
 ENCODERS = {"preference": encode_preference, "unpaired": encode_unpaired, "listwise": encode_listwise}
-
-
-def feedback_kind(needs: Sequence[str]) -> FeedbackKind:
-    """The data kind an objective consumes, from what it declares it needs."""
-    return "unpaired" if "unpaired" in needs else "listwise" if "listwise" in needs else "preference"
 
 
 def call_with(fn: Callable[..., Any], available: dict[str, Any], hyper: dict[str, Any]) -> Any:
@@ -150,6 +147,8 @@ def objective_inputs(
             raise ValueError("listwise losses need the same number of completions in every row of a batch")
         scores = torch.tensor([it.scores for it in items], device=values_B.device)  # type: ignore[union-attr]
         out = {"logps_N_K": values_B.view(-1, k), "lengths_N_K": len_B.view(-1, k), "scores_N_K": scores}
+        if k >= 2:  # the `win_rates` need: each completion's share of its list it outscores (SPPO)
+            out["win_rates_N_K"] = win_rates_within_group(preference_matrix(scores))
     if prefix:
         return {
             f"{prefix}{key}": value for key, value in out.items() if key in ("chosen", "rejected", "logps", "logps_N_K")

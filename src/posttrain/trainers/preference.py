@@ -11,7 +11,6 @@ each micro-batch (`on_the_fly`); losses that do not declare the `reference` need
 
 from __future__ import annotations
 
-import copy
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,27 +24,31 @@ from posttrain.config.pref import PrefConfig
 from posttrain.objectives.registry import PREFERENCE_LOSSES
 from posttrain.policies import save_pretrained
 from posttrain.rewards import load_reward_fn
-from posttrain.runtime.checkpoint import Checkpointer, model_dir
+from posttrain.runtime.checkpoint import Checkpointer
 from posttrain.runtime.device import limit_cpu_threads, resolve_device
+from posttrain.runtime.guards import NonFiniteGuard
 from posttrain.runtime.logging import RunLogger
-from posttrain.runtime.seeding import restore_rng_states, seed_everything
-from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, build_policy, chunks
+from posttrain.runtime.seeding import seed_everything
+from posttrain.runtime.signals import StopRequest
+from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, chunks
 from posttrain.trainers.evaluation import EvalResult, evaluate
 from posttrain.trainers.offline import (
-    Tokens,
-    as_rows,
     call_with,
-    collate_feedback,
     feedback_kind,
-    frozen,
     hyper_default,
     kl_reference_point,
     load_feedback,
     logps_per_item,
-    objective_inputs,
-    sequence_logps,
 )
-from posttrain.trainers.run_state import clip_and_step, rewrite_metrics, save_checkpoint
+from posttrain.trainers.pref_parts import (
+    RunningMean,
+    add_preference_metrics,
+    build_models,
+    evaluate_pairs,
+    log_ratios,
+    preference_inputs,
+)
+from posttrain.trainers.run_state import clip_and_step, restore_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -70,16 +73,22 @@ def train_pref(
     resume: bool = False,
     progress: bool = True,
 ) -> PrefResult:
-    """Optimise preferences offline. Objects passed in (model, tokenizer, rows) replace the config's."""
+    """Optimise preferences offline, or in rounds on the policy's own samples when the config has an
+    `online` section. Objects passed in (model, tokenizer, rows) replace the config's."""
+    if cfg.online is not None:
+        from posttrain.trainers.online_preference import train_online_pref  # it imports this module
+
+        return train_online_pref(cfg, model=model, tokenizer=tokenizer, train_rows=train_rows,
+                                 eval_rows=eval_rows, resume=resume, progress=progress)  # fmt: skip
     limit_cpu_threads()
     generator = seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     loss_fn, args, bf16 = PREFERENCE_LOSSES[cfg.pref.loss], cfg.pref.loss_args, cfg.train.bf16
-    kind = feedback_kind(loss_fn.needs)
+    kind, length_normalize = feedback_kind(loss_fn.needs), cfg.pref.length_normalize
     run_dir = Path(cfg.output_dir)
     checkpointer = Checkpointer(run_dir, keep_last=cfg.train.keep_last)
     checkpoint = checkpointer.latest() if resume else None
-    model, tokenizer, reference = _build_models(cfg, model, tokenizer, checkpoint, device)
+    model, tokenizer, reference = build_models(cfg, model, tokenizer, checkpoint, device)
     pad_id = tokenizer.pad_token_id
     load = dict(seed=cfg.seed, recipe_dir=cfg.recipe_dir)
     train = load_feedback(cfg.data, kind, "train", tokenizer, rows=train_rows, **load)
@@ -94,18 +103,11 @@ def train_pref(
         }
         if "kl_reference_point" not in loss_fn.needs:
             reference = None  # every reference log-prob is cached: free the copy
-    sampler = EpochSampler(len(train.tokens), seed=cfg.seed)
+    sampler = EpochSampler(len(train.tokens), seed=cfg.seed, report=train.report)
     optim = build_optimisation(model, cfg.train)
-    history: list[dict[str, float]] = []
-    start_step = 0
-    if checkpoint is not None:
-        state = checkpointer.load_state(checkpoint)
-        optim.optimizer.load_state_dict(state["optimizer"])
-        optim.scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["data"])
-        restore_rng_states(state["rng"], {"sampling": generator})
-        history, start_step = state["history"], state["step"]
-        rewrite_metrics(run_dir, history)
+    history, start_step = restore_checkpoint(checkpointer, checkpoint, optim, sampler, generator)
+    guard = NonFiniteGuard(cfg.train.max_bad_steps, checkpointer, history)
+    shift = RunningMean.from_history(history)
     log = RunLogger(
         run_dir,
         total_steps=cfg.train.max_steps,
@@ -117,7 +119,7 @@ def train_pref(
     scale = hyper_default(loss_fn, args, "beta") or 1.0
 
     def held_out_metrics() -> dict[str, float]:
-        return _evaluate_pairs(
+        return evaluate_pairs(
             model,
             reference,
             eval_items,
@@ -127,7 +129,7 @@ def train_pref(
             pad_id,
             device,
             bf16,
-            cfg.pref.length_normalize,
+            length_normalize,
         )
 
     initial_eval = held_out_metrics() if eval_items and start_step == 0 else {}
@@ -135,37 +137,48 @@ def train_pref(
         log.log(0, initial_eval, kind="eval")
 
     model.train()
-    for step in range(start_step, cfg.train.max_steps):
-        started = time.perf_counter()
-        indices = sampler.take(cfg.train.batch_size)
-        items = [train.tokens[i] for i in indices]
-        extra = {}
-        if "kl_reference_point" in loss_fn.needs:
-            extra["kl_ref_point"] = kl_reference_point(model, reference, items, pad_id, device, bf16)
-        totals: dict[str, float] = defaultdict(float)
-        for chunk in chunks(indices, mb_size):
-            mb = [train.tokens[i] for i in chunk]
-            cached = [ref_cache["train"][i] for i in chunk] if ref_cache else None
-            inputs = _inputs(model, reference, mb, cached, pad_id, device, bf16, cfg.pref.length_normalize)
-            losses_N = call_with(loss_fn, {**inputs, **extra}, args)
-            (losses_N.sum() / len(items)).backward()
-            totals["loss"] += float(losses_N.detach().sum())
-            _add_metrics(totals, inputs, scale)
-        grad_norm = clip_and_step(model, optim, cfg.train.max_grad_norm)
-        metrics = {k: v / len(items) for k, v in totals.items()} | {
-            "grad_norm": grad_norm,
-            "lr": optim.scheduler.get_last_lr()[0],
-            "step_time_s": time.perf_counter() - started,
-            **{k: float(v) for k, v in extra.items()},
-        }
-        done = step + 1
-        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.max_steps and eval_items:
-            metrics |= held_out_metrics()
-        history.append({"step": done, **metrics})
-        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
-            log.log(done, metrics)
-        if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.train.max_steps:
-            save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
+    with StopRequest() as stop:
+        for step in range(start_step, cfg.train.max_steps):
+            started = time.perf_counter()
+            indices = sampler.take(cfg.train.batch_size)
+            items = [train.tokens[i] for i in indices]
+            extra = {}
+            if "kl_reference_point" in loss_fn.needs:
+                extra["kl_ref_point"] = kl_reference_point(model, reference, items, pad_id, device, bf16)
+            if "reward_shift" in loss_fn.needs:
+                extra["reward_shift"] = torch.tensor(shift.mean, device=device)
+            totals: dict[str, float] = defaultdict(float)
+            for chunk in chunks(indices, mb_size):
+                mb = [train.tokens[i] for i in chunk]
+                cached = [ref_cache["train"][i] for i in chunk] if ref_cache else None
+                inputs = preference_inputs(model, reference, mb, cached, pad_id, device, bf16, length_normalize)
+                losses_N = call_with(loss_fn, {**inputs, **extra}, args)
+                (losses_N.sum() / len(items)).backward()
+                totals["loss"] += float(losses_N.detach().sum())
+                add_preference_metrics(totals, inputs, scale)
+                if "reward_shift" in loss_fn.needs:
+                    shift.add(log_ratios(inputs))
+            grad_norm = clip_and_step(model, optim, cfg.train.max_grad_norm, guard, loss=totals["loss"], step=step + 1)
+            metrics = {k: v / len(items) for k, v in totals.items()} | {
+                "grad_norm": grad_norm,
+                "lr": optim.scheduler.get_last_lr()[0],
+                "step_time_s": time.perf_counter() - started,
+                "skipped_steps": guard.skipped,
+                **{k: float(v) for k, v in extra.items()},
+                **(shift.state() if "reward_shift" in loss_fn.needs else {}),
+            }
+            done = step + 1
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.max_steps and eval_items:
+                metrics |= held_out_metrics()
+            history.append({"step": done, **metrics})
+            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+                log.log(done, metrics)
+            if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.train.max_steps:
+                save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
+            if stop.requested:
+                log.close()
+                saved = save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
+                raise stop.interrupted(done, saved)
 
     final_eval, generation = held_out_metrics() if eval_items else {}, None
     if held_out and held_out.answer_prompts:
@@ -199,101 +212,3 @@ def train_pref(
         generation,
         reference_built=bool(ref_cache) or reference is not None,
     )
-
-
-def _build_models(
-    cfg: PrefConfig, model: Any, tokenizer: Any, checkpoint: Path | None, device: torch.device
-) -> tuple[Any, Any, Any]:
-    """(policy, tokenizer, frozen reference or None). The reference is always the initial model, also
-    after a resume: it is built from the config (or copied from the model passed in) before any
-    checkpoint weights are loaded."""
-    needs_reference = "reference" in PREFERENCE_LOSSES[cfg.pref.loss].needs
-    build = dict(seed=cfg.seed, device=device, recipe_dir=cfg.recipe_dir)
-    if model is None or tokenizer is None:
-        initial, tokenizer = build_policy(cfg.model, **build)
-    else:
-        initial = model
-    reference = frozen(copy.deepcopy(initial)) if needs_reference else None
-    if checkpoint is None:
-        return initial, tokenizer, reference
-    if model is not None:
-        resumed = type(model).from_pretrained(model_dir(checkpoint)).to(device)
-        model.load_state_dict(resumed.state_dict())
-        return model, tokenizer, reference
-    return build_policy(cfg.model, **build, path_override=model_dir(checkpoint))[0], tokenizer, reference
-
-
-def _inputs(
-    model: Any,
-    reference: Any,
-    items: list[Tokens],
-    cached: list[Tensor] | None,
-    pad_id: int,
-    device: torch.device,
-    bf16: bool,
-    length_normalize: bool,
-) -> dict[str, Tensor]:
-    """The policy's inputs for a micro-batch (one forward), plus the reference's where there is one."""
-    batch = collate_feedback(items, pad_id=pad_id)
-    logp_B, len_B = sequence_logps(model, batch, device, bf16=bf16)
-    ref_B = None
-    if cached is not None:
-        ref_B = as_rows(cached, items).to(device)
-    elif reference is not None:
-        with torch.no_grad():
-            ref_B = sequence_logps(reference, batch, device, bf16=bf16)[0]
-    if length_normalize:
-        logp_B = logp_B / len_B.clamp(min=1.0)
-        ref_B = None if ref_B is None else ref_B / len_B.clamp(min=1.0)
-    inputs = objective_inputs(logp_B, len_B, items)
-    if ref_B is not None:
-        inputs |= objective_inputs(ref_B, len_B, items, prefix="ref_")
-    return inputs
-
-
-def _add_metrics(totals: dict[str, float], inputs: dict[str, Tensor], scale: float) -> None:
-    """Sums over examples of implicit rewards (scale * log-ratio, or scale * log-prob without a
-    reference), their margin, preference accuracy and log-probs; divided by the count when logged."""
-    if "chosen" in inputs:
-        r_c = scale * (inputs["chosen"] - inputs.get("ref_chosen", 0.0)).detach()
-        r_r = scale * (inputs["rejected"] - inputs.get("ref_rejected", 0.0)).detach()
-        totals["reward_chosen"] += float(r_c.sum())
-        totals["reward_rejected"] += float(r_r.sum())
-        totals["reward_margin"] += float((r_c - r_r).sum())
-        totals["pref_accuracy"] += float((r_c > r_r).sum())
-        totals["logp_chosen"] += float(inputs["chosen"].detach().sum())
-        totals["logp_rejected"] += float(inputs["rejected"].detach().sum())
-    elif "labels" in inputs:
-        r = scale * (inputs["logps"] - inputs.get("ref_logps", 0.0)).detach()
-        sign = inputs["labels"].float() * 2 - 1
-        totals["reward_signed"] += float((sign * r).sum())
-        totals["logp"] += float(inputs["logps"].detach().sum())
-    else:
-        r_N_K = scale * (inputs["logps_N_K"] - inputs.get("ref_logps_N_K", 0.0)).detach()
-        best_N = inputs["scores_N_K"].argmax(dim=1)
-        totals["pref_accuracy"] += float((r_N_K.argmax(dim=1) == best_N).sum())
-
-
-@torch.no_grad()
-def _evaluate_pairs(
-    model: Any,
-    reference: Any,
-    items: list[Tokens],
-    cached: list[Tensor] | None,
-    scale: float,
-    size: int,
-    pad_id: int,
-    device: torch.device,
-    bf16: bool,
-    length_normalize: bool,
-) -> dict[str, float]:
-    """Held-out implicit-reward metrics (accuracy: chosen reward > rejected), as `eval_*`."""
-    was_training = model.training
-    model.eval()
-    totals: dict[str, float] = defaultdict(float)
-    for start in range(0, len(items), size):
-        mb = items[start : start + size]
-        mb_cached = cached[start : start + size] if cached is not None else None
-        _add_metrics(totals, _inputs(model, reference, mb, mb_cached, pad_id, device, bf16, length_normalize), scale)
-    model.train(was_training)
-    return {f"eval_{k}": v / len(items) for k, v in totals.items()}

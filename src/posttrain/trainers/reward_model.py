@@ -22,15 +22,17 @@ from posttrain.config.pref import RMConfig
 from posttrain.config.sections import ModelSection
 from posttrain.objectives.registry import REWARD_MODEL_LOSSES
 from posttrain.objectives.reward_model import pairwise_accuracy
-from posttrain.policies import MODEL_PRESETS, save_pretrained
+from posttrain.policies import MODEL_PRESETS, ModelLoadError, save_pretrained
 from posttrain.policies.models import DTYPES, preset_config
 from posttrain.runtime.checkpoint import Checkpointer, model_dir
 from posttrain.runtime.device import limit_cpu_threads, resolve_device
+from posttrain.runtime.guards import NonFiniteGuard
 from posttrain.runtime.logging import RunLogger
-from posttrain.runtime.seeding import restore_rng_states, seed_everything
+from posttrain.runtime.seeding import seed_everything
+from posttrain.runtime.signals import StopRequest
 from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, build_tokenizer_for, chunks, resolve_path
 from posttrain.trainers.offline import Tokens, call_with, collate_feedback, feedback_kind, load_feedback
-from posttrain.trainers.run_state import clip_and_step, rewrite_metrics, save_checkpoint
+from posttrain.trainers.run_state import clip_and_step, restore_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -75,18 +77,10 @@ def train_rm(
     eval_items = held_out.tokens[: cfg.eval.limit] if held_out else []
     margins = {w: f["margin"] for w, f in train.fields.items() if cfg.rm.use_margin and "margin" in f}
     mb_size = cfg.train.micro_batch_size or cfg.train.batch_size
-    sampler = EpochSampler(len(train.tokens), seed=cfg.seed)
+    sampler = EpochSampler(len(train.tokens), seed=cfg.seed, report=train.report)
     optim = build_optimisation(model, cfg.train)
-    history: list[dict[str, float]] = []
-    start_step = 0
-    if checkpoint is not None:
-        state = checkpointer.load_state(checkpoint)
-        optim.optimizer.load_state_dict(state["optimizer"])
-        optim.scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["data"])
-        restore_rng_states(state["rng"], {"sampling": generator})
-        history, start_step = state["history"], state["step"]
-        rewrite_metrics(run_dir, history)
+    history, start_step = restore_checkpoint(checkpointer, checkpoint, optim, sampler, generator)
+    guard = NonFiniteGuard(cfg.train.max_bad_steps, checkpointer, history)
     log = RunLogger(
         run_dir,
         total_steps=cfg.train.max_steps,
@@ -100,35 +94,41 @@ def train_rm(
         log.log(0, initial_eval, kind="eval")
 
     model.train()
-    for step in range(start_step, cfg.train.max_steps):
-        started = time.perf_counter()
-        indices = sampler.take(cfg.train.batch_size)
-        totals: dict[str, float] = defaultdict(float)
-        for chunk in chunks(indices, mb_size):
-            items = [train.tokens[i] for i in chunk]
-            inputs = _inputs(model, items, pad_id, device, bf16)
-            if margins:
-                inputs["margin"] = torch.tensor([float(margins.get(it.where, 0.0)) for it in items], device=device)
-            losses_N = call_with(loss_fn, inputs, args)
-            (losses_N.sum() / len(indices)).backward()
-            totals["loss"] += float(losses_N.detach().sum())
-            best_N, worst_N = _best_and_worst(inputs)
-            totals["accuracy"] += float((best_N > worst_N).sum())
-            totals["reward_margin"] += float((best_N - worst_N).sum())
-        grad_norm = clip_and_step(model, optim, cfg.train.max_grad_norm)
-        metrics = {k: v / len(indices) for k, v in totals.items()} | {
-            "grad_norm": grad_norm,
-            "lr": optim.scheduler.get_last_lr()[0],
-            "step_time_s": time.perf_counter() - started,
-        }
-        done = step + 1
-        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.max_steps and eval_items:
-            metrics |= _held_out_accuracy(model, eval_items, mb_size, pad_id, device, bf16)
-        history.append({"step": done, **metrics})
-        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
-            log.log(done, metrics)
-        if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.train.max_steps:
-            save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
+    with StopRequest() as stop:
+        for step in range(start_step, cfg.train.max_steps):
+            started = time.perf_counter()
+            indices = sampler.take(cfg.train.batch_size)
+            totals: dict[str, float] = defaultdict(float)
+            for chunk in chunks(indices, mb_size):
+                items = [train.tokens[i] for i in chunk]
+                inputs = _inputs(model, items, pad_id, device, bf16)
+                if margins:
+                    inputs["margin"] = torch.tensor([float(margins.get(it.where, 0.0)) for it in items], device=device)
+                losses_N = call_with(loss_fn, inputs, args)
+                (losses_N.sum() / len(indices)).backward()
+                totals["loss"] += float(losses_N.detach().sum())
+                best_N, worst_N = _best_and_worst(inputs)
+                totals["accuracy"] += float((best_N > worst_N).sum())
+                totals["reward_margin"] += float((best_N - worst_N).sum())
+            grad_norm = clip_and_step(model, optim, cfg.train.max_grad_norm, guard, loss=totals["loss"], step=step + 1)
+            metrics = {k: v / len(indices) for k, v in totals.items()} | {
+                "grad_norm": grad_norm,
+                "lr": optim.scheduler.get_last_lr()[0],
+                "step_time_s": time.perf_counter() - started,
+                "skipped_steps": guard.skipped,
+            }
+            done = step + 1
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.max_steps and eval_items:
+                metrics |= _held_out_accuracy(model, eval_items, mb_size, pad_id, device, bf16)
+            history.append({"step": done, **metrics})
+            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+                log.log(done, metrics)
+            if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.train.max_steps:
+                save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
+            if stop.requested:
+                log.close()
+                saved = save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
+                raise stop.interrupted(done, saved)
 
     final_eval = _held_out_accuracy(model, eval_items, mb_size, pad_id, device, bf16) if eval_items else {}
     if final_eval:
@@ -155,7 +155,7 @@ def build_reward_model(
             )
         else:
             if section.preset not in MODEL_PRESETS:
-                raise ValueError(
+                raise ModelLoadError(
                     f"model.preset: '{section.preset}' is not a preset; presets: {', '.join(MODEL_PRESETS)}"
                 )
             config = preset_config(

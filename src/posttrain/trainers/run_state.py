@@ -1,4 +1,5 @@
-"""What every trainer does at the end of a step: clip and step the optimiser, save and restore run state."""
+"""What every trainer does at the end of a step: clip and step the optimiser (skipping non-finite
+updates), save and restore run state."""
 
 from __future__ import annotations
 
@@ -10,18 +11,19 @@ import torch
 
 from posttrain.policies import save_pretrained
 from posttrain.runtime.checkpoint import Checkpointer
-from posttrain.runtime.seeding import capture_rng_states
+from posttrain.runtime.guards import NonFiniteGuard, step_schedule
+from posttrain.runtime.seeding import capture_rng_states, restore_rng_states
 from posttrain.trainers.build import EpochSampler
 
 
-def clip_and_step(model: Any, optim: Any, max_grad_norm: float | None) -> float:
-    norm = torch.nn.utils.clip_grad_norm_(
-        [p for p in model.parameters() if p.requires_grad], max_grad_norm or float("inf")
-    )
-    optim.optimizer.step()
-    optim.scheduler.step()
-    optim.optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+def clip_and_step(
+    model: Any, optim: Any, max_grad_norm: float | None, guard: NonFiniteGuard, *, loss: float, step: int
+) -> float:
+    """Clip, step the optimiser unless the loss or a gradient is non-finite (`guard`), step the schedule.
+    The schedule advances on a skipped update too, so the learning rate stays a function of the step."""
+    norm = guard.step(model.parameters(), optim.optimizer, max_grad_norm, loss=loss, step=step)
+    step_schedule(optim.scheduler)
+    return norm
 
 
 def save_checkpoint(
@@ -33,7 +35,7 @@ def save_checkpoint(
     sampler: EpochSampler,
     generator: torch.Generator,
     history: list[dict[str, float]],
-) -> None:
+) -> Path:
     state = {
         "optimizer": optim.optimizer.state_dict(),
         "scheduler": optim.scheduler.state_dict(),
@@ -41,7 +43,27 @@ def save_checkpoint(
         "rng": capture_rng_states({"sampling": generator}),
         "history": history,
     }
-    checkpointer.save(step, save_model=lambda d: save_pretrained(model, tokenizer, d), state=state)
+    return checkpointer.save(step, save_model=lambda d: save_pretrained(model, tokenizer, d), state=state)
+
+
+def restore_checkpoint(
+    checkpointer: Checkpointer,
+    checkpoint: Path | None,
+    optim: Any,
+    sampler: EpochSampler,
+    generator: torch.Generator,
+) -> tuple[list[dict[str, float]], int]:
+    """Load what `save_checkpoint` wrote (the model is the caller's) and return (history, start step);
+    ([], 0) without a checkpoint. metrics.jsonl is rewritten to the checkpoint's history."""
+    if checkpoint is None:
+        return [], 0
+    state = checkpointer.load_state(checkpoint)
+    optim.optimizer.load_state_dict(state["optimizer"])
+    optim.scheduler.load_state_dict(state["scheduler"])
+    sampler.load_state_dict(state["data"])
+    restore_rng_states(state["rng"], {"sampling": generator})
+    rewrite_metrics(checkpointer.root.parent, state["history"])
+    return state["history"], state["step"]
 
 
 def rewrite_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:

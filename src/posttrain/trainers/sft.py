@@ -32,11 +32,13 @@ from posttrain.policies import save_pretrained, token_logprobs
 from posttrain.rewards import load_reward_fn
 from posttrain.runtime.checkpoint import Checkpointer, model_dir
 from posttrain.runtime.device import limit_cpu_threads, resolve_device
+from posttrain.runtime.guards import NonFiniteGuard
 from posttrain.runtime.logging import RunLogger
-from posttrain.runtime.seeding import restore_rng_states, seed_everything
+from posttrain.runtime.seeding import seed_everything
+from posttrain.runtime.signals import StopRequest
 from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, build_policy, chunks, load_split
 from posttrain.trainers.evaluation import EvalResult, evaluate
-from posttrain.trainers.run_state import clip_and_step, rewrite_metrics, save_checkpoint
+from posttrain.trainers.run_state import clip_and_step, restore_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -75,18 +77,10 @@ def train_sft(
         )
     train, report = _encode_train(cfg, tokenizer, train_rows)
     eval_prompts, eval_tokens = _encode_eval(cfg, tokenizer, eval_rows)
-    sampler = EpochSampler(len(train), seed=cfg.seed)
+    sampler = EpochSampler(len(train), seed=cfg.seed, report=report)
     optim = build_optimisation(model, cfg.train)
-    history: list[dict[str, float]] = []
-    start_step = 0
-    if checkpoint is not None:
-        state = checkpointer.load_state(checkpoint)
-        optim.optimizer.load_state_dict(state["optimizer"])
-        optim.scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["data"])
-        restore_rng_states(state["rng"], {"sampling": generator})
-        history, start_step = state["history"], state["step"]
-        rewrite_metrics(run_dir, history)
+    history, start_step = restore_checkpoint(checkpointer, checkpoint, optim, sampler, generator)
+    guard = NonFiniteGuard(cfg.train.max_bad_steps, checkpointer, history)
     log = RunLogger(
         run_dir,
         total_steps=cfg.train.max_steps,
@@ -100,36 +94,44 @@ def train_sft(
     reward = load_reward_fn(cfg.eval.reward, base_dir=cfg.recipe_dir) if eval_prompts else None
 
     model.train()
-    for step in range(start_step, cfg.train.max_steps):
-        started = time.perf_counter()
-        items = [train[i] for i in sampler.take(cfg.train.batch_size)]
-        micro_batches = _micro_batches(
-            items,
-            size=cfg.train.micro_batch_size,
-            packing=cfg.data.packing,
-            max_length=cfg.data.max_length,
-            pad_id=tokenizer.pad_token_id,
-        )
-        num_tokens = sum(mb.num_target_tokens for mb in micro_batches)
-        loss = sum(_backward_nll(model, mb, num_tokens, device, bf16=cfg.train.bf16) for mb in micro_batches)
-        grad_norm = clip_and_step(model, optim, cfg.train.max_grad_norm)
-        elapsed = time.perf_counter() - started
-        metrics = {
-            "loss": float(loss),
-            "grad_norm": grad_norm,
-            "lr": optim.scheduler.get_last_lr()[0],
-            "tokens": num_tokens,
-            "tokens_per_s": num_tokens / elapsed,
-            "step_time_s": elapsed,
-        }
-        done = step + 1
-        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.max_steps:
-            metrics |= _evaluate_metrics(model, tokenizer, eval_prompts, eval_tokens, reward, cfg, device, generator)[0]
-        history.append({"step": done, **metrics})
-        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
-            log.log(done, metrics)
-        if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.train.max_steps:
-            save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
+    with StopRequest() as stop:
+        for step in range(start_step, cfg.train.max_steps):
+            started = time.perf_counter()
+            items = [train[i] for i in sampler.take(cfg.train.batch_size)]
+            micro_batches = _micro_batches(
+                items,
+                size=cfg.train.micro_batch_size,
+                packing=cfg.data.packing,
+                max_length=cfg.data.max_length,
+                pad_id=tokenizer.pad_token_id,
+            )
+            num_tokens = sum(mb.num_target_tokens for mb in micro_batches)
+            loss = sum(_backward_nll(model, mb, num_tokens, device, bf16=cfg.train.bf16) for mb in micro_batches)
+            grad_norm = clip_and_step(model, optim, cfg.train.max_grad_norm, guard, loss=loss, step=step + 1)
+            elapsed = time.perf_counter() - started
+            metrics = {
+                "loss": float(loss),
+                "grad_norm": grad_norm,
+                "lr": optim.scheduler.get_last_lr()[0],
+                "tokens": num_tokens,
+                "tokens_per_s": num_tokens / elapsed,
+                "step_time_s": elapsed,
+                "skipped_steps": guard.skipped,
+            }
+            done = step + 1
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.max_steps:
+                metrics |= _evaluate_metrics(
+                    model, tokenizer, eval_prompts, eval_tokens, reward, cfg, device, generator
+                )[0]
+            history.append({"step": done, **metrics})
+            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+                log.log(done, metrics)
+            if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.train.max_steps:
+                save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
+            if stop.requested:
+                log.close()
+                saved = save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
+                raise stop.interrupted(done, saved)
 
     final_eval = None
     if eval_prompts or eval_tokens:

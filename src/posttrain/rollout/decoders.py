@@ -1,0 +1,292 @@
+"""The native engine's two ways to run a causal LM incrementally: prefill, expand, select rows, decode.
+
+`HFCacheDecoder` works with any Hugging Face causal LM: it calls the model's own forward with a
+`DynamicCache`. `StaticCacheDecoder` is the fast path for the Llama family (Llama, Qwen2 with full
+attention): it runs the same weights through a compact forward over a KV cache preallocated for the
+whole generation (prompt width + max_new_tokens), so a decode step is a few matmuls per layer with no
+per-step mask building, cache concatenation or module dispatch; q/k/v and gate/up each run as one matmul
+over stacked weights. It reads the model's own modules (embeddings, norms, activation, rotary tables,
+Linear layers plain or LoRA-wrapped) at every generate call, so it follows the weights as they train.
+tests/rollout/test_decoders.py holds its logits equal to the model's forward, prompts left-padded and
+rows leaving the batch.
+
+Both keep rows left-aligned to one prompt width: row a's token at decode step s sits in cache slot
+`width + s`, padding slots are masked out, and positions count real tokens only
+(`positions_from_mask`), so a padded prompt sees what it would see alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import DynamicCache
+
+RMS_NORMS = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm"})
+STATIC_FAMILIES = frozenset({"llama", "qwen2"})
+"""`config.model_type`s whose decoder layer is: x += o(attn(rope(q(n1(x))), rope(k(..)), v(..)));
+x += down(act(gate(n2(x))) * up(n2(x))), with RMSNorm, rotate-half RoPE and grouped-query attention."""
+
+
+def positions_from_mask(attention_mask_B_T: Tensor) -> Tensor:
+    """Position ids under left padding: real tokens count 0, 1, 2, ...; padding gets 0. [B, T] -> [B, T]."""
+    return (attention_mask_B_T.cumsum(dim=-1) - 1).clamp(min=0)
+
+
+class Decoder(Protocol):
+    """Incremental decoding state for A active rows."""
+
+    def prefill(self, input_ids_P_T: Tensor, attention_mask_P_T: Tensor) -> Tensor:
+        """Run the left-padded prompts once. Returns the last position's logits_P_V (float32)."""
+        ...
+
+    def expand(self, n: int) -> None:
+        """Repeat every row n times, contiguously (row i -> rows i*n .. i*n + n - 1)."""
+        ...
+
+    def select(self, keep_A: Tensor) -> None:
+        """Keep only the rows `keep_A` (indices into the current rows), in that order."""
+        ...
+
+    def step(self, tokens_A: Tensor) -> Tensor:
+        """Feed one token per active row. Returns logits_A_V (float32) for the next token."""
+        ...
+
+
+class HFCacheDecoder:
+    """Any causal LM through its own forward and a `DynamicCache` (the general path)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def prefill(self, input_ids_P_T: Tensor, attention_mask_P_T: Tensor) -> Tensor:
+        self.cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=input_ids_P_T,
+            attention_mask=attention_mask_P_T,
+            position_ids=positions_from_mask(attention_mask_P_T),
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.cache = out.past_key_values
+        self.attention_mask_A_T = attention_mask_P_T
+        self.positions_A = attention_mask_P_T.sum(dim=-1)  # next position = number of real prompt tokens
+        return out.logits[:, -1].float()
+
+    def expand(self, n: int) -> None:
+        self.cache.batch_repeat_interleave(n)
+        self.attention_mask_A_T = self.attention_mask_A_T.repeat_interleave(n, dim=0)
+        self.positions_A = self.positions_A.repeat_interleave(n, dim=0)
+
+    def select(self, keep_A: Tensor) -> None:
+        self.cache.batch_select_indices(keep_A)
+        self.attention_mask_A_T, self.positions_A = self.attention_mask_A_T[keep_A], self.positions_A[keep_A]
+
+    def step(self, tokens_A: Tensor) -> Tensor:
+        mask = self.attention_mask_A_T
+        self.attention_mask_A_T = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=-1)
+        out = self.model(
+            input_ids=tokens_A[:, None],
+            attention_mask=self.attention_mask_A_T,
+            position_ids=self.positions_A[:, None],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.positions_A = self.positions_A + 1
+        return out.logits[:, -1].float()
+
+
+def supports_static(model: Any) -> bool:
+    """Whether `StaticCacheDecoder` reproduces this model's forward (Llama family, full attention only)."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in STATIC_FAMILIES:
+        return False
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+        return False  # sliding-window layers
+    if getattr(config, "use_sliding_window", False):
+        return False
+    try:
+        decoder = _base_model(model).get_decoder()
+        layer = decoder.layers[0]
+        _ = (decoder.embed_tokens, decoder.norm, decoder.rotary_emb, layer.self_attn.scaling, layer.mlp.act_fn)
+    except AttributeError:
+        return False
+    return True
+
+
+def _base_model(model: Any) -> Any:
+    """The transformers model under a peft wrapper (LoRA layers stay in place and are called as modules)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _linear(module: torch.nn.Module, x: Tensor) -> Tensor:
+    # a plain Linear without module dispatch; anything else (LoRA) through its own forward
+    if type(module) is torch.nn.Linear:
+        return F.linear(x, module.weight, module.bias)
+    return module(x)
+
+
+def _rms_norm(module: torch.nn.Module, x: Tensor) -> Tensor:
+    # Llama's and Qwen2's RMSNorm (float32 maths) as one fused op when the input is already float32
+    if type(module).__name__ in RMS_NORMS and x.dtype == torch.float32:
+        return F.rms_norm(x, module.weight.shape, module.weight, module.variance_epsilon)
+    return module(x)
+
+
+def _decode_attention(q_A_N_1_D: Tensor, k_A_G_K_D: Tensor, v_A_G_K_D: Tensor, bias_AG_1_K: Tensor,
+                      scale: float) -> Tensor:  # fmt: skip
+    """One query per row over K cached keys, grouped-query heads (N = G x r), as two batched matmuls with
+    the padding mask as an additive bias (0 or -inf, [A*G, 1, K], built once per step for all layers).
+
+    For a single query, plain batched matmuls beat the fused CPU attention kernel, whose per-call setup is
+    larger than the work. Returns [A, N, 1, D]."""
+    rows, heads, _, dim = q_A_N_1_D.shape
+    groups, keys = k_A_G_K_D.shape[1], k_A_G_K_D.shape[2]
+    q_AG_R_D = q_A_N_1_D.reshape(rows * groups, heads // groups, dim)
+    k_AG_K_D = k_A_G_K_D.reshape(rows * groups, keys, dim)
+    scores_AG_R_K = torch.baddbmm(bias_AG_1_K, q_AG_R_D, k_AG_K_D.transpose(1, 2), alpha=scale)
+    out_AG_R_D = torch.bmm(scores_AG_R_K.softmax(dim=-1), v_A_G_K_D.reshape(rows * groups, keys, dim))
+    return out_AG_R_D.view(rows, heads, 1, dim)
+
+
+def _stacked(linears: tuple[torch.nn.Module, ...]) -> tuple[Tensor, Tensor | None] | None:
+    """The weights (and biases) of plain Linear layers stacked along their outputs, so that one matmul does
+    the work of several; None when one is not a plain Linear (LoRA) or only some have a bias."""
+    if any(type(m) is not torch.nn.Linear for m in linears):
+        return None
+    biases = [m.bias for m in linears]
+    if any(b is None for b in biases) and any(b is not None for b in biases):
+        return None
+    return torch.cat([m.weight for m in linears]), None if biases[0] is None else torch.cat(biases)
+
+
+class _Projections:
+    """A layer's q/k/v projections as one matmul and gate/up as another. The stacked weights are built once
+    per generate call (the policy trains between calls) and cost one copy of those weights while it runs;
+    layers that cannot be stacked (LoRA) are called one by one."""
+
+    def __init__(self, layer: Any) -> None:
+        self.attn, self.mlp = layer.self_attn, layer.mlp
+        self.qkv_stack = _stacked((self.attn.q_proj, self.attn.k_proj, self.attn.v_proj))
+        self.gate_up_stack = _stacked((self.mlp.gate_proj, self.mlp.up_proj))
+
+    def qkv(self, h: Tensor) -> Tensor:
+        """[..., H] -> [..., (heads + 2 kv_heads) * head_dim]."""
+        if self.qkv_stack is not None:
+            return F.linear(h, *self.qkv_stack)
+        return torch.cat([_linear(m, h) for m in (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj)], dim=-1)
+
+    def mlp_out(self, h: Tensor) -> Tensor:
+        """down(act(gate(h)) * up(h))."""
+        if self.gate_up_stack is not None:
+            gate, up = F.linear(h, *self.gate_up_stack).chunk(2, dim=-1)
+        else:
+            gate, up = _linear(self.mlp.gate_proj, h), _linear(self.mlp.up_proj, h)
+        return _linear(self.mlp.down_proj, self.mlp.act_fn(gate) * up)
+
+
+def _rotate(x_A_H_S_D: Tensor, cos_A_1_S_D: Tensor, sin_A_1_S_D: Tensor) -> Tensor:
+    """Rotate-half RoPE, as transformers' `apply_rotary_pos_emb` for Llama and Qwen2."""
+    half = x_A_H_S_D.shape[-1] // 2
+    rotated = torch.cat((-x_A_H_S_D[..., half:], x_A_H_S_D[..., :half]), dim=-1)
+    return x_A_H_S_D * cos_A_1_S_D + rotated * sin_A_1_S_D
+
+
+class StaticCacheDecoder:
+    """Llama-family decoding over a preallocated KV cache; see the module docstring.
+
+    Cache tensors are [A, kv_heads, slots, head_dim] per layer with slots = prompt width + max_new_tokens;
+    `key_mask_A_K` marks the slots holding real tokens.
+    """
+
+    def __init__(self, model: Any, max_new_tokens: int) -> None:
+        self.model = _base_model(model)
+        self.body = self.model.get_decoder()
+        self.head = self.model.get_output_embeddings()
+        config = self.model.config
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.max_new_tokens = max_new_tokens
+
+    def prefill(self, input_ids_P_T: Tensor, attention_mask_P_T: Tensor) -> Tensor:
+        num_prompts, width = input_ids_P_T.shape
+        slots = width + self.max_new_tokens
+        weight = self.head.weight
+        shape = (num_prompts, self.num_kv_heads, slots, self.head_dim)
+        self.keys = [weight.new_zeros(shape) for _ in self.body.layers]
+        self.values = [weight.new_zeros(shape) for _ in self.body.layers]
+        positions = torch.arange(slots, device=weight.device)[None]
+        cos_1_K_D, sin_1_K_D = self.body.rotary_emb(weight.new_zeros(1), positions)
+        self.cos_K_D, self.sin_K_D = cos_1_K_D[0], sin_1_K_D[0]
+        real_P_T = attention_mask_P_T.bool()
+        self.key_mask_A_K = torch.zeros(num_prompts, slots, dtype=torch.bool, device=weight.device)
+        self.key_mask_A_K[:, :width] = real_P_T
+        self.slot = width
+        # causal and not padding; a padding query may see itself so that no softmax row is empty
+        causal_T_T = torch.ones(width, width, dtype=torch.bool, device=weight.device).tril()
+        mask_P_1_T_T = (causal_T_T & real_P_T[:, None, :]) | torch.eye(width, dtype=torch.bool, device=weight.device)
+        positions_P_T = positions_from_mask(attention_mask_P_T)
+        self.positions_A = real_P_T.sum(dim=-1)
+        self.projections = [_Projections(layer) for layer in self.body.layers]
+        return self._forward(input_ids_P_T, positions_P_T, mask_P_1_T_T[:, None], start=0)
+
+    def expand(self, n: int) -> None:
+        self.keys = [k.repeat_interleave(n, dim=0) for k in self.keys]
+        self.values = [v.repeat_interleave(n, dim=0) for v in self.values]
+        self.key_mask_A_K = self.key_mask_A_K.repeat_interleave(n, dim=0)
+        self.positions_A = self.positions_A.repeat_interleave(n, dim=0)
+
+    def select(self, keep_A: Tensor) -> None:
+        self.keys = [k[keep_A] for k in self.keys]
+        self.values = [v[keep_A] for v in self.values]
+        self.key_mask_A_K, self.positions_A = self.key_mask_A_K[keep_A], self.positions_A[keep_A]
+
+    def step(self, tokens_A: Tensor) -> Tensor:
+        self.key_mask_A_K[:, self.slot] = True
+        mask_A_K = self.key_mask_A_K[:, : self.slot + 1]
+        rows, keys = mask_A_K.shape
+        bias_A_1_K = torch.zeros(rows, 1, keys, dtype=self.cos_K_D.dtype, device=mask_A_K.device)
+        bias_A_1_K.masked_fill_(~mask_A_K[:, None], float("-inf"))
+        bias_AG_1_K = bias_A_1_K.repeat_interleave(self.num_kv_heads, dim=0)
+        logits_A_V = self._forward(tokens_A[:, None], self.positions_A[:, None], bias_AG_1_K, start=self.slot)
+        self.slot += 1
+        self.positions_A = self.positions_A + 1
+        return logits_A_V
+
+    def _forward(self, ids_A_S: Tensor, positions_A_S: Tensor, mask: Tensor, *, start: int) -> Tensor:
+        """S new tokens per row written at slots start .. start + S - 1, attending to slots < start + S
+        where `mask` allows: a boolean [A, 1, S, K] for a prefill, an additive bias [A * kv_heads, 1, K] for one
+        decoded token. Returns the last new position's logits_A_V (float32)."""
+        rows, new = ids_A_S.shape
+        end = start + new
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        cos_A_1_S_D = self.cos_K_D[positions_A_S][:, None]
+        sin_A_1_S_D = self.sin_K_D[positions_A_S][:, None]
+        x_A_S_H = self.body.embed_tokens(ids_A_S)
+        for layer, projections, keys, values in zip(self.body.layers, self.projections, self.keys, self.values):
+            attn = layer.self_attn
+            qkv_A_S_F = projections.qkv(_rms_norm(layer.input_layernorm, x_A_S_H))
+            qkv_A_N_S_D = qkv_A_S_F.view(rows, new, heads + 2 * kv_heads, dim).transpose(1, 2)
+            qk_A_N_S_D = _rotate(qkv_A_N_S_D[:, : heads + kv_heads], cos_A_1_S_D, sin_A_1_S_D)  # q and k together
+            keys[:, :, start:end] = qk_A_N_S_D[:, heads:]
+            values[:, :, start:end] = qkv_A_N_S_D[:, heads + kv_heads :]
+            q_A_N_S_D = qk_A_N_S_D[:, :heads]
+            if new == 1:
+                o_A_N_S_D = _decode_attention(q_A_N_S_D, keys[:, :, :end], values[:, :, :end], mask, attn.scaling)
+            else:
+                o_A_N_S_D = F.scaled_dot_product_attention(
+                    q_A_N_S_D, keys[:, :, :end], values[:, :, :end], attn_mask=mask, scale=attn.scaling,
+                    enable_gqa=heads != kv_heads,
+                )  # fmt: skip
+            x_A_S_H = x_A_S_H + _linear(attn.o_proj, o_A_N_S_D.transpose(1, 2).reshape(rows, new, heads * dim))
+            x_A_S_H = x_A_S_H + projections.mlp_out(_rms_norm(layer.post_attention_layernorm, x_A_S_H))
+        return _linear(self.head, _rms_norm(self.body.norm, x_A_S_H[:, -1])).float()
+
+
+def build_decoder(model: Any, max_new_tokens: int) -> Decoder:
+    """The static-cache fast path where it reproduces the model, else the model's own forward."""
+    return StaticCacheDecoder(model, max_new_tokens) if supports_static(model) else HFCacheDecoder(model)

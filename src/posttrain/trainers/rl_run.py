@@ -1,0 +1,170 @@
+"""Everything an online RL run builds once, before its first step (STYLE.md §5: the loop builds nothing).
+
+`build_rl_run` assembles the policy, the reference (only when a KL term needs one), the critic (only
+when the advantage declares the `critic` need), the rewards, the encoded prompts, the optimiser and,
+when resuming, the state of the newest checkpoint; `save_rl_checkpoint` writes that state back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.config.rl import RLConfig
+from posttrain.data import encode_prompts
+from posttrain.data.encoding import PromptTokens
+from posttrain.data.report import LoadReport
+from posttrain.objectives import ADVANTAGES
+from posttrain.policies import load_model, save_pretrained
+from posttrain.rewards import LoadedReward, RewardSet, RewardSpec, load_reward_fn
+from posttrain.rollout import SamplingParams
+from posttrain.runtime.checkpoint import Checkpointer, model_dir
+from posttrain.runtime.optim import build_adamw
+from posttrain.runtime.seeding import capture_rng_states
+from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, build_policy, load_split
+from posttrain.trainers.evaluation import EvalResult, evaluate
+from posttrain.trainers.rl_update import MovingBaseline, ValueModel, frozen_copy
+from posttrain.trainers.run_state import restore_checkpoint
+
+
+@dataclass
+class RLRun:
+    """The built parts of one run, and the state a checkpoint carries (the last six fields)."""
+
+    model: Any
+    tokenizer: Any
+    reference: Any | None
+    critic: ValueModel | None
+    critic_optimizer: Any | None
+    reward_set: RewardSet
+    train: list[PromptTokens]
+    eval_prompts: list[PromptTokens]
+    report: LoadReport
+    checkpointer: Checkpointer
+    checkpoint: Path | None
+    optim: Any
+    sampler: EpochSampler
+    generator: torch.Generator
+    baseline: MovingBaseline
+    kl_coef: float
+    history: list[dict[str, float]]
+    start_step: int
+
+
+def build_rl_run(
+    cfg: RLConfig,
+    *,
+    model: Any,
+    tokenizer: Any,
+    train_rows: Rows | None,
+    eval_rows: Rows | None,
+    rewards: list[Any] | None,
+    resume: bool,
+    generator: torch.Generator,
+    device: torch.device,
+) -> RLRun:
+    rl = cfg.rl
+    checkpointer = Checkpointer(Path(cfg.output_dir), keep_last=cfg.train.keep_last)
+    checkpoint = checkpointer.latest() if resume else None
+    if model is None or tokenizer is None:
+        model, tokenizer = build_policy(
+            cfg.model,
+            seed=cfg.seed,
+            device=device,
+            recipe_dir=cfg.recipe_dir,
+            path_override=model_dir(checkpoint) if checkpoint else None,
+        )
+    elif checkpoint is not None:
+        model.load_state_dict(load_model(model_dir(checkpoint), device=device).state_dict())
+    reference = frozen_copy(model) if rl.kl.coef > 0 else None  # only when a KL term needs it
+    critic = ValueModel(model).to(device) if "critic" in ADVANTAGES[rl.advantage].needs else None
+    critic_optimizer = None
+    if critic is not None:
+        lr = rl.value.lr or cfg.train.lr
+        critic_optimizer = build_adamw(critic.parameters(), lr=lr, weight_decay=0.0, betas=cfg.train.adam_betas)
+    train, report = encode_split(cfg, tokenizer, train_rows, "train")
+    eval_prompts = [p for p in encode_split(cfg, tokenizer, eval_rows, "eval")[0] if "answer" in p.extra]
+    sampler = EpochSampler(len(train), seed=cfg.seed, report=report)
+    optim = build_optimisation(model, cfg.train)
+    run = RLRun(
+        model, tokenizer, reference, critic, critic_optimizer, build_reward_set(cfg, rewards), train, eval_prompts,
+        report, checkpointer, checkpoint, optim, sampler, generator, MovingBaseline(), rl.kl.coef, [], 0,
+    )  # fmt: skip
+    if checkpoint is not None:
+        _restore_rl_state(run)
+    return run
+
+
+def _restore_rl_state(run: RLRun) -> None:
+    run.history, run.start_step = restore_checkpoint(
+        run.checkpointer, run.checkpoint, run.optim, run.sampler, run.generator
+    )
+    state = run.checkpointer.load_state(run.checkpoint)
+    if run.critic is not None:
+        run.critic.load_state_dict(state["critic"])
+        run.critic_optimizer.load_state_dict(state["critic_optimizer"])
+    run.baseline = MovingBaseline(**state["baseline"])
+    run.kl_coef = state["kl_coef"]
+
+
+def save_rl_checkpoint(run: RLRun, step: int) -> Path:
+    state = {
+        "optimizer": run.optim.optimizer.state_dict(),
+        "scheduler": run.optim.scheduler.state_dict(),
+        "data": run.sampler.state_dict(),
+        "rng": capture_rng_states({"sampling": run.generator}),
+        "history": run.history,
+        "baseline": {"value": run.baseline.value, "steps": run.baseline.steps},
+        "kl_coef": run.kl_coef,
+    }
+    if run.critic is not None:
+        state |= {"critic": run.critic.state_dict(), "critic_optimizer": run.critic_optimizer.state_dict()}
+    return run.checkpointer.save(step, save_model=lambda d: save_pretrained(run.model, run.tokenizer, d), state=state)
+
+
+def build_reward_set(cfg: RLConfig, rewards: list[Any] | None) -> RewardSet:
+    """The config's rewards, or `rewards` (TRL-style callables or RewardSpecs) in their place."""
+    if rewards is None:
+        specs = [RewardSpec(**entry.model_dump()) for entry in cfg.rewards]
+        return RewardSet.from_specs(specs, cfg.recipe_dir, max_failure_fraction=cfg.max_failure_fraction)
+    loaded = []
+    for i, r in enumerate(rewards):
+        if callable(r):
+            loaded.append(LoadedReward(getattr(r, "__name__", f"reward_{i}"), r, timeout_s=None))
+        else:
+            loaded += RewardSet.from_specs([r], cfg.recipe_dir).rewards
+    return RewardSet(loaded, max_failure_fraction=cfg.max_failure_fraction)
+
+
+def encode_split(cfg: RLConfig, tokenizer: Any, rows: Rows | None, split: str) -> tuple[list[Any], Any]:
+    loaded = load_split(cfg.data, "prompt", split, seed=cfg.seed, recipe_dir=cfg.recipe_dir, rows=rows)
+    if loaded is None:
+        return [], None
+    examples, report = loaded
+    if split == "eval" and cfg.eval.limit is not None:
+        examples = examples[: cfg.eval.limit]
+    max_length = cfg.rl.max_prompt_length or cfg.data.max_length
+    return encode_prompts(examples, tokenizer, max_length=max_length, report=report), report
+
+
+def sampling_params(cfg: RLConfig, eos_token_id: int) -> tuple[SamplingParams, SamplingParams]:
+    """(the training sampler's parameters, greedy decoding with the same length and stop token)."""
+    s = cfg.rl.sampling
+    params = SamplingParams(
+        max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+        min_p=s.min_p, stop_token_ids=(eos_token_id,), stop_strings=tuple(s.stop_strings),
+    )  # fmt: skip
+    return params, SamplingParams(max_new_tokens=s.max_new_tokens, temperature=0.0, stop_token_ids=(eos_token_id,))
+
+
+def evaluate_policy(cfg: RLConfig, model: Any, tokenizer: Any, prompts: list[Any]) -> EvalResult:
+    """Held-out greedy accuracy (and pass@k), with its own generator so that it never shifts training's."""
+    e = cfg.eval
+    reward = load_reward_fn(e.reward, base_dir=cfg.recipe_dir)
+    return evaluate(
+        model, tokenizer, prompts, reward, max_new_tokens=e.max_new_tokens, samples=e.samples, k=e.k,
+        temperature=e.temperature, batch_size=e.batch_size, generator=torch.Generator().manual_seed(cfg.seed + 1),
+    )  # fmt: skip

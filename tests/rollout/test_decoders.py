@@ -1,0 +1,84 @@
+"""The static-cache decoder (the native engine's fast path) against the model's own forward."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+from posttrain.rollout import ENGINES, NativeEngine, SamplingParams
+from posttrain.rollout.decoders import HFCacheDecoder, StaticCacheDecoder, build_decoder, supports_static
+from posttrain.rollout.native import left_pad
+
+
+def uncached_logits(model, prompt: list[int], continuation: list[int]) -> torch.Tensor:
+    """Next-token logits after prompt + continuation, from one forward of the unpadded row."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([prompt + continuation])).logits[0, -1].float()
+
+
+def test_prefill_and_steps_equal_the_models_forward(tiny_model, prompts):
+    # prompts of 3, 7, 1, 5 tokens (left padding up to 6), each expanded to 2 rows; rows 1 and 6 leave
+    # after the second step: every remaining row's logits must equal a fresh forward of its own tokens
+    decoder = StaticCacheDecoder(tiny_model, max_new_tokens=4)
+    with torch.no_grad():
+        logits_P_V = decoder.prefill(*left_pad(prompts, torch.device("cpu")))
+        for p, prompt in enumerate(prompts):
+            torch.testing.assert_close(logits_P_V[p], uncached_logits(tiny_model, prompt, []), atol=1e-4, rtol=0)
+        decoder.expand(2)
+        rows = [p for p in range(4) for _ in range(2)]  # prompt of each active row
+        fed: list[list[int]] = [[] for _ in rows]
+        gen = torch.Generator().manual_seed(0)
+        for step in range(3):
+            tokens_A = torch.randint(0, 64, (len(rows),), generator=gen)
+            logits_A_V = decoder.step(tokens_A)
+            for a, token in enumerate(tokens_A.tolist()):
+                fed[a].append(token)
+                expected = uncached_logits(tiny_model, prompts[rows[a]], fed[a])
+                torch.testing.assert_close(logits_A_V[a], expected, atol=1e-4, rtol=0)
+            if step == 1:
+                keep = [a for a in range(len(rows)) if a not in (1, 6)]
+                decoder.select(torch.tensor(keep))
+                rows, fed = [rows[a] for a in keep], [fed[a] for a in keep]
+
+
+def test_static_path_samples_what_the_generic_path_samples(tiny_model, prompts):
+    # same seed, same draws: the two decoders give the same tokens and log-probs (sampled, with stops)
+    class GenericEngine(NativeEngine):
+        def decoder(self, model, max_new_tokens):
+            return HFCacheDecoder(model)
+
+    params = SamplingParams(max_new_tokens=10, temperature=0.9, stop_token_ids=(5, 9))
+    fast = ENGINES["native"].generate(tiny_model, prompts, params, n=3, generator=torch.Generator().manual_seed(1))
+    plain = GenericEngine().generate(tiny_model, prompts, params, n=3, generator=torch.Generator().manual_seed(1))
+    assert fast.completion_ids == plain.completion_ids
+    assert fast.finish_reasons == plain.finish_reasons
+    for a, b in zip(fast.logprobs, plain.logprobs):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_other_architectures_take_the_generic_path():
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2))
+    assert not supports_static(gpt2)
+    assert isinstance(build_decoder(gpt2, 4), HFCacheDecoder)
+    sliding = Qwen2ForCausalLM(
+        Qwen2Config(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                    intermediate_size=32, use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    )  # fmt: skip
+    assert not supports_static(sliding)
+
+
+def test_lora_wrapped_model_decodes_like_its_merged_weights(qwen2_model, prompts):
+    # LoRA layers are called as modules (no weight fusion): greedy tokens equal the merged model's
+    peft = pytest.importorskip("peft")
+    import copy
+
+    wrapped = peft.get_peft_model(
+        copy.deepcopy(qwen2_model), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
+    )
+    for name, param in wrapped.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5, generator=torch.Generator().manual_seed(len(name)))
+    assert supports_static(wrapped)
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
+    ours = ENGINES["native"].generate(wrapped, prompts, greedy, n=1)
+    merged = copy.deepcopy(wrapped).merge_and_unload()
+    assert ours.completion_ids == ENGINES["hf"].generate(merged, prompts, greedy, n=1).completion_ids
