@@ -284,3 +284,18 @@ def test_left_padded_batch_keeps_the_mask(tokenizer) -> None:
     expected = alone[:-1].gather(1, ids[1, 4:, None]).squeeze(1)
     torch.testing.assert_close(logp[1, 4:], expected, atol=1e-5, rtol=1e-5)
 
+
+
+def test_bfloat16_inputs_take_the_lower_precision_matmul() -> None:
+    # bf16 hidden and weight: logits come from the bf16 matmul, then float32 maths; gradients come back in bf16
+    gen = torch.Generator().manual_seed(6)
+    hidden = torch.randn(6, 8, generator=gen).bfloat16().requires_grad_()
+    weight = torch.randn(20, 8, generator=gen).bfloat16().requires_grad_()
+    targets = torch.tensor([0, 5, 19, 3, 3, 11])
+    logp, entropy = gather_logprobs_and_entropy(hidden, weight, targets, chunk=7)
+    logits = (hidden.detach() @ weight.detach().T).float()
+    ref = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(logp, ref.gather(1, targets[:, None]).squeeze(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, -(ref.exp() * ref).sum(-1), atol=1e-5, rtol=1e-5)
+    logp.sum().backward()
+    assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16

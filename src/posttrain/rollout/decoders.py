@@ -4,9 +4,10 @@
 `DynamicCache`. `StaticCacheDecoder` is the fast path for the Llama family (Llama, Qwen2 with full
 attention): it runs the same weights through a compact forward over a KV cache preallocated for the
 whole generation (prompt width + max_new_tokens), so a decode step is a few matmuls per layer with no
-per-step mask building, cache concatenation or module dispatch; q/k/v and gate/up each run as one matmul
-over stacked weights. It reads the model's own modules (embeddings, norms, activation, rotary tables,
-Linear layers plain or LoRA-wrapped) at every generate call, so it follows the weights as they train.
+per-step mask building, cache concatenation or module dispatch. It reads the model's own modules
+(embeddings, norms, activation, rotary tables, Linear layers plain or LoRA-wrapped) at every call, so
+it follows the weights as they train. (Stacking q/k/v and gate/up into single matmuls was measured and
+gained nothing on CPU while costing a copy of those weights, so the layers run as the model has them.)
 tests/rollout/test_decoders.py holds its logits equal to the model's forward, prompts left-padded and
 rows leaving the batch.
 
@@ -152,42 +153,6 @@ def _decode_attention(q_A_N_1_D: Tensor, k_A_G_K_D: Tensor, v_A_G_K_D: Tensor, b
     return out_AG_R_D.view(rows, heads, 1, dim)
 
 
-def _stacked(linears: tuple[torch.nn.Module, ...]) -> tuple[Tensor, Tensor | None] | None:
-    """The weights (and biases) of plain Linear layers stacked along their outputs, so that one matmul does
-    the work of several; None when one is not a plain Linear (LoRA) or only some have a bias."""
-    if any(type(m) is not torch.nn.Linear for m in linears):
-        return None
-    biases = [m.bias for m in linears]
-    if any(b is None for b in biases) and any(b is not None for b in biases):
-        return None
-    return torch.cat([m.weight for m in linears]), None if biases[0] is None else torch.cat(biases)
-
-
-class _Projections:
-    """A layer's q/k/v projections as one matmul and gate/up as another. The stacked weights are built once
-    per generate call (the policy trains between calls) and cost one copy of those weights while it runs;
-    layers that cannot be stacked (LoRA) are called one by one."""
-
-    def __init__(self, layer: Any) -> None:
-        self.attn, self.mlp = layer.self_attn, layer.mlp
-        self.qkv_stack = _stacked((self.attn.q_proj, self.attn.k_proj, self.attn.v_proj))
-        self.gate_up_stack = _stacked((self.mlp.gate_proj, self.mlp.up_proj))
-
-    def qkv(self, h: Tensor) -> Tensor:
-        """[..., H] -> [..., (heads + 2 kv_heads) * head_dim]."""
-        if self.qkv_stack is not None:
-            return F.linear(h, *self.qkv_stack)
-        return torch.cat([_linear(m, h) for m in (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj)], dim=-1)
-
-    def mlp_out(self, h: Tensor) -> Tensor:
-        """down(act(gate(h)) * up(h))."""
-        if self.gate_up_stack is not None:
-            gate, up = F.linear(h, *self.gate_up_stack).chunk(2, dim=-1)
-        else:
-            gate, up = _linear(self.mlp.gate_proj, h), _linear(self.mlp.up_proj, h)
-        return _linear(self.mlp.down_proj, self.mlp.act_fn(gate) * up)
-
-
 def _rotate(x_A_H_S_D: Tensor, cos_A_1_S_D: Tensor, sin_A_1_S_D: Tensor) -> Tensor:
     """Rotate-half RoPE, as transformers' `apply_rotary_pos_emb` for Llama and Qwen2."""
     half = x_A_H_S_D.shape[-1] // 2
@@ -231,7 +196,6 @@ class StaticCacheDecoder:
         mask_P_1_T_T = (causal_T_T & real_P_T[:, None, :]) | torch.eye(width, dtype=torch.bool, device=weight.device)
         positions_P_T = positions_from_mask(attention_mask_P_T)
         self.positions_A = real_P_T.sum(dim=-1)
-        self.projections = [_Projections(layer) for layer in self.body.layers]
         return self._forward(input_ids_P_T, positions_P_T, mask_P_1_T_T[:, None], start=0)
 
     def expand(self, n: int) -> None:
@@ -267,14 +231,14 @@ class StaticCacheDecoder:
         cos_A_1_S_D = self.cos_K_D[positions_A_S][:, None]
         sin_A_1_S_D = self.sin_K_D[positions_A_S][:, None]
         x_A_S_H = self.body.embed_tokens(ids_A_S)
-        for layer, projections, keys, values in zip(self.body.layers, self.projections, self.keys, self.values):
-            attn = layer.self_attn
-            qkv_A_S_F = projections.qkv(_rms_norm(layer.input_layernorm, x_A_S_H))
-            qkv_A_N_S_D = qkv_A_S_F.view(rows, new, heads + 2 * kv_heads, dim).transpose(1, 2)
-            qk_A_N_S_D = _rotate(qkv_A_N_S_D[:, : heads + kv_heads], cos_A_1_S_D, sin_A_1_S_D)  # q and k together
-            keys[:, :, start:end] = qk_A_N_S_D[:, heads:]
-            values[:, :, start:end] = qkv_A_N_S_D[:, heads + kv_heads :]
-            q_A_N_S_D = qk_A_N_S_D[:, :heads]
+        for layer, keys, values in zip(self.body.layers, self.keys, self.values):
+            attn, mlp = layer.self_attn, layer.mlp
+            h_A_S_H = _rms_norm(layer.input_layernorm, x_A_S_H)
+            q_A_N_S_D = _linear(attn.q_proj, h_A_S_H).view(rows, new, heads, dim).transpose(1, 2)
+            k_A_G_S_D = _linear(attn.k_proj, h_A_S_H).view(rows, new, kv_heads, dim).transpose(1, 2)
+            keys[:, :, start:end] = _rotate(k_A_G_S_D, cos_A_1_S_D, sin_A_1_S_D)
+            values[:, :, start:end] = _linear(attn.v_proj, h_A_S_H).view(rows, new, kv_heads, dim).transpose(1, 2)
+            q_A_N_S_D = _rotate(q_A_N_S_D, cos_A_1_S_D, sin_A_1_S_D)
             if new == 1:
                 o_A_N_S_D = _decode_attention(q_A_N_S_D, keys[:, :, :end], values[:, :, :end], mask, attn.scaling)
             else:
@@ -283,7 +247,9 @@ class StaticCacheDecoder:
                     enable_gqa=heads != kv_heads,
                 )  # fmt: skip
             x_A_S_H = x_A_S_H + _linear(attn.o_proj, o_A_N_S_D.transpose(1, 2).reshape(rows, new, heads * dim))
-            x_A_S_H = x_A_S_H + projections.mlp_out(_rms_norm(layer.post_attention_layernorm, x_A_S_H))
+            h_A_S_H = _rms_norm(layer.post_attention_layernorm, x_A_S_H)
+            gate_A_S_I = mlp.act_fn(_linear(mlp.gate_proj, h_A_S_H)) * _linear(mlp.up_proj, h_A_S_H)
+            x_A_S_H = x_A_S_H + _linear(mlp.down_proj, gate_A_S_I)
         return _linear(self.head, _rms_norm(self.body.norm, x_A_S_H[:, -1])).float()
 
 
