@@ -38,12 +38,6 @@ Tokens = PreferenceTokens | CompletionTokens
 ENCODERS = {"preference": encode_preference, "unpaired": encode_unpaired, "listwise": encode_listwise}
 
 
-def call_with(fn: Callable[..., Any], available: dict[str, Any], hyper: dict[str, Any]) -> Any:
-    """`fn(**inputs, **hyper)` with only the inputs `fn`'s signature names (missing ones keep defaults)."""
-    names = inspect.signature(fn).parameters
-    return fn(**{k: v for k, v in available.items() if k in names and k not in hyper}, **hyper)
-
-
 def hyper_default(fn: Callable[..., Any], hyper: dict[str, Any], name: str) -> Any:
     """A hyper-parameter's value: the recipe's, else the function's default; None if it has none."""
     if name in hyper:

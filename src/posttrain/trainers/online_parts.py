@@ -82,8 +82,18 @@ def sample_round(
     if opponent == "reference":
         sampled.append(engine.generate(reference, prompt_ids, params, n=n, generator=generator, tokenizer=tokenizer))
     elif opponent == "mixture":
-        sampled.append(sample_geometric_mixture(policy, reference, prompt_ids, params, n=n,
-                                                mixture_coef=mixture_coef, generator=generator, tokenizer=tokenizer))
+        sampled.append(
+            sample_geometric_mixture(
+                policy,
+                reference,
+                prompt_ids,
+                params,
+                n=n,
+                mixture_coef=mixture_coef,
+                generator=generator,
+                tokenizer=tokenizer,
+            )
+        )
     policy.train(was_training)
     completions = [[c for r in sampled for c in r.completion_ids[i * n : (i + 1) * n]] for i in range(len(prompts))]
     generated = time.perf_counter()

@@ -26,19 +26,16 @@ from torch import Tensor
 
 from posttrain.config.pref import SELECTIONS, PrefConfig, feedback_kind
 from posttrain.data import encode_prompts
-from posttrain.objectives.registry import PREFERENCE_LOSSES
+from posttrain.objectives.registry import PREFERENCE_LOSSES, call_with
 from posttrain.policies import save_pretrained
 from posttrain.rewards import RewardSet, RewardSpec, load_reward_fn
 from posttrain.rollout import ENGINES, SamplingParams
-from posttrain.runtime.checkpoint import Checkpointer
-from posttrain.runtime.device import limit_cpu_threads, resolve_device
 from posttrain.runtime.guards import NonFiniteGuard
 from posttrain.runtime.logging import RunLogger
-from posttrain.runtime.seeding import seed_everything
 from posttrain.runtime.signals import StopRequest
 from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, chunks, load_split
 from posttrain.trainers.evaluation import EvalResult, evaluate
-from posttrain.trainers.offline import call_with, frozen, hyper_default, kl_reference_point, logps_per_item
+from posttrain.trainers.offline import frozen, hyper_default, kl_reference_point, logps_per_item
 from posttrain.trainers.online_parts import Feedback, build_examples, sample_round
 from posttrain.trainers.pref_parts import (
     RunningMean,
@@ -48,7 +45,7 @@ from posttrain.trainers.pref_parts import (
     preference_inputs,
 )
 from posttrain.trainers.preference import PrefResult
-from posttrain.trainers.run_state import clip_and_step, restore_checkpoint, save_checkpoint
+from posttrain.trainers.run_state import clip_and_step, restore_checkpoint, save_checkpoint, start_run
 
 
 def train_online_pref(
@@ -63,16 +60,12 @@ def train_online_pref(
 ) -> PrefResult:
     """Optimise preferences in rounds on the policy's own samples. Objects passed in replace the config's;
     train_rows / eval_rows are prompt rows with the columns the rewards or judge read (`answer`, ...)."""
-    limit_cpu_threads()
-    generator = seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    generator, device, checkpointer, checkpoint = start_run(cfg, resume)
     online, loss_fn, args, bf16 = cfg.online, PREFERENCE_LOSSES[cfg.pref.loss], cfg.pref.loss_args, cfg.train.bf16
     needs, kind, length_normalize = set(loss_fn.needs), feedback_kind(loss_fn.needs), cfg.pref.length_normalize
     select = online.select or SELECTIONS[kind][0]
     opponent = "reference" if "reference_samples" in needs else "mixture" if "mixture_opponents" in needs else None
     run_dir = Path(cfg.output_dir)
-    checkpointer = Checkpointer(run_dir, keep_last=cfg.train.keep_last)
-    checkpoint = checkpointer.latest() if resume else None
     model, tokenizer, reference = build_models(cfg, model, tokenizer, checkpoint, device)
     pad_id, mb_size = tokenizer.pad_token_id, cfg.train.micro_batch_size or cfg.train.batch_size
     train_prompts, report = _prompts(cfg, tokenizer, train_rows, "train")
@@ -139,14 +132,18 @@ def train_online_pref(
                         shift.add(log_ratios(inputs))
                 grad_norm = clip_and_step(model, optim, cfg.train.max_grad_norm, guard, loss=totals["loss"],
                                           step=step + 1)  # fmt: skip
-                metrics = {k: v / max(1, len(batch)) for k, v in totals.items()} | round_metrics | {
-                    "grad_norm": grad_norm,
-                    "lr": optim.scheduler.get_last_lr()[0],
-                    "step_time_s": time.perf_counter() - started,
-                    "skipped_steps": guard.skipped,
-                    **{k: float(v) for k, v in extra.items()},
-                    **(shift.state() if "reward_shift" in needs else {}),
-                }
+                metrics = (
+                    {k: v / max(1, len(batch)) for k, v in totals.items()}
+                    | round_metrics
+                    | {
+                        "grad_norm": grad_norm,
+                        "lr": optim.scheduler.get_last_lr()[0],
+                        "step_time_s": time.perf_counter() - started,
+                        "skipped_steps": guard.skipped,
+                        **{k: float(v) for k, v in extra.items()},
+                        **(shift.state() if "reward_shift" in needs else {}),
+                    }
+                )
                 history.append({"step": step + 1, **metrics})
                 if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
                     log.log(step + 1, metrics)

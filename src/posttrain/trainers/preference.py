@@ -3,7 +3,7 @@ listwise losses, on a fixed dataset.
 
 A step takes `train.batch_size` examples in seeded epoch order. Each micro-batch runs one forward over
 every completion (a pair's chosen and rejected rows are stacked into one padded batch of 2N), sums the
-completion log-probs, and hands the loss the inputs its signature names (`offline.call_with`). The loss
+completion log-probs, and hands the loss the inputs its signature names (`objectives.registry.call_with`). The loss
 is the mean over the step's examples, so micro-batching never changes the update. Reference log-probs
 come from a frozen copy of the initial model: once over the data before training (`precomputed`) or
 each micro-batch (`on_the_fly`); losses that do not declare the `reference` need never build one.
@@ -21,19 +21,15 @@ import torch
 from torch import Tensor
 
 from posttrain.config.pref import PrefConfig
-from posttrain.objectives.registry import PREFERENCE_LOSSES
+from posttrain.objectives.registry import PREFERENCE_LOSSES, call_with
 from posttrain.policies import save_pretrained
 from posttrain.rewards import load_reward_fn
-from posttrain.runtime.checkpoint import Checkpointer
-from posttrain.runtime.device import limit_cpu_threads, resolve_device
 from posttrain.runtime.guards import NonFiniteGuard
 from posttrain.runtime.logging import RunLogger
-from posttrain.runtime.seeding import seed_everything
 from posttrain.runtime.signals import StopRequest
 from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, chunks
 from posttrain.trainers.evaluation import EvalResult, evaluate
 from posttrain.trainers.offline import (
-    call_with,
     feedback_kind,
     hyper_default,
     kl_reference_point,
@@ -48,7 +44,7 @@ from posttrain.trainers.pref_parts import (
     log_ratios,
     preference_inputs,
 )
-from posttrain.trainers.run_state import clip_and_step, restore_checkpoint, save_checkpoint
+from posttrain.trainers.run_state import clip_and_step, restore_checkpoint, save_checkpoint, start_run
 
 
 @dataclass
@@ -80,14 +76,10 @@ def train_pref(
 
         return train_online_pref(cfg, model=model, tokenizer=tokenizer, train_rows=train_rows,
                                  eval_rows=eval_rows, resume=resume, progress=progress)  # fmt: skip
-    limit_cpu_threads()
-    generator = seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    generator, device, checkpointer, checkpoint = start_run(cfg, resume)
     loss_fn, args, bf16 = PREFERENCE_LOSSES[cfg.pref.loss], cfg.pref.loss_args, cfg.train.bf16
     kind, length_normalize = feedback_kind(loss_fn.needs), cfg.pref.length_normalize
     run_dir = Path(cfg.output_dir)
-    checkpointer = Checkpointer(run_dir, keep_last=cfg.train.keep_last)
-    checkpoint = checkpointer.latest() if resume else None
     model, tokenizer, reference = build_models(cfg, model, tokenizer, checkpoint, device)
     pad_id = tokenizer.pad_token_id
     load = dict(seed=cfg.seed, recipe_dir=cfg.recipe_dir)

@@ -20,19 +20,17 @@ from transformers import AutoModelForSequenceClassification
 
 from posttrain.config.pref import RMConfig
 from posttrain.config.sections import ModelSection
-from posttrain.objectives.registry import REWARD_MODEL_LOSSES
+from posttrain.objectives.registry import REWARD_MODEL_LOSSES, call_with
 from posttrain.objectives.reward_model import pairwise_accuracy
 from posttrain.policies import MODEL_PRESETS, ModelLoadError, save_pretrained
 from posttrain.policies.models import DTYPES, preset_config
-from posttrain.runtime.checkpoint import Checkpointer, model_dir
-from posttrain.runtime.device import limit_cpu_threads, resolve_device
+from posttrain.runtime.checkpoint import model_dir
 from posttrain.runtime.guards import NonFiniteGuard
 from posttrain.runtime.logging import RunLogger
-from posttrain.runtime.seeding import seed_everything
 from posttrain.runtime.signals import StopRequest
 from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, build_tokenizer_for, chunks, resolve_path
-from posttrain.trainers.offline import Tokens, call_with, collate_feedback, feedback_kind, load_feedback
-from posttrain.trainers.run_state import clip_and_step, restore_checkpoint, save_checkpoint
+from posttrain.trainers.offline import Tokens, collate_feedback, feedback_kind, load_feedback
+from posttrain.trainers.run_state import clip_and_step, restore_checkpoint, save_checkpoint, start_run
 
 
 @dataclass
@@ -56,14 +54,10 @@ def train_rm(
     progress: bool = True,
 ) -> RMResult:
     """Train a reward model. Objects passed in (model, tokenizer, rows) replace the config's."""
-    limit_cpu_threads()
-    generator = seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    generator, device, checkpointer, checkpoint = start_run(cfg, resume)
     loss_fn, args, bf16 = REWARD_MODEL_LOSSES[cfg.rm.loss], cfg.rm.loss_args, cfg.train.bf16
     kind = feedback_kind(loss_fn.needs)
     run_dir = Path(cfg.output_dir)
-    checkpointer = Checkpointer(run_dir, keep_last=cfg.train.keep_last)
-    checkpoint = checkpointer.latest() if resume else None
     if model is None or tokenizer is None:
         tokenizer = build_tokenizer_for(cfg.model, cfg.recipe_dir)
         override = model_dir(checkpoint) if checkpoint else None

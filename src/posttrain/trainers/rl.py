@@ -21,10 +21,8 @@ from posttrain.objectives import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY
 from posttrain.objectives.kl import adaptive_kl_coef
 from posttrain.policies import save_pretrained
 from posttrain.rollout import ENGINES
-from posttrain.runtime.device import limit_cpu_threads, resolve_device
 from posttrain.runtime.guards import NonFiniteGuard, step_schedule
 from posttrain.runtime.logging import RunLogger
-from posttrain.runtime.seeding import seed_everything
 from posttrain.runtime.signals import StopRequest
 from posttrain.trainers.build import Rows
 from posttrain.trainers.evaluation import EvalResult
@@ -37,6 +35,7 @@ from posttrain.trainers.rl_parts import (
 )
 from posttrain.trainers.rl_run import RLRun, build_rl_run, evaluate_policy, sampling_params, save_rl_checkpoint
 from posttrain.trainers.rl_update import Objectives, UpdateStats, prepare_step, update_minibatch
+from posttrain.trainers.run_state import start_run
 
 
 @dataclass
@@ -60,13 +59,11 @@ def train_rl(
     progress: bool = True,
 ) -> RLResult:
     """Train a policy on its own samples. `rewards`: callables or RewardSpecs replacing `cfg.rewards`."""
-    limit_cpu_threads()
-    generator = seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    generator, device, checkpointer, checkpoint = start_run(cfg, resume)
     rl = cfg.rl
     run = build_rl_run(
         cfg, model=model, tokenizer=tokenizer, train_rows=train_rows, eval_rows=eval_rows, rewards=rewards,
-        resume=resume, generator=generator, device=device,
+        checkpointer=checkpointer, checkpoint=checkpoint, generator=generator, device=device,
     )  # fmt: skip
     model, tokenizer, history = run.model, run.tokenizer, run.history
     objectives = Objectives(

@@ -62,13 +62,12 @@ def build_rl_run(
     train_rows: Rows | None,
     eval_rows: Rows | None,
     rewards: list[Any] | None,
-    resume: bool,
+    checkpointer: Checkpointer,
+    checkpoint: Path | None,
     generator: torch.Generator,
     device: torch.device,
 ) -> RLRun:
     rl = cfg.rl
-    checkpointer = Checkpointer(Path(cfg.output_dir), keep_last=cfg.train.keep_last)
-    checkpoint = checkpointer.latest() if resume else None
     if model is None or tokenizer is None:
         model, tokenizer = build_policy(
             cfg.model,

@@ -11,9 +11,20 @@ import torch
 
 from posttrain.policies import save_pretrained
 from posttrain.runtime.checkpoint import Checkpointer
+from posttrain.runtime.device import limit_cpu_threads, resolve_device
 from posttrain.runtime.guards import NonFiniteGuard, step_schedule
-from posttrain.runtime.seeding import capture_rng_states, restore_rng_states
+from posttrain.runtime.seeding import capture_rng_states, restore_rng_states, seed_everything
 from posttrain.trainers.build import EpochSampler
+
+
+def start_run(cfg: Any, resume: bool) -> tuple[torch.Generator, torch.device, Checkpointer, Path | None]:
+    """What every trainer does first: keep torch's threads within the cores, seed every generator, pick the
+    device, and find the checkpoint to resume from (None unless `resume`).
+    Returns (the sampling generator, device, checkpointer of cfg.output_dir, checkpoint or None)."""
+    limit_cpu_threads()
+    generator = seed_everything(cfg.seed)
+    checkpointer = Checkpointer(Path(cfg.output_dir), keep_last=cfg.train.keep_last)
+    return generator, resolve_device(cfg.device), checkpointer, checkpointer.latest() if resume else None
 
 
 def clip_and_step(

@@ -30,15 +30,13 @@ from posttrain.data.report import LoadReport
 from posttrain.objectives.aggregation import token_mean
 from posttrain.policies import save_pretrained, token_logprobs
 from posttrain.rewards import load_reward_fn
-from posttrain.runtime.checkpoint import Checkpointer, model_dir
-from posttrain.runtime.device import limit_cpu_threads, resolve_device
+from posttrain.runtime.checkpoint import model_dir
 from posttrain.runtime.guards import NonFiniteGuard
 from posttrain.runtime.logging import RunLogger
-from posttrain.runtime.seeding import seed_everything
 from posttrain.runtime.signals import StopRequest
 from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, build_policy, chunks, load_split
 from posttrain.trainers.evaluation import EvalResult, evaluate
-from posttrain.trainers.run_state import clip_and_step, restore_checkpoint, save_checkpoint
+from posttrain.trainers.run_state import clip_and_step, restore_checkpoint, save_checkpoint, start_run
 
 
 @dataclass
@@ -61,12 +59,8 @@ def train_sft(
     progress: bool = True,
 ) -> SFTResult:
     """Fine-tune on demonstrations. Objects passed in (model, tokenizer, rows) replace the config's."""
-    limit_cpu_threads()
-    generator = seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    generator, device, checkpointer, checkpoint = start_run(cfg, resume)
     run_dir = Path(cfg.output_dir)
-    checkpointer = Checkpointer(run_dir, keep_last=cfg.train.keep_last)
-    checkpoint = checkpointer.latest() if resume else None
     if model is None or tokenizer is None:
         model, tokenizer = build_policy(
             cfg.model,
