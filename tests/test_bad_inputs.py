@@ -163,6 +163,8 @@ CONFIG_CASES = [
     ("sft", ["data.truncation=cut"], ["data.truncation:", "'truncate' or 'drop'"]),
     ("rl", ["rl.group_size=1"], ["rl.group_size: Input should be greater than or equal to 2 (got 1)"]),
     ("rl", ["rl.advantage=grpo_std"], ["rl.advantage: 'grpo_std' is not a registered"]),
+    ("rl", ["rl.kl.coef=0", "rl.kl.in_reward=true"], ["rl.kl: in_reward or target is set but coef is 0"]),
+    ("rl", ["rl.kl.coef=0", "rl.kl.target=6"], ["rl.kl: in_reward or target is set but coef is 0"]),
     ("pref", ["pref.loss_args.beta=-0.1"], ["pref.loss_args.beta: -0.1;", "must be a number > 0"]),
     ("pref", ["pref.loss_args.beta=0"], ["pref.loss_args.beta: 0;"]),
     ("pref", ["pref.reference=none"], ["pref.reference: 'none' is incompatible with pref.loss 'dpo'"]),

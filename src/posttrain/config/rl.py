@@ -153,6 +153,11 @@ class RLSection(Section):
         )
         check_registered("rl.loss_aggregation", self.loss_aggregation, AGGREGATIONS)
         check_registered("rl.kl.estimator", self.kl.estimator, KL_ESTIMATORS)
+        if self.kl.coef == 0 and (self.kl.in_reward or self.kl.target is not None):
+            raise ValueError(
+                "rl.kl: in_reward or target is set but coef is 0, so there is no KL term and no reference; "
+                "set rl.kl.coef > 0 (e.g. 0.05) or drop in_reward/target"
+            )
         from posttrain.rollout import ENGINES
 
         if self.engine not in ENGINES:
