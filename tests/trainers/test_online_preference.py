@@ -15,6 +15,7 @@ from posttrain.config import ConfigError, PrefConfig
 from posttrain.data import PreferenceTokens
 from posttrain.data.encoding import PromptTokens
 from posttrain.policies import build_model
+from posttrain.rewards import RewardFailureError
 from posttrain.rollout import ENGINES, SamplingParams
 from posttrain.tasks import ArithmeticTask
 from posttrain.tasks.preference_data import feedback_rows
@@ -114,6 +115,12 @@ def test_judge_fills_both_halves_of_the_preference_matrix():
     torch.testing.assert_close(prefs, torch.tensor([[[0.5, 1.0, 1.0], [0.0, 0.5, 0.25], [0.0, 0.75, 0.5]]]))
     with pytest.raises(ValueError, match="one probability in"):
         judge_all_pairs(lambda **kw: [2.0, 0.0, 0.0], tokenizer, prompts, completions)
+
+    def broken_judge(**kwargs):
+        raise KeyError("no such column")
+
+    with pytest.raises(RewardFailureError, match=r"online\.judge 'broken_judge' failed on a round of 3 comparisons"):
+        judge_all_pairs(broken_judge, tokenizer, prompts, completions)
 
 
 def test_geometric_mixture_at_its_ends_is_the_policy_or_the_reference():

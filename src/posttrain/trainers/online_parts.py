@@ -27,7 +27,7 @@ from posttrain.objectives.pairing import (
     win_rates_against,
     win_rates_within_group,
 )
-from posttrain.rewards import RewardSet
+from posttrain.rewards import RewardFailureError, RewardSet
 from posttrain.rollout import Rollouts, SamplingParams, StopChecker
 from posttrain.rollout.native import left_pad, positions_from_mask
 from posttrain.rollout.sampling import sample_tokens
@@ -151,13 +151,19 @@ def judge_all_pairs(
     prompt_texts = tokenizer.batch_decode([p.prompt_ids for p in prompts], skip_special_tokens=True)
     keys = sorted({key for p in prompts for key in p.extra})
     rows = [(p, i, j) for p in range(len(prompts)) for i, j in upper]
-    verdicts = judge(
-        prompts=[prompt_texts[p] for p, _, _ in rows],
-        completions_a=[texts[p][i] for p, i, _ in rows],
-        completions_b=[texts[p][j] for p, _, j in rows],
-        **{key: [prompts[p].extra.get(key) for p, _, _ in rows] for key in keys},
-    )
-    values = torch.tensor([float(v) for v in verdicts], dtype=torch.float32)
+    try:
+        verdicts = judge(
+            prompts=[prompt_texts[p] for p, _, _ in rows],
+            completions_a=[texts[p][i] for p, i, _ in rows],
+            completions_b=[texts[p][j] for p, _, j in rows],
+            **{key: [prompts[p].extra.get(key) for p, _, _ in rows] for key in keys},
+        )
+        values = torch.tensor([float(v) for v in verdicts], dtype=torch.float32)
+    except Exception as error:  # a judge is user code: say which call failed, not where inside torch
+        name = getattr(judge, "__name__", repr(judge))
+        raise RewardFailureError(
+            f"online.judge '{name}' failed on a round of {len(rows)} comparisons: {type(error).__name__}: {error}"
+        ) from error
     if len(values) != len(rows) or not bool(((values >= 0) & (values <= 1)).all()):
         raise ValueError(
             f"online.judge returned {len(values)} values for {len(rows)} comparisons; it must return one "
