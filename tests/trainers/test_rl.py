@@ -1,12 +1,18 @@
 """Online RL trainer: a few CPU steps on the arithmetic task from a briefly SFT-trained tiny model."""
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from posttrain.api import rl, sft
 from posttrain.config import ConfigError, RLConfig, load_config
+from posttrain.policies import load_model
+from posttrain.runtime.guards import TrainingStopped
+from posttrain.runtime.signals import TrainingInterrupted
 
 RECIPES = Path(__file__).parents[2] / "recipes"
 PRESETS = [
@@ -145,3 +151,45 @@ def test_preset_recipes_load_and_run(name: str, sft_model: str, tmp_path: Path) 
     ]
     cfg = load_config(RLConfig, RECIPES / f"arith-{name}.yaml", overrides)
     assert len(rl(cfg, progress=False).history) == 2
+
+
+def test_sigterm_finishes_the_step_saves_it_and_the_run_resumes(sft_model: str, tmp_path: Path) -> None:
+    calls = []
+
+    def answer_and_signal(completions, answer, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # during step 2's scoring, as a scheduler's preemption would arrive
+            os.kill(os.getpid(), signal.SIGTERM)
+        return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answer)]
+
+    cfg = config(sft_model, tmp_path, train={"max_steps": 4})
+    with pytest.raises(TrainingInterrupted) as stopped:
+        rl(cfg, rewards=[answer_and_signal], progress=False)
+    assert (stopped.value.step, stopped.value.exit_code) == (2, 143)
+    assert stopped.value.checkpoint.name == "step-00000002"
+    resumed = rl(cfg, rewards=[answer_and_signal], resume=True, progress=False).history
+    assert [h["step"] for h in resumed] == [1, 2, 3, 4]
+
+
+def test_non_finite_updates_are_skipped_then_the_run_stops(sft_model: str, tmp_path: Path) -> None:
+    (tmp_path / "nan_loss.py").write_text(
+        "import torch\n"
+        "from posttrain.objectives.registry import policy_loss\n\n"
+        "@policy_loss('nan_pg')\n"
+        "def nan_pg(logp_B_T, old_logp_B_T, adv_B_T, mask_B_T):\n"
+        "    '''A policy gradient whose loss is NaN: every update must be skipped.'''\n"
+        "    return logp_B_T * float('nan'), torch.zeros_like(logp_B_T)\n"
+    )
+    cfg = config(
+        sft_model,
+        tmp_path / "run",
+        plugins=[str(tmp_path / "nan_loss.py")],
+        train={"max_steps": 5, "max_bad_steps": 3},
+        rl={"policy_loss": "nan_pg"},
+    )
+    model, tokenizer = load_model(sft_model), AutoTokenizer.from_pretrained(sft_model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TrainingStopped, match=r"3 optimiser updates in a row had a non-finite loss"):
+        rl(cfg, model=model, tokenizer=tokenizer, progress=False)
+    for name, value in model.state_dict().items():  # none of the NaN updates reached the weights
+        assert torch.equal(value, before[name]), name
