@@ -44,7 +44,7 @@ from posttrain.trainers.pref_parts import (
     log_ratios,
     preference_inputs,
 )
-from posttrain.trainers.run_state import clip_and_step, restore_checkpoint, save_checkpoint, start_run
+from posttrain.trainers.run_state import clip_and_step, finish_step, restore_checkpoint, save_checkpoint, start_run
 
 
 @dataclass
@@ -129,6 +129,10 @@ def train_pref(
         log.log(0, initial_eval, kind="eval")
 
     model.train()
+
+    def save(step: int) -> Path:
+        return save_checkpoint(checkpointer, step, model, tokenizer, optim, sampler, generator, history)
+
     with StopRequest() as stop:
         for step in range(start_step, cfg.train.max_steps):
             started = time.perf_counter()
@@ -162,15 +166,7 @@ def train_pref(
             done = step + 1
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.max_steps and eval_items:
                 metrics |= held_out_metrics()
-            history.append({"step": done, **metrics})
-            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
-                log.log(done, metrics)
-            if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.train.max_steps:
-                save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
-            if stop.requested:
-                log.close()
-                saved = save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
-                raise stop.interrupted(done, saved)
+            finish_step(done, metrics, history, log, cfg.train, stop, save)
 
     final_eval, generation = held_out_metrics() if eval_items else {}, None
     if held_out and held_out.answer_prompts:

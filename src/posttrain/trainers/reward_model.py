@@ -30,7 +30,7 @@ from posttrain.runtime.logging import RunLogger
 from posttrain.runtime.signals import StopRequest
 from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, build_tokenizer_for, chunks, resolve_path
 from posttrain.trainers.offline import Tokens, collate_feedback, feedback_kind, load_feedback
-from posttrain.trainers.run_state import clip_and_step, restore_checkpoint, save_checkpoint, start_run
+from posttrain.trainers.run_state import clip_and_step, finish_step, restore_checkpoint, save_checkpoint, start_run
 
 
 @dataclass
@@ -88,6 +88,10 @@ def train_rm(
         log.log(0, initial_eval, kind="eval")
 
     model.train()
+
+    def save(step: int) -> Path:
+        return save_checkpoint(checkpointer, step, model, tokenizer, optim, sampler, generator, history)
+
     with StopRequest() as stop:
         for step in range(start_step, cfg.train.max_steps):
             started = time.perf_counter()
@@ -114,15 +118,7 @@ def train_rm(
             done = step + 1
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.max_steps and eval_items:
                 metrics |= _held_out_accuracy(model, eval_items, mb_size, pad_id, device, bf16)
-            history.append({"step": done, **metrics})
-            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
-                log.log(done, metrics)
-            if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.train.max_steps:
-                save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
-            if stop.requested:
-                log.close()
-                saved = save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
-                raise stop.interrupted(done, saved)
+            finish_step(done, metrics, history, log, cfg.train, stop, save)
 
     final_eval = _held_out_accuracy(model, eval_items, mb_size, pad_id, device, bf16) if eval_items else {}
     if final_eval:

@@ -10,6 +10,7 @@ builds once lives in `rl_run.py`; sampling in `rl_parts.py`; the update in `rl_u
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from posttrain.trainers.rl_parts import (
 )
 from posttrain.trainers.rl_run import RLRun, build_rl_run, evaluate_policy, sampling_params, save_rl_checkpoint
 from posttrain.trainers.rl_update import Objectives, UpdateStats, prepare_step, update_minibatch
-from posttrain.trainers.run_state import start_run
+from posttrain.trainers.run_state import finish_step, start_run
 
 
 @dataclass
@@ -90,9 +91,8 @@ def train_rl(
             engine, model, tokenizer, run.reward_set, prompts, params, group_size=rl.group_size, generator=generator
         )
 
-    last = cfg.train.max_steps
     model.train()
-    with StopRequest() as stop:
+    with StopRequest() as stop, closing(run.reward_set):
         for step in range(run.start_step, cfg.train.max_steps):
             started = time.perf_counter()
             scored = (
@@ -163,15 +163,7 @@ def train_rl(
             ):
                 evaluated = evaluate_policy(cfg, model, tokenizer, run.eval_prompts).metrics()
                 metrics |= {f"eval_{k}": v for k, v in evaluated.items()}
-            history.append({"step": done, **metrics})
-            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
-                log.log(done, metrics)
-            if cfg.train.save_every and done % cfg.train.save_every == 0 and done < last:
-                save_rl_checkpoint(run, done)
-            if stop.requested:
-                log.close()
-                run.reward_set.close()
-                raise stop.interrupted(done, save_rl_checkpoint(run, done))
+            finish_step(done, metrics, history, log, cfg.train, stop, lambda d: save_rl_checkpoint(run, d))
 
     final_eval = None
     if run.eval_prompts:
@@ -180,7 +172,6 @@ def train_rl(
         log.print(f"eval: greedy accuracy {final_eval.greedy_accuracy:.4f} on {final_eval.num_prompts} prompts")
     save_rl_checkpoint(run, cfg.train.max_steps)
     final_dir = save_pretrained(model, tokenizer, Path(cfg.output_dir) / "final")
-    run.reward_set.close()
     log.close()
     return RLResult(model, tokenizer, final_dir, history, final_eval)
 

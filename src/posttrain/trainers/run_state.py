@@ -4,6 +4,7 @@ updates), save and restore run state."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,28 @@ def clip_and_step(
     norm = guard.step(model.parameters(), optim.optimizer, max_grad_norm, loss=loss, step=step)
     step_schedule(optim.scheduler)
     return norm
+
+
+def finish_step(
+    done: int,
+    metrics: dict[str, float],
+    history: list[dict[str, float]],
+    log: Any,
+    train: Any,
+    stop: Any,
+    save: Callable[[int], Path],
+) -> None:
+    """The end of every step: record and log its metrics, save on `train.save_every`, and honour a stop
+    request (SIGINT/SIGTERM) by saving this step and raising `TrainingInterrupted`. `save(step)` writes
+    the trainer's checkpoint and returns its path; the final save after the last step is the caller's."""
+    history.append({"step": done, **metrics})
+    if done % train.log_every == 0 or done == train.max_steps:
+        log.log(done, metrics)
+    if train.save_every and done % train.save_every == 0 and done < train.max_steps:
+        save(done)
+    if stop.requested:
+        log.close()
+        raise stop.interrupted(done, save(done))
 
 
 def save_checkpoint(

@@ -36,7 +36,7 @@ from posttrain.runtime.logging import RunLogger
 from posttrain.runtime.signals import StopRequest
 from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, build_policy, chunks, load_split
 from posttrain.trainers.evaluation import EvalResult, evaluate
-from posttrain.trainers.run_state import clip_and_step, restore_checkpoint, save_checkpoint, start_run
+from posttrain.trainers.run_state import clip_and_step, finish_step, restore_checkpoint, save_checkpoint, start_run
 
 
 @dataclass
@@ -88,6 +88,10 @@ def train_sft(
     reward = load_reward_fn(cfg.eval.reward, base_dir=cfg.recipe_dir) if eval_prompts else None
 
     model.train()
+
+    def save(step: int) -> Path:
+        return save_checkpoint(checkpointer, step, model, tokenizer, optim, sampler, generator, history)
+
     with StopRequest() as stop:
         for step in range(start_step, cfg.train.max_steps):
             started = time.perf_counter()
@@ -117,15 +121,7 @@ def train_sft(
                 metrics |= _evaluate_metrics(
                     model, tokenizer, eval_prompts, eval_tokens, reward, cfg, device, generator
                 )[0]
-            history.append({"step": done, **metrics})
-            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
-                log.log(done, metrics)
-            if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.train.max_steps:
-                save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
-            if stop.requested:
-                log.close()
-                saved = save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
-                raise stop.interrupted(done, saved)
+            finish_step(done, metrics, history, log, cfg.train, stop, save)
 
     final_eval = None
     if eval_prompts or eval_tokens:
