@@ -1,0 +1,54 @@
+"""DAPO's dynamic sampling (`keep_informative_groups`): which groups it keeps, how many draws it makes."""
+
+import torch
+
+from posttrain.data.encoding import PromptTokens
+from posttrain.rewards import RewardResult
+from posttrain.rollout import Rollouts
+from posttrain.trainers.rl_parts import Scored, keep_informative_groups
+
+
+def scored(prompt_names: list[str], rewards_P_G: list[list[float]]) -> Scored:
+    """P prompts x G completions; completion j of prompt i is the token list [i, j]."""
+    g = len(rewards_P_G[0])
+    rows = [[i, j] for i in range(len(prompt_names)) for j in range(g)]
+    rollouts = Rollouts(
+        prompt_ids=[[100 + i] for i in range(len(prompt_names))],
+        completion_ids=rows,
+        logprobs=[torch.zeros(2) for _ in rows],
+        finish_reasons=["stop"] * len(rows),
+        group_size=g,
+    )
+    total = torch.tensor([r for group in rewards_P_G for r in group])
+    rewards = RewardResult(total=total, per_reward={"r": total.clone()}, failures={"r": 0}, metrics={})
+    prompts = [PromptTokens([100 + i], name, {}) for i, name in enumerate(prompt_names)]
+    return Scored(prompts, rollouts, rewards, gen_s=1.0, score_s=0.5)
+
+
+def test_keeps_only_groups_whose_rewards_differ_and_draws_until_it_has_enough():
+    draws = iter([
+        scored(["a", "b", "c"], [[1, 1], [0, 1], [0, 0]]),  # b is informative; a and c are dropped
+        scored(["d", "e", "f"], [[1, 0], [1, 0], [0, 1]]),  # d and e complete the three; f is not needed
+    ])  # fmt: skip
+    kept = keep_informative_groups(lambda: next(draws), num_groups=3, max_batches=5)
+    assert [p.where for p in kept.prompts] == ["b", "d", "e"]
+    assert kept.rewards.total.tolist() == [0, 1, 1, 0, 1, 0]
+    # completions travel with their group: b is prompt 1 of draw 1, d and e prompts 0 and 1 of draw 2
+    assert kept.rollouts.completion_ids == [[1, 0], [1, 1], [0, 0], [0, 1], [1, 0], [1, 1]]
+    assert kept.rollouts.prompt_ids == [[101], [100], [101]]
+    assert kept.dropped_groups == 2  # a and c; f was never examined as dropped
+    assert (kept.gen_s, kept.score_s) == (2.0, 1.0)  # the time of both draws
+
+
+def test_stops_after_max_batches_and_trains_on_what_it_kept():
+    draws = iter([scored(["a", "b"], [[1, 1], [0, 1]]), scored(["c", "d"], [[0, 0], [0, 0]])])
+    kept = keep_informative_groups(lambda: next(draws), num_groups=2, max_batches=2)
+    assert [p.where for p in kept.prompts] == ["b"]
+    assert kept.dropped_groups == 3
+
+
+def test_with_nothing_informative_the_last_draw_is_used():
+    draws = iter([scored(["a"], [[1, 1]]), scored(["b"], [[0, 0]])])
+    kept = keep_informative_groups(lambda: next(draws), num_groups=1, max_batches=2)
+    assert [p.where for p in kept.prompts] == ["b"]
+    assert kept.dropped_groups == 2
