@@ -8,8 +8,10 @@ turns the scores into the examples the loss consumes (pairs, labelled completion
 `objectives/pairing.py`), computes their reference log-probs once, and trains `online.steps_per_round`
 optimiser steps of `train.batch_size` examples on them. The reference is the initial model (`keep`) or a
 frozen copy of the policy at the start of each round (`refresh`). One step per round on two samples per
-prompt is online DPO; many steps per round is iterative DPO; the loss decides the rest (`nll` with
-top-k selection is RAFT, `sppo` is SPPO, `xpo` XPO, `nash_md` Nash-MD, `dpo` with a judge is DNO).
+prompt is online DPO (Guo et al. 2024, arXiv:2402.04792); many steps per round is iterative DPO (Xiong et
+al. 2023, arXiv:2312.11456; Dong et al. 2024, arXiv:2405.07863); the loss decides the rest (`nll` with
+top-k selection is RAFT, Dong et al. 2023, arXiv:2304.06767; `sppo` is SPPO, arXiv:2405.00675; `xpo` XPO,
+arXiv:2405.21046; `nash_md` Nash-MD, arXiv:2312.00886; `dpo` with a judge is DNO, arXiv:2404.03715).
 Checkpoints and stop requests take effect at round boundaries (a round's samples are not saved).
 """
 
