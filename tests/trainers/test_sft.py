@@ -13,6 +13,7 @@ import posttrain.api as api
 from posttrain.config import SFTConfig, validate
 from posttrain.data.errors import DataError
 from posttrain.policies import load_model
+from posttrain.runtime.checkpoint import CheckpointError
 from posttrain.trainers.build import EpochSampler
 from posttrain.trainers.sft import train_sft
 
@@ -169,3 +170,10 @@ def test_epoch_sampler_depends_on_the_seed_and_rejects_empty_data() -> None:
     assert EpochSampler(50, seed=0).take(50) != EpochSampler(50, seed=1).take(50)
     with pytest.raises(DataError, match="no training examples"):
         EpochSampler(0, seed=0)
+
+
+def test_resuming_a_finished_run_says_to_raise_max_steps(tmp_path: Path) -> None:
+    run(config(tmp_path, max_steps=2))
+    with pytest.raises(CheckpointError, match=r"is at step 2 and train.max_steps is 2, so there is nothing"):
+        run(config(tmp_path, max_steps=2), resume=True)
+    assert len(run(config(tmp_path, max_steps=3), resume=True).history) == 3  # one more step, after the two

@@ -56,6 +56,14 @@ class Checkpointer:
         steps = self._complete_steps()
         return steps[-1][1] if steps else None
 
+    @staticmethod
+    def step_of(checkpoint: str | Path) -> int:
+        """The step a checkpoint directory (`step-00000012`) was written after."""
+        match = _STEP_DIR.match(Path(checkpoint).name)
+        if match is None:
+            raise CheckpointError(f"{checkpoint}: not a checkpoint directory (step-NNNNNNNN)")
+        return int(match.group(1))
+
     def load_state(self, checkpoint: str | Path) -> dict[str, Any]:
         path = Path(checkpoint) / STATE_FILE
         if not path.is_file():

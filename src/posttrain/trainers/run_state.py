@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from posttrain.policies import save_pretrained
-from posttrain.runtime.checkpoint import Checkpointer
+from posttrain.runtime.checkpoint import Checkpointer, CheckpointError
 from posttrain.runtime.device import limit_cpu_threads, resolve_device
 from posttrain.runtime.guards import NonFiniteGuard, step_schedule
 from posttrain.runtime.seeding import capture_rng_states, restore_rng_states, seed_everything
@@ -25,7 +25,13 @@ def start_run(cfg: Any, resume: bool) -> tuple[torch.Generator, torch.device, Ch
     limit_cpu_threads()
     generator = seed_everything(cfg.seed)
     checkpointer = Checkpointer(Path(cfg.output_dir), keep_last=cfg.train.keep_last)
-    return generator, resolve_device(cfg.device), checkpointer, checkpointer.latest() if resume else None
+    checkpoint = checkpointer.latest() if resume else None
+    if checkpoint is not None and Checkpointer.step_of(checkpoint) >= cfg.train.max_steps:
+        raise CheckpointError(
+            f"--resume: the newest checkpoint, {checkpoint}, is at step {Checkpointer.step_of(checkpoint)} and "
+            f"train.max_steps is {cfg.train.max_steps}, so there is nothing left to train; raise train.max_steps"
+        )
+    return generator, resolve_device(cfg.device), checkpointer, checkpoint
 
 
 def clip_and_step(
