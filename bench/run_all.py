@@ -152,7 +152,10 @@ def section(title: str, doc: dict[str, Any], intro: str) -> str:
     return "\n".join(parts + notes + [""])
 
 
-def render(elapsed_s: float, quick: bool, load_before: list[float], load_after: list[float], failed: list[str]) -> str:
+def render(
+    elapsed_s: float, quick: bool, load_before: list[float], load_after: list[float], failed: list[str],
+    reruns: list[str],
+) -> str:
     m = harness.machine()
     peak = load("matmul_peak")
     done = [n for n, _ in SCRIPTS if n != "matmul_peak.py" and (harness.OUT_DIR / f"{Path(n).stem}.json").exists()]
@@ -185,6 +188,8 @@ def render(elapsed_s: float, quick: bool, load_before: list[float], load_after: 
         TRL_SETTINGS,
         "",
         *([f"**Failed in this run** (see the command's output): {', '.join(failed)}.", ""] if failed else []),
+        *([f"Re-run after the full run with `python bench/run_all.py --only ...` (their sections show their own "
+           f"commands and foreign load): {', '.join(reruns)}.", ""] if reruns else []),
         "### Goals",
         "",
         "| goal | measured | verdict |",
@@ -247,12 +252,19 @@ def main() -> None:
     meta_path = harness.OUT_DIR / "run_all.json"
     if args.render_only and meta_path.exists():
         meta = json.loads(meta_path.read_text())
+    elif only is not None and meta_path.exists():  # a partial re-run: keep the full run's figures, say what changed
+        meta = json.loads(meta_path.read_text())
+        ran = [n for n, _ in SCRIPTS if n in only or Path(n).stem in only]
+        meta["reruns"] = sorted(set(meta.get("reruns", [])) | set(ran))
+        meta["failed"] = sorted((set(meta["failed"]) - set(ran)) | set(failed))
+        meta_path.write_text(json.dumps(meta))
     else:
         meta = {"elapsed_s": time.perf_counter() - started, "quick": args.quick, "load_before": load_before,
                 "load_after": harness.load_average(), "failed": failed}  # fmt: skip
         meta_path.parent.mkdir(parents=True, exist_ok=True)
         meta_path.write_text(json.dumps(meta))
-    write_results(render(meta["elapsed_s"], meta["quick"], meta["load_before"], meta["load_after"], meta["failed"]))
+    write_results(render(meta["elapsed_s"], meta["quick"], meta["load_before"], meta["load_after"], meta["failed"],
+                         meta.get("reruns", [])))  # fmt: skip
     print(f"\nwrote {RESULTS} in {(time.perf_counter() - started) / 60:.1f} minutes")
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)}")
