@@ -52,3 +52,20 @@ def test_with_nothing_informative_the_last_draw_is_used():
     kept = keep_informative_groups(lambda: next(draws), num_groups=1, max_batches=2)
     assert [p.where for p in kept.prompts] == ["b"]
     assert kept.dropped_groups == 2
+
+
+def test_critic_values_on_real_tokens_do_not_depend_on_dropping_the_right_padding_mask():
+    from posttrain.policies import build_model
+    from posttrain.trainers.build import build_builtin_tokenizer
+    from posttrain.trainers.rl_update import ValueModel
+
+    tokenizer = build_builtin_tokenizer("arithmetic")
+    critic = ValueModel(build_model("qwen2-tiny", tokenizer, seed=0))
+    torch.nn.init.normal_(critic.head.weight)  # a zero head would make every value 0
+    ids_B_T = torch.randint(3, len(tokenizer), (3, 7))
+    attn_B_T = torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [1] * 3 + [0] * 4], dtype=torch.bool)
+    fast_B_T = critic(ids_B_T, attn_B_T)  # right padding only: runs without the mask
+    hidden = critic.backbone(input_ids=ids_B_T, attention_mask=attn_B_T, use_cache=False).last_hidden_state
+    plain_B_T = torch.cat([torch.zeros(3, 1), critic.head(hidden).squeeze(-1)[:, :-1]], dim=1)
+    real_B_T = torch.cat([torch.ones(3, 1, dtype=torch.bool), attn_B_T[:, :-1]], dim=1)  # value t reads t - 1
+    torch.testing.assert_close(fast_B_T[real_B_T], plain_B_T[real_B_T])

@@ -19,6 +19,7 @@ from posttrain.objectives.policy_losses import entropy_bonus
 from posttrain.objectives.registry import call_with
 from posttrain.objectives.value import clipped_value_loss, lambda_returns
 from posttrain.policies import token_logprobs
+from posttrain.policies.logprobs import is_right_padded
 from posttrain.rollout.engine import PaddedRollouts
 
 BASELINE_DECAY = 0.9
@@ -53,7 +54,9 @@ class ValueModel(torch.nn.Module):
         torch.nn.init.zeros_(self.head.bias)
 
     def forward(self, input_ids_B_T: Tensor, attention_mask_B_T: Tensor) -> Tensor:
-        hidden_B_T_H = self.backbone(input_ids=input_ids_B_T, attention_mask=attention_mask_B_T, use_cache=False)
+        # right padding is invisible under the causal mask; without a mask the plain causal path is 10-15% faster
+        mask_B_T = None if is_right_padded(attention_mask_B_T) else attention_mask_B_T
+        hidden_B_T_H = self.backbone(input_ids=input_ids_B_T, attention_mask=mask_B_T, use_cache=False)
         v_B_T = self.head(hidden_B_T_H.last_hidden_state).squeeze(-1).float()
         return torch.cat([torch.zeros_like(v_B_T[:, :1]), v_B_T[:, :-1]], dim=1)
 
