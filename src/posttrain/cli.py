@@ -19,6 +19,7 @@ command that resumes it).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import shlex
 import sys
@@ -172,36 +173,23 @@ def _load(args: argparse.Namespace) -> Any:
     return config.load_config(getattr(config, args.config_name), recipe, overrides)
 
 
-def _run_sft(args: argparse.Namespace) -> int:
-    from posttrain.trainers.sft import train_sft
+def _train_with(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """A command handler that loads the recipe and runs `posttrain.trainers.<module>.<function>` on it.
+    The trainer is imported when the command runs, so `posttrain --help` stays fast."""
 
-    result = train_sft(_load(args), resume=args.resume)
-    print(f"final model: {result.final_dir}")
-    return 0
+    def run(args: argparse.Namespace) -> int:
+        train = getattr(importlib.import_module(f"posttrain.trainers.{module}"), function)
+        result = train(_load(args), resume=args.resume)
+        print(f"final model: {result.final_dir}")
+        return 0
 
-
-def _run_rl(args: argparse.Namespace) -> int:
-    from posttrain.trainers.rl import train_rl
-
-    result = train_rl(_load(args), resume=args.resume)
-    print(f"final model: {result.final_dir}")
-    return 0
+    return run
 
 
-def _run_pref(args: argparse.Namespace) -> int:
-    from posttrain.trainers.preference import train_pref
-
-    result = train_pref(_load(args), resume=args.resume)
-    print(f"final model: {result.final_dir}")
-    return 0
-
-
-def _run_rm(args: argparse.Namespace) -> int:
-    from posttrain.trainers.reward_model import train_rm
-
-    result = train_rm(_load(args), resume=args.resume)
-    print(f"final model: {result.final_dir}")
-    return 0
+_run_sft = _train_with("sft", "train_sft")
+_run_rl = _train_with("rl", "train_rl")
+_run_pref = _train_with("preference", "train_pref")
+_run_rm = _train_with("reward_model", "train_rm")
 
 
 def _run_eval(args: argparse.Namespace) -> int:

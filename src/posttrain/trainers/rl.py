@@ -161,13 +161,13 @@ def train_rl(
                 and done < cfg.train.max_steps
                 and run.eval_prompts
             ):
-                evaluated = evaluate_policy(cfg, model, tokenizer, run.eval_prompts).metrics()
+                evaluated = evaluate_policy(cfg, run).metrics()
                 metrics |= {f"eval_{k}": v for k, v in evaluated.items()}
             finish_step(done, metrics, history, log, cfg.train, stop, lambda d: save_rl_checkpoint(run, d))
 
     final_eval = None
     if run.eval_prompts:
-        final_eval = evaluate_policy(cfg, model, tokenizer, run.eval_prompts)
+        final_eval = evaluate_policy(cfg, run)
         log.log(cfg.train.max_steps, {f"eval_{k}": v for k, v in final_eval.metrics().items()}, kind="eval")
         log.print(f"eval: greedy accuracy {final_eval.greedy_accuracy:.4f} on {final_eval.num_prompts} prompts")
     save_rl_checkpoint(run, cfg.train.max_steps)

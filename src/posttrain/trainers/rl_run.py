@@ -42,6 +42,8 @@ class RLRun:
     reward_set: RewardSet
     train: list[PromptTokens]
     eval_prompts: list[PromptTokens]
+    eval_reward: Any
+    """The verifier of held-out evaluation (`eval.reward`), loaded once."""
     report: LoadReport
     checkpointer: Checkpointer
     checkpoint: Path | None
@@ -89,8 +91,11 @@ def build_rl_run(
     sampler = EpochSampler(len(train), seed=cfg.seed, report=report)
     optim = build_optimisation(model, cfg.train)
     run = RLRun(
-        model, tokenizer, reference, critic, critic_optimizer, build_reward_set(cfg, rewards), train, eval_prompts,
-        report, checkpointer, checkpoint, optim, sampler, generator, MovingBaseline(), rl.kl.coef, [], 0,
+        model=model, tokenizer=tokenizer, reference=reference, critic=critic, critic_optimizer=critic_optimizer,
+        reward_set=build_reward_set(cfg, rewards), train=train, eval_prompts=eval_prompts,
+        eval_reward=load_reward_fn(cfg.eval.reward, base_dir=cfg.recipe_dir), report=report,
+        checkpointer=checkpointer, checkpoint=checkpoint, optim=optim, sampler=sampler, generator=generator,
+        baseline=MovingBaseline(), kl_coef=rl.kl.coef, history=[], start_step=0,
     )  # fmt: skip
     if checkpoint is not None:
         _restore_rl_state(run)
@@ -159,11 +164,11 @@ def sampling_params(cfg: RLConfig, eos_token_id: int) -> tuple[SamplingParams, S
     return params, SamplingParams(max_new_tokens=s.max_new_tokens, temperature=0.0, stop_token_ids=(eos_token_id,))
 
 
-def evaluate_policy(cfg: RLConfig, model: Any, tokenizer: Any, prompts: list[Any]) -> EvalResult:
+def evaluate_policy(cfg: RLConfig, run: RLRun) -> EvalResult:
     """Held-out greedy accuracy (and pass@k), with its own generator so that it never shifts training's."""
     e = cfg.eval
-    reward = load_reward_fn(e.reward, base_dir=cfg.recipe_dir)
     return evaluate(
-        model, tokenizer, prompts, reward, max_new_tokens=e.max_new_tokens, samples=e.samples, k=e.k,
-        temperature=e.temperature, batch_size=e.batch_size, generator=torch.Generator().manual_seed(cfg.seed + 1),
+        run.model, run.tokenizer, run.eval_prompts, run.eval_reward, max_new_tokens=e.max_new_tokens,
+        samples=e.samples, k=e.k, temperature=e.temperature, batch_size=e.batch_size,
+        generator=torch.Generator().manual_seed(cfg.seed + 1),
     )  # fmt: skip

@@ -26,9 +26,10 @@ def start_run(cfg: Any, resume: bool) -> tuple[torch.Generator, torch.device, Ch
     generator = seed_everything(cfg.seed)
     checkpointer = Checkpointer(Path(cfg.output_dir), keep_last=cfg.train.keep_last)
     checkpoint = checkpointer.latest() if resume else None
-    if checkpoint is not None and Checkpointer.step_of(checkpoint) >= cfg.train.max_steps:
+    reached = Checkpointer.step_of(checkpoint) if checkpoint is not None else 0
+    if reached >= cfg.train.max_steps:
         raise CheckpointError(
-            f"--resume: the newest checkpoint, {checkpoint}, is at step {Checkpointer.step_of(checkpoint)} and "
+            f"--resume: the newest checkpoint, {checkpoint}, is at step {reached} and "
             f"train.max_steps is {cfg.train.max_steps}, so there is nothing left to train; raise train.max_steps"
         )
     return generator, resolve_device(cfg.device), checkpointer, checkpoint
