@@ -5,6 +5,9 @@ again for its gradient. Here the language-model head runs chunk by chunk over th
 online log-sum-exp, only at the positions the caller asks for (completion tokens, not the prompt or
 padding), and the backward pass recomputes each chunk instead of storing it: memory is O(N * chunk).
 
+The backbone runs on real tokens only for the Llama family (`llama_forward.py`: no compute on padding);
+other models run their own forward over the padded batch.
+
 Alignment, used by every caller: `logp_B_T[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`, so a
 mask aligned with `input_ids` (True where a token is a target) selects the right values; t = 0 has no
 prediction and holds 0.
@@ -16,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from posttrain.policies.llama_forward import find_documents, runs_unpadded, unpadded_hidden_states
 
 DEFAULT_VOCAB_CHUNK = 8192
 
@@ -172,7 +177,7 @@ def gather_logprobs_and_entropy(
 def token_logprobs(
     model: torch.nn.Module,
     input_ids_B_T: Tensor,
-    attention_mask_B_T: Tensor,
+    attention_mask_B_T: Tensor | None,
     target_mask_B_T: Tensor,
     *,
     position_ids_B_T: Tensor | None = None,
@@ -181,13 +186,19 @@ def token_logprobs(
 ) -> tuple[Tensor, Tensor]:
     """Log-probs and entropies [B, T] of `input_ids` under `model`, at the positions of `target_mask`.
 
+    attention_mask_B_T: True (or 1) on real tokens, or None (all real). Right padding (each row real
+    tokens, then padding) takes the fast paths; any other mask goes to the model's forward as it is.
+    position_ids_B_T: None (0, 1, ... in each row) or each token's position. With right padding or no
+    mask, a row whose positions do not step by +1 holds packed documents, each attending to itself only
+    (transformers' rule for packed rows, `masking_utils.find_packed_sequence_indices`).
+
     Only target positions are computed; elsewhere both outputs are 0. See the module docstring for the
-    alignment. Models whose head post-processes logits (soft-capping, logit scale) take the plain path.
+    alignment. Llama-family models run on their real tokens only (`llama_forward.py`); models whose head
+    post-processes logits (soft-capping, logit scale) take the plain head path.
     """
-    hidden_B_T_H = _final_hidden_states(model, input_ids_B_T, attention_mask_B_T, position_ids_B_T)
     predict_B_T = torch.zeros_like(target_mask_B_T, dtype=torch.bool)
     predict_B_T[:, :-1] = target_mask_B_T[:, 1:]  # the hidden state at t predicts token t + 1
-    hidden_N_H = hidden_B_T_H[predict_B_T]
+    hidden_N_H = _hidden_states_at(model, input_ids_B_T, attention_mask_B_T, position_ids_B_T, predict_B_T)
     targets_N = input_ids_B_T[:, 1:][target_mask_B_T[:, 1:]]
     head = model.get_output_embeddings()
     if _head_postprocesses_logits(model.config):
@@ -201,7 +212,7 @@ def token_logprobs(
             temperature=temperature,
             chunk=chunk,
         )
-    logp_B_T = hidden_B_T_H.new_zeros(target_mask_B_T.shape, dtype=torch.float32)
+    logp_B_T = hidden_N_H.new_zeros(target_mask_B_T.shape, dtype=torch.float32)
     entropy_B_T = torch.zeros_like(logp_B_T)
     target_at_B_T = torch.zeros_like(predict_B_T)
     target_at_B_T[:, 1:] = target_mask_B_T[:, 1:]
@@ -210,15 +221,30 @@ def token_logprobs(
     return logp_B_T, entropy_B_T
 
 
-def _final_hidden_states(
-    model: torch.nn.Module, input_ids_B_T: Tensor, attention_mask_B_T: Tensor, position_ids_B_T: Tensor | None
+def _hidden_states_at(
+    model: torch.nn.Module,
+    input_ids_B_T: Tensor,
+    attention_mask_B_T: Tensor | None,
+    position_ids_B_T: Tensor | None,
+    at_B_T: Tensor,
 ) -> Tensor:
-    if position_ids_B_T is None and attention_mask_B_T is not None and is_right_padded(attention_mask_B_T):
+    """Final hidden states [M, H] at the M positions of `at_B_T`, in row-major order: from the unpadded
+    forward where it reproduces the model, else from the model's own forward over the padded batch."""
+    right_padded = attention_mask_B_T is None or is_right_padded(attention_mask_B_T)
+    if right_padded and runs_unpadded(model):
+        real_B_T = torch.ones_like(at_B_T) if attention_mask_B_T is None else attention_mask_B_T.bool()
+        docs = find_documents(real_B_T, position_ids_B_T)
+        # a position asked for on padding has no unpadded hidden state (no caller asks; the plain path answers)
+        if docs is not None and not (at_B_T & ~real_B_T).any():
+            rank_BT = real_B_T.flatten().cumsum(0) - 1  # index into the N real tokens of each real position
+            return unpadded_hidden_states(model, input_ids_B_T, position_ids_B_T, docs, rank_BT[at_B_T.flatten()])
+    if right_padded:
         # Right padding only: under the causal mask no real token attends to a later position, so the padding
-        # is invisible to every real token and positions count 0, 1, ... either way. Without the mask the
-        # model takes its plain causal attention path (no [B, 1, T, T] mask built and applied): 10-15% less
+        # is invisible to every real token. Without the mask the model takes its plain causal attention path
+        # (no [B, 1, T, T] mask built and applied), or splits packed rows by their position ids: 10-15% less
         # time per forward + backward on CPU (bench/profile_grpo.py). Outputs at padding positions change;
-        # they are never targets. tests/policies/test_logprobs.py holds both paths equal.
+        # they are never targets. tests/policies/test_unpadded_forward.py (gradient checkpointing: this path)
+        # holds it equal to the model's forward with the mask, and packed rows equal to transformers' packing.
         attention_mask_B_T = None
     out = model.get_decoder()(
         input_ids=input_ids_B_T,
@@ -226,7 +252,7 @@ def _final_hidden_states(
         position_ids=position_ids_B_T,
         use_cache=False,
     )
-    return out.last_hidden_state
+    return out.last_hidden_state[at_B_T]
 
 
 def is_right_padded(attention_mask_B_T: Tensor) -> bool:

@@ -6,7 +6,8 @@ attention): it runs the same weights through a compact forward over a KV cache p
 whole generation (prompt width + max_new_tokens), so a decode step is a few matmuls per layer with no
 per-step mask building, cache concatenation or module dispatch. It reads the model's own modules
 (embeddings, norms, activation, rotary tables, Linear layers plain or LoRA-wrapped) at every call, so
-it follows the weights as they train. (Stacking q/k/v and gate/up into single matmuls was measured and
+it follows the weights as they train; the layer maths it shares with the unpadded training forward lives
+in `posttrain.policies.llama_forward`. (Stacking q/k/v and gate/up into single matmuls was measured and
 gained nothing on CPU while costing a copy of those weights, so the layers run as the model has them.)
 tests/rollout/test_decoders.py holds its logits equal to the model's forward, prompts left-padded and
 rows leaving the batch.
@@ -25,10 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache
 
-RMS_NORMS = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm"})
-STATIC_FAMILIES = frozenset({"llama", "qwen2"})
-"""`config.model_type`s whose decoder layer is: x += o(attn(rope(q(n1(x))), rope(k(..)), v(..)));
-x += down(act(gate(n2(x))) * up(n2(x))), with RMSNorm, rotate-half RoPE and grouped-query attention."""
+from posttrain.policies.llama_forward import base_model, has_llama_layers, linear, rms_norm, rotate
 
 
 def positions_from_mask(attention_mask_B_T: Tensor) -> Tensor:
@@ -102,39 +100,7 @@ class HFCacheDecoder:
 
 def supports_static(model: Any) -> bool:
     """Whether `StaticCacheDecoder` reproduces this model's forward (Llama family, full attention only)."""
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "model_type", None) not in STATIC_FAMILIES:
-        return False
-    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
-        return False  # sliding-window layers
-    if getattr(config, "use_sliding_window", False):
-        return False
-    try:
-        decoder = _base_model(model).get_decoder()
-        layer = decoder.layers[0]
-        _ = (decoder.embed_tokens, decoder.norm, decoder.rotary_emb, layer.self_attn.scaling, layer.mlp.act_fn)
-    except AttributeError:
-        return False
-    return True
-
-
-def _base_model(model: Any) -> Any:
-    """The transformers model under a peft wrapper (LoRA layers stay in place and are called as modules)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _linear(module: torch.nn.Module, x: Tensor) -> Tensor:
-    # a plain Linear without module dispatch; anything else (LoRA) through its own forward
-    if type(module) is torch.nn.Linear:
-        return F.linear(x, module.weight, module.bias)
-    return module(x)
-
-
-def _rms_norm(module: torch.nn.Module, x: Tensor) -> Tensor:
-    # Llama's and Qwen2's RMSNorm (float32 maths) as one fused op when the input is already float32
-    if type(module).__name__ in RMS_NORMS and x.dtype == torch.float32:
-        return F.rms_norm(x, module.weight.shape, module.weight, module.variance_epsilon)
-    return module(x)
+    return has_llama_layers(model)
 
 
 def _decode_attention(q_A_N_1_D: Tensor, k_A_G_K_D: Tensor, v_A_G_K_D: Tensor, bias_AG_1_K: Tensor,
@@ -153,13 +119,6 @@ def _decode_attention(q_A_N_1_D: Tensor, k_A_G_K_D: Tensor, v_A_G_K_D: Tensor, b
     return out_AG_R_D.view(rows, heads, 1, dim)
 
 
-def _rotate(x_A_H_S_D: Tensor, cos_A_1_S_D: Tensor, sin_A_1_S_D: Tensor) -> Tensor:
-    """Rotate-half RoPE, as transformers' `apply_rotary_pos_emb` for Llama and Qwen2."""
-    half = x_A_H_S_D.shape[-1] // 2
-    rotated = torch.cat((-x_A_H_S_D[..., half:], x_A_H_S_D[..., :half]), dim=-1)
-    return x_A_H_S_D * cos_A_1_S_D + rotated * sin_A_1_S_D
-
-
 class StaticCacheDecoder:
     """Llama-family decoding over a preallocated KV cache; see the module docstring.
 
@@ -168,7 +127,7 @@ class StaticCacheDecoder:
     """
 
     def __init__(self, model: Any, max_new_tokens: int) -> None:
-        self.model = _base_model(model)
+        self.model = base_model(model)
         self.body = self.model.get_decoder()
         self.head = self.model.get_output_embeddings()
         config = self.model.config
@@ -233,12 +192,12 @@ class StaticCacheDecoder:
         x_A_S_H = self.body.embed_tokens(ids_A_S)
         for layer, keys, values in zip(self.body.layers, self.keys, self.values):
             attn, mlp = layer.self_attn, layer.mlp
-            h_A_S_H = _rms_norm(layer.input_layernorm, x_A_S_H)
-            q_A_N_S_D = _linear(attn.q_proj, h_A_S_H).view(rows, new, heads, dim).transpose(1, 2)
-            k_A_G_S_D = _linear(attn.k_proj, h_A_S_H).view(rows, new, kv_heads, dim).transpose(1, 2)
-            keys[:, :, start:end] = _rotate(k_A_G_S_D, cos_A_1_S_D, sin_A_1_S_D)
-            values[:, :, start:end] = _linear(attn.v_proj, h_A_S_H).view(rows, new, kv_heads, dim).transpose(1, 2)
-            q_A_N_S_D = _rotate(q_A_N_S_D, cos_A_1_S_D, sin_A_1_S_D)
+            h_A_S_H = rms_norm(layer.input_layernorm, x_A_S_H)
+            q_A_N_S_D = linear(attn.q_proj, h_A_S_H).view(rows, new, heads, dim).transpose(1, 2)
+            k_A_G_S_D = linear(attn.k_proj, h_A_S_H).view(rows, new, kv_heads, dim).transpose(1, 2)
+            keys[:, :, start:end] = rotate(k_A_G_S_D, cos_A_1_S_D, sin_A_1_S_D)
+            values[:, :, start:end] = linear(attn.v_proj, h_A_S_H).view(rows, new, kv_heads, dim).transpose(1, 2)
+            q_A_N_S_D = rotate(q_A_N_S_D, cos_A_1_S_D, sin_A_1_S_D)
             if new == 1:
                 o_A_N_S_D = _decode_attention(q_A_N_S_D, keys[:, :, :end], values[:, :, :end], mask, attn.scaling)
             else:
@@ -246,11 +205,11 @@ class StaticCacheDecoder:
                     q_A_N_S_D, keys[:, :, :end], values[:, :, :end], attn_mask=mask, scale=attn.scaling,
                     enable_gqa=heads != kv_heads,
                 )  # fmt: skip
-            x_A_S_H = x_A_S_H + _linear(attn.o_proj, o_A_N_S_D.transpose(1, 2).reshape(rows, new, heads * dim))
-            h_A_S_H = _rms_norm(layer.post_attention_layernorm, x_A_S_H)
-            gate_A_S_I = mlp.act_fn(_linear(mlp.gate_proj, h_A_S_H)) * _linear(mlp.up_proj, h_A_S_H)
-            x_A_S_H = x_A_S_H + _linear(mlp.down_proj, gate_A_S_I)
-        return _linear(self.head, _rms_norm(self.body.norm, x_A_S_H[:, -1])).float()
+            x_A_S_H = x_A_S_H + linear(attn.o_proj, o_A_N_S_D.transpose(1, 2).reshape(rows, new, heads * dim))
+            h_A_S_H = rms_norm(layer.post_attention_layernorm, x_A_S_H)
+            gate_A_S_I = mlp.act_fn(linear(mlp.gate_proj, h_A_S_H)) * linear(mlp.up_proj, h_A_S_H)
+            x_A_S_H = x_A_S_H + linear(mlp.down_proj, gate_A_S_I)
+        return linear(self.head, rms_norm(self.body.norm, x_A_S_H[:, -1])).float()
 
 
 def build_decoder(model: Any, max_new_tokens: int) -> Decoder:

@@ -192,12 +192,13 @@ def _micro_batches(
 
 
 def _nll(model: Any, batch: TokenBatch, num_tokens: int, device: torch.device, *, bf16: bool) -> torch.Tensor:
-    attention_mask = None if batch.packed else batch.attention_mask_B_T.to(device)
+    # packed rows too pass their mask: token_logprobs splits them into documents by their position ids,
+    # and the mask tells it which tail is padding (not computed on the Llama family's unpadded path)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         logp_B_T, _ = token_logprobs(
             model,
             batch.input_ids_B_T.to(device),
-            attention_mask,
+            batch.attention_mask_B_T.to(device),
             batch.loss_mask_B_T.to(device),
             position_ids_B_T=batch.position_ids_B_T.to(device),
         )

@@ -1,0 +1,115 @@
+"""The unpadded Llama-family training forward against the padded one, in one process (issue #7).
+
+Forward + backward of `token_logprobs` (the summed target log-probs) with the unpadded forward
+(`posttrain.policies.llama_forward`) on and off, alternating, on the batches the trainers build:
+
+- sft: B arithmetic demonstrations as `bench/sft.py` draws them, completion-only targets, one micro-batch
+  padded to its longest row (`collate_sft`);
+- sft-packed: the same demonstrations packed into rows of `--max-length` (`collate_packed`);
+- dpo: B/2 arithmetic pairs as `bench/dpo_step.py` draws them, chosen and rejected rows padded together
+  (`collate_preference`).
+
+Reports the median seconds of each side and their ratio, and the share of token slots that are padding.
+
+    python bench/unpadded_forward.py --sizes tiny,30m --rounds 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
+from dpo_step import preference_rows
+
+
+def batches(tokenizer: Any, size: int, max_length: int, seed: int) -> dict[str, Any]:
+    from posttrain.data import (
+        PreferenceExample,
+        SFTExample,
+        collate_packed,
+        collate_preference,
+        collate_sft,
+        encode_preference,
+        encode_sft,
+        pack_by_length,
+    )
+
+    rows = harness.arithmetic_rows(size, seed=seed)
+    sft = encode_sft([SFTExample(r["prompt"], r["completion"], f"row {i}") for i, r in enumerate(rows)], tokenizer)
+    pairs = preference_rows(size // 2, seed=seed)
+    pref = encode_preference(
+        [PreferenceExample(r["prompt"], r["chosen"], r["rejected"], f"row {i}") for i, r in enumerate(pairs)],
+        tokenizer,
+    )
+    pad = tokenizer.pad_token_id
+    packed = pack_by_length([len(t.input_ids) for t in sft], max_length=max_length)
+    return {
+        "sft": collate_sft(sorted(sft, key=lambda t: len(t.input_ids)), pad_id=pad),
+        "sft-packed": collate_packed(sft, packed, pad_id=pad),
+        "dpo": collate_preference(pref, pad_id=pad),
+    }
+
+
+def forward_backward(model: Any, batch: Any) -> float:
+    from posttrain.policies import token_logprobs
+
+    started = time.perf_counter()
+    logp_B_T, _ = token_logprobs(
+        model,
+        batch.input_ids_B_T,
+        batch.attention_mask_B_T,
+        batch.loss_mask_B_T,
+        position_ids_B_T=batch.position_ids_B_T,
+    )
+    logp_B_T.sum().backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="tiny,30m")
+    p.add_argument("--batch", type=int, default=64, help="rows per batch (dpo: batch / 2 pairs)")
+    p.add_argument("--max-length", type=int, default=128, help="packed row length")
+    p.add_argument("--rounds", type=int, default=15, help="timed forward + backward per side, alternating")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+
+    import torch
+
+    import posttrain.policies.logprobs as logprobs_module
+
+    torch.set_num_threads(args.threads)
+    runs_unpadded = logprobs_module.runs_unpadded
+    sides = {"unpadded": runs_unpadded, "padded": lambda model: False}
+    tokenizer = harness.build_tokenizer()
+    print(f"threads {args.threads}, batch {args.batch}, {args.rounds} rounds; median seconds per forward + backward")
+    for size in [s.strip() for s in args.sizes.split(",")]:
+        model = harness.build_model(size, tokenizer).train()
+        for name, batch in batches(tokenizer, args.batch, args.max_length, seed=0).items():
+            slots = batch.input_ids_B_T.numel()
+            padding = 1 - int(batch.attention_mask_B_T.sum()) / slots
+            times: dict[str, list[float]] = {side: [] for side in sides}
+            for round_ in range(args.rounds + 1):
+                for side, check in sides.items() if round_ % 2 else reversed(sides.items()):
+                    logprobs_module.runs_unpadded = check
+                    elapsed = forward_backward(model, batch)
+                    if round_:  # the first round warms up
+                        times[side].append(elapsed)
+            logprobs_module.runs_unpadded = runs_unpadded
+            fast, slow = (statistics.median(times[s]) for s in ("unpadded", "padded"))
+            shape = "x".join(map(str, batch.input_ids_B_T.shape))
+            print(
+                f"{size:>5} {name:<11} [{shape}] padding {padding:4.0%}: unpadded {fast * 1e3:7.1f} ms, "
+                f"padded {slow * 1e3:7.1f} ms, speed-up {slow / fast:.2f}x"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Compact forwards of Llama-family decoders (Llama, Qwen2 with full attention) from the model's own modules.
+
+Two users: the training forward here (`unpadded_hidden_states`), which runs the decoder on the real
+tokens of a padded or packed batch only, and the native engine's static-cache decoder
+(`posttrain.rollout.decoders`). Both read the model's modules (embeddings, norms, rotary tables,
+activation, Linear layers plain or LoRA-wrapped) at every call, so they follow the weights as they train.
+
+The unpadded forward (issue #7: no compute on padding). Embeddings, norms, projections and the MLP run
+on the N real tokens as one [N, H] matrix. For attention each document (a row, or one of the documents
+packed in a row) is scattered left-aligned into its own row of a [S, heads, Tmax, D] layout, so a causal
+SDPA needs no mask: the padding after a document's tokens is later than all of them. Rotary tables come
+from the model's `rotary_emb` at the positions the model's own forward would use, so every RoPE scaling
+variant it implements is reproduced. tests/policies/test_unpadded_forward.py holds log-probs, entropies
+and gradients equal to the model's forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+RMS_NORMS = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm"})
+LLAMA_FAMILIES = frozenset({"llama", "qwen2"})
+"""`config.model_type`s whose decoder layer is: x += o(attn(rope(q(n1(x))), rope(k(..)), v(..)));
+x += down(act(gate(n2(x))) * up(n2(x))), with RMSNorm, rotate-half RoPE and grouped-query attention."""
+ATTENTION_KERNELS = frozenset({"eager", "sdpa"})
+"""`config._attn_implementation`s whose results a causal SDPA reproduces (flash and flex kernels differ in
+their numerics and features, and a custom registered kernel may do anything)."""
+
+
+def has_llama_layers(model: Any) -> bool:
+    """Whether the model is a Llama-family decoder with full attention that the compact forwards reproduce."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in LLAMA_FAMILIES:
+        return False
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+        return False  # sliding-window layers
+    if getattr(config, "use_sliding_window", False):
+        return False
+    try:
+        decoder = base_model(model).get_decoder()
+        layer = decoder.layers[0]
+        _ = (decoder.embed_tokens, decoder.norm, decoder.rotary_emb, layer.self_attn.scaling, layer.mlp.act_fn)
+    except AttributeError:
+        return False
+    return True
+
+
+def runs_unpadded(model: Any) -> bool:
+    """Whether `unpadded_hidden_states` reproduces the model's training forward: a Llama-family decoder,
+    eager or SDPA attention, no attention dropout while training, no activation checkpointing (it would
+    be skipped) and no forward hooks on any module (the compact forward calls plain Linear layers and
+    the decoder layers' maths directly, so hooks such as FSDP's parameter gathering would not run)."""
+    if not has_llama_layers(model):
+        return False
+    config = model.config
+    if getattr(config, "_attn_implementation", "eager") not in ATTENTION_KERNELS:
+        return False
+    if model.training and getattr(config, "attention_dropout", 0.0):
+        return False
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) or module._forward_hooks or module._forward_pre_hooks:
+            return False
+    return True
+
+
+def base_model(model: Any) -> Any:
+    """The transformers model under a peft wrapper (LoRA layers stay in place and are called as modules)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def linear(module: torch.nn.Module, x: Tensor) -> Tensor:
+    # a plain Linear without module dispatch; anything else (LoRA) through its own forward
+    if type(module) is torch.nn.Linear:
+        return F.linear(x, module.weight, module.bias)
+    return module(x)
+
+
+def rms_norm(module: torch.nn.Module, x: Tensor) -> Tensor:
+    # Llama's and Qwen2's RMSNorm (float32 maths) as one fused op when the input is already float32
+    if type(module).__name__ in RMS_NORMS and x.dtype == torch.float32:
+        return F.rms_norm(x, module.weight.shape, module.weight, module.variance_epsilon)
+    return module(x)
+
+
+def rotate(x_A_H_S_D: Tensor, cos_A_1_S_D: Tensor, sin_A_1_S_D: Tensor) -> Tensor:
+    """Rotate-half RoPE, as transformers' `apply_rotary_pos_emb` for Llama and Qwen2 (any leading axes
+    that broadcast: [A, heads, S, D] with [A, 1, S, D], or [N, heads, D] with [N, 1, D])."""
+    half = x_A_H_S_D.shape[-1] // 2
+    rotated = torch.cat((-x_A_H_S_D[..., half:], x_A_H_S_D[..., :half]), dim=-1)
+    return x_A_H_S_D * cos_A_1_S_D + rotated * sin_A_1_S_D
+
+
+@dataclass(frozen=True)
+class Documents:
+    """Where the N real tokens of a [B, T] batch sit, in the batch and in the attention layout [S, Tmax].
+
+    token_N: flat index b * T + t of each real token, in row-major order. [N]
+    slot_N: flat index s * Tmax + i of its slot: document s, i-th token of that document. [N]
+    num_docs: S. max_len: Tmax, the longest document.
+    """
+
+    token_N: Tensor
+    slot_N: Tensor
+    num_docs: int
+    max_len: int
+
+
+def find_documents(real_B_T: Tensor, position_ids_B_T: Tensor | None) -> Documents | None:
+    """The documents of a batch whose real tokens (`real_B_T`, bool) are a prefix of each row.
+
+    Without position ids each row is one document. With them a row splits wherever its position ids do
+    not step by +1, as transformers splits packed rows (`masking_utils.find_packed_sequence_indices`).
+    None when the batch holds no real token.
+    """
+    real_BT = real_B_T.flatten()
+    token_N = real_BT.nonzero().squeeze(1)
+    if token_N.numel() == 0:
+        return None
+    starts_B_T = torch.zeros_like(real_B_T)
+    starts_B_T[:, 0] = True
+    if position_ids_B_T is not None:
+        starts_B_T[:, 1:] = position_ids_B_T.expand(real_B_T.shape).diff(dim=1) != 1
+    start_N = starts_B_T.flatten()[token_N]
+    doc_N = start_N.cumsum(0) - 1
+    first_S = start_N.nonzero().squeeze(1)  # index into N of each document's first token
+    offset_N = torch.arange(len(token_N), device=token_N.device) - first_S[doc_N]
+    max_len = int(offset_N.max()) + 1
+    return Documents(token_N, doc_N * max_len + offset_N, len(first_S), max_len)
+
+
+def unpadded_hidden_states(
+    model: Any, input_ids_B_T: Tensor, position_ids_B_T: Tensor | None, docs: Documents, at_M: Tensor | None = None
+) -> Tensor:
+    """Final hidden states (after the last norm) of real tokens, each attending causally to its own
+    document only; equal to the model's forward at those tokens. [M, H] for the M rows `at_M` (indices
+    into `docs.token_N`), or [N, H] for all real tokens when `at_M` is None.
+
+    `position_ids_B_T`: the positions given to the model's forward (None: 0, 1, ... in every row); they
+    select the rotary angles, as in the model's forward. Check `runs_unpadded(model)` first.
+    """
+    body = base_model(model).get_decoder()
+    config = body.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    batch, width = input_ids_B_T.shape
+    x_R_H = body.embed_tokens(input_ids_B_T.flatten()[docs.token_N])  # R rows: the N real tokens, then M
+    positions = torch.arange(width, device=input_ids_B_T.device)[None] if position_ids_B_T is None else position_ids_B_T
+    # the model's own rotary module on the positions its forward would see (dynamic scaling reads their max)
+    cos_P_T_D, sin_P_T_D = body.rotary_emb(x_R_H, positions)
+    dim = cos_P_T_D.shape[-1]
+    cos_N_1_D = cos_P_T_D.expand(batch, width, dim).reshape(batch * width, dim)[docs.token_N, None]
+    sin_N_1_D = sin_P_T_D.expand(batch, width, dim).reshape(batch * width, dim)[docs.token_N, None]
+    layers = body.layers[: config.num_hidden_layers]
+    for index, layer in enumerate(layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        h_N_H = rms_norm(layer.input_layernorm, x_R_H)
+        k_N_K_D = rotate(linear(attn.k_proj, h_N_H).unflatten(1, (kv_heads, -1)), cos_N_1_D, sin_N_1_D)
+        v_N_K_D = linear(attn.v_proj, h_N_H).unflatten(1, (kv_heads, -1))
+        # every layer's keys and values are needed at all real tokens, but the last layer's queries, output
+        # projection and MLP only where the caller reads (completion tokens: a third of an arithmetic row)
+        rows = at_M if at_M is not None and index == len(layers) - 1 else slice(None)
+        x_R_H, h_R_H = x_R_H[rows], h_N_H[rows]
+        q_R_Q_D = rotate(linear(attn.q_proj, h_R_H).unflatten(1, (heads, -1)), cos_N_1_D[rows], sin_N_1_D[rows])
+        o_R_QD = document_attention(q_R_Q_D, docs.slot_N[rows], k_N_K_D, v_N_K_D, docs, attn.scaling)
+        x_R_H = x_R_H + linear(attn.o_proj, o_R_QD)
+        h_R_H = rms_norm(layer.post_attention_layernorm, x_R_H)
+        x_R_H = x_R_H + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, h_R_H)) * linear(mlp.up_proj, h_R_H))
+    return rms_norm(body.norm, x_R_H)
+
+
+def document_attention(
+    q_R_Q_D: Tensor, slot_R: Tensor, k_N_K_D: Tensor, v_N_K_D: Tensor, docs: Documents, scale: float
+) -> Tensor:
+    """Causal attention of R queries (at slots `slot_R`, a subset of `docs.slot_N`) over the earlier
+    tokens of their documents, Q query heads sharing K key/value heads (Q a multiple of K). [R, Q * D].
+
+    Each document is left-aligned in its own row of [S, heads, Tmax, D] (zeros after it), so `is_causal`
+    is the whole mask: no real query sees a slot after its own."""
+    num_docs, max_len = docs.num_docs, docs.max_len
+
+    def padded(x_R_X_D: Tensor, slot_R: Tensor) -> Tensor:
+        x_ST_X_D = x_R_X_D.new_zeros(num_docs * max_len, *x_R_X_D.shape[1:]).index_copy(0, slot_R, x_R_X_D)
+        return x_ST_X_D.view(num_docs, max_len, *x_R_X_D.shape[1:]).transpose(1, 2)
+
+    q_heads, kv_heads, dim = q_R_Q_D.shape[1], k_N_K_D.shape[1], q_R_Q_D.shape[2]
+    o_S_Q_T_D = F.scaled_dot_product_attention(
+        padded(q_R_Q_D, slot_R), padded(k_N_K_D, docs.slot_N), padded(v_N_K_D, docs.slot_N), is_causal=True,
+        scale=scale, enable_gqa=q_heads != kv_heads,
+    )  # fmt: skip
+    return o_S_Q_T_D.transpose(1, 2).reshape(num_docs * max_len, q_heads * dim).index_select(0, slot_R)
