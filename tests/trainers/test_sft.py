@@ -12,9 +12,9 @@ import torch
 import posttrain.api as api
 from posttrain.config import SFTConfig, validate
 from posttrain.data.errors import DataError
-from posttrain.policies import load_model
+from posttrain.policies import build_model, load_model
 from posttrain.runtime.checkpoint import CheckpointError
-from posttrain.trainers.build import EpochSampler
+from posttrain.trainers.build import EpochSampler, build_builtin_tokenizer
 from posttrain.trainers.sft import train_sft
 
 
@@ -80,6 +80,23 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     assert [x["step"] for x in train_lines(tmp_path)] == list(range(1, 21))
     assert (tmp_path / "final" / "config.json").is_file()
 
+
+
+def test_resume_with_a_model_passed_in_continues_from_the_checkpoint_weights(tmp_path: Path) -> None:
+    tokenizer = build_builtin_tokenizer("arithmetic")
+
+    def fresh_model() -> Any:  # the same initial weights every call
+        return build_model("qwen2-tiny", tokenizer, seed=0)
+
+    cfg = config(tmp_path, max_steps=6, save_every=3, keep_last=5)
+    uninterrupted = [h["loss"] for h in run(cfg, model=fresh_model(), tokenizer=tokenizer).history]
+    shutil.rmtree(tmp_path / "checkpoints" / "step-00000006")
+    shutil.rmtree(tmp_path / "final")
+    # the caller's model holds the initial weights; the resumed run must train on from step 3's
+    resumed = run(cfg, model=fresh_model(), tokenizer=tokenizer, resume=True)
+    torch.testing.assert_close(
+        torch.tensor([h["loss"] for h in resumed.history[3:]]), torch.tensor(uninterrupted[3:]), atol=1e-6, rtol=0
+    )
 
 def test_resume_without_a_checkpoint_starts_fresh(tmp_path: Path) -> None:
     a = run(config(tmp_path / "a", max_steps=3))

@@ -32,7 +32,7 @@ Truncation (`max_length`, `truncation="truncate" | "drop"`, counted in `LoadRepo
   so the generation prompt at the end survives.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -256,45 +256,38 @@ def encode_preference(examples: Sequence[PreferenceExample], tokenizer: Any, *, 
                       truncation: Truncation = "truncate", report: LoadReport | None = None
                       ) -> list[PreferenceTokens]:
     """Encode pairs; the prompt is kept whole and completions are cut to fit (counted in `report`)."""
-    report = report if report is not None else LoadReport()
-    encoded = []
-    for example in examples:
-        prompt_ids, completions = _encode_prompt_and_completions(
-            tokenizer, example.prompt, [example.chosen, example.rejected], example.where)
-        fitted = fit_completions(prompt_ids, completions, max_length, truncation, report)
-        if fitted is not None:
-            encoded.append(PreferenceTokens(prompt_ids, fitted[0], fitted[1], example.where))
-    return encoded
+    fitted = _fit_each(examples, lambda e: [e.chosen, e.rejected], tokenizer, max_length, truncation, report)
+    return [PreferenceTokens(prompt_ids, chosen, rejected, e.where) for e, prompt_ids, (chosen, rejected) in fitted]
 
 
 def encode_unpaired(examples: Sequence[UnpairedExample], tokenizer: Any, *, max_length: int | None = None,
                     truncation: Truncation = "truncate", report: LoadReport | None = None
                     ) -> list[CompletionTokens]:
     """Encode labelled completions (one per example), fitted like preference pairs."""
-    report = report if report is not None else LoadReport()
-    encoded = []
-    for example in examples:
-        prompt_ids, completions = _encode_prompt_and_completions(
-            tokenizer, example.prompt, [example.completion], example.where)
-        fitted = fit_completions(prompt_ids, completions, max_length, truncation, report)
-        if fitted is not None:
-            encoded.append(CompletionTokens(prompt_ids, fitted, example.where, label=example.label))
-    return encoded
+    fitted = _fit_each(examples, lambda e: [e.completion], tokenizer, max_length, truncation, report)
+    return [CompletionTokens(prompt_ids, ids, e.where, label=e.label) for e, prompt_ids, ids in fitted]
 
 
 def encode_listwise(examples: Sequence[ListwiseExample], tokenizer: Any, *, max_length: int | None = None,
                     truncation: Truncation = "truncate", report: LoadReport | None = None
                     ) -> list[CompletionTokens]:
     """Encode scored completion lists, fitted like preference pairs."""
+    fitted = _fit_each(examples, lambda e: e.completions, tokenizer, max_length, truncation, report)
+    return [CompletionTokens(prompt_ids, ids, e.where, scores=e.scores) for e, prompt_ids, ids in fitted]
+
+
+def _fit_each(examples: Sequence[Any], completions_of: Callable[[Any], Sequence[Content]], tokenizer: Any,
+              max_length: int | None, truncation: Truncation, report: LoadReport | None
+              ) -> Iterator[tuple[Any, list[int], list[list[int]]]]:
+    """(example, prompt ids, fitted completion ids) for each example whose completions fit; the rest are
+    counted in `report` by `fit_completions`."""
     report = report if report is not None else LoadReport()
-    encoded = []
     for example in examples:
         prompt_ids, completions = _encode_prompt_and_completions(
-            tokenizer, example.prompt, example.completions, example.where)
+            tokenizer, example.prompt, completions_of(example), example.where)
         fitted = fit_completions(prompt_ids, completions, max_length, truncation, report)
         if fitted is not None:
-            encoded.append(CompletionTokens(prompt_ids, fitted, example.where, scores=example.scores))
-    return encoded
+            yield example, prompt_ids, fitted
 
 
 def _encode_prompt_and_completions(tokenizer: Any, prompt: Content | None, completions: Sequence[Content],

@@ -19,6 +19,7 @@ from posttrain.data.readers import Row
 from posttrain.data.report import LoadReport
 from posttrain.policies import apply_lora, build_model, load_model, load_tokenizer
 from posttrain.policies.models import check_model_directory, enable_gradient_checkpointing
+from posttrain.runtime.checkpoint import model_dir
 from posttrain.runtime.optim import build_adamw, build_scheduler
 from posttrain.tasks import TASKS, ArithmeticTask, build_tokenizer
 
@@ -68,6 +69,32 @@ def build_policy(
         lora = section.lora
         model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
     return model, tokenizer
+
+
+def policy_for_run(
+    section: ModelSection,
+    model: Any,
+    tokenizer: Any,
+    checkpoint: Path | None,
+    *,
+    seed: int,
+    device: torch.device,
+    recipe_dir: str | None,
+) -> tuple[Any, Any]:
+    """(model, tokenizer) to train: those passed in, or built from the config; on a resume either way
+    with the checkpoint's weights."""
+    if model is None or tokenizer is None:
+        override = model_dir(checkpoint) if checkpoint else None
+        return build_policy(section, seed=seed, device=device, recipe_dir=recipe_dir, path_override=override)
+    if checkpoint is not None:
+        load_checkpoint_weights(model, checkpoint)
+    return model, tokenizer
+
+
+def load_checkpoint_weights(model: Any, checkpoint: Path) -> None:
+    """Copy the weights a checkpoint saved into `model`, in place (a model the caller passed in, on a resume)."""
+    saved = type(model).from_pretrained(model_dir(checkpoint), local_files_only=True)
+    model.load_state_dict(saved.state_dict())
 
 
 def resolve_path(path: str | Path, recipe_dir: str | None) -> Path:

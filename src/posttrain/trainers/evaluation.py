@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from posttrain.config.sections import EvalSection
 from posttrain.data.encoding import PromptTokens, encode_prompts
 from posttrain.data.errors import DataError
 from posttrain.rewards import load_reward_fn
@@ -96,6 +97,30 @@ def evaluate(
     return result
 
 
+
+def evaluate_with(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[PromptTokens],
+    reward: RewardFn,
+    section: EvalSection,
+    *,
+    generator: torch.Generator | None = None,
+) -> EvalResult:
+    """`evaluate` with the settings of a config's `eval` section (the one place that reads them)."""
+    return evaluate(
+        model,
+        tokenizer,
+        prompts,
+        reward,
+        max_new_tokens=section.max_new_tokens,
+        samples=section.samples,
+        k=section.k,
+        temperature=section.temperature,
+        batch_size=section.batch_size,
+        generator=generator,
+    )
+
 def _generate_and_score(
     model: Any,
     tokenizer: Any,
@@ -144,20 +169,8 @@ def run_evaluation(
             f"{missing[0]}: eval rows need an 'answer' field ({len(missing)} rows lack one)",
             reason="missing field",
         )
-    e = cfg.eval
-    reward = reward or load_reward_fn(e.reward, base_dir=cfg.recipe_dir)
-    result = evaluate(
-        model,
-        tokenizer,
-        prompts,
-        reward,
-        max_new_tokens=e.max_new_tokens,
-        samples=e.samples,
-        k=e.k,
-        temperature=e.temperature,
-        batch_size=e.batch_size,
-        generator=generator,
-    )
+    reward = reward or load_reward_fn(cfg.eval.reward, base_dir=cfg.recipe_dir)
+    result = evaluate_with(model, tokenizer, prompts, reward, cfg.eval, generator=generator)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(

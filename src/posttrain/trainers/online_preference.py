@@ -36,7 +36,7 @@ from posttrain.runtime.guards import NonFiniteGuard
 from posttrain.runtime.logging import RunLogger
 from posttrain.runtime.signals import StopRequest
 from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, chunks, load_split
-from posttrain.trainers.evaluation import EvalResult, evaluate
+from posttrain.trainers.evaluation import EvalResult, evaluate_with
 from posttrain.trainers.offline import frozen, hyper_default, kl_reference_point, logps_per_item
 from posttrain.trainers.online_parts import Feedback, build_examples, sample_round
 from posttrain.trainers.pref_parts import (
@@ -72,6 +72,13 @@ def train_online_pref(
     pad_id, mb_size = tokenizer.pad_token_id, cfg.train.micro_batch_size or cfg.train.batch_size
     train_prompts, report = _prompts(cfg, tokenizer, train_rows, "train")
     eval_prompts = [p for p in _prompts(cfg, tokenizer, eval_rows, "eval")[0] if "answer" in p.extra]
+    eval_reward = load_reward_fn(cfg.eval.reward, base_dir=cfg.recipe_dir) if eval_prompts else None
+
+    def held_out() -> EvalResult:
+        # its own generator, so that evaluating never shifts training's
+        generator = torch.Generator().manual_seed(cfg.seed + 1)
+        return evaluate_with(model, tokenizer, eval_prompts, eval_reward, cfg.eval, generator=generator)
+
     feedback = _feedback(cfg)
     sampler = EpochSampler(len(train_prompts), seed=cfg.seed)
     optim = build_optimisation(model, cfg.train)
@@ -89,7 +96,7 @@ def train_online_pref(
     scale = hyper_default(loss_fn, args, "beta") or 1.0
     initial_eval: dict[str, float] = {}
     if eval_prompts and start_step == 0:
-        initial_eval = {f"eval_{k}": v for k, v in _evaluate(cfg, model, tokenizer, eval_prompts).metrics().items()}
+        initial_eval = {f"eval_{k}": v for k, v in held_out().metrics().items()}
         log.log(0, initial_eval, kind="eval")
         log.print("initial eval: " + "  ".join(f"{k} {v:.4f}" for k, v in initial_eval.items()))
 
@@ -151,7 +158,7 @@ def train_online_pref(
                     log.log(step + 1, metrics)
             done = (round_index + 1) * spr
             if done < cfg.train.max_steps and _crossed(done, spr, cfg.train.eval_every) and eval_prompts:
-                metrics = {f"eval_{k}": v for k, v in _evaluate(cfg, model, tokenizer, eval_prompts).metrics().items()}
+                metrics = {f"eval_{k}": v for k, v in held_out().metrics().items()}
                 log.log(done, metrics, kind="eval")
             if done < cfg.train.max_steps and _crossed(done, spr, cfg.train.save_every):
                 save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
@@ -162,7 +169,7 @@ def train_online_pref(
 
     final_eval, generation = {}, None
     if eval_prompts:
-        generation = _evaluate(cfg, model, tokenizer, eval_prompts)
+        generation = held_out()
         final_eval = {f"eval_{k}": v for k, v in generation.metrics().items()}
         log.log(cfg.train.max_steps, final_eval, kind="eval")
         log.print("eval: " + "  ".join(f"{k} {v:.4f}" for k, v in final_eval.items()))
@@ -197,13 +204,3 @@ def _feedback(cfg: PrefConfig) -> Feedback:
         return Feedback(judge=load_reward_fn(online.judge.fn, online.judge.args, base_dir=cfg.recipe_dir))
     specs = [RewardSpec(**entry.model_dump()) for entry in online.rewards]
     return Feedback(RewardSet.from_specs(specs, cfg.recipe_dir, max_failure_fraction=online.max_failure_fraction))
-
-
-def _evaluate(cfg: PrefConfig, model: Any, tokenizer: Any, prompts: list[Any]) -> EvalResult:
-    """Held-out greedy accuracy (and pass@k), with its own generator so that it never shifts training's."""
-    e = cfg.eval
-    return evaluate(
-        model, tokenizer, prompts, load_reward_fn(e.reward, base_dir=cfg.recipe_dir), max_new_tokens=e.max_new_tokens,
-        samples=e.samples, k=e.k, temperature=e.temperature, batch_size=e.batch_size,
-        generator=torch.Generator().manual_seed(cfg.seed + 1),
-    )  # fmt: skip

@@ -17,7 +17,7 @@ from torch import Tensor
 from posttrain.config.pref import PrefConfig
 from posttrain.objectives.registry import PREFERENCE_LOSSES
 from posttrain.runtime.checkpoint import model_dir
-from posttrain.trainers.build import build_policy
+from posttrain.trainers.build import build_policy, load_checkpoint_weights
 from posttrain.trainers.offline import Tokens, as_rows, collate_feedback, frozen, objective_inputs, sequence_logps
 
 
@@ -37,8 +37,7 @@ def build_models(
     if checkpoint is None:
         return initial, tokenizer, reference
     if model is not None:
-        resumed = type(model).from_pretrained(model_dir(checkpoint)).to(device)
-        model.load_state_dict(resumed.state_dict())
+        load_checkpoint_weights(model, checkpoint)
         return model, tokenizer, reference
     return build_policy(cfg.model, **build, path_override=model_dir(checkpoint))[0], tokenizer, reference
 

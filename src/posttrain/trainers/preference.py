@@ -28,7 +28,7 @@ from posttrain.runtime.guards import NonFiniteGuard
 from posttrain.runtime.logging import RunLogger
 from posttrain.runtime.signals import StopRequest
 from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, chunks
-from posttrain.trainers.evaluation import EvalResult, evaluate
+from posttrain.trainers.evaluation import EvalResult, evaluate_with
 from posttrain.trainers.offline import (
     feedback_kind,
     hyper_default,
@@ -171,18 +171,8 @@ def train_pref(
     final_eval, generation = held_out_metrics() if eval_items else {}, None
     if held_out and held_out.answer_prompts:
         e = cfg.eval
-        generation = evaluate(
-            model,
-            tokenizer,
-            held_out.answer_prompts[: e.limit],
-            load_reward_fn(e.reward, base_dir=cfg.recipe_dir),
-            max_new_tokens=e.max_new_tokens,
-            samples=e.samples,
-            k=e.k,
-            temperature=e.temperature,
-            batch_size=e.batch_size,
-            generator=generator,
-        )
+        reward = load_reward_fn(e.reward, base_dir=cfg.recipe_dir)
+        generation = evaluate_with(model, tokenizer, held_out.answer_prompts[: e.limit], reward, e, generator=generator)
         final_eval |= {f"eval_{k}": v for k, v in generation.metrics().items()}
     if final_eval:
         log.log(cfg.train.max_steps, final_eval, kind="eval")

@@ -28,7 +28,15 @@ from posttrain.runtime.checkpoint import model_dir
 from posttrain.runtime.guards import NonFiniteGuard
 from posttrain.runtime.logging import RunLogger
 from posttrain.runtime.signals import StopRequest
-from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, build_tokenizer_for, chunks, resolve_path
+from posttrain.trainers.build import (
+    EpochSampler,
+    Rows,
+    build_optimisation,
+    build_tokenizer_for,
+    chunks,
+    load_checkpoint_weights,
+    resolve_path,
+)
 from posttrain.trainers.offline import Tokens, collate_feedback, feedback_kind, load_feedback
 from posttrain.trainers.run_state import clip_and_step, finish_step, restore_checkpoint, save_checkpoint, start_run
 
@@ -64,6 +72,8 @@ def train_rm(
         model = build_reward_model(
             cfg.model, tokenizer, seed=cfg.seed, recipe_dir=cfg.recipe_dir, path_override=override
         ).to(device)
+    elif checkpoint is not None:
+        load_checkpoint_weights(model, checkpoint)
     pad_id = tokenizer.pad_token_id
     load = dict(seed=cfg.seed, recipe_dir=cfg.recipe_dir)
     train = load_feedback(cfg.data, kind, "train", tokenizer, rows=train_rows, **load)

@@ -18,14 +18,14 @@ from posttrain.data import encode_prompts
 from posttrain.data.encoding import PromptTokens
 from posttrain.data.report import LoadReport
 from posttrain.objectives import ADVANTAGES
-from posttrain.policies import load_model, save_pretrained
+from posttrain.policies import save_pretrained
 from posttrain.rewards import LoadedReward, RewardSet, RewardSpec, load_reward_fn
 from posttrain.rollout import SamplingParams
-from posttrain.runtime.checkpoint import Checkpointer, model_dir
+from posttrain.runtime.checkpoint import Checkpointer
 from posttrain.runtime.optim import build_adamw
 from posttrain.runtime.seeding import capture_rng_states
-from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, build_policy, load_split
-from posttrain.trainers.evaluation import EvalResult, evaluate
+from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, load_split, policy_for_run
+from posttrain.trainers.evaluation import EvalResult, evaluate_with
 from posttrain.trainers.rl_update import MovingBaseline, ValueModel, frozen_copy
 from posttrain.trainers.run_state import restore_checkpoint
 
@@ -70,16 +70,9 @@ def build_rl_run(
     device: torch.device,
 ) -> RLRun:
     rl = cfg.rl
-    if model is None or tokenizer is None:
-        model, tokenizer = build_policy(
-            cfg.model,
-            seed=cfg.seed,
-            device=device,
-            recipe_dir=cfg.recipe_dir,
-            path_override=model_dir(checkpoint) if checkpoint else None,
-        )
-    elif checkpoint is not None:
-        model.load_state_dict(load_model(model_dir(checkpoint), device=device).state_dict())
+    model, tokenizer = policy_for_run(
+        cfg.model, model, tokenizer, checkpoint, seed=cfg.seed, device=device, recipe_dir=cfg.recipe_dir
+    )
     reference = frozen_copy(model) if rl.kl.coef > 0 else None  # only when a KL term needs it
     critic = ValueModel(model).to(device) if "critic" in ADVANTAGES[rl.advantage].needs else None
     critic_optimizer = None
@@ -166,9 +159,5 @@ def sampling_params(cfg: RLConfig, eos_token_id: int) -> tuple[SamplingParams, S
 
 def evaluate_policy(cfg: RLConfig, run: RLRun) -> EvalResult:
     """Held-out greedy accuracy (and pass@k), with its own generator so that it never shifts training's."""
-    e = cfg.eval
-    return evaluate(
-        run.model, run.tokenizer, run.eval_prompts, run.eval_reward, max_new_tokens=e.max_new_tokens,
-        samples=e.samples, k=e.k, temperature=e.temperature, batch_size=e.batch_size,
-        generator=torch.Generator().manual_seed(cfg.seed + 1),
-    )  # fmt: skip
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    return evaluate_with(run.model, run.tokenizer, run.eval_prompts, run.eval_reward, cfg.eval, generator=generator)

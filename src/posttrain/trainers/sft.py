@@ -30,12 +30,11 @@ from posttrain.data.report import LoadReport
 from posttrain.objectives.aggregation import token_mean
 from posttrain.policies import save_pretrained, token_logprobs
 from posttrain.rewards import load_reward_fn
-from posttrain.runtime.checkpoint import model_dir
 from posttrain.runtime.guards import NonFiniteGuard
 from posttrain.runtime.logging import RunLogger
 from posttrain.runtime.signals import StopRequest
-from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, build_policy, chunks, load_split
-from posttrain.trainers.evaluation import EvalResult, evaluate
+from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, chunks, load_split, policy_for_run
+from posttrain.trainers.evaluation import EvalResult, evaluate_with
 from posttrain.trainers.run_state import clip_and_step, finish_step, restore_checkpoint, save_checkpoint, start_run
 
 
@@ -61,14 +60,9 @@ def train_sft(
     """Fine-tune on demonstrations. Objects passed in (model, tokenizer, rows) replace the config's."""
     generator, device, checkpointer, checkpoint = start_run(cfg, resume)
     run_dir = Path(cfg.output_dir)
-    if model is None or tokenizer is None:
-        model, tokenizer = build_policy(
-            cfg.model,
-            seed=cfg.seed,
-            device=device,
-            recipe_dir=cfg.recipe_dir,
-            path_override=model_dir(checkpoint) if checkpoint else None,
-        )
+    model, tokenizer = policy_for_run(
+        cfg.model, model, tokenizer, checkpoint, seed=cfg.seed, device=device, recipe_dir=cfg.recipe_dir
+    )
     train, report = _encode_train(cfg, tokenizer, train_rows)
     eval_prompts, eval_tokens = _encode_eval(cfg, tokenizer, eval_rows)
     sampler = EpochSampler(len(train), seed=cfg.seed, report=report)
@@ -238,18 +232,6 @@ def _evaluate_metrics(
         metrics["eval_loss"] = sum(float(_nll(model, b, total, device, bf16=cfg.train.bf16)) for b in batches)
         model.train(was_training)
     if prompts:
-        e = cfg.eval
-        result = evaluate(
-            model,
-            tokenizer,
-            prompts,
-            reward,
-            max_new_tokens=e.max_new_tokens,
-            samples=e.samples,
-            k=e.k,
-            temperature=e.temperature,
-            batch_size=e.batch_size,
-            generator=generator,
-        )
+        result = evaluate_with(model, tokenizer, prompts, reward, cfg.eval, generator=generator)
         metrics |= {f"eval_{k}": v for k, v in result.metrics().items()}
     return metrics, result
