@@ -11,8 +11,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import posttrain.policies.logprobs as logprobs_module
-from posttrain.policies import build_model, enable_gradient_checkpointing, token_logprobs
-from posttrain.policies.llama_forward import find_documents, runs_unpadded
+from posttrain.policies import build_model, enable_gradient_checkpointing, hidden_states_at, token_logprobs
+from posttrain.policies.llama_forward import decoder_of, find_documents, runs_unpadded
 from posttrain.trainers.build import build_builtin_tokenizer
 
 WIDTH = 14
@@ -183,6 +183,19 @@ def test_lora_model_equals_the_models_forward(tokenizer, calls) -> None:
     model = peft.get_peft_model(base, config)
     ids, attention_B_T, target = right_padded([14, 3, 8], len(tokenizer), seed=5)
     assert_same_values_and_gradients(model, ids, attention_B_T, target, None, {"attention_mask": attention_B_T.long()})
+    assert calls["n"] == 1
+
+
+def test_a_bare_decoder_runs_unpadded_like_its_causal_lm(tokenizer, calls) -> None:
+    # the PPO critic's backbone is a bare Qwen2Model: the same decoder, found from the LM or from itself
+    model = sharp_model("qwen2-small", tokenizer, seed=15)
+    decoder = model.model
+    assert decoder_of(model) is decoder and decoder_of(decoder) is decoder
+    assert runs_unpadded(decoder)
+    ids, attention_B_T, target = right_padded([14, 3, 8], len(tokenizer), seed=16)
+    hidden_M_H = hidden_states_at(decoder, ids, attention_B_T, None, target)
+    expected_B_T_H = decoder(input_ids=ids, attention_mask=attention_B_T.long(), use_cache=False).last_hidden_state
+    torch.testing.assert_close(hidden_M_H, expected_B_T_H[target], atol=1e-5, rtol=1e-5)
     assert calls["n"] == 1
 
 

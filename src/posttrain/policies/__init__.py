@@ -1,6 +1,6 @@
 """What is trained: causal LMs from local paths or presets, LoRA, chunked per-token log-probs."""
 
-from posttrain.policies.logprobs import gather_logprobs_and_entropy, token_logprobs
+from posttrain.policies.logprobs import gather_logprobs_and_entropy, hidden_states_at, token_logprobs
 from posttrain.policies.models import (
     DTYPES,
     MODEL_PRESETS,
@@ -21,6 +21,7 @@ __all__ = [
     "build_model",
     "enable_gradient_checkpointing",
     "gather_logprobs_and_entropy",
+    "hidden_states_at",
     "load_model",
     "load_tokenizer",
     "save_pretrained",

@@ -42,7 +42,7 @@ def has_llama_layers(model: Any) -> bool:
     if getattr(config, "use_sliding_window", False):
         return False
     try:
-        decoder = base_model(model).get_decoder()
+        decoder = decoder_of(model)
         layer = decoder.layers[0]
         _ = (decoder.embed_tokens, decoder.norm, decoder.rotary_emb, layer.self_attn.scaling, layer.mlp.act_fn)
     except AttributeError:
@@ -71,6 +71,15 @@ def runs_unpadded(model: Any) -> bool:
 def base_model(model: Any) -> Any:
     """The transformers model under a peft wrapper (LoRA layers stay in place and are called as modules)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_of(model: Any) -> Any:
+    """The decoder stack (embeddings, layers, final norm) of a causal LM, under any peft wrapper, or the
+    model itself when it is one already (a bare `LlamaModel`, as the PPO critic's backbone)."""
+    body = base_model(model)
+    # recent transformers' generic `get_decoder` returns a bare decoder itself; older ones define it on LMs only
+    get_decoder = getattr(body, "get_decoder", None)
+    return body if get_decoder is None else get_decoder()
 
 
 def linear(module: torch.nn.Module, x: Tensor) -> Tensor:
@@ -140,10 +149,11 @@ def unpadded_hidden_states(
     document only; equal to the model's forward at those tokens. [M, H] for the M rows `at_M` (indices
     into `docs.token_N`), or [N, H] for all real tokens when `at_M` is None.
 
+    `model`: a causal LM or a bare decoder (`decoder_of`).
     `position_ids_B_T`: the positions given to the model's forward (None: 0, 1, ... in every row); they
     select the rotary angles, as in the model's forward. Check `runs_unpadded(model)` first.
     """
-    body = base_model(model).get_decoder()
+    body = decoder_of(model)
     config = body.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     batch, width = input_ids_B_T.shape

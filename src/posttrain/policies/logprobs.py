@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from posttrain.policies.llama_forward import find_documents, runs_unpadded, unpadded_hidden_states
+from posttrain.policies.llama_forward import decoder_of, find_documents, runs_unpadded, unpadded_hidden_states
 
 DEFAULT_VOCAB_CHUNK = 8192
 
@@ -198,7 +198,7 @@ def token_logprobs(
     """
     predict_B_T = torch.zeros_like(target_mask_B_T, dtype=torch.bool)
     predict_B_T[:, :-1] = target_mask_B_T[:, 1:]  # the hidden state at t predicts token t + 1
-    hidden_N_H = _hidden_states_at(model, input_ids_B_T, attention_mask_B_T, position_ids_B_T, predict_B_T)
+    hidden_N_H = hidden_states_at(model, input_ids_B_T, attention_mask_B_T, position_ids_B_T, predict_B_T)
     targets_N = input_ids_B_T[:, 1:][target_mask_B_T[:, 1:]]
     head = model.get_output_embeddings()
     if _head_postprocesses_logits(model.config):
@@ -221,15 +221,20 @@ def token_logprobs(
     return logp_B_T, entropy_B_T
 
 
-def _hidden_states_at(
+def hidden_states_at(
     model: torch.nn.Module,
     input_ids_B_T: Tensor,
     attention_mask_B_T: Tensor | None,
     position_ids_B_T: Tensor | None,
     at_B_T: Tensor,
 ) -> Tensor:
-    """Final hidden states [M, H] at the M positions of `at_B_T`, in row-major order: from the unpadded
-    forward where it reproduces the model, else from the model's own forward over the padded batch."""
+    """Final hidden states [M, H] at the M positions of `at_B_T` (bool [B, T]), in row-major order: from the
+    unpadded forward where it reproduces the model, else from its decoder's own forward over the padded batch.
+
+    model: a causal LM (under any peft wrapper) or a bare decoder such as the PPO critic's backbone.
+    attention_mask_B_T, position_ids_B_T: as in `token_logprobs`. On the unpadded path the last layer's
+    queries, output projection and MLP run at the positions of `at_B_T` only.
+    """
     right_padded = attention_mask_B_T is None or is_right_padded(attention_mask_B_T)
     if right_padded and runs_unpadded(model):
         real_B_T = torch.ones_like(at_B_T) if attention_mask_B_T is None else attention_mask_B_T.bool()
@@ -246,7 +251,7 @@ def _hidden_states_at(
         # they are never targets. tests/policies/test_unpadded_forward.py (gradient checkpointing: this path)
         # holds it equal to the model's forward with the mask, and packed rows equal to transformers' packing.
         attention_mask_B_T = None
-    out = model.get_decoder()(
+    out = decoder_of(model)(
         input_ids=input_ids_B_T,
         attention_mask=attention_mask_B_T,
         position_ids=position_ids_B_T,

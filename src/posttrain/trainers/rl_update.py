@@ -18,8 +18,7 @@ from torch import Tensor
 from posttrain.objectives.policy_losses import entropy_bonus
 from posttrain.objectives.registry import call_with
 from posttrain.objectives.value import clipped_value_loss, lambda_returns
-from posttrain.policies import token_logprobs
-from posttrain.policies.logprobs import is_right_padded
+from posttrain.policies import hidden_states_at, token_logprobs
 from posttrain.rollout.engine import PaddedRollouts
 
 BASELINE_DECAY = 0.9
@@ -53,12 +52,18 @@ class ValueModel(torch.nn.Module):
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
 
-    def forward(self, input_ids_B_T: Tensor, attention_mask_B_T: Tensor) -> Tensor:
-        # right padding is invisible under the causal mask; without a mask the plain causal path is 10-15% faster
-        mask_B_T = None if is_right_padded(attention_mask_B_T) else attention_mask_B_T
-        hidden_B_T_H = self.backbone(input_ids=input_ids_B_T, attention_mask=mask_B_T, use_cache=False)
-        v_B_T = self.head(hidden_B_T_H.last_hidden_state).squeeze(-1).float()
-        return torch.cat([torch.zeros_like(v_B_T[:, :1]), v_B_T[:, :-1]], dim=1)
+    def forward(self, input_ids_B_T: Tensor, attention_mask_B_T: Tensor, read_mask_B_T: Tensor | None = None) -> Tensor:
+        """Values [B, T] float32 at the positions of `read_mask_B_T` (bool [B, T]; None: every position after a
+        real token), 0 elsewhere. The backbone computes only the hidden states these values read, on real
+        tokens only for Llama-family models (`hidden_states_at`), as the policy's forward does."""
+        real_B_T = attention_mask_B_T.bool()
+        read_B_T = torch.zeros_like(real_B_T)
+        read_B_T[:, 1:] = real_B_T[:, :-1] if read_mask_B_T is None else read_mask_B_T[:, 1:]
+        source_B_T = torch.zeros_like(read_B_T)  # the hidden states read: value t comes from t - 1
+        source_B_T[:, :-1] = read_B_T[:, 1:]
+        hidden_M_H = hidden_states_at(self.backbone, input_ids_B_T, attention_mask_B_T, None, source_B_T)
+        v_M = self.head(hidden_M_H).squeeze(-1).float()
+        return torch.zeros_like(read_B_T, dtype=torch.float32).masked_scatter(read_B_T, v_M)
 
 
 def frozen_copy(model: Any) -> Any:
@@ -165,7 +170,7 @@ def update_minibatch(
         stats.add("tok/entropy", entropy_B_T[mask_B_T].detach().sum().item())
         stats.add("tok/sampler_logp_gap", (logp_B_T - p.old_logp_B_T[mb])[mask_B_T].detach().abs().sum().item())
         if critic is not None:
-            values_B_T = critic(ids_B_T, attn_B_T)
+            values_B_T = critic(ids_B_T, attn_B_T, mask_B_T)
             v_loss_B_T = clipped_value_loss(
                 values_B_T, step.old_values_B_T[mb], step.returns_B_T[mb], clip_range=value_clip_range
             )
@@ -228,7 +233,7 @@ def prepare_step(
             token_rewards_B_T = token_rewards_B_T - kl_coef * kl_B_T
     available = available | {"mask_B_T": mask_B_T, "token_rewards_B_T": token_rewards_B_T}
     if critic is not None:
-        values_B_T = sequence_forward(critic, lambda m, i, a, t: m(i, a), padded, micro_batch_size)
+        values_B_T = sequence_forward(critic, lambda m, i, a, t: m(i, a, t), padded, micro_batch_size)
         tensors.old_values_B_T = available["values_B_T"] = torch.where(mask_B_T, values_B_T, 0.0)
         tensors.returns_B_T = call_with(lambda_returns, available, advantage_args)
     tensors.adv_B_T = per_token(call_with(objectives.advantage, available, advantage_args), mask_B_T)
