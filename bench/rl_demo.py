@@ -5,7 +5,8 @@
 
 Each seed builds its own model, runs the demo's SFT and GRPO stages (src/posttrain/demo.py has their
 settings) and measures held-out greedy accuracy before training, after SFT and after GRPO on the same
-300 held-out problems. Writes bench/rl_demo.json and prints a markdown table (per seed and mean).
+300 held-out problems, and the share of greedy answers that work the sum out in <think> first. Writes
+bench/rl_demo.json and prints a markdown table (per seed and mean).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import statistics
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+MEANS = ("accuracy_before", "accuracy_after_sft", "accuracy_after_rl", "thinks_after_sft", "thinks_after_rl", "seconds")
 
 
 def main() -> None:
@@ -40,15 +42,15 @@ def main() -> None:
 
 def markdown_table(rows: list[dict]) -> str:
     keys = ("accuracy_before", "accuracy_after_sft", "accuracy_after_rl")
-    lines = ["| seed | before | after SFT | after SFT + GRPO | GRPO gain | seconds |", "|---|---|---|---|---|---|"]
-    for r in rows:
+    lines = [
+        "| seed | before | after SFT | after SFT + GRPO | GRPO gain | thinks first (SFT -> GRPO) | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in [*rows, {"seed": "mean", **{k: statistics.mean(r[k] for r in rows) for k in rows[0] if k in MEANS}}]:
         gain = r["accuracy_after_rl"] - r["accuracy_after_sft"]
         cells = " | ".join(f"{r[k]:.1%}" for k in keys)
-        lines.append(f"| {r['seed']} | {cells} | {gain:+.1%} | {r['seconds']:.0f} |")
-    means = {k: statistics.mean(r[k] for r in rows) for k in (*keys, "seconds")}
-    gain = means["accuracy_after_rl"] - means["accuracy_after_sft"]
-    cells = " | ".join(f"{means[k]:.1%}" for k in keys)
-    lines.append(f"| mean | {cells} | {gain:+.1%} | {means['seconds']:.0f} |")
+        thinks = f"{r['thinks_after_sft']:.0%} -> {r['thinks_after_rl']:.0%}"
+        lines.append(f"| {r['seed']} | {cells} | {gain:+.1%} | {thinks} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 

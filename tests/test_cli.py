@@ -73,6 +73,16 @@ def test_task_writes_data_and_tokenizer(tmp_path: Path, capsys: pytest.CaptureFi
     assert printed == [str(out / "train.jsonl"), str(out / "eval.jsonl"), str(out / "tokenizer")]
 
 
+def test_task_writes_worked_demonstrations_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "arith"
+    assert main(["task", "arithmetic", str(out), "--train-size", "200", "--think-fraction", "1"]) == 0
+    train = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    assert all(r["completion"].startswith("<think>") and r["completion"].endswith(r["answer"]) for r in train)
+    assert main(["task", "arithmetic", str(tmp_path / "x"), "--operators", "*", "--think-fraction", "0.5"]) == 2
+    assert "think_fraction" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_bad_override_is_one_line_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["sft", "model.path=/x", "data.train=t.jsonl", "train.lr=-1"])
     captured = capsys.readouterr()

@@ -17,7 +17,7 @@ import torch
 import transformers
 from pydantic import BaseModel
 
-from posttrain.config import EvalConfig, PrefConfig, RLConfig, RMConfig, SFTConfig, load_config, validate
+from posttrain.config import ConfigError, EvalConfig, PrefConfig, RLConfig, RMConfig, SFTConfig, load_config, validate
 from posttrain.data.encoding import encode_prompt
 from posttrain.objectives.registry import ALL_REGISTRIES
 from posttrain.policies import MODEL_PRESETS, load_model, load_tokenizer
@@ -224,12 +224,16 @@ def write_task(
     operators: str = "+-",
     train_size: int = 20000,
     eval_size: int = 500,
+    think_fraction: float = 0.0,
     seed: int = 0,
 ) -> list[Path]:
     """A built-in task's train.jsonl, eval.jsonl and tokenizer/ (`posttrain task`)."""
+    try:
+        task = TASKS[name](digits=digits, operators=operators, think_fraction=think_fraction)
+    except ValueError as error:
+        raise ConfigError(f"posttrain task {name}: {error}") from error
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    task = TASKS[name](digits=digits, operators=operators)
     paths = []
     for split, size in (("train", train_size), ("eval", eval_size)):
         path = out / f"{split}.jsonl"

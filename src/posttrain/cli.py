@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--operators", default="+-")
     task.add_argument("--train-size", type=int, default=20000)
     task.add_argument("--eval-size", type=int, default=500)
+    task.add_argument(
+        "--think-fraction", type=float, default=0.0, help="share of rows worked out in <think> first (+ and - only)"
+    )
     task.add_argument("--seed", type=int, default=0)
 
     lst = _add(sub, "list", "list registered objectives, rewards and model presets", _run_list)
@@ -238,6 +241,7 @@ def _run_task(args: argparse.Namespace) -> int:
         operators=args.operators,
         train_size=args.train_size,
         eval_size=args.eval_size,
+        think_fraction=args.think_fraction,
         seed=args.seed,
     )
     for path in paths:

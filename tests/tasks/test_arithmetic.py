@@ -4,7 +4,9 @@ import re
 
 import pytest
 
+from posttrain.rewards.verifiers import numeric_match
 from posttrain.tasks import ArithmeticTask, extract_answer, verify
+from posttrain.tasks.arithmetic import worked_completion
 
 _PROMPT = re.compile(r"^(\d+)([+\-*])(\d+)=$")
 
@@ -78,6 +80,76 @@ def test_invalid_task_parameters() -> None:
         ArithmeticTask(operators="/")
     with pytest.raises(ValueError, match="operators"):
         ArithmeticTask(operators="")
+    with pytest.raises(ValueError, match="think_fraction"):
+        ArithmeticTask(think_fraction=1.5)
+    with pytest.raises(ValueError, match="think_fraction"):
+        ArithmeticTask(operators="+*", think_fraction=0.5)
+
+
+@pytest.mark.parametrize(
+    ("a", "op", "b", "columns", "expected"),
+    [
+        # 7+8 = 15, carry 1; 3+5+1 = 9
+        (37, "+", 58, 2, "<think>7+8=15;3+5+1=9</think>95"),
+        # one-digit operands still take two columns, the tens being 0
+        (3, "+", 2, 2, "<think>3+2=5;0+0+0=0</think>5"),
+        (99, "+", 99, 2, "<think>9+9=18;9+9+1=19</think>198"),
+        # 3 < 8: borrow, 13-8 = 5; tens 7 - 1 (borrowed) - 5 = 1
+        (73, "-", 58, 2, "<think>13-8=5;7-1-5=1</think>15"),
+        (58, "-", 23, 2, "<think>8-3=5;5-0-2=3</think>35"),
+        # 23 < 58: "-", then 58 - 23
+        (23, "-", 58, 2, "<think>-;8-3=5;5-0-2=3</think>-35"),
+        (5, "-", 5, 2, "<think>5-5=0;0-0-0=0</think>0"),
+        # 3 < 8: 13-8 = 5; tens 0 - 1 < 5: 10-1-5 = 4; hundreds 1 - 1 - 0 = 0
+        (103, "-", 58, 3, "<think>13-8=5;10-1-5=4;1-1-0=0</think>45"),
+    ],
+)
+def test_worked_completion_by_hand(a: int, op: str, b: int, columns: int, expected: str) -> None:
+    assert worked_completion(a, op, b, columns=columns) == expected
+
+
+_STEP = re.compile(r"^(\d+)([+-])(\d)(?:([+-])(\d))?=(\d+)$")
+
+
+def check_working(prompt: str, completion: str) -> None:
+    """The test's own reading of a worked completion: every column step is true arithmetic, its digits
+    are the operands' columns from the units, and the stated answer is the problem's."""
+    a, op, b = re.match(r"^(\d+)([+-])(\d+)=$", prompt).groups()
+    working, answer = re.match(r"^<think>(.*)</think>(-?\d+)$", completion).groups()
+    assert int(answer) == solve(prompt)
+    steps = working.split(";")
+    if steps[0] == "-":  # a < b: the columns of b - a
+        assert op == "-" and int(a) < int(b)
+        steps, a, b = steps[1:], b, a
+    for column, step in enumerate(steps):
+        top, op1, y, op2, z, result = _STEP.match(step).groups()
+        value = int(top) + (int(y) if op1 == "+" else -int(y))
+        if op2:
+            value += int(z) if op2 == "+" else -int(z)
+        assert value == int(result), step
+        a_digit, b_digit = int(a) // 10**column % 10, int(b) // 10**column % 10
+        assert int(top) % 10 == a_digit and b_digit == (int(y) if op == "+" or column == 0 else int(z))
+
+
+def test_sampled_worked_rows_are_true_column_arithmetic() -> None:
+    task = ArithmeticTask(digits=2, think_fraction=0.3)
+    rows = task.sample(2000, seed=0)
+    worked = [r for r in rows if r["completion"] != r["answer"]]
+    # 2000 draws at 0.3: mean 600, sd 20.5
+    assert 500 < len(worked) < 700
+    for row in worked:
+        check_working(row["prompt"], row["completion"])
+        assert extract_answer(row["completion"]) == row["answer"]
+    # which rows think is drawn from its own stream: the problems are those drawn without working
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in ArithmeticTask(digits=2).sample(2000, seed=0)]
+
+
+def test_verifiers_read_the_answer_after_the_working() -> None:
+    completions = ["<think>-;8-3=5;5-0-2=3</think>-35", "<think>-;8-3=5;5-0-2=3</think>35"]
+    # the last number: -35 (right), then 35 (the sign lost), although 3, 5 and -35 all appear in the working
+    assert numeric_match(completions=completions, answer=["-35", "-35"]) == [1.0, 0.0]
+    assert [verify(c, "-35") for c in completions] == [True, False]
+    assert not verify("<think>-;8-3=5;5-0-2=3</think>", "3")  # working without an answer states none
 
 
 @pytest.mark.parametrize(
@@ -91,6 +163,8 @@ def test_invalid_task_parameters() -> None:
         ("095", "095"),
         ("the answer is 12, not 13", "12"),
         ("7-2", "7"),
+        ("<think>7+8=15;3+5+1=9</think>95", "95"),
+        ("<think>7+8=15</think>", None),
     ],
 )
 def test_extract_answer(completion: str, expected: str | None) -> None:

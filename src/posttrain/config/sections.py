@@ -62,6 +62,15 @@ class TaskSection(Section):
     """Training problems to generate (seeded by `seed`)."""
     eval_size: PositiveInt = 500
     """Held-out problems to generate; never overlap with training problems."""
+    think_fraction: Fraction = 0.0
+    """Share of demonstrations that work the problem out column by column in `<think>...</think>` before
+    the answer (`37+58=` -> `<think>7+8=15;3+5+1=9</think>95`); the rest state the answer alone. + and - only."""
+
+    @model_validator(mode="after")
+    def _working_is_written_for_plus_and_minus(self) -> TaskSection:
+        if self.think_fraction > 0 and "*" in self.operators:
+            raise ValueError("think_fraction > 0 needs operators from +- only (no worked form for *)")
+        return self
 
 
 class DataSection(Section):

@@ -2,6 +2,10 @@
 
 Train and held-out problems never overlap: a problem's split is a fixed function of the problem itself
 (a CRC of its text), so any seed, size or generator call agrees on it.
+
+A share of the demonstrations (`think_fraction`) can work the problem out first, column by column from
+the units, inside `<think>...</think>` (DeepSeek-R1's output format, arXiv:2501.12948), then state the
+answer: `37+58=` -> `<think>7+8=15;3+5+1=9</think>95`. The answer is always the text after the working.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Literal
 Split = Literal["train", "eval"]
 OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 _NUMBER = re.compile(r"-?\d+")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,8 @@ class ArithmeticTask:
     """Operators to draw from, any of `+-*`."""
     heldout_per_mille: int = 100
     """Share of all problems (per thousand) reserved for the held-out split."""
+    think_fraction: float = 0.0
+    """Share of rows whose completion works the problem out in `<think>...</think>` before the answer."""
 
     def __post_init__(self) -> None:
         if self.digits < 1:
@@ -38,10 +45,16 @@ class ArithmeticTask:
             )
         if not 0 < self.heldout_per_mille < 1000:
             raise ValueError(f"arithmetic.heldout_per_mille must be in 1..999, got {self.heldout_per_mille}")
+        if not 0.0 <= self.think_fraction <= 1.0:
+            raise ValueError(f"arithmetic.think_fraction must be in [0, 1], got {self.think_fraction}")
+        if self.think_fraction > 0 and "*" in self.operators:
+            raise ValueError("arithmetic.think_fraction: worked demonstrations cover + and - only, not *")
 
-    def row(self, a: int, op: str, b: int) -> dict[str, str]:
+    def row(self, a: int, op: str, b: int, *, worked: bool = False) -> dict[str, str]:
+        """The problem, its completion (the answer, or `worked_completion` when `worked`) and its answer."""
         answer = str(OPERATORS[op](a, b))
-        return {"prompt": f"{a}{op}{b}=", "completion": answer, "answer": answer}
+        completion = worked_completion(a, op, b, columns=self.digits) if worked else answer
+        return {"prompt": f"{a}{op}{b}=", "completion": completion, "answer": answer}
 
     def split_of(self, a: int, op: str, b: int) -> Split:
         bucket = zlib.crc32(f"{a}{op}{b}".encode()) % 1000
@@ -50,11 +63,12 @@ class ArithmeticTask:
     def sample(self, n: int, *, seed: int, split: Split = "train") -> list[dict[str, str]]:
         """`n` problems of one split, drawn with replacement from that split by a seeded generator."""
         rng = random.Random(f"{seed}-{split}")
+        think = random.Random(f"{seed}-{split}-think")  # its own stream: the problems drawn do not depend on it
         rows = []
         while len(rows) < n:
             a, op, b = self._draw_operand(rng), rng.choice(self.operators), self._draw_operand(rng)
             if self.split_of(a, op, b) == split:
-                rows.append(self.row(a, op, b))
+                rows.append(self.row(a, op, b, worked=think.random() < self.think_fraction))
         return rows
 
     def _draw_operand(self, rng: random.Random) -> int:
@@ -67,9 +81,50 @@ class ArithmeticTask:
         return [r["prompt"] + r["completion"] for r in self.sample(n, seed=0)]
 
 
+def worked_completion(a: int, op: str, b: int, *, columns: int) -> str:
+    """`a op b` worked out in `columns` columns from the units, in `<think>`, then the answer.
+
+        37+58 -> <think>7+8=15;3+5+1=9</think>95          each column: digits + carry = sum
+        73-58 -> <think>13-8=5;7-1-5=1</think>15          a column short of its subtrahend borrows 10
+        23-58 -> <think>-;8-3=5;5-0-2=3</think>-35        a < b: "-", then b - a
+    """
+    if op == "+":
+        steps = _addition_columns(a, b, columns)
+    elif op == "-":
+        steps = _subtraction_columns(a, b, columns) if a >= b else ["-", *_subtraction_columns(b, a, columns)]
+    else:
+        raise ValueError(f"worked demonstrations cover + and - only, not {op!r}")
+    return f"{THINK_OPEN}{';'.join(steps)}{THINK_CLOSE}{OPERATORS[op](a, b)}"
+
+
+def _column_digits(x: int, columns: int) -> list[int]:
+    return [x // 10**i % 10 for i in range(columns)]  # units first
+
+
+def _addition_columns(a: int, b: int, columns: int) -> list[str]:
+    steps, carry = [], 0
+    for i, (x, y) in enumerate(zip(_column_digits(a, columns), _column_digits(b, columns), strict=True)):
+        total = x + y + carry
+        steps.append(f"{x}+{y}={total}" if i == 0 else f"{x}+{y}+{carry}={total}")
+        carry = total // 10
+    return steps
+
+
+def _subtraction_columns(a: int, b: int, columns: int) -> list[str]:
+    """Columns of a - b for a >= b."""
+    steps, borrow = [], 0
+    for i, (x, y) in enumerate(zip(_column_digits(a, columns), _column_digits(b, columns), strict=True)):
+        lends = x - borrow < y
+        top = f"1{x}" if lends else f"{x}"
+        difference = 10 * lends + x - borrow - y
+        steps.append(f"{top}-{y}={difference}" if i == 0 else f"{top}-{borrow}-{y}={difference}")
+        borrow = int(lends)
+    return steps
+
+
 def extract_answer(completion: str) -> str | None:
-    """The first integer in the completion (the task's answers are integers), or None."""
-    match = _NUMBER.search(completion)
+    """The first integer after the last `</think>` (or in the whole completion when it has none), or None."""
+    match = _NUMBER.search(completion.rpartition(THINK_CLOSE)[2])
     return match.group(0) if match else None
 
 

@@ -27,7 +27,9 @@ Rows = Sequence[dict[str, Any]] | Any  # a list of dicts or a `datasets.Dataset`
 
 
 def build_task(section: TaskSection) -> ArithmeticTask:
-    return TASKS[section.name](digits=section.digits, operators=section.operators)
+    return TASKS[section.name](
+        digits=section.digits, operators=section.operators, think_fraction=section.think_fraction
+    )
 
 
 def build_builtin_tokenizer(name: str) -> Any:
