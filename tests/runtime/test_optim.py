@@ -81,6 +81,29 @@ def test_adamw_groups_exclude_1d_params_from_weight_decay() -> None:
         build_adamw([frozen], lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999))
 
 
+def test_fused_adamw_takes_the_same_steps_as_the_plain_one() -> None:
+    torch.manual_seed(0)
+    weight, bias = torch.randn(5, 3), torch.randn(5)
+    layers = [torch.nn.Linear(3, 5), torch.nn.Linear(3, 5)]
+    for layer in layers:
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)
+    fused = build_adamw(layers[0].parameters(), lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
+    assert all(g["fused"] for g in fused.param_groups)
+    groups = [{"params": [layers[1].weight], "weight_decay": 0.1}, {"params": [layers[1].bias], "weight_decay": 0.0}]
+    plain = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), foreach=False)  # the for-loop reference
+    for step in range(5):
+        x = torch.linspace(-1, 1, 12).view(4, 3) * (step + 1)
+        for layer, opt in zip(layers, (fused, plain), strict=True):
+            opt.zero_grad()
+            layer(x).square().sum().backward()
+            opt.step()
+    torch.testing.assert_close(layers[0].weight, layers[1].weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layers[0].bias, layers[1].bias, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(layers[0].weight, weight, atol=1e-3)  # five steps of lr 1e-2 moved it
+
+
 def test_cosine_is_monotone_after_warmup() -> None:
     values = [mult(s, "cosine") for s in range(4, 15)]
     assert all(a >= b for a, b in itertools.pairwise(values))

@@ -19,8 +19,18 @@ def build_adamw(
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    fused = all(p.is_cuda for p in params)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, fused=fused or None)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, fused=fused_adamw_runs_on(params))
+
+
+def fused_adamw_runs_on(params: list[torch.nn.Parameter]) -> bool | None:
+    """Whether to take torch's fused AdamW kernel: float parameters all on one CPU or CUDA device type.
+
+    One kernel over every parameter instead of a chain of foreach ops: on this 2-core CPU, a step over 19M
+    float32 parameters took 5.5 ms against 19-42 ms for foreach (2 threads). None leaves torch's default.
+    """
+    device_types = {p.device.type for p in params}
+    one_kind = len(device_types) == 1 and device_types <= {"cpu", "cuda"}
+    return True if one_kind and all(p.is_floating_point() for p in params) else None
 
 
 def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
