@@ -53,13 +53,13 @@ steps are dropped; rounds alternate the order of the sides, each side in a fresh
 Differences that remain, by design or unavoidable: TRL's `generate` path prefills every prompt once per sample
 (its sampler repeats each prompt G times) and keeps finished rows in the batch, while posttrain's engine prefills
 each prompt once and drops finished rows (that is what is measured); TRL loads its reference model from the
-policy's saved directory, posttrain copies the policy (same weights); TRL's default optimiser is fused AdamW,
-posttrain's is foreach AdamW; sampling stops at EOS on both sides, so completion lengths differ a little between
-runs (each case reports the tokens per step); reference precomputation (DPO) happens before the first step on both
-sides and is not in the step time; TRL's `wrapped` packing cuts documents and lets them attend to each other, so it
-is not the same computation as posttrain's packing (block-diagonal attention per document) or TRL's `bfd`, which
-are. `torch.compile` was tried for the training forward and backward on this CPU and did not pay (tiny model: 185
-ms eager against 193 ms compiled per forward + backward, after 54 s of compilation), so neither side uses it."""
+policy's saved directory, posttrain copies the policy (same weights); both sides use fused AdamW; sampling stops
+at EOS on both sides, so completion lengths differ a little between runs (each case reports the tokens per step);
+reference precomputation (DPO) happens before the first step on both sides and is not in the step time; TRL's
+`wrapped` packing cuts documents and lets them attend to each other, so it is not the same computation as
+posttrain's packing (block-diagonal attention per document) or TRL's `bfd`, which are. `torch.compile` was tried
+for the training forward and backward on this CPU and did not pay (tiny model: 185 ms eager against 193 ms
+compiled per forward + backward, after 54 s of compilation), so neither side uses it."""
 
 
 def run_script(name: str, args: list[str], common: list[str]) -> bool:

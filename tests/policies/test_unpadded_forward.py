@@ -10,7 +10,6 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import posttrain.policies.logprobs as logprobs_module
 from posttrain.policies import build_model, enable_gradient_checkpointing, hidden_states_at, token_logprobs
 from posttrain.policies.llama_forward import decoder_of, find_documents, runs_unpadded
 from posttrain.trainers.build import build_builtin_tokenizer
@@ -34,20 +33,6 @@ def sharp_model(preset: str, tokenizer, *, seed: int, attention: str = "sdpa") -
             if param.dim() == 2:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
     return model
-
-
-@pytest.fixture
-def calls(monkeypatch):
-    """How many times the unpadded forward ran."""
-    count = {"n": 0}
-    original = logprobs_module.unpadded_hidden_states
-
-    def counting(*args, **kwargs):
-        count["n"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(logprobs_module, "unpadded_hidden_states", counting)
-    return count
 
 
 def hf_logprobs(model, ids_B_T, target_B_T, **forward) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,12 +112,12 @@ def test_find_documents_by_hand() -> None:
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("preset", ["qwen2-small", "llama-small"])
-def test_right_padded_rows_equal_the_models_forward(preset, attention, tokenizer, calls) -> None:
+def test_right_padded_rows_equal_the_models_forward(preset, attention, tokenizer, unpadded_calls) -> None:
     # rows of 14, 2, 9, 5 and 11 real tokens: most of the batch's token slots are padding in some rows
     model = sharp_model(preset, tokenizer, seed=0, attention=attention)
     ids, attention_B_T, target = right_padded([14, 2, 9, 5, 11], len(tokenizer), seed=1)
     assert_same_values_and_gradients(model, ids, attention_B_T, target, None, {"attention_mask": attention_B_T.long()})
-    assert calls["n"] == 1
+    assert unpadded_calls["n"] == 1
 
 
 def packed_rows(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,18 +134,18 @@ def packed_rows(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
 
 @pytest.mark.parametrize("with_mask", [True, False])
 @pytest.mark.parametrize("preset", ["qwen2-small", "llama-small"])
-def test_packed_rows_equal_the_models_packed_forward(preset, with_mask, tokenizer, calls) -> None:
+def test_packed_rows_equal_the_models_packed_forward(preset, with_mask, tokenizer, unpadded_calls) -> None:
     # the plain path is transformers' packed forward: no mask, block-diagonal attention from the position
     # ids. Without the mask token_logprobs cannot tell the padding tail from one more document, and runs it.
     model = sharp_model(preset, tokenizer, seed=2)
     ids, attention_B_T, target, positions = packed_rows(len(tokenizer))
     mask = attention_B_T if with_mask else None
     assert_same_values_and_gradients(model, ids, mask, target, positions, {"position_ids": positions})
-    assert calls["n"] == 1
+    assert unpadded_calls["n"] == 1
 
 
 @pytest.mark.parametrize("rope_type", ["dynamic", "linear"])
-def test_full_attention_heads_biases_and_rope_scaling(rope_type, calls) -> None:
+def test_full_attention_heads_biases_and_rope_scaling(rope_type, unpadded_calls) -> None:
     # as many key/value heads as query heads, biases on every Linear, and scaled RoPE from the model's own
     # rotary module: dynamic scaling rescales once positions pass max_position_embeddings (8 < WIDTH = 14)
     torch.manual_seed(13)
@@ -172,10 +157,10 @@ def test_full_attention_heads_biases_and_rope_scaling(rope_type, calls) -> None:
     model = LlamaForCausalLM(config)
     ids, attention_B_T, target = right_padded([14, 5, 9], 50, seed=14)
     assert_same_values_and_gradients(model, ids, attention_B_T, target, None, {"attention_mask": attention_B_T.long()})
-    assert calls["n"] == 1
+    assert unpadded_calls["n"] == 1
 
 
-def test_lora_model_equals_the_models_forward(tokenizer, calls) -> None:
+def test_lora_model_equals_the_models_forward(tokenizer, unpadded_calls) -> None:
     peft = pytest.importorskip("peft")
     base = sharp_model("qwen2-small", tokenizer, seed=4)
     # random LoRA B (peft starts it at zero), so that the adapters change the outputs and get gradients
@@ -183,10 +168,10 @@ def test_lora_model_equals_the_models_forward(tokenizer, calls) -> None:
     model = peft.get_peft_model(base, config)
     ids, attention_B_T, target = right_padded([14, 3, 8], len(tokenizer), seed=5)
     assert_same_values_and_gradients(model, ids, attention_B_T, target, None, {"attention_mask": attention_B_T.long()})
-    assert calls["n"] == 1
+    assert unpadded_calls["n"] == 1
 
 
-def test_a_bare_decoder_runs_unpadded_like_its_causal_lm(tokenizer, calls) -> None:
+def test_a_bare_decoder_runs_unpadded_like_its_causal_lm(tokenizer, unpadded_calls) -> None:
     # the PPO critic's backbone is a bare Qwen2Model: the same decoder, found from the LM or from itself
     model = sharp_model("qwen2-small", tokenizer, seed=15)
     decoder = model.model
@@ -196,11 +181,11 @@ def test_a_bare_decoder_runs_unpadded_like_its_causal_lm(tokenizer, calls) -> No
     hidden_M_H = hidden_states_at(decoder, ids, attention_B_T, None, target)
     expected_B_T_H = decoder(input_ids=ids, attention_mask=attention_B_T.long(), use_cache=False).last_hidden_state
     torch.testing.assert_close(hidden_M_H, expected_B_T_H[target], atol=1e-5, rtol=1e-5)
-    assert calls["n"] == 1
+    assert unpadded_calls["n"] == 1
 
 
 @pytest.mark.parametrize("bf16", ["autocast", "weights"])
-def test_bf16_follows_the_models_forward(bf16, tokenizer, calls) -> None:
+def test_bf16_follows_the_models_forward(bf16, tokenizer, unpadded_calls) -> None:
     # bf16 autocast (train.bf16) or bf16 weights (model.dtype): both paths make the same precision choices,
     # so they agree far more closely than bf16 agrees with float32 (here 0.17 apart at the worst token)
     model = sharp_model("llama-small", tokenizer, seed=6)
@@ -210,7 +195,7 @@ def test_bf16_follows_the_models_forward(bf16, tokenizer, calls) -> None:
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 == "autocast"):
         logp, _ = token_logprobs(model, ids, attention_B_T, target)
         ref_logp, _ = hf_logprobs(model, ids, target, attention_mask=attention_B_T.long())
-    assert calls["n"] == 1
+    assert unpadded_calls["n"] == 1
     assert logp.dtype == torch.float32
     torch.testing.assert_close(logp, ref_logp, atol=1e-3, rtol=1e-3)
 
@@ -218,7 +203,7 @@ def test_bf16_follows_the_models_forward(bf16, tokenizer, calls) -> None:
 # ---------------------------------------------------------------- fallbacks
 
 
-def test_left_padding_takes_the_models_forward(tokenizer, calls) -> None:
+def test_left_padding_takes_the_models_forward(tokenizer, unpadded_calls) -> None:
     model = sharp_model("qwen2-small", tokenizer, seed=8)
     ids = torch.randint(3, len(tokenizer), (2, 8), generator=torch.Generator().manual_seed(9))
     attention_B_T = torch.ones(2, 8, dtype=torch.long)
@@ -227,11 +212,11 @@ def test_left_padding_takes_the_models_forward(tokenizer, calls) -> None:
     target = attention_B_T.bool() & (positions > 1)
     forward = {"attention_mask": attention_B_T, "position_ids": positions}
     assert_same_values_and_gradients(model, ids, attention_B_T, target, positions, forward)
-    assert calls["n"] == 0
+    assert unpadded_calls["n"] == 0
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_gradient_checkpointing_takes_the_models_forward(packed, tokenizer, calls) -> None:
+def test_gradient_checkpointing_takes_the_models_forward(packed, tokenizer, unpadded_calls) -> None:
     # the model's own forward, given no mask for right padding (and packed rows split by their positions)
     model = sharp_model("llama-small", tokenizer, seed=10)
     enable_gradient_checkpointing(model)
@@ -243,7 +228,7 @@ def test_gradient_checkpointing_takes_the_models_forward(packed, tokenizer, call
         (ids, attention_B_T, target), positions = right_padded([14, 6], len(tokenizer), seed=11), None
         forward = {"attention_mask": attention_B_T.long()}
     assert_same_values_and_gradients(model, ids, attention_B_T, target, positions, forward)
-    assert calls["n"] == 0
+    assert unpadded_calls["n"] == 0
 
 
 def test_what_the_unpadded_forward_would_not_reproduce_is_refused(tokenizer) -> None:
@@ -253,7 +238,7 @@ def test_what_the_unpadded_forward_would_not_reproduce_is_refused(tokenizer) -> 
     assert not runs_unpadded(model.train())
     assert runs_unpadded(model.eval())  # no dropout at evaluation
     model.config.attention_dropout = 0.0
-    # a hook on a Linear the compact forward calls as plain maths would not run (FSDP gathers weights so)
+    # a hook on a Linear the compact forward unpadded_calls as plain maths would not run (FSDP gathers weights so)
     handle = model.model.layers[1].mlp.down_proj.register_forward_hook(lambda module, args, out: out)
     assert not runs_unpadded(model)
     handle.remove()

@@ -9,7 +9,6 @@ real tokens only (Llama family) or fell back to the backbone's forward.
 import pytest
 import torch
 
-import posttrain.policies.logprobs as logprobs_module
 from posttrain.policies import build_model, enable_gradient_checkpointing
 from posttrain.policies.llama_forward import runs_unpadded
 from posttrain.trainers.build import build_builtin_tokenizer
@@ -22,20 +21,6 @@ PROMPT_LEN = 3
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_builtin_tokenizer("arithmetic")
-
-
-@pytest.fixture
-def calls(monkeypatch):
-    """How many times the unpadded forward ran."""
-    count = {"n": 0}
-    original = logprobs_module.unpadded_hidden_states
-
-    def counting(*args, **kwargs):
-        count["n"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(logprobs_module, "unpadded_hidden_states", counting)
-    return count
 
 
 def sharp_critic(preset: str, tokenizer, *, seed: int, attention: str = "sdpa") -> ValueModel:
@@ -110,24 +95,26 @@ def assert_same_values_and_gradients(critic, ids_B_T, attention_B_T, read_mask_B
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("preset", ["qwen2-small", "llama-small"])
-def test_values_and_gradients_equal_the_backbones_padded_forward(preset, attention, tokenizer, calls) -> None:
+def test_values_and_gradients_equal_the_backbones_padded_forward(preset, attention, tokenizer, unpadded_calls) -> None:
     # rows of 14, 2, 9, 5 and 11 real tokens: the row of 2 has no completion, most slots are padding somewhere
     critic = sharp_critic(preset, tokenizer, seed=0, attention=attention)
     assert runs_unpadded(critic.backbone)
     ids_B_T, attention_B_T, completion_B_T = completions([14, 2, 9, 5, 11], len(tokenizer), seed=1)
     assert_same_values_and_gradients(critic, ids_B_T, attention_B_T, completion_B_T)
-    assert calls["n"] == 1
+    assert unpadded_calls["n"] == 1
 
 
-def test_without_a_read_mask_every_position_after_a_real_token_has_its_value(tokenizer, calls) -> None:
+def test_without_a_read_mask_every_position_after_a_real_token_has_its_value(tokenizer, unpadded_calls) -> None:
     critic = sharp_critic("qwen2-small", tokenizer, seed=2)
     ids_B_T, attention_B_T, _ = completions([14, 4, 10], len(tokenizer), seed=3)
     assert_same_values_and_gradients(critic, ids_B_T, attention_B_T, None)
-    assert calls["n"] == 1
+    assert unpadded_calls["n"] == 1
 
 
 @pytest.mark.parametrize("fallback", ["gradient_checkpointing", "attention_dropout"])
-def test_what_the_unpadded_forward_would_not_reproduce_takes_the_backbones_forward(fallback, tokenizer, calls) -> None:
+def test_what_the_unpadded_forward_would_not_reproduce_takes_the_backbones_forward(
+    fallback, tokenizer, unpadded_calls
+) -> None:
     critic = sharp_critic("llama-small", tokenizer, seed=4, attention="eager").train()
     if fallback == "gradient_checkpointing":
         enable_gradient_checkpointing(critic.backbone)
@@ -136,4 +123,4 @@ def test_what_the_unpadded_forward_would_not_reproduce_takes_the_backbones_forwa
     assert not runs_unpadded(critic.backbone)
     ids_B_T, attention_B_T, completion_B_T = completions([14, 6, 9], len(tokenizer), seed=5)
     assert_same_values_and_gradients(critic, ids_B_T, attention_B_T, completion_B_T, seed=6)
-    assert calls["n"] == 0
+    assert unpadded_calls["n"] == 0
