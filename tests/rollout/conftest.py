@@ -34,6 +34,11 @@ def qwen2_model() -> Qwen2ForCausalLM:
     return build_qwen2()
 
 
+@pytest.fixture(scope="session")
+def llama_model() -> LlamaForCausalLM:
+    return build_llama()
+
+
 @pytest.fixture(scope="session", params=["qwen2", "llama"])
 def tiny_model(request: pytest.FixtureRequest) -> torch.nn.Module:
     return build_qwen2() if request.param == "qwen2" else build_llama()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from posttrain.rollout import ENGINES, NativeEngine, Rollouts, SamplingParams
+from posttrain.rollout.native import generate_geometric_mixture
 
 native, hf = ENGINES["native"], ENGINES["hf"]
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
@@ -146,3 +147,47 @@ def test_native_engine_runs_on_the_model_device(qwen2_model):
         generator=torch.Generator().manual_seed(0),
     )
     assert out.logprobs[0].device == qwen2_model.device
+
+
+def mixture_without_cache(policy, reference, prompt: list[int], mixture_coef: float, steps: int, stop_ids: set[int]):
+    """Reference Nash-MD mixture decoder: one prompt, no padding, no cache; greedy on
+    (1 - m) log_softmax(policy) + m log_softmax(reference). Returns the tokens and log_softmax of that
+    mixture at each chosen token."""
+    ids, logps = list(prompt), []
+    with torch.no_grad():
+        for _ in range(steps):
+            x = torch.tensor([ids])
+            mixed_V = (1 - mixture_coef) * policy(input_ids=x).logits[0, -1].float().log_softmax(-1) + (
+                mixture_coef * reference(input_ids=x).logits[0, -1].float().log_softmax(-1)
+            )
+            ids.append(int(mixed_V.argmax()))
+            logps.append(float(mixed_V.log_softmax(-1)[ids[-1]]))
+            if ids[-1] in stop_ids:
+                break
+    return ids[len(prompt) :], torch.tensor(logps)
+
+
+@pytest.mark.parametrize("mixture_coef", [0.0, 0.3, 1.0])
+def test_geometric_mixture_equals_a_cache_free_mixture_decoder(qwen2_model, llama_model, mixture_coef, prompts):
+    reference = llama_model  # another family and other weights: the two caches must stay apart
+    params = SamplingParams(max_new_tokens=10, temperature=0.0, stop_token_ids=(7, 8))
+    out = generate_geometric_mixture(qwen2_model, reference, prompts, params, n=1, mixture_coef=mixture_coef)
+    for prompt, completion, logp in zip(prompts, out.completion_ids, out.logprobs, strict=True):
+        expected, expected_logp = mixture_without_cache(qwen2_model, reference, prompt, mixture_coef, 10, {7, 8})
+        assert completion == expected
+        torch.testing.assert_close(logp, expected_logp, atol=1e-4, rtol=0)
+    alone = native.generate(qwen2_model if mixture_coef == 0.0 else reference, prompts, params, n=1)
+    assert (out.completion_ids == alone.completion_ids) == (mixture_coef in (0.0, 1.0))
+
+
+def test_sampled_geometric_mixture_groups_leave_the_batch_like_the_engine(qwen2_model, llama_model, prompts):
+    # m = 0: the mixture is the policy itself, so seeded sampling must give the engine's own samples,
+    # rows finishing at different steps included
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, stop_token_ids=(7, 8))
+    mixed = generate_geometric_mixture(qwen2_model, llama_model, prompts, params, n=3, mixture_coef=0.0,
+                                       generator=torch.Generator().manual_seed(3))  # fmt: skip
+    alone = native.generate(qwen2_model, prompts, params, n=3, generator=torch.Generator().manual_seed(3))
+    assert mixed.completion_ids == alone.completion_ids
+    assert len({len(c) for c in mixed.completion_ids}) > 1
+    for a, b in zip(mixed.logprobs, alone.logprobs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

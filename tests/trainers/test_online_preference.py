@@ -17,10 +17,11 @@ from posttrain.data.encoding import PromptTokens
 from posttrain.policies import build_model
 from posttrain.rewards import RewardFailureError
 from posttrain.rollout import ENGINES, SamplingParams
+from posttrain.rollout.native import generate_geometric_mixture
 from posttrain.tasks import ArithmeticTask
 from posttrain.tasks.preference_data import feedback_rows
 from posttrain.trainers.build import build_builtin_tokenizer
-from posttrain.trainers.online_parts import RoundSamples, build_examples, judge_all_pairs, sample_geometric_mixture
+from posttrain.trainers.online_parts import RoundSamples, build_examples, judge_all_pairs
 from posttrain.trainers.preference import train_pref
 
 TASK = ArithmeticTask(digits=2, operators="+")
@@ -129,8 +130,8 @@ def test_geometric_mixture_at_its_ends_is_the_policy_or_the_reference():
     prompts = [tokenizer(p).input_ids for p in ("2+2=", "13+5=")]
     greedy = SamplingParams(max_new_tokens=5, temperature=0.0, stop_token_ids=(tokenizer.eos_token_id,))
     for coef, model in ((0.0, policy), (1.0, reference)):
-        mixed = sample_geometric_mixture(policy, reference, prompts, greedy, n=1, mixture_coef=coef,
-                                         generator=torch.Generator(), tokenizer=tokenizer)  # fmt: skip
+        mixed = generate_geometric_mixture(policy, reference, prompts, greedy, n=1, mixture_coef=coef,
+                                           generator=torch.Generator(), tokenizer=tokenizer)  # fmt: skip
         alone = ENGINES["native"].generate(model, prompts, greedy, n=1)
         assert mixed.completion_ids == alone.completion_ids
 

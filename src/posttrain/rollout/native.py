@@ -30,6 +30,7 @@ greedy), in float32 - what a fresh forward pass of prompt + completion gives, an
 use as old log-probs.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ from posttrain.rollout.decoders import Decoder, build_decoder, positions_from_ma
 from posttrain.rollout.engine import FinishReason, Rollouts, SamplingParams, StopChecker
 from posttrain.rollout.sampling import sample_tokens
 
-__all__ = ["NativeEngine", "left_pad", "positions_from_mask"]
+__all__ = ["NativeEngine", "decode", "generate_geometric_mixture", "left_pad", "positions_from_mask"]
 
 
 def left_pad(prompt_ids: list[list[int]], device: torch.device, pad_id: int = 0) -> tuple[Tensor, Tensor]:
@@ -76,39 +77,12 @@ class NativeEngine:
             raise ValueError("NativeEngine.generate: every prompt needs at least one token")
         if params.greedy and n > 1:  # the n greedy samples of a prompt are identical: decode one
             return self.generate(model, prompt_ids, params, n=1, tokenizer=tokenizer).repeat_groups(n)
-        stop = StopChecker(params, tokenizer)
-        device = model.device
         decoder = self.decoder(model, params.max_new_tokens)
-        logits_P_V = decoder.prefill(*left_pad(prompt_ids, device))
-        decoder.expand(n)
-        logits_A_V = logits_P_V.repeat_interleave(n, dim=0)
-        num_rows = len(prompt_ids) * n
-        rows = list(range(num_rows))  # which completion each active row is (host copy of rows_A)
-        rows_A = torch.arange(num_rows, device=device)
-        logp_B_S = torch.zeros(num_rows, params.max_new_tokens, dtype=torch.float32, device=device)
-        completions: list[list[int]] = [[] for _ in range(num_rows)]
-        finish_reasons: list[FinishReason] = ["length"] * num_rows
-
-        for step in range(params.max_new_tokens):
-            tokens_A, logp_A = sample_tokens(logits_A_V, params, generator)
-            logp_B_S[rows_A, step] = logp_A
-            keep = []
-            for a, (row, token) in enumerate(zip(rows, tokens_A.tolist())):
-                completions[row].append(token)
-                if stop.is_stop(completions[row]):
-                    finish_reasons[row] = "stop"
-                else:
-                    keep.append(a)
-            if not keep or step + 1 == params.max_new_tokens:
-                break
-            if len(keep) < len(rows):
-                rows = [rows[a] for a in keep]
-                keep_A = torch.tensor(keep, device=device)
-                decoder.select(keep_A)
-                rows_A, tokens_A = rows_A[keep_A], tokens_A[keep_A]
-            logits_A_V = decoder.step(tokens_A)
-
-        logprobs = [logp_B_S[i, : len(c)].clone() for i, c in enumerate(completions)]
+        sampled = decode(
+            [decoder], lambda logits: logits[0], prompt_ids, params,
+            n=n, device=model.device, generator=generator, tokenizer=tokenizer,
+        )  # fmt: skip
+        completions, logprobs, finish_reasons = sampled
         return Rollouts(
             prompt_ids=[list(p) for p in prompt_ids],
             completion_ids=completions,
@@ -116,3 +90,86 @@ class NativeEngine:
             finish_reasons=finish_reasons,
             group_size=n,
         )
+
+
+@torch.inference_mode()
+def generate_geometric_mixture(
+    policy: Any,
+    reference: Any,
+    prompt_ids: list[list[int]],
+    params: SamplingParams,
+    *,
+    n: int,
+    mixture_coef: float,
+    generator: torch.Generator | None = None,
+    tokenizer: Any = None,
+) -> Rollouts:
+    """Sample n completions per prompt from Nash-MD's regularised policy, token by token
+    (Munos et al. 2023, arXiv:2312.00886; TRL's GeometricMixtureWrapper):
+
+        log pi_mix(y_t | x, y_<t) = (1 - m) log pi(y_t | ...) + m log ref(y_t | ...) + const,   m = mixture_coef
+
+    then temperature and filters as `params` say. Both models decode over their own KV cache, with the
+    shared-prompt prefill and shrinking batch of `NativeEngine.generate`. `logprobs` are the mixture's."""
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("generate_geometric_mixture: every prompt needs at least one token")
+    decoders = [build_decoder(m, params.max_new_tokens) for m in (policy, reference)]
+
+    def mix(logits: list[Tensor]) -> Tensor:
+        policy_A_V, reference_A_V = (x.float().log_softmax(dim=-1) for x in logits)
+        return (1 - mixture_coef) * policy_A_V + mixture_coef * reference_A_V
+
+    completions, logprobs, finish_reasons = decode(
+        decoders, mix, prompt_ids, params, n=n, device=policy.device, generator=generator, tokenizer=tokenizer
+    )
+    return Rollouts([list(p) for p in prompt_ids], completions, logprobs, finish_reasons, group_size=n)
+
+
+def decode(
+    decoders: list[Decoder],
+    combine: Callable[[list[Tensor]], Tensor],
+    prompt_ids: list[list[int]],
+    params: SamplingParams,
+    *,
+    n: int,
+    device: torch.device,
+    generator: torch.Generator | None,
+    tokenizer: Any,
+) -> tuple[list[list[int]], list[Tensor], list[FinishReason]]:
+    """The sampling loop shared by every native sampler: prefill each decoder once, expand to n rows per
+    prompt, then sample from `combine(each decoder's logits_A_V)` and feed the tokens to every decoder,
+    dropping finished rows from all of them. Returns completions, their log-probs and finish reasons."""
+    stop = StopChecker(params, tokenizer)
+    padded = left_pad(prompt_ids, device)
+    logits = [d.prefill(*padded).repeat_interleave(n, dim=0) for d in decoders]
+    for d in decoders:
+        d.expand(n)
+    num_rows = len(prompt_ids) * n
+    rows = list(range(num_rows))  # which completion each active row is (host copy of rows_A)
+    rows_A = torch.arange(num_rows, device=device)
+    logp_B_S = torch.zeros(num_rows, params.max_new_tokens, dtype=torch.float32, device=device)
+    completions: list[list[int]] = [[] for _ in range(num_rows)]
+    finish_reasons: list[FinishReason] = ["length"] * num_rows
+
+    for step in range(params.max_new_tokens):
+        tokens_A, logp_A = sample_tokens(combine(logits), params, generator)
+        logp_B_S[rows_A, step] = logp_A
+        keep = []
+        for a, (row, token) in enumerate(zip(rows, tokens_A.tolist())):
+            completions[row].append(token)
+            if stop.is_stop(completions[row]):
+                finish_reasons[row] = "stop"
+            else:
+                keep.append(a)
+        if not keep or step + 1 == params.max_new_tokens:
+            break
+        if len(keep) < len(rows):
+            rows = [rows[a] for a in keep]
+            keep_A = torch.tensor(keep, device=device)
+            for d in decoders:
+                d.select(keep_A)
+            rows_A, tokens_A = rows_A[keep_A], tokens_A[keep_A]
+        logits = [d.step(tokens_A) for d in decoders]
+
+    logprobs = [logp_B_S[i, : len(c)].clone() for i, c in enumerate(completions)]
+    return completions, logprobs, finish_reasons

@@ -28,9 +28,8 @@ from posttrain.objectives.pairing import (
     win_rates_within_group,
 )
 from posttrain.rewards import RewardFailureError, RewardSet
-from posttrain.rollout import Rollouts, SamplingParams, StopChecker
-from posttrain.rollout.native import left_pad, positions_from_mask
-from posttrain.rollout.sampling import sample_tokens
+from posttrain.rollout import SamplingParams
+from posttrain.rollout.native import generate_geometric_mixture
 from posttrain.trainers.offline import Tokens
 
 
@@ -83,7 +82,7 @@ def sample_round(
         sampled.append(engine.generate(reference, prompt_ids, params, n=n, generator=generator, tokenizer=tokenizer))
     elif opponent == "mixture":
         sampled.append(
-            sample_geometric_mixture(
+            generate_geometric_mixture(
                 policy,
                 reference,
                 prompt_ids,
@@ -175,53 +174,6 @@ def judge_all_pairs(
         prefs_P_K_K[index[:, 0], index[:, 1], index[:, 2]] = values
         prefs_P_K_K[index[:, 0], index[:, 2], index[:, 1]] = 1.0 - values
     return prefs_P_K_K
-
-
-@torch.no_grad()
-def sample_geometric_mixture(
-    policy: Any,
-    reference: Any,
-    prompt_ids: list[list[int]],
-    params: SamplingParams,
-    *,
-    n: int,
-    mixture_coef: float,
-    generator: torch.Generator,
-    tokenizer: Any,
-) -> Rollouts:
-    """Sample n completions per prompt from Nash-MD's regularised policy, token by token
-    (Munos et al. 2023, arXiv:2312.00886; TRL's GeometricMixtureWrapper):
-
-        log pi_mix(y_t | x, y_<t) = (1 - m) log pi(y_t | ...) + m log ref(y_t | ...) + const,   m = mixture_coef
-
-    then temperature and filters as `params` say. No KV cache: each step re-runs both models over the whole
-    prefix, which is cheap for the short completions it is used for. `logprobs` are the mixture's."""
-    checker = StopChecker(params, tokenizer)
-    rows = [p for p in prompt_ids for _ in range(n)]
-    completions: list[list[int]] = [[] for _ in rows]
-    logprobs: list[list[float]] = [[] for _ in rows]
-    finish = ["length"] * len(rows)
-    active = list(range(len(rows)))
-    device = next(policy.parameters()).device
-    for _ in range(params.max_new_tokens):
-        ids_B_T, mask_B_T = left_pad([rows[b] + completions[b] for b in active], device)
-        forward = dict(input_ids=ids_B_T, attention_mask=mask_B_T, position_ids=positions_from_mask(mask_B_T))
-        policy_B_V = policy(**forward).logits[:, -1].float().log_softmax(dim=-1)
-        reference_B_V = reference(**forward).logits[:, -1].float().log_softmax(dim=-1)
-        mixed_B_V = (1 - mixture_coef) * policy_B_V + mixture_coef * reference_B_V
-        tokens_B, logp_B = sample_tokens(mixed_B_V, params, generator)
-        still = []
-        for b, token, logp in zip(active, tokens_B.tolist(), logp_B.tolist(), strict=True):
-            completions[b].append(token)
-            logprobs[b].append(logp)
-            if checker.is_stop(completions[b]):
-                finish[b] = "stop"
-            else:
-                still.append(b)
-        active = still
-        if not active:
-            break
-    return Rollouts(prompt_ids, completions, [torch.tensor(lp) for lp in logprobs], finish, group_size=n)  # type: ignore[arg-type]
 
 
 def build_examples(
