@@ -114,15 +114,10 @@ def run_trl(case: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         path = harness.save_model(case["size"], tokenizer, Path(out) / "model", seed=case["seed"])
         args = DPOConfig(
-            output_dir=out,
-            model_init_kwargs={"dtype": "float32"},
-            per_device_train_batch_size=case["batch"], gradient_accumulation_steps=1,
+            **harness.trl_args(case, out, lr=case["lr"]),
+            per_device_train_batch_size=case["batch"],
             beta=case["beta"], loss_type=["sigmoid"], max_length=None,
             precompute_ref_log_probs=REFERENCES[case["reference"]][1],
-            learning_rate=case["lr"], lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
-            max_steps=steps, gradient_checkpointing=False, bf16=False, use_cpu=case["device"] == "cpu",
-            report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True,
-            dataloader_num_workers=0, seed=case["seed"],
         )  # fmt: skip
         trainer = DPOTrainer(
             model=path,

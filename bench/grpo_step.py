@@ -99,19 +99,12 @@ def run_trl(case: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         path = harness.save_model(case["size"], tokenizer, Path(out) / "model", seed=case["seed"])
         args = GRPOConfig(
-            output_dir=out,
-            model_init_kwargs={"dtype": "float32"},
+            **harness.trl_args(case, out, lr=case["lr"]),
             per_device_train_batch_size=case["prompts"] * case["group"],  # one optimiser step per generation batch
-            gradient_accumulation_steps=1,
             num_generations=case["group"],
             max_completion_length=case["completion"],
             temperature=case["temperature"], top_p=1.0, top_k=0,
             beta=case["beta"], num_iterations=1, epsilon=0.2, loss_type="dapo", scale_rewards="group",
-            learning_rate=case["lr"], lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
-            max_steps=case["warmup"] + case["steps"],
-            gradient_checkpointing=False, bf16=False, use_cpu=case["device"] == "cpu",
-            report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True,
-            dataloader_num_workers=0, seed=case["seed"],
         )  # fmt: skip
         trainer = GRPOTrainer(
             model=path,

@@ -301,6 +301,19 @@ def build_model(size: str, tokenizer: Any, *, seed: int = 0, device: str = "cpu"
     return build(SIZES[size], tokenizer, seed=seed).to(device)
 
 
+def trl_args(case: dict[str, Any], output_dir: str, *, lr: float) -> dict[str, Any]:
+    """The TRL training arguments every case shares (RESULTS.md, "TRL settings"): float32, no gradient
+    checkpointing and no bf16 on CPU, constant lr, no weight decay, grad-norm 1.0, one optimiser step per
+    batch, logging every step, no checkpoints, warm-up plus timed steps."""
+    return {
+        "output_dir": output_dir, "model_init_kwargs": {"dtype": "float32"}, "gradient_accumulation_steps": 1,
+        "learning_rate": lr, "lr_scheduler_type": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0,
+        "max_steps": case["warmup"] + case["steps"], "gradient_checkpointing": False, "bf16": False,
+        "use_cpu": case["device"] == "cpu", "report_to": "none", "logging_steps": 1, "save_strategy": "no",
+        "disable_tqdm": True, "dataloader_num_workers": 0, "seed": case["seed"],
+    }  # fmt: skip
+
+
 def save_model(size: str, tokenizer: Any, directory: str | Path, *, seed: int = 0) -> str:
     """The same model saved as a Hugging Face directory, for trainers that load their reference from a path
     (TRL builds its reference model from the policy's path)."""

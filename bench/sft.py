@@ -97,15 +97,10 @@ def run_trl(case: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         path = harness.save_model(case["size"], tokenizer, Path(out) / "model", seed=case["seed"])
         args = SFTConfig(
-            output_dir=out,
-            model_init_kwargs={"dtype": "float32"},
-            per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+            **harness.trl_args(case, out, lr=1e-4),
+            per_device_train_batch_size=batch,
             max_length=case["max_length"], packing=packing is not None, packing_strategy=packing or "bfd",
             completion_only_loss=True,
-            learning_rate=1e-4, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
-            max_steps=case["warmup"] + case["steps"], gradient_checkpointing=False, bf16=False,
-            use_cpu=case["device"] == "cpu", report_to="none", logging_steps=1, save_strategy="no",
-            disable_tqdm=True, dataloader_num_workers=0, seed=case["seed"],
         )  # fmt: skip
         # packed rows are drawn without repetition: make sure there are enough of them for every step
         repeat = 1 + int(batch * (case["warmup"] + case["steps"]) * case["max_length"] / (len(rows) * per_example))

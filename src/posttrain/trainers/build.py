@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from posttrain.config.sections import DataSection, ModelSection, TaskSection, TrainSection
+from posttrain.data.encoding import PromptTokens, encode_prompts
 from posttrain.data.errors import DataError
 from posttrain.data.examples import Kind, load_examples, validate_rows
 from posttrain.data.readers import Row
@@ -150,6 +151,28 @@ def load_split(
     report.rows = len(generated)
     memory_rows = [Row(fields=r, where=f"{report.source} row {i + 1}") for i, r in enumerate(generated)]
     return validate_rows(memory_rows, kind, on_bad_row=section.on_bad_row, report=report), report
+
+
+def load_prompts(
+    section: DataSection,
+    tokenizer: Any,
+    split: str,
+    *,
+    seed: int,
+    recipe_dir: str | None,
+    rows: Rows | None = None,
+    limit: int | None = None,
+    max_length: int | None = None,
+) -> tuple[list[PromptTokens], LoadReport | None]:
+    """The encoded prompts of one split, the first `limit` of them (eval split only), with their load report;
+    ([], None) when the split has no data. `max_length` defaults to data.max_length."""
+    loaded = load_split(section, "prompt", split, seed=seed, recipe_dir=recipe_dir, rows=rows)
+    if loaded is None:
+        return [], None
+    examples, report = loaded
+    if split == "eval" and limit is not None:
+        examples = examples[:limit]
+    return encode_prompts(examples, tokenizer, max_length=max_length or section.max_length, report=report), report
 
 
 @dataclass

@@ -17,13 +17,13 @@ from typing import Any
 import torch
 
 from posttrain.config.sections import EvalSection
-from posttrain.data.encoding import PromptTokens, encode_prompts
+from posttrain.data.encoding import PromptTokens
 from posttrain.data.errors import DataError
 from posttrain.rewards import load_reward_fn
 from posttrain.rollout import ENGINES, SamplingParams
 from posttrain.runtime.device import limit_cpu_threads, resolve_device
 from posttrain.runtime.seeding import seed_everything
-from posttrain.trainers.build import build_policy, load_split
+from posttrain.trainers.build import build_policy, load_prompts
 
 RewardFn = Callable[..., list[float]]
 
@@ -159,10 +159,9 @@ def run_evaluation(
     device = resolve_device(cfg.device)
     if model is None or tokenizer is None:
         model, tokenizer = build_policy(cfg.model, seed=cfg.seed, device=device, recipe_dir=cfg.recipe_dir)
-    examples, report = load_split(cfg.data, "prompt", "eval", seed=cfg.seed, recipe_dir=cfg.recipe_dir, rows=rows)
-    if cfg.eval.limit is not None:
-        examples = examples[: cfg.eval.limit]
-    prompts = encode_prompts(examples, tokenizer, max_length=cfg.data.max_length, report=report)
+    prompts, report = load_prompts(
+        cfg.data, tokenizer, "eval", seed=cfg.seed, recipe_dir=cfg.recipe_dir, rows=rows, limit=cfg.eval.limit
+    )
     missing = [p.where for p in prompts if "answer" not in p.extra]
     if missing:
         raise DataError(

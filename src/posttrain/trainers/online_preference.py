@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 
 from posttrain.config.pref import SELECTIONS, PrefConfig, feedback_kind
-from posttrain.data import encode_prompts
 from posttrain.objectives.registry import PREFERENCE_LOSSES, call_with
 from posttrain.policies import save_pretrained
 from posttrain.rewards import RewardSet, RewardSpec, load_reward_fn
@@ -35,7 +34,7 @@ from posttrain.rollout import ENGINES, SamplingParams
 from posttrain.runtime.guards import NonFiniteGuard
 from posttrain.runtime.logging import RunLogger
 from posttrain.runtime.signals import StopRequest
-from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, chunks, load_split
+from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, chunks, load_prompts
 from posttrain.trainers.evaluation import EvalResult, evaluate_with
 from posttrain.trainers.offline import frozen, hyper_default, kl_reference_point, logps_per_item
 from posttrain.trainers.online_parts import Feedback, build_examples, sample_round
@@ -47,7 +46,7 @@ from posttrain.trainers.pref_parts import (
     preference_inputs,
 )
 from posttrain.trainers.preference import PrefResult
-from posttrain.trainers.run_state import clip_and_step, restore_checkpoint, save_checkpoint, start_run
+from posttrain.trainers.run_state import clip_and_step, restore_checkpoint, save_checkpoint, start_run, step_metrics
 
 
 def train_online_pref(
@@ -70,8 +69,10 @@ def train_online_pref(
     run_dir = Path(cfg.output_dir)
     model, tokenizer, reference = build_models(cfg, model, tokenizer, checkpoint, device)
     pad_id, mb_size = tokenizer.pad_token_id, cfg.train.micro_batch_size or cfg.train.batch_size
-    train_prompts, report = _prompts(cfg, tokenizer, train_rows, "train")
-    eval_prompts = [p for p in _prompts(cfg, tokenizer, eval_rows, "eval")[0] if "answer" in p.extra]
+    where = {"seed": cfg.seed, "recipe_dir": cfg.recipe_dir}
+    train_prompts, report = load_prompts(cfg.data, tokenizer, "train", rows=train_rows, **where)
+    eval_split, _ = load_prompts(cfg.data, tokenizer, "eval", rows=eval_rows, limit=cfg.eval.limit, **where)
+    eval_prompts = [p for p in eval_split if "answer" in p.extra]
     eval_reward = load_reward_fn(cfg.eval.reward, base_dir=cfg.recipe_dir) if eval_prompts else None
 
     def held_out() -> EvalResult:
@@ -146,9 +147,7 @@ def train_online_pref(
                     | round_metrics
                     | {
                         "grad_norm": grad_norm,
-                        "lr": optim.scheduler.get_last_lr()[0],
-                        "step_time_s": time.perf_counter() - started,
-                        "skipped_steps": guard.skipped,
+                        **step_metrics(optim, guard, time.perf_counter() - started),
                         **{k: float(v) for k, v in extra.items()},
                         **(shift.state() if "reward_shift" in needs else {}),
                     }
@@ -186,16 +185,6 @@ def _crossed(done: int, steps: int, every: int) -> bool:
     """Whether a multiple of `every` (0: never) fell within the `steps` steps that ended at `done`."""
     return bool(every) and done // every > (done - steps) // every
 
-
-def _prompts(cfg: PrefConfig, tokenizer: Any, rows: Rows | None, split: str) -> tuple[list[Any], Any]:
-    """Prompt rows (with their `answer` and other columns) of a split: Python rows, a file or data.task."""
-    loaded = load_split(cfg.data, "prompt", split, seed=cfg.seed, recipe_dir=cfg.recipe_dir, rows=rows)
-    if loaded is None:
-        return [], None
-    examples, report = loaded
-    if split == "eval" and cfg.eval.limit is not None:
-        examples = examples[: cfg.eval.limit]
-    return encode_prompts(examples, tokenizer, max_length=cfg.data.max_length, report=report), report
 
 
 def _feedback(cfg: PrefConfig) -> Feedback:

@@ -44,7 +44,15 @@ from posttrain.trainers.pref_parts import (
     log_ratios,
     preference_inputs,
 )
-from posttrain.trainers.run_state import clip_and_step, finish_step, restore_checkpoint, save_checkpoint, start_run
+from posttrain.trainers.run_state import (
+    clip_and_step,
+    eval_due,
+    finish_step,
+    restore_checkpoint,
+    save_checkpoint,
+    start_run,
+    step_metrics,
+)
 
 
 @dataclass
@@ -157,14 +165,12 @@ def train_pref(
             grad_norm = clip_and_step(model, optim, cfg.train.max_grad_norm, guard, loss=totals["loss"], step=step + 1)
             metrics = {k: v / len(items) for k, v in totals.items()} | {
                 "grad_norm": grad_norm,
-                "lr": optim.scheduler.get_last_lr()[0],
-                "step_time_s": time.perf_counter() - started,
-                "skipped_steps": guard.skipped,
+                **step_metrics(optim, guard, time.perf_counter() - started),
                 **{k: float(v) for k, v in extra.items()},
                 **(shift.state() if "reward_shift" in loss_fn.needs else {}),
             }
             done = step + 1
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.max_steps and eval_items:
+            if eval_due(cfg.train, done) and eval_items:
                 metrics |= held_out_metrics()
             finish_step(done, metrics, history, log, cfg.train, stop, save)
 

@@ -38,7 +38,15 @@ from posttrain.trainers.build import (
     resolve_path,
 )
 from posttrain.trainers.offline import Tokens, collate_feedback, feedback_kind, load_feedback
-from posttrain.trainers.run_state import clip_and_step, finish_step, restore_checkpoint, save_checkpoint, start_run
+from posttrain.trainers.run_state import (
+    clip_and_step,
+    eval_due,
+    finish_step,
+    restore_checkpoint,
+    save_checkpoint,
+    start_run,
+    step_metrics,
+)
 
 
 @dataclass
@@ -121,12 +129,10 @@ def train_rm(
             grad_norm = clip_and_step(model, optim, cfg.train.max_grad_norm, guard, loss=totals["loss"], step=step + 1)
             metrics = {k: v / len(indices) for k, v in totals.items()} | {
                 "grad_norm": grad_norm,
-                "lr": optim.scheduler.get_last_lr()[0],
-                "step_time_s": time.perf_counter() - started,
-                "skipped_steps": guard.skipped,
+                **step_metrics(optim, guard, time.perf_counter() - started),
             }
             done = step + 1
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.max_steps and eval_items:
+            if eval_due(cfg.train, done) and eval_items:
                 metrics |= _held_out_accuracy(model, eval_items, mb_size, pad_id, device, bf16)
             finish_step(done, metrics, history, log, cfg.train, stop, save)
 

@@ -36,7 +36,7 @@ from posttrain.trainers.rl_parts import (
 )
 from posttrain.trainers.rl_run import RLRun, build_rl_run, evaluate_policy, sampling_params, save_rl_checkpoint
 from posttrain.trainers.rl_update import Objectives, UpdateStats, prepare_step, update_minibatch
-from posttrain.trainers.run_state import finish_step, start_run
+from posttrain.trainers.run_state import eval_due, finish_step, start_run, step_metrics
 
 
 @dataclass
@@ -150,17 +150,10 @@ def train_rl(
                 **reward_metrics(scored.rewards),
                 **stats.means(rl.epochs * rl.minibatches, num_tokens * rl.epochs),
                 **_step_metrics(scored, observed_kl, run.kl_coef, num_tokens * rl.epochs, trained - prepared),
-                "lr": run.optim.scheduler.get_last_lr()[0],
-                "step_time_s": trained - started,
-                "skipped_steps": guard.skipped,
+                **step_metrics(run.optim, guard, trained - started),
             }
             done = step + 1
-            if (
-                cfg.train.eval_every
-                and done % cfg.train.eval_every == 0
-                and done < cfg.train.max_steps
-                and run.eval_prompts
-            ):
+            if eval_due(cfg.train, done) and run.eval_prompts:
                 evaluated = evaluate_policy(cfg, run).metrics()
                 metrics |= {f"eval_{k}": v for k, v in evaluated.items()}
             finish_step(done, metrics, history, log, cfg.train, stop, lambda d: save_rl_checkpoint(run, d))

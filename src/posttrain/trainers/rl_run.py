@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from posttrain.config.rl import RLConfig
-from posttrain.data import encode_prompts
 from posttrain.data.encoding import PromptTokens
 from posttrain.data.report import LoadReport
 from posttrain.objectives import ADVANTAGES
@@ -24,7 +23,7 @@ from posttrain.rollout import SamplingParams
 from posttrain.runtime.checkpoint import Checkpointer
 from posttrain.runtime.optim import build_adamw
 from posttrain.runtime.seeding import capture_rng_states
-from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, load_split, policy_for_run
+from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, load_prompts, policy_for_run
 from posttrain.trainers.evaluation import EvalResult, evaluate_with
 from posttrain.trainers.rl_update import MovingBaseline, ValueModel, frozen_copy
 from posttrain.trainers.run_state import restore_checkpoint
@@ -79,8 +78,10 @@ def build_rl_run(
     if critic is not None:
         lr = rl.value.lr or cfg.train.lr
         critic_optimizer = build_adamw(critic.parameters(), lr=lr, weight_decay=0.0, betas=cfg.train.adam_betas)
-    train, report = encode_split(cfg, tokenizer, train_rows, "train")
-    eval_prompts = [p for p in encode_split(cfg, tokenizer, eval_rows, "eval")[0] if "answer" in p.extra]
+    where = {"seed": cfg.seed, "recipe_dir": cfg.recipe_dir, "max_length": cfg.rl.max_prompt_length}
+    train, report = load_prompts(cfg.data, tokenizer, "train", rows=train_rows, **where)
+    eval_split, _ = load_prompts(cfg.data, tokenizer, "eval", rows=eval_rows, limit=cfg.eval.limit, **where)
+    eval_prompts = [p for p in eval_split if "answer" in p.extra]
     sampler = EpochSampler(len(train), seed=cfg.seed, report=report)
     optim = build_optimisation(model, cfg.train)
     run = RLRun(
@@ -134,17 +135,6 @@ def build_reward_set(cfg: RLConfig, rewards: list[Any] | None) -> RewardSet:
         else:
             loaded += RewardSet.from_specs([r], cfg.recipe_dir).rewards
     return RewardSet(loaded, max_failure_fraction=cfg.max_failure_fraction)
-
-
-def encode_split(cfg: RLConfig, tokenizer: Any, rows: Rows | None, split: str) -> tuple[list[Any], Any]:
-    loaded = load_split(cfg.data, "prompt", split, seed=cfg.seed, recipe_dir=cfg.recipe_dir, rows=rows)
-    if loaded is None:
-        return [], None
-    examples, report = loaded
-    if split == "eval" and cfg.eval.limit is not None:
-        examples = examples[: cfg.eval.limit]
-    max_length = cfg.rl.max_prompt_length or cfg.data.max_length
-    return encode_prompts(examples, tokenizer, max_length=max_length, report=report), report
 
 
 def sampling_params(cfg: RLConfig, eos_token_id: int) -> tuple[SamplingParams, SamplingParams]:

@@ -45,6 +45,16 @@ def clip_and_step(
     return norm
 
 
+def step_metrics(optim: Any, guard: NonFiniteGuard, step_time_s: float) -> dict[str, float]:
+    """What every trainer logs of its step besides its loss: learning rate, wall time, skipped steps so far."""
+    return {"lr": optim.scheduler.get_last_lr()[0], "step_time_s": step_time_s, "skipped_steps": guard.skipped}
+
+
+def eval_due(train: Any, done: int) -> bool:
+    """Whether step `done` evaluates on `train.eval_every` (0: never); the final evaluation is the caller's."""
+    return bool(train.eval_every) and done % train.eval_every == 0 and done < train.max_steps
+
+
 def finish_step(
     done: int,
     metrics: dict[str, float],

@@ -35,7 +35,15 @@ from posttrain.runtime.logging import RunLogger
 from posttrain.runtime.signals import StopRequest
 from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, chunks, load_split, policy_for_run
 from posttrain.trainers.evaluation import EvalResult, evaluate_with
-from posttrain.trainers.run_state import clip_and_step, finish_step, restore_checkpoint, save_checkpoint, start_run
+from posttrain.trainers.run_state import (
+    clip_and_step,
+    eval_due,
+    finish_step,
+    restore_checkpoint,
+    save_checkpoint,
+    start_run,
+    step_metrics,
+)
 
 
 @dataclass
@@ -104,14 +112,12 @@ def train_sft(
             metrics = {
                 "loss": float(loss),
                 "grad_norm": grad_norm,
-                "lr": optim.scheduler.get_last_lr()[0],
                 "tokens": num_tokens,
                 "tokens_per_s": num_tokens / elapsed,
-                "step_time_s": elapsed,
-                "skipped_steps": guard.skipped,
+                **step_metrics(optim, guard, elapsed),
             }
             done = step + 1
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.max_steps:
+            if eval_due(cfg.train, done):
                 metrics |= _evaluate_metrics(
                     model, tokenizer, eval_prompts, eval_tokens, reward, cfg, device, generator
                 )[0]
