@@ -122,12 +122,15 @@ def test_a_reward_from_a_user_file(sft_model: str, tmp_path: Path) -> None:
     assert "rewards/short/mean" in history[-1]
 
 
-def test_resume_matches_the_uninterrupted_run(sft_model: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kl", [{}, {"kl": {"estimator": "k3", "coef": 0.1}}], ids=["no_kl", "kl_to_the_initial_model"])
+def test_resume_matches_the_uninterrupted_run(kl: dict, sft_model: str, tmp_path: Path) -> None:
+    # with a KL term, the resumed run's reference must still be the initial model, not the checkpoint's policy
     steps = {"max_steps": 4, "save_every": 2}
-    whole = rl(config(sft_model, tmp_path / "whole", train=steps), progress=False).history
-    cut = config(sft_model, tmp_path / "cut", train={**steps, "max_steps": 2})
+    rl_section = {**config(sft_model, tmp_path)["rl"], **kl}
+    whole = rl(config(sft_model, tmp_path / "whole", train=steps, rl=rl_section), progress=False).history
+    cut = config(sft_model, tmp_path / "cut", train={**steps, "max_steps": 2}, rl=rl_section)
     rl(cut, progress=False)
-    resumed = rl(config(sft_model, tmp_path / "cut", train=steps), resume=True, progress=False).history
+    resumed = rl(config(sft_model, tmp_path / "cut", train=steps, rl=rl_section), resume=True, progress=False).history
     timing = ("_s", "_per_s")
     for a, b in zip(whole, resumed, strict=True):
         assert {k: v for k, v in a.items() if not k.endswith(timing)} == {

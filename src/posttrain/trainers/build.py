@@ -5,6 +5,7 @@ Trainers call these once, before their loop; the loops never build anything.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,41 @@ def policy_for_run(
     if checkpoint is not None:
         load_checkpoint_weights(model, checkpoint)
     return model, tokenizer
+
+
+def policy_and_reference(
+    section: ModelSection,
+    model: Any,
+    tokenizer: Any,
+    checkpoint: Path | None,
+    *,
+    needs_reference: bool,
+    seed: int,
+    device: torch.device,
+    recipe_dir: str | None,
+) -> tuple[Any, Any, Any]:
+    """(policy, tokenizer, frozen reference or None) as `policy_for_run`. The reference is the initial model,
+    also after a resume: it is built from the config (or copied from the model passed in) before any
+    checkpoint weights are loaded."""
+    build = dict(seed=seed, device=device, recipe_dir=recipe_dir)
+    if not needs_reference:
+        return (*policy_for_run(section, model, tokenizer, checkpoint, **build), None)
+    passed_in = model is not None and tokenizer is not None
+    initial, tokenizer = (model, tokenizer) if passed_in else build_policy(section, **build)
+    reference = frozen_copy(initial)
+    if checkpoint is None:
+        return initial, tokenizer, reference
+    if model is not None:
+        load_checkpoint_weights(model, checkpoint)
+        return model, tokenizer, reference
+    return build_policy(section, **build, path_override=model_dir(checkpoint))[0], tokenizer, reference
+
+
+def frozen_copy(model: Any) -> Any:
+    """A copy of `model` that never trains (eval mode, no gradients): a reference policy."""
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
 
 
 def load_checkpoint_weights(model: Any, checkpoint: Path) -> None:

@@ -150,13 +150,6 @@ def objective_inputs(
     return out
 
 
-def frozen(model: Any) -> Any:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 @torch.no_grad()
 def logps_per_item(
     model: Any, items: list[Tokens], size: int, pad_id: int, device: torch.device, bf16: bool

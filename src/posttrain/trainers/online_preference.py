@@ -17,7 +17,6 @@ Checkpoints and stop requests take effect at round boundaries (a round's samples
 
 from __future__ import annotations
 
-import copy
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -36,7 +35,7 @@ from posttrain.runtime.logging import RunLogger
 from posttrain.runtime.signals import StopRequest
 from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, chunks, load_prompts
 from posttrain.trainers.evaluation import EvalResult, evaluate_with
-from posttrain.trainers.offline import frozen, hyper_default, kl_reference_point, logps_per_item
+from posttrain.trainers.offline import hyper_default, kl_reference_point, logps_per_item
 from posttrain.trainers.online_parts import Feedback, build_examples, sample_round
 from posttrain.trainers.pref_parts import (
     RunningMean,
@@ -106,7 +105,7 @@ def train_online_pref(
     with StopRequest() as stop:
         for round_index in range(start_step // spr, cfg.train.max_steps // spr):
             if online.reference == "refresh" and reference is not None:
-                reference = frozen(copy.deepcopy(model))  # pi_t: the policy that samples this round
+                reference.load_state_dict(model.state_dict())  # pi_t: the policy that samples this round
             prompts = [train_prompts[i] for i in sampler.take(online.prompts_per_round)]
             samples = sample_round(model, reference, tokenizer, prompts, feedback, engine=ENGINES[online.engine],
                                    params=params, n=online.samples_per_prompt, opponent=opponent,

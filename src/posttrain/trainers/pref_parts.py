@@ -5,7 +5,6 @@ implicit-reward metrics. No loss maths lives here: every formula is a registered
 
 from __future__ import annotations
 
-import copy
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,30 +15,19 @@ from torch import Tensor
 
 from posttrain.config.pref import PrefConfig
 from posttrain.objectives.registry import PREFERENCE_LOSSES
-from posttrain.runtime.checkpoint import model_dir
-from posttrain.trainers.build import build_policy, load_checkpoint_weights
-from posttrain.trainers.offline import Tokens, as_rows, collate_feedback, frozen, objective_inputs, sequence_logps
+from posttrain.trainers.build import policy_and_reference
+from posttrain.trainers.offline import Tokens, as_rows, collate_feedback, objective_inputs, sequence_logps
 
 
 def build_models(
     cfg: PrefConfig, model: Any, tokenizer: Any, checkpoint: Path | None, device: torch.device
 ) -> tuple[Any, Any, Any]:
-    """(policy, tokenizer, frozen reference or None). The reference is always the initial model, also
-    after a resume: it is built from the config (or copied from the model passed in) before any
-    checkpoint weights are loaded."""
-    needs_reference = "reference" in PREFERENCE_LOSSES[cfg.pref.loss].needs
-    build = dict(seed=cfg.seed, device=device, recipe_dir=cfg.recipe_dir)
-    if model is None or tokenizer is None:
-        initial, tokenizer = build_policy(cfg.model, **build)
-    else:
-        initial = model
-    reference = frozen(copy.deepcopy(initial)) if needs_reference else None
-    if checkpoint is None:
-        return initial, tokenizer, reference
-    if model is not None:
-        load_checkpoint_weights(model, checkpoint)
-        return model, tokenizer, reference
-    return build_policy(cfg.model, **build, path_override=model_dir(checkpoint))[0], tokenizer, reference
+    """(policy, tokenizer, frozen reference or None): `policy_and_reference` with the loss's needs."""
+    return policy_and_reference(
+        cfg.model, model, tokenizer, checkpoint,
+        needs_reference="reference" in PREFERENCE_LOSSES[cfg.pref.loss].needs,
+        seed=cfg.seed, device=device, recipe_dir=cfg.recipe_dir,
+    )  # fmt: skip
 
 
 def preference_inputs(

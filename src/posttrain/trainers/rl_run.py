@@ -23,9 +23,9 @@ from posttrain.rollout import SamplingParams
 from posttrain.runtime.checkpoint import Checkpointer
 from posttrain.runtime.optim import build_adamw
 from posttrain.runtime.seeding import capture_rng_states
-from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, load_prompts, policy_for_run
+from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, load_prompts, policy_and_reference
 from posttrain.trainers.evaluation import EvalResult, evaluate_with
-from posttrain.trainers.rl_update import MovingBaseline, ValueModel, frozen_copy
+from posttrain.trainers.rl_update import MovingBaseline, ValueModel
 from posttrain.trainers.run_state import restore_checkpoint
 
 
@@ -69,10 +69,10 @@ def build_rl_run(
     device: torch.device,
 ) -> RLRun:
     rl = cfg.rl
-    model, tokenizer = policy_for_run(
-        cfg.model, model, tokenizer, checkpoint, seed=cfg.seed, device=device, recipe_dir=cfg.recipe_dir
-    )
-    reference = frozen_copy(model) if rl.kl.coef > 0 else None  # only when a KL term needs it
+    model, tokenizer, reference = policy_and_reference(  # a reference only when a KL term needs it
+        cfg.model, model, tokenizer, checkpoint,
+        needs_reference=rl.kl.coef > 0, seed=cfg.seed, device=device, recipe_dir=cfg.recipe_dir,
+    )  # fmt: skip
     critic = ValueModel(model).to(device) if "critic" in ADVANTAGES[rl.advantage].needs else None
     critic_optimizer = None
     if critic is not None:

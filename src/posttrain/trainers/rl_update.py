@@ -66,13 +66,6 @@ class ValueModel(torch.nn.Module):
         return torch.zeros_like(read_B_T, dtype=torch.float32).masked_scatter(read_B_T, v_M)
 
 
-def frozen_copy(model: Any) -> Any:
-    """The reference policy: a copy of the initial policy that never trains."""
-    reference = copy.deepcopy(model).eval()
-    reference.requires_grad_(False)
-    return reference
-
-
 @dataclass
 class MovingBaseline:
     """Exponential moving average of past batch mean rewards (the `moving_baseline` need)."""
