@@ -92,7 +92,7 @@ def run_demo(
         "seed": seed,
     }
     result = sft(sft_config, model=model, tokenizer=tokenizer)
-    after_sft = _evaluate(result.model, tokenizer, out / "eval-sft", seed)
+    after_sft = result.eval  # SFT's final evaluation: the same held-out problems, greedy, as _evaluate
     console.print(
         f"held-out greedy accuracy after SFT: {after_sft.greedy_accuracy:.1%}"
         f" ({thinks(after_sft):.0%} of greedy answers think first)"

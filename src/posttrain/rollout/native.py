@@ -73,23 +73,13 @@ class NativeEngine:
         tokenizer: Any = None,
     ) -> Rollouts:
         """Sample `n` completions per prompt; see the module docstring. Returns Rollouts with group_size n."""
-        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
-            raise ValueError("NativeEngine.generate: every prompt needs at least one token")
         if params.greedy and n > 1:  # the n greedy samples of a prompt are identical: decode one
             return self.generate(model, prompt_ids, params, n=1, tokenizer=tokenizer).repeat_groups(n)
         decoder = self.decoder(model, params.max_new_tokens)
-        sampled = decode(
+        return decode(
             [decoder], lambda logits: logits[0], prompt_ids, params,
             n=n, device=model.device, generator=generator, tokenizer=tokenizer,
         )  # fmt: skip
-        completions, logprobs, finish_reasons = sampled
-        return Rollouts(
-            prompt_ids=[list(p) for p in prompt_ids],
-            completion_ids=completions,
-            logprobs=logprobs,
-            finish_reasons=finish_reasons,
-            group_size=n,
-        )
 
 
 @torch.inference_mode()
@@ -111,18 +101,14 @@ def generate_geometric_mixture(
 
     then temperature and filters as `params` say. Both models decode over their own KV cache, with the
     shared-prompt prefill and shrinking batch of `NativeEngine.generate`. `logprobs` are the mixture's."""
-    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
-        raise ValueError("generate_geometric_mixture: every prompt needs at least one token")
     decoders = [build_decoder(m, params.max_new_tokens) for m in (policy, reference)]
 
     def mix(logits: list[Tensor]) -> Tensor:
         policy_A_V, reference_A_V = (x.float().log_softmax(dim=-1) for x in logits)
         return (1 - mixture_coef) * policy_A_V + mixture_coef * reference_A_V
 
-    completions, logprobs, finish_reasons = decode(
-        decoders, mix, prompt_ids, params, n=n, device=policy.device, generator=generator, tokenizer=tokenizer
-    )
-    return Rollouts([list(p) for p in prompt_ids], completions, logprobs, finish_reasons, group_size=n)
+    device = policy.device
+    return decode(decoders, mix, prompt_ids, params, n=n, device=device, generator=generator, tokenizer=tokenizer)
 
 
 def decode(
@@ -135,10 +121,12 @@ def decode(
     device: torch.device,
     generator: torch.Generator | None,
     tokenizer: Any,
-) -> tuple[list[list[int]], list[Tensor], list[FinishReason]]:
+) -> Rollouts:
     """The sampling loop shared by every native sampler: prefill each decoder once, expand to n rows per
     prompt, then sample from `combine(each decoder's logits_A_V)` and feed the tokens to every decoder,
-    dropping finished rows from all of them. Returns completions, their log-probs and finish reasons."""
+    dropping finished rows from all of them."""
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("native sampling: every prompt needs at least one token")
     stop = StopChecker(params, tokenizer)
     padded = left_pad(prompt_ids, device)
     logits = [d.prefill(*padded).repeat_interleave(n, dim=0) for d in decoders]
@@ -172,4 +160,4 @@ def decode(
         logits = [d.step(tokens_A) for d in decoders]
 
     logprobs = [logp_B_S[i, : len(c)].clone() for i, c in enumerate(completions)]
-    return completions, logprobs, finish_reasons
+    return Rollouts([list(p) for p in prompt_ids], completions, logprobs, finish_reasons, group_size=n)

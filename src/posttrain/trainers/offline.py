@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from posttrain.config.pref import FeedbackDataSection, feedback_kind  # noqa: F401  (the trainers import it from here)
+from posttrain.config.pref import FeedbackDataSection
 from posttrain.data import (
     CompletionTokens,
     LoadReport,

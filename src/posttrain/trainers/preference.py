@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from posttrain.config.pref import PrefConfig
+from posttrain.config.pref import PrefConfig, feedback_kind
 from posttrain.objectives.registry import PREFERENCE_LOSSES, call_with
 from posttrain.policies import save_pretrained
 from posttrain.rewards import load_reward_fn
@@ -30,7 +30,6 @@ from posttrain.runtime.signals import StopRequest
 from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, chunks
 from posttrain.trainers.evaluation import EvalResult, evaluate_with
 from posttrain.trainers.offline import (
-    feedback_kind,
     hyper_default,
     kl_reference_point,
     load_feedback,

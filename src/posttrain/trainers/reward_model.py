@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification
 
-from posttrain.config.pref import RMConfig
+from posttrain.config.pref import RMConfig, feedback_kind
 from posttrain.config.sections import ModelSection
 from posttrain.objectives.registry import REWARD_MODEL_LOSSES, call_with
 from posttrain.objectives.reward_model import pairwise_accuracy
@@ -37,7 +37,7 @@ from posttrain.trainers.build import (
     load_checkpoint_weights,
     resolve_path,
 )
-from posttrain.trainers.offline import Tokens, collate_feedback, feedback_kind, load_feedback
+from posttrain.trainers.offline import Tokens, collate_feedback, load_feedback
 from posttrain.trainers.run_state import (
     clip_and_step,
     eval_due,

@@ -29,7 +29,7 @@ from posttrain.trainers.build import Rows
 from posttrain.trainers.evaluation import EvalResult
 from posttrain.trainers.rl_parts import (
     Scored,
-    keep_informative_groups,
+    draw_step,
     reward_metrics,
     sample_and_score,
     score_rollouts,
@@ -95,13 +95,7 @@ def train_rl(
     with StopRequest() as stop, closing(run.reward_set):
         for step in range(run.start_step, cfg.train.max_steps):
             started = time.perf_counter()
-            scored = (
-                keep_informative_groups(
-                    draw, num_groups=rl.prompts_per_step, max_batches=rl.dynamic_sampling_max_batches
-                )
-                if rl.dynamic_sampling
-                else draw()
-            )
+            scored = draw_step(draw, rl.prompts_per_step, rl.dynamic_sampling_max_batches if rl.dynamic_sampling else 0)
             padded = scored.rollouts.to_padded(tokenizer.pad_token_id, device)
             rewards_PG = scored.rewards.total.to(device)  # [P*G]
             available: dict[str, Any] = {"rewards_PG": rewards_PG, "group_size": scored.rollouts.group_size}

@@ -70,11 +70,10 @@ def finish_step(
     history.append({"step": done, **metrics})
     if done % train.log_every == 0 or done == train.max_steps:
         log.log(done, metrics)
-    if train.save_every and done % train.save_every == 0 and done < train.max_steps:
-        save(done)
+    saved = save(done) if train.save_every and done % train.save_every == 0 and done < train.max_steps else None
     if stop.requested:
         log.close()
-        raise stop.interrupted(done, save(done))
+        raise stop.interrupted(done, saved or save(done))
 
 
 def save_checkpoint(
