@@ -29,11 +29,11 @@ def test_collate_sft_pads_right_with_the_pad_id():
     assert inputs["attention_mask"].dtype == torch.long
 
 
-def test_collate_preference_puts_all_chosen_rows_first():
+def test_collate_preference_puts_each_rejected_row_after_its_chosen_row():
     pairs = [PreferenceTokens([1, 2], [3], [4, 4], "a"), PreferenceTokens([1], [5, 5, 5], [6], "b")]
     batch = collate_preference(pairs, pad_id=0)
-    assert batch.input_ids_B_T.tolist() == [[1, 2, 3, 0], [1, 5, 5, 5], [1, 2, 4, 4], [1, 6, 0, 0]]
-    assert batch.loss_mask_B_T.int().tolist() == [[0, 0, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1], [0, 1, 0, 0]]
+    assert batch.input_ids_B_T.tolist() == [[1, 2, 3, 0], [1, 2, 4, 4], [1, 5, 5, 5], [1, 6, 0, 0]]
+    assert batch.loss_mask_B_T.int().tolist() == [[0, 0, 1, 0], [0, 0, 1, 1], [0, 1, 1, 1], [0, 1, 0, 0]]
     assert batch.num_target_tokens == 7  # 1 + 3 + 2 + 1
 
 

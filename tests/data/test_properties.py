@@ -136,5 +136,5 @@ def test_preference_rows_encode_and_collate_within_max_length(byte_tokenizer, fi
     if pairs:
         batch = collate_preference(pairs, pad_id=byte_tokenizer.pad_token_id)
         assert batch.input_ids_B_T.shape[0] == 2 * len(pairs)
-        completion_lengths = [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
+        completion_lengths = [len(c) for p in pairs for c in (p.chosen_ids, p.rejected_ids)]
         assert batch.loss_mask_B_T.sum(dim=1).tolist() == completion_lengths

@@ -93,18 +93,42 @@ def right_padded(lengths: list[int], vocab: int, seed: int) -> tuple[torch.Tenso
 def test_find_documents_by_hand() -> None:
     # row 0: documents of 3 and 2 tokens, 1 padding; row 1: one document of 4 tokens, 2 padding
     # (row 1's padding continues the positions; the mask, not the positions, says it is padding)
+    ids = torch.arange(12).view(2, 6)  # no row repeats another's tokens
     real = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
     positions = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
-    docs = find_documents(real, positions)
+    docs = find_documents(ids, real, positions)
     # real tokens at flat indices 0..4 (row 0) and 6..9 (row 1); Tmax = 4, documents 0, 1, 2 at slots 0, 4, 8
-    assert docs.token_N.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9]
-    assert docs.slot_N.tolist() == [0, 1, 2, 4, 5, 8, 9, 10, 11]
+    assert docs.token_U.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+    assert docs.slot_U.tolist() == docs.kv_slot_N.tolist() == [0, 1, 2, 4, 5, 8, 9, 10, 11]
+    assert docs.kv_source_N is None
     assert (docs.num_docs, docs.max_len) == (3, 4)
     # without position ids each row is one document: Tmax = 5, rows at slots 0 and 5
-    docs = find_documents(real, None)
-    assert docs.slot_N.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    docs = find_documents(ids, real, None)
+    assert docs.slot_U.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8]
     assert (docs.num_docs, docs.max_len) == (2, 5)
-    assert find_documents(torch.zeros(2, 3, dtype=torch.bool), None) is None
+    assert find_documents(ids, torch.zeros(2, 3, dtype=torch.bool), None) is None
+
+
+def test_find_documents_computes_a_repeated_prefix_once() -> None:
+    # row 1 repeats row 0's first 2 tokens; row 2 repeats row 1's first 3 (so row 0's first 2 through row 1);
+    # row 3 differs at column 0; row 4 repeats row 3 whole, padding aside (row 3 has 3 real tokens)
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 0], [5, 6, 9, 4], [1, 6, 9, 4], [1, 6, 9, 3]])
+    real = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    docs = find_documents(ids, real, None)
+    # computed (flat b * 4 + t): row 0 all (0-3), row 1 column 2 (6), row 2 column 3 (11), row 3 all real
+    # (12-14), row 4 column 3 (19): U = 10 of the N = 18 real tokens
+    assert docs.token_U.tolist() == [0, 1, 2, 3, 6, 11, 12, 13, 14, 19]
+    # slots: 5 documents of Tmax = 4, so a token's slot is its flat index (every row starts a document)
+    assert docs.slot_U.tolist() == docs.token_U.tolist()
+    assert docs.kv_slot_N.tolist() == [0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 16, 17, 18, 19]
+    # each real token's key/value from U: row 1 -> 0, 1, 4; row 2 -> 0, 1, 4, 5; row 4 -> 6, 7, 8, 9
+    assert docs.kv_source_N.tolist() == [0, 1, 2, 3, 0, 1, 4, 0, 1, 4, 5, 6, 7, 8, 6, 7, 8, 9]
+    assert docs.index_BT[[4, 5, 6, 8, 9, 10, 11, 16, 17, 18, 19]].tolist() == [0, 1, 4, 0, 1, 4, 5, 6, 7, 8, 9]
+    # different positions make different states: packed row 1 restarting at column 1 repeats row 0 at column 0 only
+    positions = torch.tensor([[0, 1, 2, 3], [0, 0, 1, 2]])
+    docs = find_documents(ids[:2], torch.ones(2, 4, dtype=torch.bool), positions)
+    assert docs.token_U.tolist() == [0, 1, 2, 3, 5, 6, 7]
+    assert find_documents(ids, real, None, share_prefixes=False).kv_source_N is None
 
 
 # ---------------------------------------------------------------- equal to the model's forward
@@ -144,6 +168,38 @@ def test_packed_rows_equal_the_models_packed_forward(preset, with_mask, tokenize
     assert unpadded_calls["n"] == 1
 
 
+def grouped_rows(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GRPO-shaped rows: prompts of 5 and 3 tokens, 3 completions each, right-padded to WIDTH. Group 0's
+    completions share their first 2 tokens (and the third repeats the second's first 3); targets are the
+    completion tokens, so the last prompt token's state predicts every completion's first token."""
+    gen = torch.Generator().manual_seed(17)
+    prompts = [torch.randint(3, vocab, (n,), generator=gen) for n in (5, 3)]
+    common = torch.randint(3, vocab, (3,), generator=gen)
+    completions = [
+        [torch.cat([common[:2], torch.randint(3, vocab, (4,), generator=gen)]), common, torch.cat([common, common])],
+        [torch.randint(3, vocab, (n,), generator=gen) for n in (9, 2, 11)],
+    ]
+    ids_B_T = torch.zeros(6, WIDTH, dtype=torch.long)
+    attention_B_T = torch.zeros(6, WIDTH, dtype=torch.bool)
+    target_B_T = torch.zeros(6, WIDTH, dtype=torch.bool)
+    for b, (prompt, completion) in enumerate((p, c) for p, group in zip(prompts, completions) for c in group):
+        row = torch.cat([prompt, completion])
+        ids_B_T[b, : len(row)], attention_B_T[b, : len(row)] = row, True
+        target_B_T[b, len(prompt) : len(row)] = True
+    return ids_B_T, attention_B_T, target_B_T
+
+
+@pytest.mark.parametrize("preset", ["qwen2-small", "llama-small"])
+def test_rows_repeating_a_prefix_equal_the_models_forward(preset, tokenizer, unpadded_calls) -> None:
+    model = sharp_model(preset, tokenizer, seed=18)
+    ids, attention_B_T, target = grouped_rows(len(tokenizer))
+    # rows of 11, 8, 11 | 12, 5, 14 real tokens (61); repeated: 7 and 8 in group 0's rows 1 and 2, 3 and 3 in
+    # group 1's: 21 of them, so 40 tokens are computed
+    assert find_documents(ids, attention_B_T, None).token_U.numel() == 40
+    assert_same_values_and_gradients(model, ids, attention_B_T, target, None, {"attention_mask": attention_B_T.long()})
+    assert unpadded_calls["n"] == 1
+
+
 @pytest.mark.parametrize("rope_type", ["dynamic", "linear"])
 def test_full_attention_heads_biases_and_rope_scaling(rope_type, unpadded_calls) -> None:
     # as many key/value heads as query heads, biases on every Linear, and scaled RoPE from the model's own
@@ -177,11 +233,11 @@ def test_a_bare_decoder_runs_unpadded_like_its_causal_lm(tokenizer, unpadded_cal
     decoder = model.model
     assert decoder_of(model) is decoder and decoder_of(decoder) is decoder
     assert runs_unpadded(decoder)
-    ids, attention_B_T, target = right_padded([14, 3, 8], len(tokenizer), seed=16)
-    hidden_M_H = hidden_states_at(decoder, ids, attention_B_T, None, target)
-    expected_B_T_H = decoder(input_ids=ids, attention_mask=attention_B_T.long(), use_cache=False).last_hidden_state
-    torch.testing.assert_close(hidden_M_H, expected_B_T_H[target], atol=1e-5, rtol=1e-5)
-    assert unpadded_calls["n"] == 1
+    for ids, attention_B_T, target in (right_padded([14, 3, 8], len(tokenizer), seed=16), grouped_rows(len(tokenizer))):
+        hidden_M_H = hidden_states_at(decoder, ids, attention_B_T, None, target)
+        expected_B_T_H = decoder(input_ids=ids, attention_mask=attention_B_T.long(), use_cache=False).last_hidden_state
+        torch.testing.assert_close(hidden_M_H, expected_B_T_H[target], atol=1e-5, rtol=1e-5)
+    assert unpadded_calls["n"] == 2
 
 
 @pytest.mark.parametrize("bf16", ["autocast", "weights"])

@@ -70,7 +70,9 @@ def test_concatenated_forward_equals_two_separate_forwards():
         masks = [[False] * len(it.prompt_ids) + [True] * len(getattr(it, side)) for it in items]
         return sequence_logps(model, collate_sequences(ids, masks, pad_id=0), torch.device("cpu"), bf16=False)[0]
 
-    torch.testing.assert_close(both, torch.cat([alone("chosen_ids"), alone("rejected_ids")]), atol=1e-5, rtol=0)
+    # rows alternate chosen, rejected
+    expected = torch.stack([alone("chosen_ids"), alone("rejected_ids")], dim=1).flatten()
+    torch.testing.assert_close(both, expected, atol=1e-5, rtol=0)
 
 
 def test_precomputed_reference_equals_on_the_fly(tmp_path):

@@ -78,12 +78,12 @@ def collate_sft(items: Sequence[SFTTokens], *, pad_id: int) -> TokenBatch:
 
 
 def collate_preference(items: Sequence[PreferenceTokens], *, pad_id: int) -> TokenBatch:
-    """2N rows for N pairs, chosen first: rows 0..N-1 are `prompt + chosen`, rows N..2N-1 are
-    `prompt + rejected` (one forward for both). Targets are the completion tokens."""
+    """2N rows for N pairs, each pair's two rows adjacent: row 2i is `prompt + chosen` of pair i, row 2i + 1
+    `prompt + rejected` (one forward for both, and the unpadded forward computes their shared prompt once).
+    Targets are the completion tokens."""
     ids, masks = [], []
-    for completion_of in (lambda it: it.chosen_ids, lambda it: it.rejected_ids):
-        for it in items:
-            completion = completion_of(it)
+    for it in items:
+        for completion in (it.chosen_ids, it.rejected_ids):
             ids.append(it.prompt_ids + completion)
             masks.append([False] * len(it.prompt_ids) + [True] * len(completion))
     return collate_sequences(ids, masks, pad_id=pad_id)

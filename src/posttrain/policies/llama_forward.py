@@ -108,48 +108,87 @@ def rotate(x_A_H_S_D: Tensor, cos_A_1_S_D: Tensor, sin_A_1_S_D: Tensor) -> Tenso
 
 @dataclass(frozen=True)
 class Documents:
-    """Where the N real tokens of a [B, T] batch sit, in the batch and in the attention layout [S, Tmax].
+    """Where the real tokens of a [B, T] batch sit, in the batch and in the attention layout [S, Tmax].
 
-    token_N: flat index b * T + t of each real token, in row-major order. [N]
-    slot_N: flat index s * Tmax + i of its slot: document s, i-th token of that document. [N]
+    Rows that repeat the previous row's first tokens (a GRPO group's shared prompt, a preference pair's
+    prompt) repeat its hidden states there too: those tokens are computed once, in the first row that has
+    them (the U computed tokens), and their keys and values are copied into every document that holds them.
+
+    token_U: flat index b * T + t of each computed token, in row-major order. [U]
+    slot_U: flat index s * Tmax + i of its slot (document s, i-th token of that document): its query's. [U]
+    kv_slot_N: the slot of every one of the N real tokens, where its key and value go. [N]
+    kv_source_N: index into U of the computed token whose key and value each real token holds; None when
+        nothing is repeated (U = N, the identity). [N]
+    index_BT: index into U of the computed token holding each real position's hidden state. [B * T]
     num_docs: S. max_len: Tmax, the longest document.
     """
 
-    token_N: Tensor
-    slot_N: Tensor
+    token_U: Tensor
+    slot_U: Tensor
+    kv_slot_N: Tensor
+    kv_source_N: Tensor | None
+    index_BT: Tensor
     num_docs: int
     max_len: int
 
 
-def find_documents(real_B_T: Tensor, position_ids_B_T: Tensor | None) -> Documents | None:
+def find_documents(
+    input_ids_B_T: Tensor, real_B_T: Tensor, position_ids_B_T: Tensor | None, *, share_prefixes: bool = True
+) -> Documents | None:
     """The documents of a batch whose real tokens (`real_B_T`, bool) are a prefix of each row.
 
     Without position ids each row is one document. With them a row splits wherever its position ids do
     not step by +1, as transformers splits packed rows (`masking_utils.find_packed_sequence_indices`).
-    None when the batch holds no real token.
+    With `share_prefixes`, tokens that repeat the previous row's (`repeats_previous_row`) are not computed
+    again. None when the batch holds no real token.
     """
+    batch, width = real_B_T.shape
     real_BT = real_B_T.flatten()
     token_N = real_BT.nonzero().squeeze(1)
     if token_N.numel() == 0:
         return None
+    positions_B_T = None if position_ids_B_T is None else position_ids_B_T.expand(real_B_T.shape)
     starts_B_T = torch.zeros_like(real_B_T)
     starts_B_T[:, 0] = True
-    if position_ids_B_T is not None:
-        starts_B_T[:, 1:] = position_ids_B_T.expand(real_B_T.shape).diff(dim=1) != 1
+    if positions_B_T is not None:
+        starts_B_T[:, 1:] = positions_B_T.diff(dim=1) != 1
     start_N = starts_B_T.flatten()[token_N]
     doc_N = start_N.cumsum(0) - 1
     first_S = start_N.nonzero().squeeze(1)  # index into N of each document's first token
     offset_N = torch.arange(len(token_N), device=token_N.device) - first_S[doc_N]
     max_len = int(offset_N.max()) + 1
-    return Documents(token_N, doc_N * max_len + offset_N, len(first_S), max_len)
+    slot_N = doc_N * max_len + offset_N
+    repeats_B_T = repeats_previous_row(input_ids_B_T, real_B_T, positions_B_T) if share_prefixes else None
+    if repeats_B_T is None or not bool(repeats_B_T.any()):
+        return Documents(token_N, slot_N, slot_N, None, real_BT.cumsum(0) - 1, len(first_S), max_len)
+    # each repeated token's state is that of the same column in the last row above it that computes it
+    rows_B_T = torch.arange(batch, device=real_B_T.device)[:, None].expand(batch, width)
+    source_row_B_T = torch.where(repeats_B_T, 0, rows_B_T).cummax(dim=0).values
+    source_BT = (source_row_B_T * width + torch.arange(width, device=real_B_T.device)).flatten()
+    computed_BT = real_BT & ~repeats_B_T.flatten()
+    index_BT = (computed_BT.cumsum(0) - 1)[source_BT]
+    token_U = computed_BT.nonzero().squeeze(1)
+    return Documents(token_U, slot_N[computed_BT[token_N]], slot_N, index_BT[token_N], index_BT, len(first_S), max_len)
+
+
+def repeats_previous_row(input_ids_B_T: Tensor, real_B_T: Tensor, positions_B_T: Tensor | None) -> Tensor:
+    """[B, T] bool: True at (b, t) when rows b and b - 1 hold the same real tokens at the same positions at
+    every column up to t. Under causal attention a token's hidden state depends on those only, so it is
+    the same in both rows (Prefix Grouper, Liu et al. 2025, arXiv:2506.05433, shares a GRPO group's prompt
+    so). Row 0 repeats nothing."""
+    same_B_T = torch.zeros_like(real_B_T)
+    same_B_T[1:] = (input_ids_B_T[1:] == input_ids_B_T[:-1]) & real_B_T[1:] & real_B_T[:-1]
+    if positions_B_T is not None:
+        same_B_T[1:] &= positions_B_T[1:] == positions_B_T[:-1]
+    return same_B_T.cummin(dim=1).values
 
 
 def unpadded_hidden_states(
     model: Any, input_ids_B_T: Tensor, position_ids_B_T: Tensor | None, docs: Documents, at_M: Tensor | None = None
 ) -> Tensor:
-    """Final hidden states (after the last norm) of real tokens, each attending causally to its own
+    """Final hidden states (after the last norm) of the computed tokens, each attending causally to its own
     document only; equal to the model's forward at those tokens. [M, H] for the M rows `at_M` (indices
-    into `docs.token_N`), or [N, H] for all real tokens when `at_M` is None.
+    into `docs.token_U`, each at most once), or [U, H] for all computed tokens when `at_M` is None.
 
     `model`: a causal LM or a bare decoder (`decoder_of`).
     `position_ids_B_T`: the positions given to the model's forward (None: 0, 1, ... in every row); they
@@ -158,26 +197,27 @@ def unpadded_hidden_states(
     body = decoder_of(model)
     config = body.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    batch, width = input_ids_B_T.shape
-    x_R_H = body.embed_tokens(input_ids_B_T.flatten()[docs.token_N])  # R rows: the N real tokens, then M
+    width = input_ids_B_T.shape[1]
+    x_R_H = body.embed_tokens(input_ids_B_T.flatten()[docs.token_U])  # R rows: the U computed tokens, then M
     positions = torch.arange(width, device=input_ids_B_T.device)[None] if position_ids_B_T is None else position_ids_B_T
     # the model's own rotary module on the positions its forward would see (dynamic scaling reads their max)
     cos_P_T_D, sin_P_T_D = body.rotary_emb(x_R_H, positions)
-    dim = cos_P_T_D.shape[-1]
-    cos_N_1_D = cos_P_T_D.expand(batch, width, dim).reshape(batch * width, dim)[docs.token_N, None]
-    sin_N_1_D = sin_P_T_D.expand(batch, width, dim).reshape(batch * width, dim)[docs.token_N, None]
+    # one row of angles shared by every batch row, or one per row: index it without expanding to [B * T, D]
+    at_U = docs.token_U % width if cos_P_T_D.shape[0] == 1 else docs.token_U
+    cos_U_1_D = cos_P_T_D.flatten(0, 1)[at_U, None]
+    sin_U_1_D = sin_P_T_D.flatten(0, 1)[at_U, None]
     layers = body.layers[: config.num_hidden_layers]
     for index, layer in enumerate(layers):
         attn, mlp = layer.self_attn, layer.mlp
-        h_N_H = rms_norm(layer.input_layernorm, x_R_H)
-        k_N_K_D = rotate(linear(attn.k_proj, h_N_H).unflatten(1, (kv_heads, -1)), cos_N_1_D, sin_N_1_D)
-        v_N_K_D = linear(attn.v_proj, h_N_H).unflatten(1, (kv_heads, -1))
-        # every layer's keys and values are needed at all real tokens, but the last layer's queries, output
+        h_U_H = rms_norm(layer.input_layernorm, x_R_H)
+        k_U_K_D = rotate(linear(attn.k_proj, h_U_H).unflatten(1, (kv_heads, -1)), cos_U_1_D, sin_U_1_D)
+        v_U_K_D = linear(attn.v_proj, h_U_H).unflatten(1, (kv_heads, -1))
+        # every layer's keys and values are needed at all tokens, but the last layer's queries, output
         # projection and MLP only where the caller reads (completion tokens: a third of an arithmetic row)
         rows = at_M if at_M is not None and index == len(layers) - 1 else slice(None)
-        x_R_H, h_R_H = x_R_H[rows], h_N_H[rows]
-        q_R_Q_D = rotate(linear(attn.q_proj, h_R_H).unflatten(1, (heads, -1)), cos_N_1_D[rows], sin_N_1_D[rows])
-        o_R_QD = document_attention(q_R_Q_D, docs.slot_N[rows], k_N_K_D, v_N_K_D, docs, attn.scaling)
+        x_R_H, h_R_H = x_R_H[rows], h_U_H[rows]
+        q_R_Q_D = rotate(linear(attn.q_proj, h_R_H).unflatten(1, (heads, -1)), cos_U_1_D[rows], sin_U_1_D[rows])
+        o_R_QD = document_attention(q_R_Q_D, docs.slot_U[rows], k_U_K_D, v_U_K_D, docs, attn.scaling)
         x_R_H = x_R_H + linear(attn.o_proj, o_R_QD)
         h_R_H = rms_norm(layer.post_attention_layernorm, x_R_H)
         x_R_H = x_R_H + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, h_R_H)) * linear(mlp.up_proj, h_R_H))
@@ -185,22 +225,25 @@ def unpadded_hidden_states(
 
 
 def document_attention(
-    q_R_Q_D: Tensor, slot_R: Tensor, k_N_K_D: Tensor, v_N_K_D: Tensor, docs: Documents, scale: float
+    q_R_Q_D: Tensor, slot_R: Tensor, k_U_K_D: Tensor, v_U_K_D: Tensor, docs: Documents, scale: float
 ) -> Tensor:
-    """Causal attention of R queries (at slots `slot_R`, a subset of `docs.slot_N`) over the earlier
-    tokens of their documents, Q query heads sharing K key/value heads (Q a multiple of K). [R, Q * D].
+    """Causal attention of R queries (at slots `slot_R`, distinct, a subset of `docs.slot_U`) over the
+    earlier tokens of their documents, Q query heads sharing K key/value heads (Q a multiple of K). [R, Q * D].
 
     Each document is left-aligned in its own row of [S, heads, Tmax, D] (zeros after it), so `is_causal`
-    is the whole mask: no real query sees a slot after its own."""
+    is the whole mask: no real query sees a slot after its own. A document's repeated tokens take the keys
+    and values of the tokens computed for them (`docs.kv_source_N`)."""
     num_docs, max_len = docs.num_docs, docs.max_len
 
     def padded(x_R_X_D: Tensor, slot_R: Tensor) -> Tensor:
         x_ST_X_D = x_R_X_D.new_zeros(num_docs * max_len, *x_R_X_D.shape[1:]).index_copy(0, slot_R, x_R_X_D)
         return x_ST_X_D.view(num_docs, max_len, *x_R_X_D.shape[1:]).transpose(1, 2)
 
-    q_heads, kv_heads, dim = q_R_Q_D.shape[1], k_N_K_D.shape[1], q_R_Q_D.shape[2]
+    if docs.kv_source_N is not None:
+        k_U_K_D, v_U_K_D = k_U_K_D[docs.kv_source_N], v_U_K_D[docs.kv_source_N]  # now [N, K, D]
+    q_heads, kv_heads, dim = q_R_Q_D.shape[1], k_U_K_D.shape[1], q_R_Q_D.shape[2]
     o_S_Q_T_D = F.scaled_dot_product_attention(
-        padded(q_R_Q_D, slot_R), padded(k_N_K_D, docs.slot_N), padded(v_N_K_D, docs.slot_N), is_causal=True,
+        padded(q_R_Q_D, slot_R), padded(k_U_K_D, docs.kv_slot_N), padded(v_U_K_D, docs.kv_slot_N), is_causal=True,
         scale=scale, enable_gqa=q_heads != kv_heads,
     )  # fmt: skip
     return o_S_Q_T_D.transpose(1, 2).reshape(num_docs * max_len, q_heads * dim).index_select(0, slot_R)

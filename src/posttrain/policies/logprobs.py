@@ -238,11 +238,13 @@ def hidden_states_at(
     right_padded = attention_mask_B_T is None or is_right_padded(attention_mask_B_T)
     if right_padded and runs_unpadded(model):
         real_B_T = torch.ones_like(at_B_T) if attention_mask_B_T is None else attention_mask_B_T.bool()
-        docs = find_documents(real_B_T, position_ids_B_T)
+        docs = find_documents(input_ids_B_T, real_B_T, position_ids_B_T)
         # a position asked for on padding has no unpadded hidden state (no caller asks; the plain path answers)
         if docs is not None and not (at_B_T & ~real_B_T).any():
-            rank_BT = real_B_T.flatten().cumsum(0) - 1  # index into the N real tokens of each real position
-            return unpadded_hidden_states(model, input_ids_B_T, position_ids_B_T, docs, rank_BT[at_B_T.flatten()])
+            # rows repeating a prefix read its states where they were computed, once (a GRPO group's last prompt
+            # token predicts every completion's first token)
+            computed_M, read_M = docs.index_BT[at_B_T.flatten()].unique(return_inverse=True)
+            return unpadded_hidden_states(model, input_ids_B_T, position_ids_B_T, docs, computed_M)[read_M]
     if right_padded:
         # Right padding only: under the causal mask no real token attends to a later position, so the padding
         # is invisible to every real token. Without the mask the model takes its plain causal attention path

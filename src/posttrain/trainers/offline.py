@@ -92,7 +92,7 @@ def load_feedback(
 
 
 def collate_feedback(items: Sequence[Tokens], *, pad_id: int) -> TokenBatch:
-    """Pairs: 2N rows, chosen then rejected (one forward for both). Otherwise one row per completion."""
+    """Pairs: 2N rows, each chosen row followed by its rejected one (one forward for both). Otherwise one row per completion."""
     if isinstance(items[0], PreferenceTokens):
         return collate_preference(items, pad_id=pad_id)  # type: ignore[arg-type]
     return collate_completions(items, pad_id=pad_id)[0]  # type: ignore[arg-type]
@@ -111,15 +111,14 @@ def sequence_logps(model: Any, batch: TokenBatch, device: torch.device, *, bf16:
 def per_item(values_B: Tensor, items: Sequence[Tokens]) -> list[Tensor]:
     """Split a batch's per-row values [B] into one vector per item (pairs: [chosen, rejected])."""
     if isinstance(items[0], PreferenceTokens):
-        n = len(items)
-        return list(torch.stack((values_B[:n], values_B[n:]), dim=1))
+        return list(values_B.view(-1, 2))
     return list(torch.split(values_B, [len(it.completion_ids) for it in items]))  # type: ignore[union-attr]
 
 
 def as_rows(vectors: Sequence[Tensor], items: Sequence[Tokens]) -> Tensor:
     """The inverse of `per_item`: per-item vectors back to the batch's row order [B]."""
     if isinstance(items[0], PreferenceTokens):
-        return torch.cat([torch.stack([v[0] for v in vectors]), torch.stack([v[1] for v in vectors])])
+        return torch.stack(list(vectors)).flatten()
     return torch.cat(list(vectors))
 
 
@@ -130,8 +129,7 @@ def objective_inputs(
     logps_N_K + scores_N_K. `prefix` ("ref_") names a reference model's values."""
     first = items[0]
     if isinstance(first, PreferenceTokens):
-        n = len(items)
-        out = {"chosen": values_B[:n], "rejected": values_B[n:], "chosen_len": len_B[:n], "rejected_len": len_B[n:]}
+        out = {"chosen": values_B[0::2], "rejected": values_B[1::2], "chosen_len": len_B[0::2], "rejected_len": len_B[1::2]}
     elif first.label is not None:
         labels = torch.tensor([it.label for it in items], device=values_B.device)  # type: ignore[union-attr]
         out = {"logps": values_B, "lengths": len_B, "labels": labels}

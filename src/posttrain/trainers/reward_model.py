@@ -194,8 +194,7 @@ def _inputs(model: Any, items: list[Tokens], pad_id: int, device: torch.device, 
     """The inputs reward-model losses name: chosen_rewards/rejected_rewards, or rewards_N_K/scores_N_K."""
     rewards_B = scalar_rewards(model, items, pad_id, device, bf16)
     if not hasattr(items[0], "completion_ids"):
-        n = len(items)
-        return {"chosen_rewards": rewards_B[:n], "rejected_rewards": rewards_B[n:]}
+        return {"chosen_rewards": rewards_B[0::2], "rejected_rewards": rewards_B[1::2]}
     k = len(items[0].completion_ids)  # type: ignore[union-attr]
     scores = torch.tensor([it.scores for it in items], device=device)  # type: ignore[union-attr]
     return {"rewards_N_K": rewards_B.view(-1, k), "scores_N_K": scores}
