@@ -92,7 +92,8 @@ def load_feedback(
 
 
 def collate_feedback(items: Sequence[Tokens], *, pad_id: int) -> TokenBatch:
-    """Pairs: 2N rows, each chosen row followed by its rejected one (one forward for both). Otherwise one row per completion."""
+    """Pairs: 2N rows, each chosen row followed by its rejected one (one forward for both). Otherwise one row
+    per completion."""
     if isinstance(items[0], PreferenceTokens):
         return collate_preference(items, pad_id=pad_id)  # type: ignore[arg-type]
     return collate_completions(items, pad_id=pad_id)[0]  # type: ignore[arg-type]
@@ -129,7 +130,8 @@ def objective_inputs(
     logps_N_K + scores_N_K. `prefix` ("ref_") names a reference model's values."""
     first = items[0]
     if isinstance(first, PreferenceTokens):
-        out = {"chosen": values_B[0::2], "rejected": values_B[1::2], "chosen_len": len_B[0::2], "rejected_len": len_B[1::2]}
+        chosen, rejected = values_B.view(-1, 2).unbind(1)
+        out = {"chosen": chosen, "rejected": rejected, "chosen_len": len_B[0::2], "rejected_len": len_B[1::2]}
     elif first.label is not None:
         labels = torch.tensor([it.label for it in items], device=values_B.device)  # type: ignore[union-attr]
         out = {"logps": values_B, "lengths": len_B, "labels": labels}
