@@ -73,7 +73,8 @@ def run_posttrain(case: dict[str, Any]) -> dict[str, Any]:
         api.pref(config, model=model, tokenizer=tokenizer, train=rows, progress=False)
     each_step = REFERENCES[case["reference"]][0] == "on_the_fly"
     return {**clock.report(case["warmup"]), "base_mb": base, "tokens_per_pair": _tokens(rows),
-            "flops": step_flops(case, model.config, rows, each_step)}  # fmt: skip
+            "flops": step_flops(case, model.config, rows, each_step),
+            "flops_shared_prompt": step_flops(case, model.config, rows, each_step, shared=True)}  # fmt: skip
 
 
 def _tokens(rows: list[dict[str, str]]) -> float:
@@ -93,13 +94,21 @@ def _lengths(rows: list[dict[str, str]]) -> tuple[list[int], list[int]]:
     return lengths, heads
 
 
-def step_flops(case: dict[str, Any], config: Any, rows: list[dict[str, str]], reference_each_step: bool) -> float:
+def step_flops(
+    case: dict[str, Any], config: Any, rows: list[dict[str, str]], reference_each_step: bool, *, shared: bool = False
+) -> float:
     """Per step: the policy's forward and backward over the batch's pairs, plus the reference forward when it
-    runs every step (averaged over the data set)."""
+    runs every step (averaged over the data set). `shared`: each pair's prompt computed once."""
     lengths, heads = _lengths(rows)
-    train = harness.sequence_flops(config, lengths, heads, backward=True)
-    reference = harness.sequence_flops(config, lengths, heads, backward=False) if reference_each_step else 0.0
-    return (train + reference) * case["batch"] / len(rows)
+    if shared:
+        prompts = [n - c for n, c in zip(lengths[::2], heads[::2])]
+        completions = list(zip(heads[::2], heads[1::2]))
+        train = harness.shared_prompt_flops(config, prompts, completions, backward=True)
+        reference = harness.shared_prompt_flops(config, prompts, completions, backward=False)
+    else:
+        train = harness.sequence_flops(config, lengths, heads, backward=True)
+        reference = harness.sequence_flops(config, lengths, heads, backward=False)
+    return (train + (reference if reference_each_step else 0.0)) * case["batch"] / len(rows)
 
 
 def run_trl(case: dict[str, Any]) -> dict[str, Any]:

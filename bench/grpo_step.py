@@ -42,12 +42,14 @@ def rows_per_step(case: dict[str, Any]) -> int:
 
 
 def step_flops(
-    case: dict[str, Any], config: Any, tokenizer: Any, rows: list[dict[str, str]], completion: float
+    case: dict[str, Any], config: Any, tokenizer: Any, rows: list[dict[str, str]], completion: float,
+    *, shared: bool = False,
 ) -> float:
-    """The step's minimal FLOPs at the data's mean prompt length and the measured mean completion length."""
+    """The step's minimal FLOPs at the data's mean prompt length and the measured mean completion length;
+    `shared`: each prompt computed once per group in training (`harness.grpo_flops`)."""
     mean_prompt = statistics.mean(len(tokenizer(r["prompt"])["input_ids"]) for r in rows[:256])
     prompts = [round(mean_prompt)] * case["prompts"]
-    return harness.grpo_flops(config, prompts, case["group"], completion, case["beta"])
+    return harness.grpo_flops(config, prompts, case["group"], completion, case["beta"], shared=shared)
 
 
 def run_posttrain(case: dict[str, Any]) -> dict[str, Any]:
@@ -81,6 +83,7 @@ def run_posttrain(case: dict[str, Any]) -> dict[str, Any]:
         **clock.report(case["warmup"]),
         "base_mb": base,
         "flops": step_flops(case, model.config, tokenizer, rows, completion),
+        "flops_shared_prompt": step_flops(case, model.config, tokenizer, rows, completion, shared=True),
         "completion_tokens": rows_per_step(case) * completion,
         "gen_s": statistics.median(h["gen_s"] for h in measured),
         "train_s": statistics.median(h["train_s"] for h in measured),

@@ -368,6 +368,19 @@ def sequence_flops(config: Any, lengths: Sequence[int], head_counts: Sequence[in
     return 3 * forward if backward else forward
 
 
+def shared_prompt_flops(
+    config: Any, prompt_lengths: Sequence[int], completion_lengths: Sequence[Sequence[float]], *, backward: bool
+) -> float:
+    """Forward (x3 with `backward`) FLOPs of prompts each followed by several completions when every prompt is
+    computed once (posttrain's shared-prefix forward): the prompt over itself, each completion over the prompt
+    and itself, the head at each completion's positions."""
+    forward = 0.0
+    for n, completions in zip(prompt_lengths, completion_lengths):
+        forward += forward_flops(config, n, n * (n + 1) / 2, 0)
+        forward += sum(forward_flops(config, c, c * n + c * (c + 1) / 2, c) for c in completions)
+    return 3 * forward if backward else forward
+
+
 def generation_flops(config: Any, prompt_lengths: Sequence[int], group: int, completion: float) -> float:
     """Minimal FLOPs of sampling `group` completions of `completion` tokens (a mean) per prompt: one
     prefill per prompt (head at its last position), then every further token decoded over the cache."""
@@ -379,15 +392,22 @@ def generation_flops(config: Any, prompt_lengths: Sequence[int], group: int, com
     return flops
 
 
-def grpo_flops(config: Any, prompt_lengths: Sequence[int], group: int, completion: float, beta: float) -> float:
+def grpo_flops(
+    config: Any, prompt_lengths: Sequence[int], group: int, completion: float, beta: float, *, shared: bool = False
+) -> float:
     """Minimal FLOPs of one GRPO step: generation, the reference forward when beta > 0, and the policy's
-    forward and backward over prompt + completion (the head at completion positions only)."""
+    forward and backward over prompt + completion (the head at completion positions only). With `shared`,
+    the training and reference forwards compute each prompt once per group instead of once per sequence."""
     c = round(completion)
-    lengths = [n + c for n in prompt_lengths for _ in range(group)]
-    heads = [c] * len(lengths)
-    train = sequence_flops(config, lengths, heads, backward=True)
-    reference = sequence_flops(config, lengths, heads, backward=False) if beta > 0 else 0.0
-    return generation_flops(config, prompt_lengths, group, completion) + reference + train
+    if shared:
+        completions = [[c] * group for _ in prompt_lengths]
+        train = shared_prompt_flops(config, prompt_lengths, completions, backward=True)
+        reference = shared_prompt_flops(config, prompt_lengths, completions, backward=False)
+    else:
+        lengths = [n + c for n in prompt_lengths for _ in range(group)]
+        train = sequence_flops(config, lengths, [c] * len(lengths), backward=True)
+        reference = sequence_flops(config, lengths, [c] * len(lengths), backward=False)
+    return generation_flops(config, prompt_lengths, group, completion) + (reference if beta > 0 else 0.0) + train
 
 
 # --- rounds and summaries -----------------------------------------------------------------------------

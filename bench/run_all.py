@@ -115,13 +115,16 @@ def goals(cases: dict[str, list[dict[str, Any]]], peak_gflops: float) -> list[tu
         c = find(script, name, "30m")
         if c is None:
             continue
-        flops = c["sides"][c["ours"]]["extra"].get("flops")
-        if flops:
-            floor = flops / (peak_gflops * 1e9)
-            ratio = per_step_seconds(c, c["ours"]) / floor
-            rows.append((f"30m: {name} within 1.3x of its FLOP floor",
-                         f"{ratio:.2f}x ({per_step_seconds(c, c['ours']) * 1000:.0f} ms against {floor * 1000:.0f} ms)",
-                         "met" if ratio <= 1.3 else "not met"))  # fmt: skip
+        extra = c["sides"][c["ours"]]["extra"]
+        if extra.get("flops"):
+            t = per_step_seconds(c, c["ours"])
+            floor = extra["flops"] / (peak_gflops * 1e9)
+            measured = f"{t / floor:.2f}x ({t * 1000:.0f} ms against {floor * 1000:.0f} ms)"
+            if extra.get("flops_shared_prompt"):
+                shared = extra["flops_shared_prompt"] / (peak_gflops * 1e9)
+                measured += f"; {t / shared:.2f}x the {shared * 1000:.0f} ms floor of each prompt computed once"
+            rows.append((f"30m: {name} within 1.3x of its FLOP floor", measured,
+                         "met" if t / floor <= 1.3 else "not met"))  # fmt: skip
         ours, base = c["sides"][c["ours"]]["peak_mb"], c["sides"][c["baseline"]]["peak_mb"]
         rows.append((f"30m: {name} peak memory <= {c['baseline']}'s", f"{ours:,.0f} MB against {base:,.0f} MB",
                      "met" if ours <= base else "not met"))  # fmt: skip
@@ -129,8 +132,8 @@ def goals(cases: dict[str, list[dict[str, Any]]], peak_gflops: float) -> list[tu
 
 
 def floors(cases: dict[str, list[dict[str, Any]]], peak_gflops: float) -> str:
-    lines = ["| case | size | posttrain per step | FLOP floor | posttrain / floor | baseline / floor |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| case | size | posttrain per step | FLOP floor | posttrain / floor | baseline / floor "
+             "| floor, each prompt once | posttrain / that |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for script in ("grpo_step", "dpo_step", "sft", "generation"):
         for c in cases.get(script, []):
             ours = c["sides"][c["ours"]]
@@ -141,8 +144,10 @@ def floors(cases: dict[str, list[dict[str, Any]]], peak_gflops: float) -> str:
             base_flops = base["extra"].get("flops") or ours["extra"]["flops"]
             base_ratio = per_step_seconds(c, c["baseline"]) / (base_flops / (peak_gflops * 1e9))
             t = per_step_seconds(c, c["ours"])
+            shared = ours["extra"].get("flops_shared_prompt", 0.0) / (peak_gflops * 1e9)
+            shared_cells = f"{harness.fmt(shared, 's')} | {t / shared:.2f}x" if shared else "- | -"
             lines.append(f"| {c['name']} | {c['size']} | {harness.fmt(t, 's')} | {harness.fmt(floor, 's')} | "
-                         f"{t / floor:.2f}x | {base_ratio:.2f}x |")  # fmt: skip
+                         f"{t / floor:.2f}x | {base_ratio:.2f}x | {shared_cells} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -197,7 +202,11 @@ def render(
         *[f"| {g} | {v} | {verdict} |" for g, v, verdict in goals(cases, peak_gflops)],
         "",
         "FLOP floors (FLOPs of the step at the measured matmul peak; 2 FLOPs per weight per token, the LM head only "
-        "where log-probs are needed, causal attention, backward = 2 x forward, decode included):",
+        "where log-probs are needed, causal attention, backward = 2 x forward, decode included). The FLOP floor "
+        "computes every sequence whole, as TRL does and as the issue defines the step's work; posttrain's training "
+        "forward computes a prompt shared by a GRPO group or a preference pair once (Prefix Grouper, "
+        "arXiv:2506.05433), so it can run below that floor. The last two columns hold it to the floor of the work "
+        "it does:",
         "",
         floors(cases, peak_gflops),
     ]
