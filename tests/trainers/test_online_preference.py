@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 import shutil
+import threading
+import time
 
 import pytest
 import torch
@@ -122,6 +124,24 @@ def test_judge_fills_both_halves_of_the_preference_matrix():
 
     with pytest.raises(RewardFailureError, match=r"online\.judge 'broken_judge' failed on a round of 3 comparisons"):
         judge_all_pairs(broken_judge, tokenizer, prompts, completions)
+
+
+def test_a_judge_that_hangs_stops_the_run_at_its_time_limit():
+    tokenizer = build_builtin_tokenizer("arithmetic")
+    prompts = [PromptTokens(tokenizer("2+2=").input_ids, "row 1", {"answer": "4"})]
+    completions = [[tokenizer(t).input_ids for t in ("4", "5")]]
+    release = threading.Event()
+
+    def slow_judge(**kwargs):
+        release.wait(30)  # a judge stuck on a server that never answers
+        return [1.0]
+
+    started = time.perf_counter()
+    with pytest.raises(RewardFailureError, match=r"online\.judge 'slow_judge' .*TimeoutError: no result within 0\.2 s"):
+        judge_all_pairs(slow_judge, tokenizer, prompts, completions, timeout_s=0.2)
+    assert time.perf_counter() - started < 10
+    release.set()
+    assert judge_all_pairs(slow_judge, tokenizer, prompts, completions, timeout_s=5.0)[0, 0, 1] == 1.0
 
 
 def test_geometric_mixture_at_its_ends_is_the_policy_or_the_reference():

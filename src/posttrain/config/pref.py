@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 from posttrain.config.rl import RewardEntry, SamplingSection
 from posttrain.config.sections import (
@@ -56,6 +56,9 @@ class JudgeSection(Section):
     (`posttrain.rewards.judges:closer_answer` is a built-in one for numeric answers)."""
     args: dict[str, Any] = {}
     """Keyword arguments bound to the judge."""
+    timeout_s: PositiveFloat | None = 600.0
+    """Time limit of one round's judge call (every comparison of the round at once); a call that runs longer
+    stops the run with an error naming the judge, as a call that raises does. null: no limit."""
 
 
 SELECTIONS = {

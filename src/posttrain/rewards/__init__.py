@@ -17,7 +17,7 @@ from posttrain.rewards.base import (
     completion_text,
 )
 from posttrain.rewards.loading import BUILTIN_REWARDS, default_reward_name, load_reward_fn
-from posttrain.rewards.scoring import LoadedReward, RewardResult, RewardSet
+from posttrain.rewards.scoring import LoadedReward, RewardResult, RewardSet, call_within
 
 __all__ = [
     "BUILTIN_REWARDS",
@@ -28,6 +28,7 @@ __all__ = [
     "RewardResult",
     "RewardSet",
     "RewardSpec",
+    "call_within",
     "completion_text",
     "default_reward_name",
     "load_reward_fn",

@@ -233,7 +233,7 @@ class RewardSet:
         # The hung call keeps its thread; later calls must not queue behind it.
         self._worker.stop()
         self._worker = None
-        return None, _Timeout(f"no result within {timeout_s:.3g} s (timeout_s); its thread was abandoned")
+        return None, _timed_out(timeout_s)
 
     def _account_failures(self, reward: LoadedReward, outcome: _CallOutcome, n: int) -> None:
         retried = f" (the call on all {n} raised {outcome.batch_error}; each sample was then called alone)"
@@ -307,6 +307,25 @@ class _CallWorker:
 def _serve(jobs: queue.SimpleQueue[_Job | None]) -> None:
     while (job := jobs.get()) is not None:
         job.run()
+
+
+def call_within(
+    fn: Callable[..., Any], kwargs: dict[str, Any], timeout_s: float | None
+) -> tuple[Any, BaseException | None]:
+    """fn(**kwargs) and the exception it raised (a `TimeoutError` after `timeout_s`), for a call made rarely
+    (a judge, once per round): on a fresh daemon thread, abandoned if it hangs (see the module docstring);
+    inline when `timeout_s` is None."""
+    if _unlimited(timeout_s):
+        return _call_inline(fn, kwargs)
+    worker = _CallWorker()
+    job = worker.submit(fn, kwargs)
+    finished = job.wait(timeout_s)  # type: ignore[arg-type]
+    worker.stop()
+    return (job.value, job.error) if finished else (None, _timed_out(timeout_s))  # type: ignore[arg-type]
+
+
+def _timed_out(timeout_s: float) -> _Timeout:
+    return _Timeout(f"no result within {timeout_s:.3g} s (timeout_s); its thread was abandoned")
 
 
 def _call_inline(fn: Callable[..., Any], kwargs: dict[str, Any]) -> tuple[Any, BaseException | None]:

@@ -27,10 +27,11 @@ from posttrain.objectives.pairing import (
     win_rates_against,
     win_rates_within_group,
 )
-from posttrain.rewards import RewardFailureError, RewardSet
+from posttrain.rewards import RewardFailureError, RewardSet, call_within
 from posttrain.rollout import SamplingParams
 from posttrain.rollout.native import generate_geometric_mixture
 from posttrain.trainers.offline import Tokens
+from posttrain.trainers.rl_parts import score_groups
 
 
 @dataclass
@@ -51,10 +52,12 @@ class RoundSamples:
 
 @dataclass
 class Feedback:
-    """Scalar rewards or a pairwise judge `judge(prompts, completions_a, completions_b, **columns)`."""
+    """Scalar rewards or a pairwise judge `judge(prompts, completions_a, completions_b, **columns)`, with the
+    judge call's time limit."""
 
     rewards: RewardSet | None = None
     judge: Callable[..., Any] | None = None
+    judge_timeout_s: float | None = None
 
 
 def sample_round(
@@ -98,10 +101,11 @@ def sample_round(
     generated = time.perf_counter()
     k = len(completions[0])
     if feedback.rewards is not None:
-        scores_P_K = score_completions(feedback.rewards, tokenizer, prompts, completions)
+        ids = [c for group in completions for c in group]
+        scores_P_K = score_groups(feedback.rewards, tokenizer, prompts, ids, k).total.view(len(prompts), k)
         prefs_P_K_K = preference_matrix(scores_P_K)
     else:
-        prefs_P_K_K = judge_all_pairs(feedback.judge, tokenizer, prompts, completions)
+        prefs_P_K_K = judge_all_pairs(feedback.judge, tokenizer, prompts, completions, feedback.judge_timeout_s)
         scores_P_K = win_rates_within_group(prefs_P_K_K)
     win_rates_P_N = None
     if opponent == "mixture":
@@ -125,43 +129,38 @@ def sample_round(
     return RoundSamples(prompts, completions, from_reference_P_K, scores_P_K, win_rates_P_N, metrics)
 
 
-def score_completions(
-    rewards: RewardSet, tokenizer: Any, prompts: list[PromptTokens], completions: list[list[list[int]]]
-) -> Tensor:
-    """Summed weighted rewards [P, K] of every completion; each prompt row's columns go to the rewards."""
-    k = len(completions[0])
-    ids = [c for group in completions for c in group]
-    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    prompt_texts = [t for t in tokenizer.batch_decode([p.prompt_ids for p in prompts], skip_special_tokens=True)
-                    for _ in range(k)]  # fmt: skip
-    keys = sorted({key for p in prompts for key in p.extra})
-    columns = {key: [p.extra.get(key) for p in prompts for _ in range(k)] for key in keys}
-    return rewards.score(prompt_texts, texts, ids, columns).total.view(len(prompts), k)
-
-
 def judge_all_pairs(
-    judge: Callable[..., Any], tokenizer: Any, prompts: list[PromptTokens], completions: list[list[list[int]]]
+    judge: Callable[..., Any],
+    tokenizer: Any,
+    prompts: list[PromptTokens],
+    completions: list[list[list[int]]],
+    timeout_s: float | None = None,
 ) -> Tensor:
     """prefs_P_K_K from one judge call over every unordered pair (i < j) of each prompt's completions:
-    pref[i, j] = the judge's P(i preferred to j), pref[j, i] = 1 - pref[i, j], pref[i, i] = 1/2."""
+    pref[i, j] = the judge's P(i preferred to j), pref[j, i] = 1 - pref[i, j], pref[i, i] = 1/2.
+    A call that raises or runs past `timeout_s` stops the run (`RewardFailureError`)."""
     k = len(completions[0])
     upper = [(i, j) for i in range(k) for j in range(i + 1, k)]
     texts = [tokenizer.batch_decode(group, skip_special_tokens=True) for group in completions]
     prompt_texts = tokenizer.batch_decode([p.prompt_ids for p in prompts], skip_special_tokens=True)
     keys = sorted({key for p in prompts for key in p.extra})
     rows = [(p, i, j) for p in range(len(prompts)) for i, j in upper]
+    kwargs = {
+        "prompts": [prompt_texts[p] for p, _, _ in rows],
+        "completions_a": [texts[p][i] for p, i, _ in rows],
+        "completions_b": [texts[p][j] for p, _, j in rows],
+        **{key: [prompts[p].extra.get(key) for p, _, _ in rows] for key in keys},
+    }
+    verdicts, error = call_within(judge, kwargs, timeout_s)
     try:
-        verdicts = judge(
-            prompts=[prompt_texts[p] for p, _, _ in rows],
-            completions_a=[texts[p][i] for p, i, _ in rows],
-            completions_b=[texts[p][j] for p, _, j in rows],
-            **{key: [prompts[p].extra.get(key) for p, _, _ in rows] for key in keys},
-        )
+        if error is not None:
+            raise error
         values = torch.tensor([float(v) for v in verdicts], dtype=torch.float32)
     except Exception as error:  # a judge is user code: say which call failed, not where inside torch
         name = getattr(judge, "__name__", repr(judge))
+        kind = "TimeoutError" if isinstance(error, TimeoutError) else type(error).__name__
         raise RewardFailureError(
-            f"online.judge '{name}' failed on a round of {len(rows)} comparisons: {type(error).__name__}: {error}"
+            f"online.judge '{name}' failed on a round of {len(rows)} comparisons: {kind}: {error}"
         ) from error
     if len(values) != len(rows) or not bool(((values >= 0) & (values <= 1)).all()):
         raise ValueError(

@@ -189,6 +189,7 @@ def _crossed(done: int, steps: int, every: int) -> bool:
 def _feedback(cfg: PrefConfig) -> Feedback:
     online = cfg.online
     if online.judge is not None:
-        return Feedback(judge=load_reward_fn(online.judge.fn, online.judge.args, base_dir=cfg.recipe_dir))
+        judge = load_reward_fn(online.judge.fn, online.judge.args, base_dir=cfg.recipe_dir)
+        return Feedback(judge=judge, judge_timeout_s=online.judge.timeout_s)
     specs = [RewardSpec(**entry.model_dump()) for entry in online.rewards]
     return Feedback(RewardSet.from_specs(specs, cfg.recipe_dir, max_failure_fraction=online.max_failure_fraction))

@@ -32,7 +32,7 @@ from posttrain.trainers.rl_parts import (
     draw_step,
     reward_metrics,
     sample_and_score,
-    score_rollouts,
+    score_groups,
 )
 from posttrain.trainers.rl_run import RLRun, build_rl_run, evaluate_policy, sampling_params, save_rl_checkpoint
 from posttrain.trainers.rl_update import Objectives, UpdateStats, prepare_step, update_minibatch
@@ -168,7 +168,7 @@ def _greedy_rewards(run: RLRun, engine: Any, scored: Scored, greedy: Any, device
     run.model.eval()
     rollouts = engine.generate(run.model, scored.rollouts.prompt_ids, greedy, n=1, tokenizer=run.tokenizer)
     run.model.train()
-    return score_rollouts(run.reward_set, run.tokenizer, scored.prompts, rollouts).total.to(device)
+    return score_groups(run.reward_set, run.tokenizer, scored.prompts, rollouts.completion_ids, 1).total.to(device)
 
 
 def _step_metrics(scored: Scored, kl: float, kl_coef: float, trained_tokens: int, train_s: float) -> dict[str, float]:

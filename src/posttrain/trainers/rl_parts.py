@@ -28,16 +28,16 @@ class Scored:
     dropped_groups: int = 0
 
 
-def score_rollouts(
-    reward_set: RewardSet, tokenizer: Any, prompts: list[PromptTokens], rollouts: Rollouts
+def score_groups(
+    reward_set: RewardSet, tokenizer: Any, prompts: list[PromptTokens], completion_ids: list[list[int]], n: int
 ) -> RewardResult:
-    """Decode and score P*G completions; each row's columns (`answer`, ...) go to the rewards."""
-    n = rollouts.group_size
-    texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
+    """Decode and score P*n completions, each prompt's n contiguous; each prompt row's columns (`answer`, ...)
+    go to the rewards."""
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     prompt_texts = tokenizer.batch_decode([p.prompt_ids for p in prompts], skip_special_tokens=True)
     keys = sorted({k for p in prompts for k in p.extra})
     columns = {k: [p.extra.get(k) for p in prompts for _ in range(n)] for k in keys}
-    return reward_set.score([t for t in prompt_texts for _ in range(n)], texts, rollouts.completion_ids, columns)
+    return reward_set.score([t for t in prompt_texts for _ in range(n)], texts, completion_ids, columns)
 
 
 def sample_and_score(
@@ -59,7 +59,7 @@ def sample_and_score(
     )
     policy.train(was_training)
     generated = time.perf_counter()
-    rewards = score_rollouts(reward_set, tokenizer, prompts, rollouts)
+    rewards = score_groups(reward_set, tokenizer, prompts, rollouts.completion_ids, group_size)
     return Scored(prompts, rollouts, rewards, generated - started, time.perf_counter() - generated)
 
 
