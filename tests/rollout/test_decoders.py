@@ -66,6 +66,20 @@ def test_other_architectures_take_the_generic_path():
     assert not supports_static(sliding)
 
 
+def test_a_model_with_forward_hooks_takes_the_generic_path(qwen2_model):
+    # the static decoder calls the layers' Linear maths directly, so a hook (FSDP's weight gathering, a probe)
+    # would silently not run: the hooked model decodes through its own forward
+    assert supports_static(qwen2_model)
+    seen = []
+    handle = qwen2_model.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: seen.append(1))
+    try:
+        assert not supports_static(qwen2_model)
+        assert isinstance(build_decoder(qwen2_model, 4), HFCacheDecoder)
+    finally:
+        handle.remove()
+    assert supports_static(qwen2_model)
+
+
 def test_lora_wrapped_model_decodes_like_its_merged_weights(qwen2_model, prompts):
     # LoRA layers are called as modules (no weight fusion): greedy tokens equal the merged model's
     peft = pytest.importorskip("peft")

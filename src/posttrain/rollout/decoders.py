@@ -26,7 +26,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache
 
-from posttrain.policies.llama_forward import base_model, has_llama_layers, linear, rms_norm, rotate
+from posttrain.policies.llama_forward import (
+    base_model,
+    has_hooks,
+    has_llama_layers,
+    linear,
+    mlp_residual,
+    rms_norm,
+    rotate,
+)
 
 
 def positions_from_mask(attention_mask_B_T: Tensor) -> Tensor:
@@ -99,14 +107,15 @@ class HFCacheDecoder:
 
 
 def supports_static(model: Any) -> bool:
-    """Whether `StaticCacheDecoder` reproduces this model's forward (Llama family, full attention only)."""
-    return has_llama_layers(model)
+    """Whether `StaticCacheDecoder` reproduces this model's forward: Llama family, full attention only, and no
+    forward hooks (it would not run them)."""
+    return has_llama_layers(model) and not has_hooks(model)
 
 
 def _decode_attention(q_A_N_1_D: Tensor, k_A_G_K_D: Tensor, v_A_G_K_D: Tensor, bias_AG_1_K: Tensor,
                       scale: float) -> Tensor:  # fmt: skip
     """One query per row over K cached keys, grouped-query heads (N = G x r), as two batched matmuls with
-    the padding mask as an additive bias (0 or -inf, [A*G, 1, K], built once per step for all layers).
+    the padding mask as an additive bias (0 or -inf, [A*G, 1, K], the same for all layers).
 
     For a single query, plain batched matmuls beat the fused CPU attention kernel, whose per-call setup is
     larger than the work. Returns [A, N, 1, D]."""
@@ -123,7 +132,8 @@ class StaticCacheDecoder:
     """Llama-family decoding over a preallocated KV cache; see the module docstring.
 
     Cache tensors are [A, kv_heads, slots, head_dim] per layer with slots = prompt width + max_new_tokens;
-    `key_mask_A_K` marks the slots holding real tokens.
+    `bias_A_G_1_K` is 0 at slots holding real tokens and -inf at the prompt's padding, built once in the
+    prefill (a decoded slot is always real, and a step reads only the slots written so far).
     """
 
     def __init__(self, model: Any, max_new_tokens: int) -> None:
@@ -147,8 +157,8 @@ class StaticCacheDecoder:
         cos_1_K_D, sin_1_K_D = self.body.rotary_emb(weight.new_zeros(1), positions)
         self.cos_K_D, self.sin_K_D = cos_1_K_D[0], sin_1_K_D[0]
         real_P_T = attention_mask_P_T.bool()
-        self.key_mask_A_K = torch.zeros(num_prompts, slots, dtype=torch.bool, device=weight.device)
-        self.key_mask_A_K[:, :width] = real_P_T
+        self.bias_A_G_1_K = weight.new_zeros(num_prompts, self.num_kv_heads, 1, slots, dtype=self.cos_K_D.dtype)
+        self.bias_A_G_1_K[..., :width].masked_fill_(~real_P_T[:, None, None], float("-inf"))
         self.slot = width
         # causal and not padding; a padding query may see itself so that no softmax row is empty
         causal_T_T = torch.ones(width, width, dtype=torch.bool, device=weight.device).tril()
@@ -160,21 +170,16 @@ class StaticCacheDecoder:
     def expand(self, n: int) -> None:
         self.keys = [k.repeat_interleave(n, dim=0) for k in self.keys]
         self.values = [v.repeat_interleave(n, dim=0) for v in self.values]
-        self.key_mask_A_K = self.key_mask_A_K.repeat_interleave(n, dim=0)
+        self.bias_A_G_1_K = self.bias_A_G_1_K.repeat_interleave(n, dim=0)
         self.positions_A = self.positions_A.repeat_interleave(n, dim=0)
 
     def select(self, keep_A: Tensor) -> None:
         self.keys = [k[keep_A] for k in self.keys]
         self.values = [v[keep_A] for v in self.values]
-        self.key_mask_A_K, self.positions_A = self.key_mask_A_K[keep_A], self.positions_A[keep_A]
+        self.bias_A_G_1_K, self.positions_A = self.bias_A_G_1_K[keep_A], self.positions_A[keep_A]
 
     def step(self, tokens_A: Tensor) -> Tensor:
-        self.key_mask_A_K[:, self.slot] = True
-        mask_A_K = self.key_mask_A_K[:, : self.slot + 1]
-        rows, keys = mask_A_K.shape
-        bias_A_1_K = torch.zeros(rows, 1, keys, dtype=self.cos_K_D.dtype, device=mask_A_K.device)
-        bias_A_1_K.masked_fill_(~mask_A_K[:, None], float("-inf"))
-        bias_AG_1_K = bias_A_1_K.repeat_interleave(self.num_kv_heads, dim=0)
+        bias_AG_1_K = self.bias_A_G_1_K[..., : self.slot + 1].flatten(0, 1)  # a view: A and G are contiguous
         logits_A_V = self._forward(tokens_A[:, None], self.positions_A[:, None], bias_AG_1_K, start=self.slot)
         self.slot += 1
         self.positions_A = self.positions_A + 1
@@ -191,7 +196,7 @@ class StaticCacheDecoder:
         sin_A_1_S_D = self.sin_K_D[positions_A_S][:, None]
         x_A_S_H = self.body.embed_tokens(ids_A_S)
         for layer, keys, values in zip(self.body.layers, self.keys, self.values):
-            attn, mlp = layer.self_attn, layer.mlp
+            attn = layer.self_attn
             h_A_S_H = rms_norm(layer.input_layernorm, x_A_S_H)
             q_A_N_S_D = linear(attn.q_proj, h_A_S_H).view(rows, new, heads, dim).transpose(1, 2)
             k_A_G_S_D = linear(attn.k_proj, h_A_S_H).view(rows, new, kv_heads, dim).transpose(1, 2)
@@ -205,10 +210,8 @@ class StaticCacheDecoder:
                     q_A_N_S_D, keys[:, :, :end], values[:, :, :end], attn_mask=mask, scale=attn.scaling,
                     enable_gqa=heads != kv_heads,
                 )  # fmt: skip
-            x_A_S_H = x_A_S_H + linear(attn.o_proj, o_A_N_S_D.transpose(1, 2).reshape(rows, new, heads * dim))
-            h_A_S_H = rms_norm(layer.post_attention_layernorm, x_A_S_H)
-            gate_A_S_I = mlp.act_fn(linear(mlp.gate_proj, h_A_S_H)) * linear(mlp.up_proj, h_A_S_H)
-            x_A_S_H = x_A_S_H + linear(mlp.down_proj, gate_A_S_I)
+            o_A_S_H = linear(attn.o_proj, o_A_N_S_D.transpose(1, 2).reshape(rows, new, heads * dim))
+            x_A_S_H = mlp_residual(layer, x_A_S_H + o_A_S_H)
         return linear(self.head, rms_norm(self.body.norm, x_A_S_H[:, -1])).float()
 
 
