@@ -129,6 +129,9 @@ def test_find_documents_computes_a_repeated_prefix_once() -> None:
     docs = find_documents(ids[:2], torch.ones(2, 4, dtype=torch.bool), positions)
     assert docs.token_U.tolist() == [0, 1, 2, 3, 5, 6, 7]
     assert find_documents(ids, real, None, share_prefixes=False).kv_source_N is None
+    # 1 repeated token of 12 (8%, under MIN_SHARED_FRACTION): copying keys and values would cost more than it saves
+    few = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 1, 2, 3, 4, 0]])
+    assert find_documents(few, torch.ones(2, 6, dtype=torch.bool), None).kv_source_N is None
 
 
 # ---------------------------------------------------------------- equal to the model's forward

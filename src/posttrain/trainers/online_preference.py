@@ -158,11 +158,11 @@ def train_online_pref(
             if done < cfg.train.max_steps and _crossed(done, spr, cfg.train.eval_every) and eval_prompts:
                 metrics = {f"eval_{k}": v for k, v in held_out().metrics().items()}
                 log.log(done, metrics, kind="eval")
-            if done < cfg.train.max_steps and _crossed(done, spr, cfg.train.save_every):
-                save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
+            saved = None
+            if (done < cfg.train.max_steps and _crossed(done, spr, cfg.train.save_every)) or stop.requested:
+                saved = save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
             if stop.requested:
                 log.close()
-                saved = save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
                 raise stop.interrupted(done, saved)
 
     final_eval, generation = {}, None

@@ -17,16 +17,14 @@ from posttrain.config.rl import RLConfig
 from posttrain.data.encoding import PromptTokens
 from posttrain.data.report import LoadReport
 from posttrain.objectives import ADVANTAGES
-from posttrain.policies import save_pretrained
 from posttrain.rewards import LoadedReward, RewardSet, RewardSpec, load_reward_fn
 from posttrain.rollout import SamplingParams
 from posttrain.runtime.checkpoint import Checkpointer
 from posttrain.runtime.optim import build_adamw
-from posttrain.runtime.seeding import capture_rng_states
 from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, load_prompts, policy_and_reference
 from posttrain.trainers.evaluation import EvalResult, evaluate_with
 from posttrain.trainers.rl_update import MovingBaseline, ValueModel
-from posttrain.trainers.run_state import restore_checkpoint
+from posttrain.trainers.run_state import restore_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -97,30 +95,25 @@ def build_rl_run(
 
 
 def _restore_rl_state(run: RLRun) -> None:
+    def restore_rl_extra(state: dict[str, Any]) -> None:
+        if run.critic is not None:
+            run.critic.load_state_dict(state["critic"])
+            run.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        run.baseline = MovingBaseline(**state["baseline"])
+        run.kl_coef = state["kl_coef"]
+
     run.history, run.start_step = restore_checkpoint(
-        run.checkpointer, run.checkpoint, run.optim, run.sampler, run.generator
+        run.checkpointer, run.checkpoint, run.optim, run.sampler, run.generator, restore_rl_extra
     )
-    state = run.checkpointer.load_state(run.checkpoint)
-    if run.critic is not None:
-        run.critic.load_state_dict(state["critic"])
-        run.critic_optimizer.load_state_dict(state["critic_optimizer"])
-    run.baseline = MovingBaseline(**state["baseline"])
-    run.kl_coef = state["kl_coef"]
 
 
 def save_rl_checkpoint(run: RLRun, step: int) -> Path:
-    state = {
-        "optimizer": run.optim.optimizer.state_dict(),
-        "scheduler": run.optim.scheduler.state_dict(),
-        "data": run.sampler.state_dict(),
-        "rng": capture_rng_states({"sampling": run.generator}),
-        "history": run.history,
-        "baseline": {"value": run.baseline.value, "steps": run.baseline.steps},
-        "kl_coef": run.kl_coef,
-    }
+    extra: dict[str, Any] = {"baseline": {"value": run.baseline.value, "steps": run.baseline.steps},
+                             "kl_coef": run.kl_coef}  # fmt: skip
     if run.critic is not None:
-        state |= {"critic": run.critic.state_dict(), "critic_optimizer": run.critic_optimizer.state_dict()}
-    return run.checkpointer.save(step, save_model=lambda d: save_pretrained(run.model, run.tokenizer, d), state=state)
+        extra |= {"critic": run.critic.state_dict(), "critic_optimizer": run.critic_optimizer.state_dict()}
+    return save_checkpoint(run.checkpointer, step, run.model, run.tokenizer, run.optim, run.sampler, run.generator,
+                           run.history, extra)  # fmt: skip
 
 
 def build_reward_set(cfg: RLConfig, rewards: list[Any] | None) -> RewardSet:

@@ -85,13 +85,16 @@ def save_checkpoint(
     sampler: EpochSampler,
     generator: torch.Generator,
     history: list[dict[str, float]],
+    extra: dict[str, Any] | None = None,
 ) -> Path:
+    """Write the model and the training state every trainer has, plus the trainer's own `extra` state."""
     state = {
         "optimizer": optim.optimizer.state_dict(),
         "scheduler": optim.scheduler.state_dict(),
         "data": sampler.state_dict(),
         "rng": capture_rng_states({"sampling": generator}),
         "history": history,
+        **(extra or {}),
     }
     return checkpointer.save(step, save_model=lambda d: save_pretrained(model, tokenizer, d), state=state)
 
@@ -102,12 +105,16 @@ def restore_checkpoint(
     optim: Any,
     sampler: EpochSampler,
     generator: torch.Generator,
+    restore_extra: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[list[dict[str, float]], int]:
-    """Load what `save_checkpoint` wrote (the model is the caller's) and return (history, start step);
-    ([], 0) without a checkpoint. metrics.jsonl is rewritten to the checkpoint's history."""
+    """Load what `save_checkpoint` wrote (the model is the caller's), hand the whole state to `restore_extra`
+    for the trainer's own, and return (history, start step); ([], 0) without a checkpoint. metrics.jsonl is
+    rewritten to the checkpoint's history."""
     if checkpoint is None:
         return [], 0
     state = checkpointer.load_state(checkpoint)
+    if restore_extra is not None:
+        restore_extra(state)
     optim.optimizer.load_state_dict(state["optimizer"])
     optim.scheduler.load_state_dict(state["scheduler"])
     sampler.load_state_dict(state["data"])
