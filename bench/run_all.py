@@ -206,7 +206,8 @@ def render(
         "computes every sequence whole, as TRL does and as the issue defines the step's work; posttrain's training "
         "forward computes a prompt shared by a GRPO group or a preference pair once (Prefix Grouper, "
         "arXiv:2506.05433), so it can run below that floor. The last two columns hold it to the floor of the work "
-        "it does:",
+        "it does. (The GRPO profile below counts whole sequences too, so its training step's share of peak "
+        "includes that saving.)",
         "",
         floors(cases, peak_gflops),
     ]
