@@ -17,7 +17,7 @@ from posttrain.rewards.base import (
     completion_text,
 )
 from posttrain.rewards.loading import BUILTIN_REWARDS, default_reward_name, load_reward_fn
-from posttrain.rewards.scoring import LoadedReward, RewardResult, RewardSet, call_within
+from posttrain.rewards.scoring import LoadedReward, RewardResult, RewardSet, call_within, describe_failure
 
 __all__ = [
     "BUILTIN_REWARDS",
@@ -31,5 +31,6 @@ __all__ = [
     "call_within",
     "completion_text",
     "default_reward_name",
+    "describe_failure",
     "load_reward_fn",
 ]

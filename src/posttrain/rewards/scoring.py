@@ -340,10 +340,13 @@ def _unlimited(timeout_s: float | None) -> bool:
 
 
 def _whole_call_failure(reward: LoadedReward, n: int, error: BaseException, seconds: float) -> _CallOutcome:
-    timed_out = isinstance(error, _Timeout)
-    message = f"{'TimeoutError' if timed_out else type(error).__name__}: {error}"
-    exception = None if timed_out else error
-    return _CallOutcome([reward.failure_score] * n, n, message, exception, seconds)
+    exception = None if isinstance(error, _Timeout) else error
+    return _CallOutcome([reward.failure_score] * n, n, describe_failure(error), exception, seconds)
+
+
+def describe_failure(error: BaseException) -> str:
+    """"Kind: message" of a failed call; a call past its time limit reads as a TimeoutError."""
+    return f"{'TimeoutError' if isinstance(error, _Timeout) else type(error).__name__}: {error}"
 
 
 def _check_scores(reward: LoadedReward, value: Any, n: int, seconds: float, *, first: int = 0) -> _CallOutcome:

@@ -27,7 +27,7 @@ from posttrain.objectives.pairing import (
     win_rates_against,
     win_rates_within_group,
 )
-from posttrain.rewards import RewardFailureError, RewardSet, call_within
+from posttrain.rewards import RewardFailureError, RewardSet, call_within, describe_failure
 from posttrain.rollout import SamplingParams
 from posttrain.rollout.native import generate_geometric_mixture
 from posttrain.trainers.offline import Tokens
@@ -152,15 +152,15 @@ def judge_all_pairs(
         **{key: [prompts[p].extra.get(key) for p, _, _ in rows] for key in keys},
     }
     verdicts, error = call_within(judge, kwargs, timeout_s)
-    try:
-        if error is not None:
-            raise error
-        values = torch.tensor([float(v) for v in verdicts], dtype=torch.float32)
-    except Exception as error:  # a judge is user code: say which call failed, not where inside torch
+    if error is None:
+        try:
+            values = torch.tensor([float(v) for v in verdicts], dtype=torch.float32)
+        except Exception as unreadable:  # a judge is user code: say which call failed, not where inside torch
+            error = unreadable
+    if error is not None:
         name = getattr(judge, "__name__", repr(judge))
-        kind = "TimeoutError" if isinstance(error, TimeoutError) else type(error).__name__
         raise RewardFailureError(
-            f"online.judge '{name}' failed on a round of {len(rows)} comparisons: {kind}: {error}"
+            f"online.judge '{name}' failed on a round of {len(rows)} comparisons: {describe_failure(error)}"
         ) from error
     if len(values) != len(rows) or not bool(((values >= 0) & (values <= 1)).all()):
         raise ValueError(
