@@ -2,7 +2,10 @@
 
 Every "floor" in the results is FLOPs divided by this number, so it is measured, not taken from a data
 sheet: square float32 matmuls of a few sizes, best of several repetitions, in a fresh worker process with
-the same thread count as the benchmarks. On a GPU it is the bfloat16 and float32 dense matmul rate.
+the same thread count as the benchmarks. On a CPU both kernels PyTorch ships are timed, its default BLAS
+(`torch.mm`: MKL in the standard wheels) and oneDNN (the kernel posttrain's linear layers choose where it
+is faster, `posttrain.policies.cpu_matmul`), and the peak is the faster: on an AMD processor MKL does not
+use AVX-512 and reaches about half of what the cores can do. On a GPU it is the float32 dense matmul rate.
 
     python bench/matmul_peak.py
 """
@@ -19,25 +22,38 @@ import harness
 
 
 def measure_peak(device: str = "cpu", sizes: tuple[int, ...] = (1024, 2048), seconds: float = 1.0) -> dict[str, float]:
-    """Best float32 GEMM rate (FLOP/s) over `sizes`; each size is repeated for about `seconds`."""
+    """Best float32 GEMM rate (FLOP/s) over `sizes` and kernels (`mm_N`, and `onednn_N` on a CPU that has
+    it); each is repeated for about `seconds`. `peak` is the best of them."""
     import torch
 
+    from posttrain.policies import cpu_matmul
+
+    kernels = {"mm": torch.mm}
+    if device == "cpu" and cpu_matmul._onednn_available():
+        kernels["onednn"] = lambda a, b: cpu_matmul._onednn_linear(a, b.T)
     rates = {}
     for n in sizes:
         a = torch.randn(n, n, device=device)
         b = torch.randn(n, n, device=device)
-        for _ in range(2):
-            a @ b
-        best, started = 0.0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            t = time.perf_counter()
-            a @ b
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            best = max(best, 2 * n**3 / (time.perf_counter() - t))
-        rates[f"gemm_{n}"] = best
+        for name, kernel in kernels.items():
+            rates[f"{name}_{n}"] = _best_rate(kernel, a, b, seconds)
     rates["peak"] = max(rates.values())
     return rates
+
+
+def _best_rate(kernel: Any, a: Any, b: Any, seconds: float) -> float:
+    import torch
+
+    for _ in range(2):
+        kernel(a, b)
+    best, started = 0.0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        t = time.perf_counter()
+        kernel(a, b)
+        if a.device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * a.shape[0] ** 3 / (time.perf_counter() - t))
+    return best
 
 
 def run_peak(case: dict[str, Any]) -> dict[str, Any]:

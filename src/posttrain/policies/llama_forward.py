@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from posttrain.policies import cpu_matmul
+
 RMS_NORMS = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm"})
 LLAMA_FAMILIES = frozenset({"llama", "qwen2"})
 """`config.model_type`s whose decoder layer is: x += o(attn(rope(q(n1(x))), rope(k(..)), v(..)));
@@ -94,9 +96,9 @@ def decoder_of(model: Any) -> Any:
 
 
 def linear(module: torch.nn.Module, x: Tensor) -> Tensor:
-    # a plain Linear without module dispatch; anything else (LoRA) through its own forward
+    # a plain Linear without module dispatch, on the faster CPU kernel; anything else (LoRA) through its own forward
     if type(module) is torch.nn.Linear:
-        return F.linear(x, module.weight, module.bias)
+        return cpu_matmul.linear(x, module.weight, module.bias)
     return module(x)
 
 

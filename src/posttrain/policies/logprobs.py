@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from posttrain.policies import cpu_matmul
 from posttrain.policies.llama_forward import decoder_of, find_documents, runs_unpadded, unpadded_hidden_states
 
 DEFAULT_VOCAB_CHUNK = 8192
@@ -109,9 +110,9 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
                 dz_N_C.mul_(inv_t)
             dlogits_N_C = dz_N_C.to(weight_V_H.dtype)
             w_C_H = weight_V_H[start : start + width]
-            grad_hidden += (dlogits_N_C @ w_C_H).float()
+            grad_hidden += cpu_matmul.linear(dlogits_N_C, w_C_H.T).float()  # dlogits @ W
             if grad_weight is not None:
-                grad_weight[start : start + width] = dlogits_N_C.T @ hidden_N_H
+                grad_weight[start : start + width] = cpu_matmul.linear(dlogits_N_C.T, hidden_N_H.T)  # dlogits^T h
             if grad_bias is not None:
                 grad_bias[start : start + width] = dlogits_N_C.float().sum(dim=0)
         return (
@@ -149,7 +150,7 @@ def _chunk_logits(
     z_N_C = _view(buffer, hidden_N_H.shape[0], w_C_H.shape[0])
     plain_fp32 = hidden_N_H.dtype == w_C_H.dtype == torch.float32
     if plain_fp32 and not torch.is_autocast_enabled(hidden_N_H.device.type):
-        torch.mm(hidden_N_H, w_C_H.T, out=z_N_C)
+        cpu_matmul.linear_into(z_N_C, hidden_N_H, w_C_H)
     else:  # lower precision, or autocast choosing it: the matmul in that precision, as everywhere else
         z_N_C.copy_(hidden_N_H @ w_C_H.T)
     if bias_V is not None:

@@ -1,0 +1,169 @@
+"""Float32 linear layers on CPU through oneDNN, where that is the faster kernel.
+
+PyTorch's CPU wheels send a float32 `mm` to Intel MKL, which on AMD processors does not use AVX-512: on
+the 2-core Zen 5 machine of bench/RESULTS.md, `torch.mm` reaches about 210 GFLOP/s and oneDNN's matmul
+(shipped inside PyTorch for its mkldnn ops) about 470 GFLOP/s on the same shapes, forward and backward.
+Both are IEEE float32 products and sums; only the order of the additions differs. On Intel processors
+the two run close, so which one to use is measured once per process (`onednn_selected`), and the
+environment variable POSTTRAIN_CPU_MATMUL=auto|onednn|blas overrides the measurement.
+
+`linear` is F.linear with that choice made; the model's own modules are left alone, so a forward
+through them (any model outside the Llama family, LoRA layers) runs as before.
+tests/policies/test_cpu_matmul.py holds outputs and gradients equal to F.linear.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+ENV_VAR = "POSTTRAIN_CPU_MATMUL"
+CHOICES = ("auto", "onednn", "blas")
+# Where a weight has a side under 256 (a model of hidden size 128), oneDNN's products are faster but the
+# copies around them (padding, transposed operands) cost more than they save: measured on the demo model,
+# SFT ran at 14,700 tokens/s with oneDNN and 17,200 without.
+MIN_WEIGHT_SIDE = 256
+# A product of a single row takes 14 us with MKL and 17 us with oneDNN ([1, 512] x [512, 512]); of 8 rows, 50
+# and 31 us.
+MIN_ROWS = 8
+# oneDNN builds (and keeps) a kernel and work buffers for every shape it sees: over 3,000 products whose row
+# count was drawn between 300 and 3,000, each new shape took about 1 ms more and the process grew by 1.5 GB
+# (240 MB with the rows padded to a multiple of 64). A training step's token count changes every step, so
+# rows are padded with zeros to a multiple of ROW_BUCKET (about 5% of a product's time), or of
+# SMALL_ROW_BUCKET under 256 rows (decoding, where rows leave the batch).
+ROW_BUCKET, SMALL_ROW_BUCKET = 64, 16
+# oneDNN is chosen when it takes at most this share of MKL's time on the probe, so that a near tie on
+# some other processor keeps the default BLAS.
+REQUIRED_SPEEDUP = 1.25
+
+
+def linear(x_X_K: Tensor, weight_N_K: Tensor, bias_N: Tensor | None = None) -> Tensor:
+    """x @ weight.T + bias over any leading axes of x, as F.linear; oneDNN computes it where it applies."""
+    if not _onednn_applies(x_X_K, weight_N_K, bias_N):
+        return F.linear(x_X_K, weight_N_K, bias_N)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_X_K, weight_N_K, bias_N)):
+        return _OneDNNLinear.apply(x_X_K, weight_N_K, bias_N)
+    return _onednn_linear(x_X_K, weight_N_K, bias_N)
+
+
+def linear_into(out_X_N: Tensor, x_X_K: Tensor, weight_N_K: Tensor) -> Tensor:
+    """x @ weight.T written into `out` (no autograd): a oneDNN product copied in where oneDNN applies, since
+    it has no output argument, else `torch.mm` straight into `out`. Returns `out`."""
+    if _onednn_applies(x_X_K, weight_N_K, None):
+        return out_X_N.copy_(_onednn_linear(x_X_K, weight_N_K))
+    return torch.mm(x_X_K, weight_N_K.T, out=out_X_N)
+
+
+def _onednn_applies(x_X_K: Tensor, weight_N_K: Tensor, bias_N: Tensor | None) -> bool:
+    if x_X_K.device.type != "cpu" or x_X_K.dtype != torch.float32 or weight_N_K.dtype != torch.float32:
+        return False
+    if bias_N is not None and bias_N.dtype != torch.float32:
+        return False
+    large = min(weight_N_K.shape) >= MIN_WEIGHT_SIDE and x_X_K.numel() >= MIN_ROWS * x_X_K.shape[-1]
+    return large and not torch.is_autocast_enabled("cpu") and onednn_selected()
+
+
+def _onednn_linear(x_X_K: Tensor, weight_N_K: Tensor, bias_N: Tensor | None = None) -> Tensor:
+    """x @ weight.T + bias by oneDNN, its rows padded with zeros (`padded_rows`)."""
+    rows = x_X_K.numel() // x_X_K.shape[-1]
+    x_R_K = padded_rows(x_X_K.reshape(rows, x_X_K.shape[-1]))
+    y_R_N = _kernel(x_R_K, weight_N_K, bias_N)
+    return y_R_N[:rows].view(*x_X_K.shape[:-1], weight_N_K.shape[0])
+
+
+def _kernel(a_M_K: Tensor, b_N_K: Tensor, bias_N: Tensor | None = None) -> Tensor:
+    """a @ b.T + bias, oneDNN's float32 inner product (the op PyTorch's mkldnn fusions call). [M, N]"""
+    return torch.ops.mkldnn._linear_pointwise(a_M_K, b_N_K, bias_N, "none", [], "")
+
+
+def padded_rows(x_M_K: Tensor) -> Tensor:
+    """x with zero rows appended up to a multiple of its row bucket (x itself when it is one). [R, K]"""
+    rows = x_M_K.shape[0]
+    bucket = SMALL_ROW_BUCKET if rows < 256 else ROW_BUCKET
+    padded = -(-rows // bucket) * bucket
+    if padded == rows:
+        return x_M_K
+    x_R_K = x_M_K.new_empty(padded, x_M_K.shape[1])
+    x_R_K[:rows] = x_M_K
+    x_R_K[rows:] = 0
+    return x_R_K
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b; backward dx = dy W, dW = dy^T x, db = sum over rows of dy, each product by oneDNN."""
+
+    @staticmethod
+    def forward(ctx: Any, x_X_K: Tensor, weight_N_K: Tensor, bias_N: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x_X_K, weight_N_K)
+        ctx.has_bias = bias_N is not None
+        return _onednn_linear(x_X_K, weight_N_K, bias_N)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_X_N: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # type: ignore[override]
+        x_X_K, weight_N_K = ctx.saved_tensors
+        grad_M_N = grad_X_N.reshape(-1, grad_X_N.shape[-1])
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_linear(grad_X_N, weight_N_K.t())
+        if ctx.needs_input_grad[1]:
+            # the rows are the product's inner dimension here: zero rows on both sides add nothing. With
+            # both operands transposed, oneDNN is faster with the one of fewer rows first (measured: 9.6 ms
+            # against 19 ms for [1536, 1990] x [1990, 512]).
+            x_R_K, grad_R_N = padded_rows(x_X_K.reshape(-1, x_X_K.shape[-1])), padded_rows(grad_M_N)
+            if grad_R_N.shape[1] <= x_R_K.shape[1]:
+                grad_weight = _kernel(grad_R_N.t(), x_R_K.t())
+            else:
+                grad_weight = _kernel(x_R_K.t(), grad_R_N.t()).t().contiguous()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_M_N.sum(dim=0)
+        return grad_x, grad_weight, grad_bias
+
+
+@functools.cache
+def onednn_selected() -> bool:
+    """Whether float32 CPU linear layers go through oneDNN in this process: as POSTTRAIN_CPU_MATMUL says,
+    or, when it is `auto` or unset, when oneDNN computes the same product and is clearly faster here."""
+    choice = os.environ.get(ENV_VAR, "auto")
+    if choice not in CHOICES:
+        raise ValueError(f"{ENV_VAR}={choice!r} is not one of {', '.join(CHOICES)}")
+    if choice == "blas":
+        return False
+    available = _onednn_available()
+    if choice == "onednn" and not available:
+        raise RuntimeError(f"{ENV_VAR}=onednn, but this PyTorch build has no oneDNN linear kernel")
+    return available and (choice == "onednn" or _onednn_is_faster())
+
+
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn_is_faster() -> bool:
+    """Times both kernels on a training-sized product ([512, 512] x [512, 1024], best of 5 each) after
+    checking that they agree."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 512, generator=generator)
+    weight = torch.randn(1024, 512, generator=generator)
+    try:
+        same = torch.allclose(_onednn_linear(x, weight), F.linear(x, weight), rtol=1e-4, atol=1e-3)
+    except RuntimeError:  # a build whose oneDNN op refuses plain float32 tensors
+        return False
+    return same and _best_time(_onednn_linear, x, weight) <= _best_time(F.linear, x, weight) / REQUIRED_SPEEDUP
+
+
+def _best_time(fn: Any, x: Tensor, weight: Tensor, repeats: int = 5) -> float:
+    fn(x, weight)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn(x, weight)
+        best = min(best, time.perf_counter() - started)
+    return best
