@@ -157,6 +157,29 @@ def section(title: str, doc: dict[str, Any], intro: str) -> str:
     return "\n".join(parts + notes + [""])
 
 
+PEAK_NOTE = (
+    "The peak is the faster of the two float32 matmul kernels PyTorch ships, timed in the same worker: its default "
+    "BLAS (`torch.mm`, Intel MKL in the standard wheels) and oneDNN. On this AMD processor MKL does not use "
+    "AVX-512 and reaches less than half of what oneDNN does (`MKL_ENABLE_INSTRUCTIONS=AVX512` and "
+    "`MKL_DEBUG_CPU_TYPE=5` were tried and change nothing), so every floor below is at oneDNN's rate. Earlier "
+    "versions of this page used `torch.mm`'s peak (215 GFLOP/s here), so their floors were about twice these. "
+    "posttrain sends its float32 linear layers to oneDNN where a probe at start-up finds it faster "
+    "(`posttrain.policies.cpu_matmul`; for weights whose sides are all at least 256, so the 30m model and not the "
+    "tiny one); TRL runs the model's `nn.Linear` layers, so MKL, and has no setting that changes that."
+)
+
+
+def kernel_rates(peak: dict[str, Any]) -> str:
+    """Each kernel's best rate over the peak runs, e.g. 'onednn 459, mm 208 GFLOP/s'."""
+    best: dict[str, float] = {}
+    for run in peak.get("runs", []):
+        for key, rate in run.items():
+            if key != "peak" and "_" in key:
+                kernel = key.rsplit("_", 1)[0]
+                best[kernel] = max(best.get(kernel, 0.0), rate)
+    return ", ".join(f"{k} {v:.0f}" for k, v in sorted(best.items(), key=lambda kv: -kv[1])) + " GFLOP/s"
+
+
 def render(
     elapsed_s: float, quick: bool, load_before: list[float], load_after: list[float], failed: list[str],
     reruns: list[str],
@@ -176,7 +199,10 @@ def render(
         "",
         f"Machine: {m['cores']} CPU cores ({m['cpu']}), no GPU; Python {m['python']}, torch {m['torch']}, "
         f"transformers {m['transformers']}, TRL {m['trl']}. Date: {m['date']}. Threads per worker: "
-        f"{peak['threads']}. Measured float32 matmul peak: **{peak_gflops:.0f} GFLOP/s**.",
+        f"{peak['threads']}. Measured float32 matmul peak: **{peak_gflops:.0f} GFLOP/s** "
+        f"({kernel_rates(peak)}).",
+        "",
+        PEAK_NOTE,
         "",
         f"Command: `make bench` (= `python bench/run_all.py{' --quick' if quick else ''}`), "
         f"{elapsed_s / 60:.1f} minutes. Load average before: {load_before}; after: {load_after}. "

@@ -37,8 +37,8 @@ MIN_ROWS = 8
 # count was drawn between 300 and 3,000, each new shape took about 1 ms more and the process grew by 1.5 GB
 # (240 MB with the rows padded to a multiple of 64). A training step's token count changes every step, so
 # rows are padded with zeros to a multiple of ROW_BUCKET (about 5% of a product's time), or of
-# SMALL_ROW_BUCKET under 256 rows (decoding, where rows leave the batch).
-ROW_BUCKET, SMALL_ROW_BUCKET = 64, 16
+# SMALL_ROW_BUCKET under SMALL_ROWS (decoding, where rows leave the batch).
+ROW_BUCKET, SMALL_ROW_BUCKET, SMALL_ROWS = 64, 16, 256
 # oneDNN is chosen when it takes at most this share of MKL's time on the probe, so that a near tie on
 # some other processor keeps the default BLAS.
 REQUIRED_SPEEDUP = 1.25
@@ -86,7 +86,7 @@ def _kernel(a_M_K: Tensor, b_N_K: Tensor, bias_N: Tensor | None = None) -> Tenso
 def padded_rows(x_M_K: Tensor) -> Tensor:
     """x with zero rows appended up to a multiple of its row bucket (x itself when it is one). [R, K]"""
     rows = x_M_K.shape[0]
-    bucket = SMALL_ROW_BUCKET if rows < 256 else ROW_BUCKET
+    bucket = SMALL_ROW_BUCKET if rows < SMALL_ROWS else ROW_BUCKET
     padded = -(-rows // bucket) * bucket
     if padded == rows:
         return x_M_K
