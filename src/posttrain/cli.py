@@ -34,6 +34,7 @@ from posttrain.runtime.signals import TrainingInterrupted
 USER_ERROR_NAMES = (
     "ConfigError",
     "DataError",
+    "KernelChoiceError",
     "ModelLoadError",
     "RewardLoadError",
     "RewardFailureError",

@@ -44,6 +44,10 @@ ROW_BUCKET, SMALL_ROW_BUCKET, SMALL_ROWS = 64, 16, 256
 REQUIRED_SPEEDUP = 1.25
 
 
+class KernelChoiceError(ValueError):
+    """POSTTRAIN_CPU_MATMUL names no kernel, or one this PyTorch build lacks."""
+
+
 def linear(x_X_K: Tensor, weight_N_K: Tensor, bias_N: Tensor | None = None) -> Tensor:
     """x @ weight.T + bias over any leading axes of x, as F.linear; oneDNN computes it where it applies."""
     if not _onednn_applies(x_X_K, weight_N_K, bias_N):
@@ -133,12 +137,12 @@ def onednn_selected() -> bool:
     or, when it is `auto` or unset, when oneDNN computes the same product and is clearly faster here."""
     choice = os.environ.get(ENV_VAR, "auto")
     if choice not in CHOICES:
-        raise ValueError(f"{ENV_VAR}={choice!r} is not one of {', '.join(CHOICES)}")
+        raise KernelChoiceError(f"{ENV_VAR}={choice!r} is not one of {', '.join(CHOICES)}")
     if choice == "blas":
         return False
     available = _onednn_available()
     if choice == "onednn" and not available:
-        raise RuntimeError(f"{ENV_VAR}=onednn, but this PyTorch build has no oneDNN linear kernel")
+        raise KernelChoiceError(f"{ENV_VAR}=onednn, but this PyTorch build has no oneDNN linear kernel")
     return available and (choice == "onednn" or _onednn_is_faster())
 
 
