@@ -29,8 +29,8 @@ def measure_peak(device: str = "cpu", sizes: tuple[int, ...] = (1024, 2048), sec
     from posttrain.policies import cpu_matmul
 
     kernels = {"mm": torch.mm}
-    if device == "cpu" and cpu_matmul._onednn_available():
-        kernels["onednn"] = lambda a, b: cpu_matmul._onednn_linear(a, b.T)
+    if device == "cpu" and cpu_matmul.onednn_available():
+        kernels["onednn"] = lambda a, b: cpu_matmul.onednn_product(a, b.T)
     rates = {}
     for n in sizes:
         a = torch.randn(n, n, device=device)

@@ -13,20 +13,20 @@ from posttrain.rollout.decoders import StaticCacheDecoder
 from posttrain.rollout.native import left_pad
 from posttrain.trainers.build import build_builtin_tokenizer
 
-needs_onednn = pytest.mark.skipif(not cpu_matmul._onednn_available(), reason="no oneDNN linear in this build")
+needs_onednn = pytest.mark.skipif(not cpu_matmul.onednn_available(), reason="no oneDNN linear in this build")
 
 
 @pytest.fixture
 def kernel(monkeypatch):
     """Choose the kernel through POSTTRAIN_CPU_MATMUL for one test; counts the oneDNN calls."""
     calls = {"n": 0}
-    original = cpu_matmul._kernel
+    original = cpu_matmul.onednn_product
 
     def counting(*args):
         calls["n"] += 1
         return original(*args)
 
-    monkeypatch.setattr(cpu_matmul, "_kernel", counting)
+    monkeypatch.setattr(cpu_matmul, "onednn_product", counting)
 
     def choose(choice: str) -> dict:
         monkeypatch.setenv(cpu_matmul.ENV_VAR, choice)

@@ -78,11 +78,11 @@ def _onednn_linear(x_X_K: Tensor, weight_N_K: Tensor, bias_N: Tensor | None = No
     """x @ weight.T + bias by oneDNN, its rows padded with zeros (`padded_rows`)."""
     rows = x_X_K.numel() // x_X_K.shape[-1]
     x_R_K = padded_rows(x_X_K.reshape(rows, x_X_K.shape[-1]))
-    y_R_N = _kernel(x_R_K, weight_N_K, bias_N)
+    y_R_N = onednn_product(x_R_K, weight_N_K, bias_N)
     return y_R_N[:rows].view(*x_X_K.shape[:-1], weight_N_K.shape[0])
 
 
-def _kernel(a_M_K: Tensor, b_N_K: Tensor, bias_N: Tensor | None = None) -> Tensor:
+def onednn_product(a_M_K: Tensor, b_N_K: Tensor, bias_N: Tensor | None = None) -> Tensor:
     """a @ b.T + bias, oneDNN's float32 inner product (the op PyTorch's mkldnn fusions call). [M, N]"""
     return torch.ops.mkldnn._linear_pointwise(a_M_K, b_N_K, bias_N, "none", [], "")
 
@@ -123,9 +123,9 @@ class _OneDNNLinear(torch.autograd.Function):
             # against 19 ms for [1536, 1990] x [1990, 512]).
             x_R_K, grad_R_N = padded_rows(x_X_K.reshape(-1, x_X_K.shape[-1])), padded_rows(grad_M_N)
             if grad_R_N.shape[1] <= x_R_K.shape[1]:
-                grad_weight = _kernel(grad_R_N.t(), x_R_K.t())
+                grad_weight = onednn_product(grad_R_N.t(), x_R_K.t())
             else:
-                grad_weight = _kernel(x_R_K.t(), grad_R_N.t()).t().contiguous()
+                grad_weight = onednn_product(x_R_K.t(), grad_R_N.t()).t().contiguous()
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_M_N.sum(dim=0)
         return grad_x, grad_weight, grad_bias
@@ -140,13 +140,14 @@ def onednn_selected() -> bool:
         raise KernelChoiceError(f"{ENV_VAR}={choice!r} is not one of {', '.join(CHOICES)}")
     if choice == "blas":
         return False
-    available = _onednn_available()
+    available = onednn_available()
     if choice == "onednn" and not available:
         raise KernelChoiceError(f"{ENV_VAR}=onednn, but this PyTorch build has no oneDNN linear kernel")
     return available and (choice == "onednn" or _onednn_is_faster())
 
 
-def _onednn_available() -> bool:
+def onednn_available() -> bool:
+    """Whether this PyTorch build has the oneDNN float32 inner product `onednn_product` calls."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
