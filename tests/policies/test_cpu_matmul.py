@@ -102,7 +102,7 @@ def test_what_onednn_does_not_take_goes_to_f_linear(kernel):
     calls = kernel("onednn")
     weight = torch.randn(256, 256)
     cpu_matmul.linear(torch.randn(4, 256), weight)  # fewer than MIN_ROWS rows
-    cpu_matmul.linear(torch.randn(64, 128), torch.randn(256, 128))  # a side under MIN_WEIGHT_SIDE
+    cpu_matmul.linear(torch.randn(64, 128), torch.randn(256, 128))  # under MIN_MULTIPLY_ADDS
     cpu_matmul.linear(torch.randn(64, 256, dtype=torch.float64), weight.double())
     cpu_matmul.linear(torch.randn(64, 256, dtype=torch.bfloat16), weight.bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):

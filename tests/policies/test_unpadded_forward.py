@@ -8,10 +8,11 @@ would not reproduce the model.
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from posttrain.policies import build_model, enable_gradient_checkpointing, hidden_states_at, token_logprobs
-from posttrain.policies.llama_forward import decoder_of, find_documents, runs_unpadded
+from posttrain.policies.llama_forward import causal_attention, decoder_of, find_documents, runs_unpadded
 from posttrain.trainers.build import build_builtin_tokenizer
 
 WIDTH = 14
@@ -134,17 +135,40 @@ def test_find_documents_computes_a_repeated_prefix_once() -> None:
     assert find_documents(few, torch.ones(2, 6, dtype=torch.bool), None).kv_source_N is None
 
 
+@pytest.mark.parametrize("heads, kv_heads, width", [(4, 2, 9), (8, 8, 40), (6, 2, 64)])
+def test_short_rows_attention_equals_the_fused_kernel(heads, kv_heads, width, monkeypatch) -> None:
+    # the plain path: PyTorch's fused causal attention in float64, key/value heads shared by enable_gqa; the
+    # inputs are [S, heads, T, D] views of [S, T, heads, D], as document_attention lays them out
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(3, width, n, 16, generator=gen).transpose(1, 2) for n in (heads, kv_heads, kv_heads))
+    grad_out = torch.randn(3, heads, width, 16, generator=gen)
+    plain = [t.double().requires_grad_() for t in (q, k, v)]
+    expected = F.scaled_dot_product_attention(*plain, is_causal=True, scale=0.3, enable_gqa=heads != kv_heads)
+    expected.backward(grad_out.double())
+    monkeypatch.setattr(F, "scaled_dot_product_attention", None)  # short float32 rows never reach it
+    fast = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = causal_attention(*fast, scale=0.3)
+    out.backward(grad_out)
+    torch.testing.assert_close(out, expected.float(), atol=1e-5, rtol=1e-5)
+    for got, want in zip(fast, plain):
+        torch.testing.assert_close(got.grad, want.grad.float(), atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- equal to the model's forward
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("preset", ["qwen2-small", "llama-small"])
-def test_right_padded_rows_equal_the_models_forward(preset, attention, tokenizer, unpadded_calls) -> None:
-    # rows of 14, 2, 9, 5 and 11 real tokens: most of the batch's token slots are padding in some rows
+def test_right_padded_rows_equal_the_models_forward(
+    preset, attention, tokenizer, unpadded_calls, linear_kernel
+) -> None:
+    # rows of 14, 2, 9, 5 and 11 real tokens: most of the batch's token slots are padding in some rows. On
+    # oneDNN the 41 computed tokens run as 48 rows and the last layer's 36 read ones as 48.
     model = sharp_model(preset, tokenizer, seed=0, attention=attention)
     ids, attention_B_T, target = right_padded([14, 2, 9, 5, 11], len(tokenizer), seed=1)
     assert_same_values_and_gradients(model, ids, attention_B_T, target, None, {"attention_mask": attention_B_T.long()})
     assert unpadded_calls["n"] == 1
+    assert linear_kernel["padded"] == (linear_kernel["kernel"] == "onednn")
 
 
 def packed_rows(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -161,7 +185,9 @@ def packed_rows(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
 
 @pytest.mark.parametrize("with_mask", [True, False])
 @pytest.mark.parametrize("preset", ["qwen2-small", "llama-small"])
-def test_packed_rows_equal_the_models_packed_forward(preset, with_mask, tokenizer, unpadded_calls) -> None:
+def test_packed_rows_equal_the_models_packed_forward(
+    preset, with_mask, tokenizer, unpadded_calls, linear_kernel
+) -> None:
     # the plain path is transformers' packed forward: no mask, block-diagonal attention from the position
     # ids. Without the mask token_logprobs cannot tell the padding tail from one more document, and runs it.
     model = sharp_model(preset, tokenizer, seed=2)
@@ -169,6 +195,7 @@ def test_packed_rows_equal_the_models_packed_forward(preset, with_mask, tokenize
     mask = attention_B_T if with_mask else None
     assert_same_values_and_gradients(model, ids, mask, target, positions, {"position_ids": positions})
     assert unpadded_calls["n"] == 1
+    assert linear_kernel["padded"] == (linear_kernel["kernel"] == "onednn")
 
 
 def grouped_rows(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -193,7 +220,7 @@ def grouped_rows(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("preset", ["qwen2-small", "llama-small"])
-def test_rows_repeating_a_prefix_equal_the_models_forward(preset, tokenizer, unpadded_calls) -> None:
+def test_rows_repeating_a_prefix_equal_the_models_forward(preset, tokenizer, unpadded_calls, linear_kernel) -> None:
     model = sharp_model(preset, tokenizer, seed=18)
     ids, attention_B_T, target = grouped_rows(len(tokenizer))
     # rows of 11, 8, 11 | 12, 5, 14 real tokens (61); repeated: 7 and 8 in group 0's rows 1 and 2, 3 and 3 in
@@ -201,6 +228,7 @@ def test_rows_repeating_a_prefix_equal_the_models_forward(preset, tokenizer, unp
     assert find_documents(ids, attention_B_T, None).token_U.numel() == 40
     assert_same_values_and_gradients(model, ids, attention_B_T, target, None, {"attention_mask": attention_B_T.long()})
     assert unpadded_calls["n"] == 1
+    assert linear_kernel["padded"] == (linear_kernel["kernel"] == "onednn")
 
 
 @pytest.mark.parametrize("rope_type", ["dynamic", "linear"])
@@ -230,7 +258,7 @@ def test_lora_model_equals_the_models_forward(tokenizer, unpadded_calls) -> None
     assert unpadded_calls["n"] == 1
 
 
-def test_a_bare_decoder_runs_unpadded_like_its_causal_lm(tokenizer, unpadded_calls) -> None:
+def test_a_bare_decoder_runs_unpadded_like_its_causal_lm(tokenizer, unpadded_calls, linear_kernel) -> None:
     # the PPO critic's backbone is a bare Qwen2Model: the same decoder, found from the LM or from itself
     model = sharp_model("qwen2-small", tokenizer, seed=15)
     decoder = model.model
@@ -241,6 +269,7 @@ def test_a_bare_decoder_runs_unpadded_like_its_causal_lm(tokenizer, unpadded_cal
         expected_B_T_H = decoder(input_ids=ids, attention_mask=attention_B_T.long(), use_cache=False).last_hidden_state
         torch.testing.assert_close(hidden_M_H, expected_B_T_H[target], atol=1e-5, rtol=1e-5)
     assert unpadded_calls["n"] == 2
+    assert linear_kernel["padded"] == 2 * (linear_kernel["kernel"] == "onednn")
 
 
 @pytest.mark.parametrize("bf16", ["autocast", "weights"])

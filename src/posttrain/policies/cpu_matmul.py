@@ -26,13 +26,14 @@ from torch.autograd.function import once_differentiable
 
 ENV_VAR = "POSTTRAIN_CPU_MATMUL"
 CHOICES = ("auto", "onednn", "blas")
-# Where a weight has a side under 256 (a model of hidden size 128), oneDNN's products are faster but the
-# copies around them (padding, transposed operands) cost more than they save: measured on the demo model,
-# SFT ran at 14,700 tokens/s with oneDNN and 17,200 without.
-MIN_WEIGHT_SIDE = 256
-# A product of a single row takes 14 us with MKL and 17 us with oneDNN ([1, 512] x [512, 512]); of 8 rows, 50
-# and 31 us.
-MIN_ROWS = 8
+# oneDNN's products cost more than MKL's where they are small: its set-up and the row padding dominate. Measured
+# on the 2-core Zen 5 machine (MKL's time over oneDNN's, forward): [8, 512] x [512, 1536] 0.96, [16, 512] x
+# [512, 256] 1.15 (2.1M multiply-adds), [64, 128] x [128, 384] 1.11 (3.1M), [256, 128] x [128, 128] 1.24
+# (4.2M), [512, 128] x [128, 64] 1.30, [64, 512] x [512, 1536] 2.08. So oneDNN takes products of at least
+# MIN_ROWS rows and MIN_MULTIPLY_ADDS multiply-adds: a training step's products from the demo model (hidden
+# size 128, about 500 tokens a step) up, and the decode steps of a model of hidden size 512 but not the demo's.
+MIN_ROWS = 16
+MIN_MULTIPLY_ADDS = 4 << 20
 # oneDNN builds (and keeps) a kernel and work buffers for every shape it sees: over 3,000 products whose row
 # count was drawn between 300 and 3,000, each new shape took about 1 ms more and the process grew by 1.5 GB
 # (240 MB with the rows padded to a multiple of 64). A training step's token count changes every step, so
@@ -65,12 +66,18 @@ def linear_into(out_X_N: Tensor, x_X_K: Tensor, weight_N_K: Tensor) -> Tensor:
     return torch.mm(x_X_K, weight_N_K.T, out=out_X_N)
 
 
+def onednn_computes(x_X_K: Tensor, weight_N_K: Tensor) -> bool:
+    """Whether `linear(x, weight)` runs on oneDNN, so over x's rows padded to `padded_count` of them."""
+    return _onednn_applies(x_X_K, weight_N_K, None)
+
+
 def _onednn_applies(x_X_K: Tensor, weight_N_K: Tensor, bias_N: Tensor | None) -> bool:
     if x_X_K.device.type != "cpu" or x_X_K.dtype != torch.float32 or weight_N_K.dtype != torch.float32:
         return False
     if bias_N is not None and bias_N.dtype != torch.float32:
         return False
-    large = min(weight_N_K.shape) >= MIN_WEIGHT_SIDE and x_X_K.numel() >= MIN_ROWS * x_X_K.shape[-1]
+    rows = x_X_K.numel() // max(x_X_K.shape[-1], 1)
+    large = rows >= MIN_ROWS and rows * weight_N_K.numel() >= MIN_MULTIPLY_ADDS
     return large and not torch.is_autocast_enabled("cpu") and onednn_selected()
 
 
@@ -87,11 +94,15 @@ def onednn_product(a_M_K: Tensor, b_N_K: Tensor, bias_N: Tensor | None = None) -
     return torch.ops.mkldnn._linear_pointwise(a_M_K, b_N_K, bias_N, "none", [], "")
 
 
-def padded_rows(x_M_K: Tensor) -> Tensor:
-    """x with zero rows appended up to a multiple of its row bucket (x itself when it is one). [R, K]"""
-    rows = x_M_K.shape[0]
+def padded_count(rows: int) -> int:
+    """`rows` rounded up to a multiple of its row bucket: how many rows oneDNN computes for that many."""
     bucket = SMALL_ROW_BUCKET if rows < SMALL_ROWS else ROW_BUCKET
-    padded = -(-rows // bucket) * bucket
+    return -(-rows // bucket) * bucket
+
+
+def padded_rows(x_M_K: Tensor) -> Tensor:
+    """x with zero rows appended up to `padded_count` rows (x itself when it has that many). [R, K]"""
+    rows, padded = x_M_K.shape[0], padded_count(x_M_K.shape[0])
     if padded == rows:
         return x_M_K
     x_R_K = x_M_K.new_empty(padded, x_M_K.shape[1])
