@@ -164,9 +164,9 @@ PEAK_NOTE = (
     "`MKL_DEBUG_CPU_TYPE=5` were tried and change nothing), so every floor below is at oneDNN's rate. Earlier "
     "versions of this page used `torch.mm`'s peak (215 GFLOP/s here), so their floors were about twice these. "
     "posttrain sends its float32 linear layers to oneDNN where a probe at start-up finds it faster "
-    "(`posttrain.policies.cpu_matmul`; for products of at least 16 rows and 4M multiply-adds: the training "
-    "forwards and backwards of both sizes, the 30m model's decode steps but not the tiny one's); TRL runs the "
-    "model's `nn.Linear` layers, so MKL, and has no setting that changes that."
+    "(`posttrain.policies.cpu_matmul`; for weights of at least 65,536 values in products of at least 16 rows "
+    "and 4M multiply-adds, so the 30m model and not the tiny one); TRL runs the model's `nn.Linear` layers, so "
+    "MKL, and has no setting that changes that."
 )
 
 

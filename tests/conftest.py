@@ -30,6 +30,7 @@ def linear_kernel(request, monkeypatch):
             pytest.skip("no oneDNN linear in this build")
         monkeypatch.setattr(cpu_matmul, "MIN_ROWS", 1)
         monkeypatch.setattr(cpu_matmul, "MIN_MULTIPLY_ADDS", 0)
+        monkeypatch.setattr(cpu_matmul, "MIN_WEIGHT_VALUES", 0)
     monkeypatch.setenv(cpu_matmul.ENV_VAR, request.param)
     cpu_matmul.onednn_selected.cache_clear()
     seen = {"kernel": request.param, "padded": 0}

@@ -4,6 +4,8 @@ The expectations come from float64 F.linear and autograd (values and gradients),
 forward with its own nn.Linear layers; routing is checked by counting the oneDNN calls.
 """
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,7 +52,7 @@ def float64_linear(x, weight, bias, grad_out):
 def test_values_and_gradients_equal_float64(kernel, out_features, in_features):
     calls = kernel("onednn")
     gen = torch.Generator().manual_seed(0)
-    # x is a non-contiguous [3, 100, K] view (every other column); its 300 rows are padded to 320 in all three
+    # x is a non-contiguous [3, 100, K] view (every other column); its 300 rows are padded to 304 in all three
     # products
     x = torch.randn(3, 100, 2 * in_features, generator=gen)[..., ::2].requires_grad_()
     weight = (torch.randn(out_features, in_features, generator=gen) / 10).requires_grad_()
@@ -68,11 +70,15 @@ def test_values_and_gradients_equal_float64(kernel, out_features, in_features):
 
 
 def test_rows_are_padded_to_a_bucket():
-    # 100 rows -> 112 (multiple of 16 under 256), 300 -> 320 (multiple of 64), 320 stays
+    # 100 rows -> 112 (multiple of 16), 300 -> 304 (16 under 512), 522 -> 544 (32 under 1,024),
+    # 2000 -> 2048 (64 under 2,048: 2000 has 11 bits, 2^(11-5) = 64), 7000 -> 7168 (256), 320 stays
     x = torch.arange(300.0).view(100, 3)
     padded = cpu_matmul.padded_rows(x)
     assert padded.shape == (112, 3) and (padded[:100] == x).all() and (padded[100:] == 0).all()
-    assert cpu_matmul.padded_rows(torch.ones(300, 2)).shape == (320, 2)
+    assert [cpu_matmul.padded_count(n) for n in (1, 16, 300, 522, 1024, 2000, 7000)] == [
+        16, 16, 304, 544, 1024, 2048, 7168,
+    ]  # fmt: skip
+    assert cpu_matmul.padded_rows(torch.ones(300, 2)).shape == (304, 2)
     same = torch.ones(320, 2)
     assert cpu_matmul.padded_rows(same) is same
 
@@ -103,6 +109,7 @@ def test_what_onednn_does_not_take_goes_to_f_linear(kernel):
     weight = torch.randn(256, 256)
     cpu_matmul.linear(torch.randn(4, 256), weight)  # fewer than MIN_ROWS rows
     cpu_matmul.linear(torch.randn(64, 128), torch.randn(256, 128))  # under MIN_MULTIPLY_ADDS
+    cpu_matmul.linear(torch.randn(512, 128), torch.randn(128, 128))  # 8.4M multiply-adds, under MIN_WEIGHT_VALUES
     cpu_matmul.linear(torch.randn(64, 256, dtype=torch.float64), weight.double())
     cpu_matmul.linear(torch.randn(64, 256, dtype=torch.bfloat16), weight.bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -110,6 +117,17 @@ def test_what_onednn_does_not_take_goes_to_f_linear(kernel):
     assert calls["n"] == 0
     cpu_matmul.linear(torch.randn(64, 256), weight)
     assert calls["n"] == 1
+
+
+@needs_onednn
+def test_kernel_caches_are_bounded_unless_the_environment_says(kernel, monkeypatch):
+    for name in cpu_matmul.KERNEL_CACHE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
+    kernel("onednn")
+    assert cpu_matmul.onednn_selected()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(cpu_matmul.KERNEL_CACHE_ENTRIES)
+    assert os.environ["LRU_CACHE_CAPACITY"] == "7"
 
 
 def test_blas_keeps_f_linear(kernel):

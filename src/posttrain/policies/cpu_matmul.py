@@ -29,17 +29,23 @@ CHOICES = ("auto", "onednn", "blas")
 # oneDNN's products cost more than MKL's where they are small: its set-up and the row padding dominate. Measured
 # on the 2-core Zen 5 machine (MKL's time over oneDNN's, forward): [8, 512] x [512, 1536] 0.96, [16, 512] x
 # [512, 256] 1.15 (2.1M multiply-adds), [64, 128] x [128, 384] 1.11 (3.1M), [256, 128] x [128, 128] 1.24
-# (4.2M), [512, 128] x [128, 64] 1.30, [64, 512] x [512, 1536] 2.08. So oneDNN takes products of at least
-# MIN_ROWS rows and MIN_MULTIPLY_ADDS multiply-adds: a training step's products from the demo model (hidden
-# size 128, about 500 tokens a step) up, and the decode steps of a model of hidden size 512 but not the demo's.
+# (4.2M), [64, 512] x [512, 1536] 2.08. So oneDNN takes products of at least MIN_ROWS rows and
+# MIN_MULTIPLY_ADDS multiply-adds, with weights of at least MIN_WEIGHT_VALUES values (see below).
 MIN_ROWS = 16
 MIN_MULTIPLY_ADDS = 4 << 20
-# oneDNN builds (and keeps) a kernel and work buffers for every shape it sees: over 3,000 products whose row
-# count was drawn between 300 and 3,000, each new shape took about 1 ms more and the process grew by 1.5 GB
-# (240 MB with the rows padded to a multiple of 64). A training step's token count changes every step, so
-# rows are padded with zeros to a multiple of ROW_BUCKET (about 5% of a product's time), or of
-# SMALL_ROW_BUCKET under SMALL_ROWS (decoding, where rows leave the batch).
-ROW_BUCKET, SMALL_ROW_BUCKET, SMALL_ROWS = 64, 16, 256
+# oneDNN builds a kernel for every shape it sees (0.2-2 ms) and caches it, about 0.6 MB apiece; with its
+# default cache of 1,024 entries a GRPO run of the 30m model grew by 570 MB over 40 steps (MKL: 270 MB,
+# flat after 10). The caches are capped at KERNEL_CACHE_ENTRIES unless the environment sets them (with 16
+# the same run stayed flat, 60 MB under MKL's, at the same speed: a layer's products reuse the previous
+# layer's kernels), and rows are padded with zeros to a bucket of 1/32 to 1/16 of their count (a power of
+# two, at least MIN_ROW_BUCKET: 16 under 512 rows, 32 under 1,024, 64 under 2,048, ...), 16 row counts per
+# doubling for 1.5-3% of a product on average. A model as small as the demo's (hidden size 128) gains 7-10%
+# a training step from oneDNN but rebuilds its kernels every step under that cap (a 22 ms step took 30) and
+# grows by 650 MB over 150 steps without it, so its weights, under MIN_WEIGHT_VALUES, stay on MKL.
+MIN_WEIGHT_VALUES = 1 << 16
+MIN_ROW_BUCKET = 16
+KERNEL_CACHE_ENTRIES = 32
+KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 # oneDNN is chosen when it takes at most this share of MKL's time on the probe, so that a near tie on
 # some other processor keeps the default BLAS.
 REQUIRED_SPEEDUP = 1.25
@@ -77,7 +83,8 @@ def _onednn_applies(x_X_K: Tensor, weight_N_K: Tensor, bias_N: Tensor | None) ->
     if bias_N is not None and bias_N.dtype != torch.float32:
         return False
     rows = x_X_K.numel() // max(x_X_K.shape[-1], 1)
-    large = rows >= MIN_ROWS and rows * weight_N_K.numel() >= MIN_MULTIPLY_ADDS
+    values = weight_N_K.numel()
+    large = rows >= MIN_ROWS and values >= MIN_WEIGHT_VALUES and rows * values >= MIN_MULTIPLY_ADDS
     return large and not torch.is_autocast_enabled("cpu") and onednn_selected()
 
 
@@ -95,8 +102,9 @@ def onednn_product(a_M_K: Tensor, b_N_K: Tensor, bias_N: Tensor | None = None) -
 
 
 def padded_count(rows: int) -> int:
-    """`rows` rounded up to a multiple of its row bucket: how many rows oneDNN computes for that many."""
-    bucket = SMALL_ROW_BUCKET if rows < SMALL_ROWS else ROW_BUCKET
+    """`rows` rounded up to a multiple of its row bucket, the power of two in [rows / 32, rows / 16) (at least
+    MIN_ROW_BUCKET): how many rows oneDNN computes for that many."""
+    bucket = max(MIN_ROW_BUCKET, 1 << max(rows.bit_length() - 5, 0))
     return -(-rows // bucket) * bucket
 
 
@@ -154,7 +162,16 @@ def onednn_selected() -> bool:
     available = onednn_available()
     if choice == "onednn" and not available:
         raise KernelChoiceError(f"{ENV_VAR}=onednn, but this PyTorch build has no oneDNN linear kernel")
+    if available:
+        bound_kernel_caches()
     return available and (choice == "onednn" or _onednn_is_faster())
+
+
+def bound_kernel_caches() -> None:
+    """Caps oneDNN's kernel caches at KERNEL_CACHE_ENTRIES each where the environment does not set them. Both
+    libraries read these variables when they first build a kernel, so this only takes effect before that."""
+    for name in KERNEL_CACHE_VARIABLES:
+        os.environ.setdefault(name, str(KERNEL_CACHE_ENTRIES))
 
 
 def onednn_available() -> bool:
