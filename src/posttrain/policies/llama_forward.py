@@ -218,9 +218,9 @@ def unpadded_hidden_states(
     select the rotary angles, as in the model's forward. Check `runs_unpadded(model)` first.
 
     Where the linear layers run on oneDNN, which computes a product over rows padded to a bucket
-    (`cpu_matmul.padded_count`), the rows are padded once here instead of at each product: the R rows
-    after the real ones run through the norms, projections and MLP, but never attention, and are dropped
-    at the end, so they reach no real token and their gradients are zero.
+    (`cpu_matmul.padded_count`), the rows are padded once here instead of at each product: the padding
+    rows after the real ones run through the norms, projections and MLP, but never attention, and are
+    dropped at the end, so they reach no real token and their gradients are zero.
     """
     body = decoder_of(model)
     config = body.config
