@@ -106,6 +106,18 @@ def test_malformed_override_and_missing_model(tmp_path: Path, capsys: pytest.Cap
     assert code == 2 and err.startswith("error: model.") and str(missing) in err and "Traceback" not in err
 
 
+def test_a_misspelt_kernel_choice_stops_the_run_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the demo-sized model never reaches a oneDNN-sized product, so only the start-up check can report it
+    monkeypatch.setenv("POSTTRAIN_CPU_MATMUL", "fast")
+    overrides = ["model.preset=qwen2-tiny", "model.tokenizer=arithmetic", "data.task.name=arithmetic"]
+    code = main(["sft", *overrides, "train.max_steps=1", f"output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: POSTTRAIN_CPU_MATMUL='fast' is not one of auto, onednn, blas")
+    assert not (tmp_path / "final").exists()
+
+
 def test_debug_reraises(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ConfigError, match=r"train\.lr"):
         main(["sft", "--debug", "model.path=/x", "data.train=t.jsonl", "train.lr=-1"])

@@ -154,9 +154,7 @@ class _OneDNNLinear(torch.autograd.Function):
 def onednn_selected() -> bool:
     """Whether float32 CPU linear layers go through oneDNN in this process: as POSTTRAIN_CPU_MATMUL says,
     or, when it is `auto` or unset, when oneDNN computes the same product and is clearly faster here."""
-    choice = os.environ.get(ENV_VAR, "auto")
-    if choice not in CHOICES:
-        raise KernelChoiceError(f"{ENV_VAR}={choice!r} is not one of {', '.join(CHOICES)}")
+    choice = kernel_choice()
     if choice == "blas":
         return False
     available = onednn_available()
@@ -165,6 +163,15 @@ def onednn_selected() -> bool:
     if available:
         bound_kernel_caches()
     return available and (choice == "onednn" or _onednn_is_faster())
+
+
+def kernel_choice() -> str:
+    """POSTTRAIN_CPU_MATMUL's value (`auto` when unset). Raises KernelChoiceError naming the variable and the
+    allowed values for any other; a run calls it when it builds its policy, before any product."""
+    choice = os.environ.get(ENV_VAR, "auto")
+    if choice not in CHOICES:
+        raise KernelChoiceError(f"{ENV_VAR}={choice!r} is not one of {', '.join(CHOICES)}")
+    return choice
 
 
 def bound_kernel_caches() -> None:
