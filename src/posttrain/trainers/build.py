@@ -19,7 +19,7 @@ from posttrain.data.errors import DataError
 from posttrain.data.examples import Kind, load_examples, validate_rows
 from posttrain.data.readers import Row
 from posttrain.data.report import LoadReport
-from posttrain.policies import apply_lora, build_model, cpu_matmul, load_model, load_tokenizer
+from posttrain.policies import apply_lora, build_model, load_model, load_tokenizer
 from posttrain.policies.models import check_model_directory, enable_gradient_checkpointing
 from posttrain.runtime.checkpoint import model_dir
 from posttrain.runtime.optim import build_adamw, build_scheduler
@@ -61,7 +61,6 @@ def build_policy(
     path_override: str | Path | None = None,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) from model.path or model.preset, with dtype, checkpointing and LoRA applied."""
-    cpu_matmul.kernel_choice()  # a misspelt kernel choice fails here, not silently or at the first product
     tokenizer = build_tokenizer_for(section, recipe_dir)
     if path_override is not None or section.path is not None:
         path = path_override or resolve_path(section.path, recipe_dir)
@@ -88,7 +87,6 @@ def policy_for_run(
 ) -> tuple[Any, Any]:
     """(model, tokenizer) to train: those passed in, or built from the config; on a resume either way
     with the checkpoint's weights."""
-    cpu_matmul.kernel_choice()
     if model is None or tokenizer is None:
         override = model_dir(checkpoint) if checkpoint else None
         return build_policy(section, seed=seed, device=device, recipe_dir=recipe_dir, path_override=override)
