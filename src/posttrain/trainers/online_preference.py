@@ -185,7 +185,6 @@ def _crossed(done: int, steps: int, every: int) -> bool:
     return bool(every) and done // every > (done - steps) // every
 
 
-
 def _feedback(cfg: PrefConfig) -> Feedback:
     online = cfg.online
     if online.judge is not None:
