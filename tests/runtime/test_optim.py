@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from posttrain.runtime.optim import build_adamw, build_scheduler, lr_multiplier
+from posttrain.runtime.optim import build_adamw, build_scheduler, lr_multiplier, lr_of_last_step
 
 
 def mult(step: int, schedule: str, *, warmup: int = 4, total: int = 14, min_ratio: float = 0.1) -> float:
@@ -68,6 +68,22 @@ def test_scheduler_sets_the_optimizer_lr() -> None:
         sched.step()
     # steps 0, 1 warm up: 0.1 * 1/2, 0.1 * 2/2; step 2: progress 0 -> 0.1; step 3: progress 1/2 -> 0.05
     assert lrs == pytest.approx([0.05, 0.1, 0.1, 0.05])
+
+
+def test_the_logged_lr_is_the_one_the_last_update_used() -> None:
+    param = torch.nn.Parameter(torch.zeros(2, 2))
+    opt = build_adamw([param], lr=0.1, weight_decay=0.0, betas=(0.9, 0.999))
+    sched = build_scheduler(opt, warmup_steps=4, total_steps=8, schedule="constant", min_ratio=0.0)
+    used, logged = [], []
+    for _ in range(3):
+        used.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+        logged.append(lr_of_last_step(sched))
+    # warm-up over 4 steps: 0.1 * 1/4, 2/4, 3/4 (the schedule itself already reads 0.1 * 4/4 after step 3)
+    assert used == pytest.approx([0.025, 0.05, 0.075])
+    assert logged == pytest.approx(used)
+    assert sched.get_last_lr()[0] == pytest.approx(0.1)
 
 
 def test_adamw_groups_exclude_1d_params_from_weight_decay() -> None:

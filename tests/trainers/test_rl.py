@@ -77,7 +77,7 @@ def test_grpo_raises_the_mean_reward_on_its_prompts(sft_model: str, tmp_path: Pa
 
 
 def test_micro_batching_does_not_change_the_update(sft_model: str, tmp_path: Path) -> None:
-    params = []
+    params, steps = [], []
     for micro in (16, 4):
         cfg = config(
             sft_model,
@@ -85,9 +85,17 @@ def test_micro_batching_does_not_change_the_update(sft_model: str, tmp_path: Pat
             train={"max_steps": 1},
             rl={"prompts_per_step": 4, "group_size": 4, "micro_batch_size": micro, "sampling": {"max_new_tokens": 4}},
         )
-        model = rl(cfg, progress=False).model
-        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    torch.testing.assert_close(params[0], params[1], atol=1e-6, rtol=0)
+        result = rl(cfg, progress=False)
+        params.append(torch.cat([p.detach().flatten() for p in result.model.parameters()]))
+        steps.append(result.history[0])
+    # the loss and the gradient's norm, before the optimiser: a micro-batch counted twice, dropped or averaged
+    # on its own would change them
+    assert steps[1]["loss"] == pytest.approx(steps[0]["loss"], rel=1e-5, abs=1e-7)
+    assert steps[1]["grad_norm"] == pytest.approx(steps[0]["grad_norm"], rel=1e-5)
+    # AdamW's first step moves a weight by lr * g / (|g| + 1e-8): where g is within float32 rounding of zero,
+    # summing in another order moves it by a noticeable fraction of lr (measured on an Intel Xeon: 24% of it,
+    # for 1 weight in 122,752), so weights are held to half a step; a wrong gradient moves many by up to 2 lr
+    torch.testing.assert_close(params[0], params[1], atol=0.5 * steps[0]["lr"], rtol=0)
 
 
 def test_a_user_registered_advantage_runs_and_unknown_names_are_listed(sft_model: str, tmp_path: Path) -> None:

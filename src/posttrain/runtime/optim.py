@@ -56,3 +56,9 @@ def build_scheduler(
             step, warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule, min_ratio=min_ratio
         ),
     )
+
+
+def lr_of_last_step(scheduler: torch.optim.lr_scheduler.LambdaLR) -> float:
+    """The learning rate the optimiser's last updates used, once the schedule has moved on to the next step's
+    (trainers step the schedule at the end of a step, then log it): base lr x multiplier of the step before."""
+    return scheduler.base_lrs[0] * scheduler.lr_lambdas[0](scheduler.last_epoch - 1)

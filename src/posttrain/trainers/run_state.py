@@ -14,6 +14,7 @@ from posttrain.policies import cpu_matmul, save_pretrained
 from posttrain.runtime.checkpoint import Checkpointer, CheckpointError
 from posttrain.runtime.device import limit_cpu_threads, resolve_device
 from posttrain.runtime.guards import NonFiniteGuard, step_schedule
+from posttrain.runtime.optim import lr_of_last_step
 from posttrain.runtime.seeding import capture_rng_states, restore_rng_states, seed_everything
 from posttrain.trainers.build import EpochSampler
 
@@ -48,8 +49,9 @@ def clip_and_step(
 
 
 def step_metrics(optim: Any, guard: NonFiniteGuard, step_time_s: float) -> dict[str, float]:
-    """What every trainer logs of its step besides its loss: learning rate, wall time, skipped steps so far."""
-    return {"lr": optim.scheduler.get_last_lr()[0], "step_time_s": step_time_s, "skipped_steps": guard.skipped}
+    """What every trainer logs of its step besides its loss: the learning rate its updates used, wall time,
+    skipped steps so far. Call it after the step's schedule step."""
+    return {"lr": lr_of_last_step(optim.scheduler), "step_time_s": step_time_s, "skipped_steps": guard.skipped}
 
 
 def eval_due(train: Any, done: int) -> bool:
