@@ -148,7 +148,11 @@ def load_tokenizer(path: str | Path, key: str = "model.tokenizer") -> PreTrained
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers 5.24 renamed gradient checkpointing to activation checkpointing (the old name warns, and goes in v6)
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
 
 

@@ -19,6 +19,7 @@ Both keep rows left-aligned to one prompt width: row a's token at decode step s 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Protocol
 
 import torch
@@ -67,6 +68,9 @@ class HFCacheDecoder:
 
     def __init__(self, model: Any) -> None:
         self.model = model
+        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns until 5.40)
+        forward = inspect.signature(base_model(model).forward).parameters
+        self.cache_kwarg = "cache" if "cache" in forward else "past_key_values"
 
     def prefill(self, input_ids_P_T: Tensor, attention_mask_P_T: Tensor) -> Tensor:
         self.cache = DynamicCache(config=self.model.config)
@@ -74,11 +78,11 @@ class HFCacheDecoder:
             input_ids=input_ids_P_T,
             attention_mask=attention_mask_P_T,
             position_ids=positions_from_mask(attention_mask_P_T),
-            past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self.cache_kwarg: self.cache},
         )
-        self.cache = out.past_key_values
+        self.cache = out[self.cache_kwarg]
         self.attention_mask_A_T = attention_mask_P_T
         self.positions_A = attention_mask_P_T.sum(dim=-1)  # next position = number of real prompt tokens
         return out.logits[:, -1].float()
@@ -99,8 +103,8 @@ class HFCacheDecoder:
             input_ids=tokens_A[:, None],
             attention_mask=self.attention_mask_A_T,
             position_ids=self.positions_A[:, None],
-            past_key_values=self.cache,
             use_cache=True,
+            **{self.cache_kwarg: self.cache},
         )
         self.positions_A = self.positions_A + 1
         return out.logits[:, -1].float()
