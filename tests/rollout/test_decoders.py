@@ -1,11 +1,20 @@
 """The static-cache decoder (the native engine's fast path) against the model's own forward."""
 
+import copy
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
 from posttrain.rollout import ENGINES, NativeEngine, SamplingParams
-from posttrain.rollout.decoders import HFCacheDecoder, StaticCacheDecoder, build_decoder, supports_static
+from posttrain.rollout.decoders import (
+    GraphedDecoder,
+    HFCacheDecoder,
+    StaticCacheDecoder,
+    build_decoder,
+    cuda_graphs_enabled,
+    supports_static,
+)
 from posttrain.rollout.native import left_pad
 
 
@@ -96,3 +105,77 @@ def test_lora_wrapped_model_decodes_like_its_merged_weights(qwen2_model, prompts
     ours = ENGINES["native"].generate(wrapped, prompts, greedy, n=1)
     merged = copy.deepcopy(wrapped).merge_and_unload()
     assert ours.completion_ids == ENGINES["hf"].generate(merged, prompts, greedy, n=1).completion_ids
+
+
+def test_the_graph_ready_step_equals_the_static_decoder_with_rows_leaving(tiny_model, prompts):
+    # GraphedDecoder's step (run eagerly on CPU: what a CUDA graph would replay) against StaticCacheDecoder:
+    # same logits at every step, while rows 1 and 6, then row 3, stop being returned (they stay in its batch)
+    plain, graphed = StaticCacheDecoder(tiny_model, 5), GraphedDecoder(tiny_model, 5, capture=False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        padded = left_pad(prompts, torch.device("cpu"))
+        torch.testing.assert_close(graphed.prefill(*padded), plain.prefill(*padded))
+        for d in (plain, graphed):
+            d.expand(2)
+        graphed.step(torch.zeros(8, dtype=torch.long))  # builds the static buffers ...
+        inner = graphed.inner
+        inner.slot = inner.positions_A = None  # ... after which a replayed step may read no Python-side state
+        graphed._undo_step()  # back to before that step, which the next one overwrites
+        active = 8
+        for step in range(4):
+            tokens_A = torch.randint(0, 64, (active,), generator=gen)
+            torch.testing.assert_close(graphed.step(tokens_A), plain.step(tokens_A), atol=1e-5, rtol=0)
+            keep = {0: [0, 2, 3, 4, 5, 7], 1: [0, 1, 3, 4, 5]}.get(step)
+            if keep is not None:
+                for d in (plain, graphed):
+                    d.select(torch.tensor(keep))
+                active = len(keep)
+
+
+def test_the_graph_ready_engine_samples_what_the_native_engine_samples(tiny_model, prompts):
+    class GraphReadyEngine(NativeEngine):
+        def decoder(self, model, max_new_tokens):
+            return GraphedDecoder(model, max_new_tokens, capture=False)
+
+    # stopping at every seventh token id ends most rows early, at different steps (the static batch keeps them)
+    params = SamplingParams(max_new_tokens=10, temperature=0.9, stop_token_ids=tuple(range(0, 64, 7)))
+    fast = ENGINES["native"].generate(tiny_model, prompts, params, n=3, generator=torch.Generator().manual_seed(1))
+    ready = GraphReadyEngine().generate(tiny_model, prompts, params, n=3, generator=torch.Generator().manual_seed(1))
+    assert ready.completion_ids == fast.completion_ids
+    assert ready.finish_reasons == fast.finish_reasons
+    assert any(r == "stop" for r in fast.finish_reasons) and any(r == "length" for r in fast.finish_reasons)
+    for a, b in zip(ready.logprobs, fast.logprobs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_cuda_graphs_are_off_unless_asked_and_a_bad_value_is_named(tiny_model, monkeypatch):
+    assert not cuda_graphs_enabled()
+    monkeypatch.setenv("POSTTRAIN_CUDA_GRAPHS", "1")
+    assert cuda_graphs_enabled()
+    assert isinstance(build_decoder(tiny_model, 4), StaticCacheDecoder)  # a CPU model never captures
+    monkeypatch.setenv("POSTTRAIN_CUDA_GRAPHS", "yes")
+    with pytest.raises(ValueError, match="POSTTRAIN_CUDA_GRAPHS='yes'"):
+        cuda_graphs_enabled()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_the_captured_cuda_graph_replays_what_the_eager_step_computes(qwen2_model, prompts):
+    # on a GPU: the captured step's logits equal the eager static decoder's, rows leaving, over several replays
+    model = copy.deepcopy(qwen2_model).cuda()
+    plain, graphed = StaticCacheDecoder(model, 6), GraphedDecoder(model, 6, capture=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.inference_mode():
+        padded = left_pad(prompts, torch.device("cuda"))
+        torch.testing.assert_close(graphed.prefill(*padded), plain.prefill(*padded))
+        for d in (plain, graphed):
+            d.expand(3)
+        active = 12
+        for step in range(5):
+            tokens_A = torch.randint(0, 64, (active,), generator=gen, device="cuda")
+            torch.testing.assert_close(graphed.step(tokens_A), plain.step(tokens_A), atol=1e-4, rtol=0)
+            if step == 1:
+                keep = torch.tensor([0, 2, 5, 7, 8, 11], device="cuda")
+                for d in (plain, graphed):
+                    d.select(keep)
+                active = len(keep)
+        assert graphed.graph is not None

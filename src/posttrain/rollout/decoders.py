@@ -12,6 +12,10 @@ gained nothing on CPU while costing a copy of those weights, so the layers run a
 tests/rollout/test_decoders.py holds its logits equal to the model's forward, prompts left-padded and
 rows leaving the batch.
 
+`GraphedDecoder` is the same decoder with one shape and one set of buffers for every decode step, so that
+on a GPU the step is captured once as a CUDA graph and replayed (POSTTRAIN_CUDA_GRAPHS=1; off by default
+until measured on a GPU, issue #7). On CPU its step runs eagerly and is tested equal to `StaticCacheDecoder`'s.
+
 Both keep rows left-aligned to one prompt width: row a's token at decode step s sits in cache slot
 `width + s`, padding slots are masked out, and positions count real tokens only
 (`positions_from_mask`), so a padded prompt sees what it would see alone.
@@ -20,6 +24,8 @@ Both keep rows left-aligned to one prompt width: row a's token at decode step s 
 from __future__ import annotations
 
 import inspect
+import os
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -189,12 +195,24 @@ class StaticCacheDecoder:
         self.positions_A = self.positions_A + 1
         return logits_A_V
 
-    def _forward(self, ids_A_S: Tensor, positions_A_S: Tensor, mask: Tensor, *, start: int) -> Tensor:
+    def _forward(
+        self, ids_A_S: Tensor, positions_A_S: Tensor, mask: Tensor, *, start: int | None = None,
+        store: Callable[[Tensor, Tensor], Tensor] | None = None,
+    ) -> Tensor:  # fmt: skip
         """S new tokens per row written at slots start .. start + S - 1, attending to slots < start + S
         where `mask` allows: a boolean [A, 1, S, K] for a prefill, an additive bias [A * kv_heads, 1, K] for one
-        decoded token. Returns the last new position's logits_A_V (float32)."""
+        decoded token. Returns the last new position's logits_A_V (float32).
+
+        `store(cache, new)`, when given instead of `start`, writes a layer's new keys or values into its cache
+        and returns the slots to attend to (`GraphedDecoder`: at a slot held in a tensor, all slots)."""
         rows, new = ids_A_S.shape
-        end = start + new
+        if store is None:
+            end = start + new
+
+            def store(cache_A_G_K_D: Tensor, new_A_G_S_D: Tensor) -> Tensor:
+                cache_A_G_K_D[:, :, start:end] = new_A_G_S_D
+                return cache_A_G_K_D[:, :, :end]
+
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         cos_A_1_S_D = self.cos_K_D[positions_A_S][:, None]
         sin_A_1_S_D = self.sin_K_D[positions_A_S][:, None]
@@ -204,14 +222,15 @@ class StaticCacheDecoder:
             h_A_S_H = rms_norm(layer.input_layernorm, x_A_S_H)
             q_A_N_S_D = linear(attn.q_proj, h_A_S_H).view(rows, new, heads, dim).transpose(1, 2)
             k_A_G_S_D = linear(attn.k_proj, h_A_S_H).view(rows, new, kv_heads, dim).transpose(1, 2)
-            keys[:, :, start:end] = rotate(k_A_G_S_D, cos_A_1_S_D, sin_A_1_S_D)
-            values[:, :, start:end] = linear(attn.v_proj, h_A_S_H).view(rows, new, kv_heads, dim).transpose(1, 2)
+            keys_A_G_K_D = store(keys, rotate(k_A_G_S_D, cos_A_1_S_D, sin_A_1_S_D))
+            v_A_G_S_D = linear(attn.v_proj, h_A_S_H).view(rows, new, kv_heads, dim).transpose(1, 2)
+            values_A_G_K_D = store(values, v_A_G_S_D)
             q_A_N_S_D = rotate(q_A_N_S_D, cos_A_1_S_D, sin_A_1_S_D)
             if new == 1:
-                o_A_N_S_D = _decode_attention(q_A_N_S_D, keys[:, :, :end], values[:, :, :end], mask, attn.scaling)
+                o_A_N_S_D = _decode_attention(q_A_N_S_D, keys_A_G_K_D, values_A_G_K_D, mask, attn.scaling)
             else:
                 o_A_N_S_D = F.scaled_dot_product_attention(
-                    q_A_N_S_D, keys[:, :, :end], values[:, :, :end], attn_mask=mask, scale=attn.scaling,
+                    q_A_N_S_D, keys_A_G_K_D, values_A_G_K_D, attn_mask=mask, scale=attn.scaling,
                     enable_gqa=heads != kv_heads,
                 )  # fmt: skip
             o_A_S_H = linear(attn.o_proj, o_A_N_S_D.transpose(1, 2).reshape(rows, new, heads * dim))
@@ -219,6 +238,120 @@ class StaticCacheDecoder:
         return linear(self.head, rms_norm(self.body.norm, x_A_S_H[:, -1])).float()
 
 
+class GraphedDecoder:
+    """The static-cache decoder with one shape and one set of buffers for every decode step, so that on a GPU
+    the step is recorded once as a CUDA graph and replayed with one launch.
+
+    A decode step of a model of up to a few billion parameters is launch-bound on a GPU (issue #7: transformers'
+    `generate` reached about 1% of the weight-read bandwidth limit of an H100 for a 0.5B model at batch 64;
+    each layer launches some 40 kernels). A graph needs the same shapes and addresses at every replay, so here:
+
+    - every row stays in the batch to the end; `select` only changes which rows' logits `step` returns, and a
+      finished row's last token is fed again (on a GPU a step reads all the weights whatever the batch, so
+      dropping rows would save little);
+    - attention reads every cache slot, the slots not written yet masked out by an additive bias that each
+      step opens at its slot;
+    - keys, values, the bias, positions and the slot counter are written in place at indices held in tensors,
+      and the logits into a buffer of the decoder's own (a graph must own its static buffers, DESIGN.md).
+
+    `capture`: record the step as a CUDA graph (a CUDA model only); without it the same step runs eagerly.
+    The prefill runs eagerly either way, through `StaticCacheDecoder`.
+    """
+
+    WARMUP_STEPS = 2
+    """Eager steps on a side stream before the capture, as torch.cuda.graphs requires (lazy library set-up)."""
+
+    def __init__(self, model: Any, max_new_tokens: int, *, capture: bool) -> None:
+        self.inner = StaticCacheDecoder(model, max_new_tokens)
+        self.capture = capture
+        self.graph: Any = None
+        self.active_A: Tensor | None = None
+
+    def prefill(self, input_ids_P_T: Tensor, attention_mask_P_T: Tensor) -> Tensor:
+        return self.inner.prefill(input_ids_P_T, attention_mask_P_T)
+
+    def expand(self, n: int) -> None:
+        self.inner.expand(n)
+
+    def select(self, keep_A: Tensor) -> None:
+        self._static_buffers()
+        self.active_A = self.active_A[keep_A]
+
+    def step(self, tokens_A: Tensor) -> Tensor:
+        self._static_buffers()
+        self.tokens_R.index_copy_(0, self.active_A, tokens_A)
+        if self.capture and self.graph is None:
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step_in_place()
+        return self.logits_R_V[self.active_A]
+
+    def _static_buffers(self) -> None:
+        """The step's inputs and outputs, made once after the prefill and expansion: R rows, all of them."""
+        if self.active_A is not None:
+            return
+        inner = self.inner
+        rows = len(inner.positions_A)
+        device = inner.positions_A.device
+        self.active_A = torch.arange(rows, device=device)
+        self.tokens_R = torch.zeros(rows, dtype=torch.long, device=device)
+        self.positions_R = inner.positions_A.clone()
+        self.slot_1 = torch.tensor([inner.slot], device=device)
+        inner.bias_A_G_1_K[..., inner.slot :] = float("-inf")  # slots no step has written yet
+        self.bias_RG_1_K = inner.bias_A_G_1_K.flatten(0, 1)  # a view, opened in place slot by slot
+        self.logits_R_V = torch.zeros(rows, inner.head.weight.shape[0], dtype=torch.float32, device=device)
+
+    def _store(self, cache_R_G_K_D: Tensor, new_R_G_1_D: Tensor) -> Tensor:
+        return cache_R_G_K_D.index_copy_(2, self.slot_1, new_R_G_1_D)
+
+    def _step_in_place(self) -> None:
+        """One decode step of every row, reading and writing only the static buffers (what a graph replays)."""
+        self.bias_RG_1_K.index_fill_(-1, self.slot_1, 0.0)
+        logits_R_V = self.inner._forward(
+            self.tokens_R[:, None], self.positions_R[:, None], self.bias_RG_1_K, store=self._store
+        )
+        self.logits_R_V.copy_(logits_R_V)
+        self.positions_R.add_(1)
+        self.slot_1.add_(1)
+
+    def _undo_step(self) -> None:
+        """Back to before `_step_in_place`: the keys and values it wrote sit at the slot the next step rewrites."""
+        self.positions_R.sub_(1)
+        self.slot_1.sub_(1)
+        self.bias_RG_1_K.index_fill_(-1, self.slot_1, float("-inf"))
+
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream(device=self.tokens_R.device)
+        stream.wait_stream(torch.cuda.current_stream(self.tokens_R.device))
+        with torch.cuda.stream(stream):
+            for _ in range(self.WARMUP_STEPS):
+                self._step_in_place()
+                self._undo_step()
+        torch.cuda.current_stream(self.tokens_R.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=stream):  # records the kernels without running them
+            self._step_in_place()
+
+
+CUDA_GRAPHS_VARIABLE = "POSTTRAIN_CUDA_GRAPHS"
+
+
+def cuda_graphs_enabled() -> bool:
+    """Whether CUDA models decode through `GraphedDecoder`'s captured step: POSTTRAIN_CUDA_GRAPHS=1. Off by default
+    until the capture has been measured on a GPU (issue #7); any value other than 0 or 1 is an error."""
+    value = os.environ.get(CUDA_GRAPHS_VARIABLE, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{CUDA_GRAPHS_VARIABLE}={value!r}: allowed 0 (eager decode steps) or 1 (CUDA graphs)")
+    return value == "1"
+
+
 def build_decoder(model: Any, max_new_tokens: int) -> Decoder:
-    """The static-cache fast path where it reproduces the model, else the model's own forward."""
-    return StaticCacheDecoder(model, max_new_tokens) if supports_static(model) else HFCacheDecoder(model)
+    """The static-cache fast path where it reproduces the model (its decode step a CUDA graph on a GPU when
+    POSTTRAIN_CUDA_GRAPHS=1), else the model's own forward."""
+    if not supports_static(model):
+        return HFCacheDecoder(model)
+    if model.device.type == "cuda" and cuda_graphs_enabled():
+        return GraphedDecoder(model, max_new_tokens, capture=True)
+    return StaticCacheDecoder(model, max_new_tokens)

@@ -20,7 +20,8 @@ Design (DESIGN.md, "Performance principles"):
    model, the model's own forward with a `DynamicCache`. Tests hold the two equal.
 
 Everything runs under `torch.inference_mode` on the model's device (no CPU-only calls), so the engine
-works on CUDA; a CUDA generator must then be passed for seeded sampling. CUDA graphs come later.
+works on CUDA; a CUDA generator must then be passed for seeded sampling. With POSTTRAIN_CUDA_GRAPHS=1 a CUDA
+model's decode step is a captured CUDA graph (`decoders.GraphedDecoder`; not yet measured on a GPU).
 Greedy decoding with n > 1 decodes each prompt once and copies the result n times (the copies would
 be identical).
 
