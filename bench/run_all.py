@@ -157,27 +157,45 @@ def section(title: str, doc: dict[str, Any], intro: str) -> str:
     return "\n".join(parts + notes + [""])
 
 
-PEAK_NOTE = (
-    "The peak is the faster of the two float32 matmul kernels PyTorch ships, timed in the same worker: its default "
-    "BLAS (`torch.mm`, Intel MKL in the standard wheels) and oneDNN. On this AMD processor MKL does not use "
-    "AVX-512 and reaches less than half of what oneDNN does (`MKL_ENABLE_INSTRUCTIONS=AVX512` and "
-    "`MKL_DEBUG_CPU_TYPE=5` were tried and change nothing), so every floor below is at oneDNN's rate. Earlier "
-    "versions of this page used `torch.mm`'s peak (215 GFLOP/s here), so their floors were about twice these. "
-    "posttrain sends its float32 linear layers to oneDNN where a probe at start-up finds it faster "
-    "(`posttrain.policies.cpu_matmul`; for weights of at least 65,536 values in products of at least 16 rows "
-    "and 4M multiply-adds, so the 30m model and not the tiny one); TRL runs the model's `nn.Linear` layers, so "
-    "MKL, and has no setting that changes that."
-)
+def peak_note(peak: dict[str, Any]) -> str:
+    """What the peak is and which kernel posttrain's linear layers take on this machine, from the rates measured."""
+    rates = best_rates(peak)
+    mm, onednn = rates.get("mm", 0.0), rates.get("onednn", 0.0)
+    common = (
+        "The peak is the faster of the two float32 matmul kernels PyTorch ships, timed in the same worker: its "
+        "default BLAS (`torch.mm`, Intel MKL in the standard wheels) and oneDNN; every floor below is at that rate. "
+        "posttrain sends its float32 linear layers to oneDNN only where a probe at start-up finds it at least 1.25x "
+        "faster (`posttrain.policies.cpu_matmul`; for weights of at least 65,536 values in products of at least 16 "
+        "rows and 4M multiply-adds); TRL runs the model's `nn.Linear` layers, so MKL, and has no setting that "
+        "changes that."
+    )
+    if onednn >= 1.25 * mm:
+        return common + (
+            f" Here oneDNN is {onednn / mm:.1f}x MKL (MKL does not use AVX-512 on AMD processors; "
+            "`MKL_ENABLE_INSTRUCTIONS=AVX512` and `MKL_DEBUG_CPU_TYPE=5` change nothing), so the 30m model's "
+            "layers run on oneDNN and the tiny model's on MKL."
+        )
+    return common + (
+        f" Here the two are within {max(mm, onednn) / max(min(mm, onednn), 1e-9):.2f}x of each other, so both sides "
+        "run their linear layers on MKL. (On the AMD Zen 5 machine of earlier runs oneDNN was 2.2x MKL, and "
+        "posttrain's 30m layers ran on it.)"
+    )
 
 
-def kernel_rates(peak: dict[str, Any]) -> str:
-    """Each kernel's best rate over the peak runs, e.g. 'onednn 459, mm 208 GFLOP/s'."""
+def best_rates(peak: dict[str, Any]) -> dict[str, float]:
+    """Each kernel's best rate in GFLOP/s over the peak runs, e.g. {'onednn': 459, 'mm': 208}."""
     best: dict[str, float] = {}
     for run in peak.get("runs", []):
         for key, rate in run.items():
             if key != "peak" and "_" in key:
                 kernel = key.rsplit("_", 1)[0]
                 best[kernel] = max(best.get(kernel, 0.0), rate)
+    return best
+
+
+def kernel_rates(peak: dict[str, Any]) -> str:
+    """Each kernel's best rate over the peak runs, e.g. 'onednn 459, mm 208 GFLOP/s'."""
+    best = best_rates(peak)
     return ", ".join(f"{k} {v:.0f}" for k, v in sorted(best.items(), key=lambda kv: -kv[1])) + " GFLOP/s"
 
 
@@ -203,7 +221,7 @@ def render(
         f"{peak['threads']}. Measured float32 matmul peak: **{peak_gflops:.0f} GFLOP/s** "
         f"({kernel_rates(peak)}).",
         "",
-        PEAK_NOTE,
+        peak_note(peak),
         "",
         f"Command: `make bench` (= `python bench/run_all.py{' --quick' if quick else ''}`), "
         f"{elapsed_s / 60:.1f} minutes. Load average before: {load_before}; after: {load_after}. "
