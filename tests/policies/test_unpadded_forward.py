@@ -135,7 +135,7 @@ def test_find_documents_computes_a_repeated_prefix_once() -> None:
     assert find_documents(few, torch.ones(2, 6, dtype=torch.bool), None).kv_source_N is None
 
 
-@pytest.mark.parametrize("heads, kv_heads, width", [(4, 2, 9), (8, 8, 40), (6, 2, 64)])
+@pytest.mark.parametrize("heads, kv_heads, width", [(4, 2, 1), (4, 2, 9), (4, 2, 16), (8, 8, 40), (6, 2, 64)])
 def test_short_rows_attention_equals_the_fused_kernel(heads, kv_heads, width, monkeypatch) -> None:
     # the plain path: PyTorch's fused causal attention in float64, key/value heads shared by enable_gqa; the
     # inputs are [S, heads, T, D] views of [S, T, heads, D], as document_attention lays them out
