@@ -118,6 +118,19 @@ def test_a_misspelt_kernel_choice_stops_the_run_at_start(
     assert not (tmp_path / "final").exists()
 
 
+def test_a_misspelt_cuda_graphs_choice_stops_a_cpu_run_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a CPU run never decodes through a graph, so only the start-up check can report it
+    monkeypatch.setenv("POSTTRAIN_CUDA_GRAPHS", "yes")
+    overrides = ["model.preset=qwen2-tiny", "model.tokenizer=arithmetic", "data.task.name=arithmetic"]
+    for command in (["sft", *overrides, "train.max_steps=1"], ["eval", *overrides]):
+        code = main([*command, f"output_dir={tmp_path}"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: POSTTRAIN_CUDA_GRAPHS='yes': allowed 0"), err
+    assert not (tmp_path / "final").exists()
+
+
 def test_debug_reraises(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ConfigError, match=r"train\.lr"):
         main(["sft", "--debug", "model.path=/x", "data.train=t.jsonl", "train.lr=-1"])

@@ -33,6 +33,7 @@ from posttrain.runtime.signals import TrainingInterrupted
 
 USER_ERROR_NAMES = (
     "ConfigError",
+    "CudaGraphsChoiceError",
     "DataError",
     "KernelChoiceError",
     "ModelLoadError",

@@ -8,6 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausa
 
 from posttrain.rollout import ENGINES, NativeEngine, SamplingParams
 from posttrain.rollout.decoders import (
+    CudaGraphsChoiceError,
     GraphedDecoder,
     HFCacheDecoder,
     StaticCacheDecoder,
@@ -154,7 +155,7 @@ def test_cuda_graphs_are_off_unless_asked_and_a_bad_value_is_named(tiny_model, m
     assert cuda_graphs_enabled()
     assert isinstance(build_decoder(tiny_model, 4), StaticCacheDecoder)  # a CPU model never captures
     monkeypatch.setenv("POSTTRAIN_CUDA_GRAPHS", "yes")
-    with pytest.raises(ValueError, match="POSTTRAIN_CUDA_GRAPHS='yes'"):
+    with pytest.raises(CudaGraphsChoiceError, match="POSTTRAIN_CUDA_GRAPHS='yes'"):
         cuda_graphs_enabled()
 
 

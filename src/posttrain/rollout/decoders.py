@@ -338,12 +338,19 @@ class GraphedDecoder:
 CUDA_GRAPHS_VARIABLE = "POSTTRAIN_CUDA_GRAPHS"
 
 
+class CudaGraphsChoiceError(ValueError):
+    """POSTTRAIN_CUDA_GRAPHS is neither 0 nor 1."""
+
+
 def cuda_graphs_enabled() -> bool:
     """Whether CUDA models decode through `GraphedDecoder`'s captured step: POSTTRAIN_CUDA_GRAPHS=1. Off by default
-    until the capture has been measured on a GPU (issue #7); any value other than 0 or 1 is an error."""
+    until the capture has been measured on a GPU (issue #7). Any value other than 0 or 1 raises
+    CudaGraphsChoiceError; every run checks it first (`trainers.run_state.start_run`, evaluation), so a misspelt
+    value stops a CPU run too, where nothing decodes through a graph."""
     value = os.environ.get(CUDA_GRAPHS_VARIABLE, "0")
     if value not in ("0", "1"):
-        raise ValueError(f"{CUDA_GRAPHS_VARIABLE}={value!r}: allowed 0 (eager decode steps) or 1 (CUDA graphs)")
+        allowed = "allowed 0 (eager decode steps) or 1 (CUDA graphs)"
+        raise CudaGraphsChoiceError(f"{CUDA_GRAPHS_VARIABLE}={value!r}: {allowed}")
     return value == "1"
 
 

@@ -22,6 +22,7 @@ from posttrain.data.errors import DataError
 from posttrain.policies import cpu_matmul
 from posttrain.rewards import load_reward_fn
 from posttrain.rollout import ENGINES, SamplingParams
+from posttrain.rollout.decoders import cuda_graphs_enabled
 from posttrain.runtime.device import limit_cpu_threads, resolve_device
 from posttrain.runtime.seeding import seed_everything
 from posttrain.trainers.build import build_policy, load_prompts
@@ -155,7 +156,8 @@ def run_evaluation(
     cfg: Any, *, model: Any = None, tokenizer: Any = None, rows: Any = None, reward: RewardFn | None = None
 ) -> EvalResult:
     """`posttrain eval`: evaluate cfg.model on data.eval (or the task's held-out split); writes eval.json."""
-    cpu_matmul.kernel_choice()  # as start_run checks it for training
+    cpu_matmul.kernel_choice()  # as start_run checks them for training
+    cuda_graphs_enabled()
     limit_cpu_threads()
     generator = seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
