@@ -138,6 +138,18 @@ def _decode_attention(q_A_N_1_D: Tensor, k_A_G_K_D: Tensor, v_A_G_K_D: Tensor, b
     return out_AG_R_D.view(rows, heads, 1, dim)
 
 
+def slots_from(start: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """The static decoder's cache write: S new entries at slots start .. start + S - 1; attend to the slots
+    written so far (< start + S)."""
+
+    def store(cache_A_G_K_D: Tensor, new_A_G_S_D: Tensor) -> Tensor:
+        end = start + new_A_G_S_D.shape[2]
+        cache_A_G_K_D[:, :, start:end] = new_A_G_S_D
+        return cache_A_G_K_D[:, :, :end]
+
+    return store
+
+
 class StaticCacheDecoder:
     """Llama-family decoding over a preallocated KV cache; see the module docstring.
 
@@ -175,7 +187,7 @@ class StaticCacheDecoder:
         mask_P_1_T_T = (causal_T_T & real_P_T[:, None, :]) | torch.eye(width, dtype=torch.bool, device=weight.device)
         positions_P_T = positions_from_mask(attention_mask_P_T)
         self.positions_A = real_P_T.sum(dim=-1)
-        return self._forward(input_ids_P_T, positions_P_T, mask_P_1_T_T[:, None], start=0)
+        return self._forward(input_ids_P_T, positions_P_T, mask_P_1_T_T[:, None], slots_from(0))
 
     def expand(self, n: int) -> None:
         self.keys = [k.repeat_interleave(n, dim=0) for k in self.keys]
@@ -190,29 +202,21 @@ class StaticCacheDecoder:
 
     def step(self, tokens_A: Tensor) -> Tensor:
         bias_AG_1_K = self.bias_A_G_1_K[..., : self.slot + 1].flatten(0, 1)  # a view: A and G are contiguous
-        logits_A_V = self._forward(tokens_A[:, None], self.positions_A[:, None], bias_AG_1_K, start=self.slot)
+        logits_A_V = self._forward(tokens_A[:, None], self.positions_A[:, None], bias_AG_1_K, slots_from(self.slot))
         self.slot += 1
         self.positions_A = self.positions_A + 1
         return logits_A_V
 
     def _forward(
-        self, ids_A_S: Tensor, positions_A_S: Tensor, mask: Tensor, *, start: int | None = None,
-        store: Callable[[Tensor, Tensor], Tensor] | None = None,
-    ) -> Tensor:  # fmt: skip
-        """S new tokens per row written at slots start .. start + S - 1, attending to slots < start + S
-        where `mask` allows: a boolean [A, 1, S, K] for a prefill, an additive bias [A * kv_heads, 1, K] for one
-        decoded token. Returns the last new position's logits_A_V (float32).
+        self, ids_A_S: Tensor, positions_A_S: Tensor, mask: Tensor, store: Callable[[Tensor, Tensor], Tensor]
+    ) -> Tensor:
+        """S new tokens per row, attending to the cache slots `store` returns where `mask` allows: a boolean
+        [A, 1, S, K] for a prefill, an additive bias [A * kv_heads, 1, K] for one decoded token. Returns the last
+        new position's logits_A_V (float32).
 
-        `store(cache, new)`, when given instead of `start`, writes a layer's new keys or values into its cache
-        and returns the slots to attend to (`GraphedDecoder`: at a slot held in a tensor, all slots)."""
+        `store(cache, new)` writes a layer's new keys or values into its cache and returns the slots to attend
+        to: `slots_from(start)` here, a slot held in a tensor and all slots in `GraphedDecoder`."""
         rows, new = ids_A_S.shape
-        if store is None:
-            end = start + new
-
-            def store(cache_A_G_K_D: Tensor, new_A_G_S_D: Tensor) -> Tensor:
-                cache_A_G_K_D[:, :, start:end] = new_A_G_S_D
-                return cache_A_G_K_D[:, :, :end]
-
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         cos_A_1_S_D = self.cos_K_D[positions_A_S][:, None]
         sin_A_1_S_D = self.sin_K_D[positions_A_S][:, None]
@@ -309,9 +313,8 @@ class GraphedDecoder:
     def _step_in_place(self) -> None:
         """One decode step of every row, reading and writing only the static buffers (what a graph replays)."""
         self.bias_RG_1_K.index_fill_(-1, self.slot_1, 0.0)
-        logits_R_V = self.inner._forward(
-            self.tokens_R[:, None], self.positions_R[:, None], self.bias_RG_1_K, store=self._store
-        )
+        tokens_R_1, positions_R_1 = self.tokens_R[:, None], self.positions_R[:, None]
+        logits_R_V = self.inner._forward(tokens_R_1, positions_R_1, self.bias_RG_1_K, self._store)
         self.logits_R_V.copy_(logits_R_V)
         self.positions_R.add_(1)
         self.slot_1.add_(1)

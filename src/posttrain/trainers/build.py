@@ -19,8 +19,9 @@ from posttrain.data.errors import DataError
 from posttrain.data.examples import Kind, load_examples, validate_rows
 from posttrain.data.readers import Row
 from posttrain.data.report import LoadReport
-from posttrain.policies import apply_lora, build_model, load_model, load_tokenizer
+from posttrain.policies import apply_lora, build_model, cpu_matmul, load_model, load_tokenizer
 from posttrain.policies.models import check_model_directory, enable_gradient_checkpointing
+from posttrain.rollout.decoders import cuda_graphs_enabled
 from posttrain.runtime.checkpoint import model_dir
 from posttrain.runtime.optim import build_adamw, build_scheduler
 from posttrain.tasks import TASKS, ArithmeticTask, build_tokenizer
@@ -210,6 +211,15 @@ def load_prompts(
         examples = examples[:limit]
     return encode_prompts(examples, tokenizer, max_length=max_length or section.max_length, report=report), report
 
+
+
+def check_environment() -> None:
+    """Check the environment variables a run reads later, so that a misspelt one stops it before anything is
+    built, rather than where it is first read, or never: POSTTRAIN_CPU_MATMUL (read at the first product large
+    enough for oneDNN) and POSTTRAIN_CUDA_GRAPHS (read when a CUDA model builds its decoder). Every run calls it
+    first (`run_state.start_run`, evaluation)."""
+    cpu_matmul.kernel_choice()
+    cuda_graphs_enabled()
 
 @dataclass
 class Optimisation:

@@ -19,13 +19,11 @@ import torch
 from posttrain.config.sections import EvalSection
 from posttrain.data.encoding import PromptTokens
 from posttrain.data.errors import DataError
-from posttrain.policies import cpu_matmul
 from posttrain.rewards import load_reward_fn
 from posttrain.rollout import ENGINES, SamplingParams
-from posttrain.rollout.decoders import cuda_graphs_enabled
 from posttrain.runtime.device import limit_cpu_threads, resolve_device
 from posttrain.runtime.seeding import seed_everything
-from posttrain.trainers.build import build_policy, load_prompts
+from posttrain.trainers.build import build_policy, check_environment, load_prompts
 
 RewardFn = Callable[..., list[float]]
 
@@ -156,8 +154,7 @@ def run_evaluation(
     cfg: Any, *, model: Any = None, tokenizer: Any = None, rows: Any = None, reward: RewardFn | None = None
 ) -> EvalResult:
     """`posttrain eval`: evaluate cfg.model on data.eval (or the task's held-out split); writes eval.json."""
-    cpu_matmul.kernel_choice()  # as start_run checks them for training
-    cuda_graphs_enabled()
+    check_environment()  # as start_run does for training
     limit_cpu_threads()
     generator = seed_everything(cfg.seed)
     device = resolve_device(cfg.device)

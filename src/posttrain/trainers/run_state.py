@@ -10,23 +10,21 @@ from typing import Any
 
 import torch
 
-from posttrain.policies import cpu_matmul, save_pretrained
-from posttrain.rollout.decoders import cuda_graphs_enabled
+from posttrain.policies import save_pretrained
 from posttrain.runtime.checkpoint import Checkpointer, CheckpointError
 from posttrain.runtime.device import limit_cpu_threads, resolve_device
 from posttrain.runtime.guards import NonFiniteGuard, step_schedule
 from posttrain.runtime.optim import lr_of_last_step
 from posttrain.runtime.seeding import capture_rng_states, restore_rng_states, seed_everything
-from posttrain.trainers.build import EpochSampler
+from posttrain.trainers.build import EpochSampler, check_environment
 
 
 def start_run(cfg: Any, resume: bool) -> tuple[torch.Generator, torch.device, Checkpointer, Path | None]:
-    """What every trainer does first: check POSTTRAIN_CPU_MATMUL and POSTTRAIN_CUDA_GRAPHS (a misspelt value stops
-    the run here rather than where it is first read, or never), keep torch's threads within the cores, seed
+    """What every trainer does first: check the environment variables it reads (`check_environment`), keep
+    torch's threads within the cores, seed
     every generator, pick the device, and find the checkpoint to resume from (None unless `resume`).
     Returns (the sampling generator, device, checkpointer of cfg.output_dir, checkpoint or None)."""
-    cpu_matmul.kernel_choice()
-    cuda_graphs_enabled()
+    check_environment()
     limit_cpu_threads()
     generator = seed_everything(cfg.seed)
     checkpointer = Checkpointer(Path(cfg.output_dir), keep_last=cfg.train.keep_last)
