@@ -120,6 +120,24 @@ def test_what_onednn_does_not_take_goes_to_f_linear(kernel):
 
 
 @needs_onednn
+def test_a_bound_linear_checks_only_where_onednn_can_take_it(kernel):
+    # under MIN_WEIGHT_VALUES, another dtype or with BLAS chosen the bound function is F.linear itself; a large
+    # float32 weight on oneDNN keeps the per-call row checks: 4 rows go to F.linear, 64 rows to oneDNN
+    calls = kernel("onednn")
+    small, large = torch.randn(128, 128), torch.randn(256, 256)
+    for weight in (small, large.double()):
+        assert cpu_matmul.linear_of(weight).func is F.linear
+    bound = cpu_matmul.linear_of(large, torch.randn(256))
+    assert bound.func is cpu_matmul.linear
+    x = torch.randn(64, 256)
+    torch.testing.assert_close(bound(x), F.linear(x, large, bound.keywords["bias_N"]), atol=1e-4, rtol=1e-5)
+    bound(torch.randn(4, 256))
+    assert calls["n"] == 1
+    kernel("blas")
+    assert cpu_matmul.linear_of(large).func is F.linear
+
+
+@needs_onednn
 def test_kernel_caches_are_bounded_unless_the_environment_says(kernel, monkeypatch):
     for name in cpu_matmul.KERNEL_CACHE_VARIABLES:
         monkeypatch.delenv(name, raising=False)

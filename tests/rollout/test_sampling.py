@@ -12,6 +12,7 @@ from posttrain.rollout.sampling import (
     filter_min_p,
     filter_top_k,
     filter_top_p,
+    invert_cdf,
     sample_tokens,
     scale_logits,
 )
@@ -107,7 +108,7 @@ def test_temperature_zero_means_greedy():
     assert not SamplingParams(max_new_tokens=1).greedy
 
 
-def test_exponential_race_draws_each_token_with_its_probability():
+def test_draw_from_draws_each_token_with_its_probability():
     # p = [0.1, 0.6, 0, 0.3] over 20000 draws: frequencies within 0.015 (about 3.5 standard errors of
     # sqrt(0.6 * 0.4 / 20000) = 0.0035), and the zero-probability token never wins
     probs = torch.tensor([[0.1, 0.6, 0.0, 0.3]]).expand(20000, 4)
@@ -115,3 +116,19 @@ def test_exponential_race_draws_each_token_with_its_probability():
     freq = torch.bincount(tokens, minlength=4).float() / 20000
     torch.testing.assert_close(freq, torch.tensor([0.1, 0.6, 0.0, 0.3]), atol=0.015, rtol=0)
     assert freq[2] == 0
+
+
+def test_invert_cdf_picks_the_first_token_whose_sum_exceeds_the_draw():
+    # p = [0.125, 0.5, 0, 0.375] -> c = [0.125, 0.625, 0.625, 1.0] (exact in binary); u = U * 1.0:
+    # u = 0 -> 0; u = 0.124 -> 0; u = 0.125 -> 1 (c_0 is not above it); u = 0.625 -> 3 (the p = 0 token 2 is skipped)
+    cdf = torch.tensor([[0.125, 0.625, 0.625, 1.0]], dtype=torch.float64).repeat(4, 1)
+    uniform = torch.tensor([[0.0], [0.124], [0.125], [0.625]], dtype=torch.float64)
+    assert invert_cdf(cdf, uniform).tolist() == [0, 0, 1, 3]
+
+
+def test_invert_cdf_never_draws_a_zero_probability_last_token():
+    # the largest uniform torch.rand draws, 1 - 2^-53, against rows of many totals ending in a p = 0 token
+    probs = torch.rand(1000, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    probs[:, 2] = 0.0
+    uniform = torch.full((1000, 1), 1 - 2**-53, dtype=torch.float64)
+    assert (invert_cdf(probs.cumsum(dim=-1), uniform) == 1).all()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -62,6 +63,16 @@ def linear(x_X_K: Tensor, weight_N_K: Tensor, bias_N: Tensor | None = None) -> T
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_X_K, weight_N_K, bias_N)):
         return _OneDNNLinear.apply(x_X_K, weight_N_K, bias_N)
     return _onednn_linear(x_X_K, weight_N_K, bias_N)
+
+
+def linear_of(weight_N_K: Tensor, bias_N: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+    """`linear` with its weight and bias bound, as a function of x: F.linear itself wherever oneDNN never takes
+    the product (a weight off the CPU, not float32 or under MIN_WEIGHT_VALUES values, or oneDNN not selected in
+    this process), so that such a call makes no checks."""
+    on_cpu_float32 = weight_N_K.device.type == "cpu" and weight_N_K.dtype == torch.float32
+    if not on_cpu_float32 or weight_N_K.numel() < MIN_WEIGHT_VALUES or not onednn_selected():
+        return functools.partial(F.linear, weight=weight_N_K, bias=bias_N)
+    return functools.partial(linear, weight_N_K=weight_N_K, bias_N=bias_N)
 
 
 def linear_into(out_X_N: Tensor, x_X_K: Tensor, weight_N_K: Tensor) -> Tensor:

@@ -3,7 +3,8 @@
 Two users: the training forward here (`unpadded_hidden_states`), which runs the decoder on the real
 tokens of a padded or packed batch only, and the native engine's static-cache decoder
 (`posttrain.rollout.decoders`). Both read the model's modules (embeddings, norms, rotary tables,
-activation, Linear layers plain or LoRA-wrapped) at every call, so they follow the weights as they train.
+activation, Linear layers plain or LoRA-wrapped), looked up once per forward or generation (`LayerOps`), so
+they follow the weights as they train.
 
 The unpadded forward (issue #7: no compute on padding). Embeddings, norms, projections and the MLP run
 on the N real tokens as one [N, H] matrix. For attention each document (a row, or one of the documents
@@ -16,6 +17,7 @@ and gradients equal to the model's forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,7 @@ from torch import Tensor
 from posttrain.policies import cpu_matmul
 
 RMS_NORMS = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm"})
+SILUS = frozenset({"SiLUActivation", "SiLU"})
 LLAMA_FAMILIES = frozenset({"llama", "qwen2"})
 """`config.model_type`s whose decoder layer is: x += o(attn(rope(q(n1(x))), rope(k(..)), v(..)));
 x += down(act(gate(n2(x))) * up(n2(x))), with RMSNorm, rotate-half RoPE and grouped-query attention."""
@@ -105,32 +108,86 @@ def decoder_of(model: Any) -> Any:
     return body if get_decoder is None else get_decoder()
 
 
-def linear(module: torch.nn.Module, x: Tensor) -> Tensor:
-    # a plain Linear without module dispatch, on the faster CPU kernel; anything else (LoRA) through its own forward
+def linear_op(module: torch.nn.Module) -> Callable[[Tensor], Tensor]:
+    """A Linear layer as a function of x: a plain Linear as `cpu_matmul.linear_of` its weight and bias (the faster
+    CPU kernel, no module dispatch), anything else (LoRA) as the module itself, so its own forward runs."""
     if type(module) is torch.nn.Linear:
-        return cpu_matmul.linear(x, module.weight, module.bias)
-    return module(x)
+        return cpu_matmul.linear_of(module.weight, module.bias)
+    return module
 
 
-def rms_norm(module: torch.nn.Module, x: Tensor) -> Tensor:
-    # Llama's and Qwen2's RMSNorm (float32 maths) as one fused op when the input is already float32
-    if type(module).__name__ in RMS_NORMS and x.dtype == torch.float32:
-        return F.rms_norm(x, module.weight.shape, module.weight, module.variance_epsilon)
-    return module(x)
+def norm_op(module: torch.nn.Module) -> Callable[[Tensor], Tensor]:
+    """Llama's and Qwen2's RMSNorm as one fused op on float32 input (their maths is float32), else the module."""
+    if type(module).__name__ not in RMS_NORMS:
+        return module
+    shape, weight, eps = module.weight.shape, module.weight, module.variance_epsilon
+
+    def norm(x: Tensor) -> Tensor:
+        return F.rms_norm(x, shape, weight, eps) if x.dtype == torch.float32 else module(x)
+
+    return norm
 
 
-def rotate(x_A_H_S_D: Tensor, cos_A_1_S_D: Tensor, sin_A_1_S_D: Tensor) -> Tensor:
-    """Rotate-half RoPE, as transformers' `apply_rotary_pos_emb` for Llama and Qwen2 (any leading axes
-    that broadcast: [A, heads, S, D] with [A, 1, S, D], or [N, heads, D] with [N, 1, D])."""
-    half = x_A_H_S_D.shape[-1] // 2
-    rotated = torch.cat((-x_A_H_S_D[..., half:], x_A_H_S_D[..., :half]), dim=-1)
-    return x_A_H_S_D * cos_A_1_S_D + rotated * sin_A_1_S_D
+def activation_op(module: torch.nn.Module) -> Callable[[Tensor], Tensor]:
+    """The MLP's activation: SiLU (Llama's and Qwen2's) as F.silu, any other as the module."""
+    return F.silu if type(module).__name__ in SILUS else module
 
 
-def mlp_residual(layer: torch.nn.Module, x_X_H: Tensor) -> Tensor:
-    """A decoder layer's second half, x + down(act(gate(n2(x))) * up(n2(x))), over any leading axes."""
-    h_X_H, mlp = rms_norm(layer.post_attention_layernorm, x_X_H), layer.mlp
-    return x_X_H + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, h_X_H)) * linear(mlp.up_proj, h_X_H))
+@dataclass(frozen=True)
+class LayerOps:
+    """One decoder layer's maths as functions of tensors, its modules looked up once (`layer_ops`) rather than at
+    every layer of every step: on CPU the module attribute look-ups and per-call kernel checks cost about 30 us a
+    layer, a fifth of the demo model's decode step (measured on 2 Xeon cores, batch 64: 2.3 ms against 1.8 ms).
+    The functions hold the model's own parameters and modules, so they compute with the weights as they are when
+    called; the forwards resolve them again at each call (training) or generation (decoding)."""
+
+    input_norm: Callable[[Tensor], Tensor]
+    q_proj: Callable[[Tensor], Tensor]
+    k_proj: Callable[[Tensor], Tensor]
+    v_proj: Callable[[Tensor], Tensor]
+    o_proj: Callable[[Tensor], Tensor]
+    post_norm: Callable[[Tensor], Tensor]
+    gate_proj: Callable[[Tensor], Tensor]
+    up_proj: Callable[[Tensor], Tensor]
+    down_proj: Callable[[Tensor], Tensor]
+    act: Callable[[Tensor], Tensor]
+    scaling: float
+
+    def mlp_residual(self, x_X_H: Tensor) -> Tensor:
+        """The layer's second half, x + down(act(gate(n2(x))) * up(n2(x))), over any leading axes."""
+        h_X_H = self.post_norm(x_X_H)
+        return x_X_H + self.down_proj(self.act(self.gate_proj(h_X_H)) * self.up_proj(h_X_H))
+
+
+def layer_ops(layer: torch.nn.Module) -> LayerOps:
+    """A Llama-family decoder layer's `LayerOps`."""
+    attn, mlp = layer.self_attn, layer.mlp
+    q_proj, k_proj, v_proj, o_proj = (linear_op(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+    gate_proj, up_proj, down_proj = (linear_op(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    return LayerOps(
+        norm_op(layer.input_layernorm), q_proj, k_proj, v_proj, o_proj, norm_op(layer.post_attention_layernorm),
+        gate_proj, up_proj, down_proj, activation_op(mlp.act_fn), attn.scaling,
+    )  # fmt: skip
+
+
+def rotate(x_A_H_S_D: Tensor, cos_A_1_S_D: Tensor, signed_sin_A_1_S_D: Tensor) -> Tensor:
+    """Rotate-half RoPE, as transformers' `apply_rotary_pos_emb` for Llama and Qwen2 (any leading axes that
+    broadcast: [A, heads, S, D] with [A, 1, S, D], or [N, heads, D] with [N, 1, D]):
+
+        x * cos + rotate_half(x) * sin,   rotate_half(x) = cat(-x2, x1) = roll(x, D/2) * [-1 .. -1, 1 .. 1]
+
+    taken as x * cos + roll(x, D/2) * signed_sin, `signed_sin = signed_half(sin)` made once per forward: the
+    same roundings in every dtype (negation is exact), one roll where the slices, negation and cat took four
+    ops (measured on 2 Xeon cores: 11 us against 15 us for a decode step's [64, 4, 1, 32]; forward and
+    backward of [2400, 4, 32], 0.51 ms against 1.01 ms)."""
+    rolled = x_A_H_S_D.roll(x_A_H_S_D.shape[-1] // 2, dims=-1)
+    return x_A_H_S_D * cos_A_1_S_D + rolled * signed_sin_A_1_S_D
+
+
+def signed_half(sin_X_D: Tensor) -> Tensor:
+    """sin with its first half negated, for `rotate`. [..., D] -> [..., D]"""
+    half = sin_X_D.shape[-1] // 2
+    return torch.cat((-sin_X_D[..., :half], sin_X_D[..., half:]), dim=-1)
 
 
 @dataclass(frozen=True)
@@ -238,17 +295,16 @@ def unpadded_hidden_states(
     # one row of angles shared by every batch row, or one per row: index it without expanding to [B * T, D]
     at_U = docs.token_U % width if cos_P_T_D.shape[0] == 1 else docs.token_U
     cos_U_1_D = cos_P_T_D.flatten(0, 1)[at_U, None]
-    sin_U_1_D = sin_P_T_D.flatten(0, 1)[at_U, None]
+    sin_U_1_D = signed_half(sin_P_T_D).flatten(0, 1)[at_U, None]
     layers = body.layers[: config.num_hidden_layers]
     pad = products_pad_rows(layers[0].self_attn.q_proj, x_U_H)
     x_R_H = cpu_matmul.padded_rows(x_U_H) if pad else x_U_H
     computed = queries = len(docs.token_U)
     slot_R = padded_index(docs.slot_U, len(x_R_H))  # the real rows' slots, then padding
-    for index, layer in enumerate(layers):
-        attn = layer.self_attn
-        h_R_H = rms_norm(layer.input_layernorm, x_R_H)
-        k_U_K_D = rotate(linear(attn.k_proj, h_R_H)[:computed].unflatten(1, (kv_heads, -1)), cos_U_1_D, sin_U_1_D)
-        v_U_K_D = linear(attn.v_proj, h_R_H)[:computed].unflatten(1, (kv_heads, -1))
+    for index, ops in enumerate(layer_ops(layer) for layer in layers):
+        h_R_H = ops.input_norm(x_R_H)
+        k_U_K_D = rotate(ops.k_proj(h_R_H)[:computed].unflatten(1, (kv_heads, -1)), cos_U_1_D, sin_U_1_D)
+        v_U_K_D = ops.v_proj(h_R_H)[:computed].unflatten(1, (kv_heads, -1))
         cos_Q_1_D, sin_Q_1_D = cos_U_1_D, sin_U_1_D
         if at_M is not None and index == len(layers) - 1:
             # every layer's keys and values are needed at all tokens, but the last layer's queries, output
@@ -256,10 +312,10 @@ def unpadded_hidden_states(
             rows_R = padded_index(at_M, cpu_matmul.padded_count(len(at_M)) if pad else len(at_M))
             x_R_H, h_R_H, slot_R = x_R_H[rows_R], h_R_H[rows_R], docs.slot_U[rows_R]
             queries, cos_Q_1_D, sin_Q_1_D = len(at_M), cos_U_1_D[at_M], sin_U_1_D[at_M]
-        q_Q_N_D = rotate(linear(attn.q_proj, h_R_H)[:queries].unflatten(1, (heads, -1)), cos_Q_1_D, sin_Q_1_D)
-        o_R_ND = document_attention(q_Q_N_D, slot_R, k_U_K_D, v_U_K_D, docs, attn.scaling)
-        x_R_H = mlp_residual(layer, x_R_H + linear(attn.o_proj, o_R_ND))
-    return rms_norm(body.norm, x_R_H)[:queries]
+        q_Q_N_D = rotate(ops.q_proj(h_R_H)[:queries].unflatten(1, (heads, -1)), cos_Q_1_D, sin_Q_1_D)
+        o_R_ND = document_attention(q_Q_N_D, slot_R, k_U_K_D, v_U_K_D, docs, ops.scaling)
+        x_R_H = ops.mlp_residual(x_R_H + ops.o_proj(o_R_ND))
+    return norm_op(body.norm)(x_R_H)[:queries]
 
 
 def products_pad_rows(q_proj: torch.nn.Module, x_U_H: Tensor) -> bool:
@@ -332,4 +388,3 @@ def causal_attention(q_S_N_T_D: Tensor, k_S_K_T_D: Tensor, v_S_K_T_D: Tensor, sc
     )  # fmt: skip
     o_SK_RT_D = torch.bmm(scores_SK_RT_L.softmax(dim=-1), v_S_K_L_D.reshape(rows * kv_heads, keys, dim))
     return o_SK_RT_D.view(rows, q_heads, width, dim)
-

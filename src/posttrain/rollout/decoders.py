@@ -5,8 +5,9 @@
 attention): it runs the same weights through a compact forward over a KV cache preallocated for the
 whole generation (prompt width + max_new_tokens), so a decode step is a few matmuls per layer with no
 per-step mask building, cache concatenation or module dispatch. It reads the model's own modules
-(embeddings, norms, activation, rotary tables, Linear layers plain or LoRA-wrapped) at every call, so
-it follows the weights as they train; the layer maths it shares with the unpadded training forward lives
+(embeddings, norms, activation, rotary tables, Linear layers plain or LoRA-wrapped), looked up once per
+generation (`llama_forward.LayerOps`; a decoder lives for one generation), so it follows the weights as
+they train; the layer maths it shares with the unpadded training forward lives
 in `posttrain.policies.llama_forward`. (Stacking q/k/v and gate/up into single matmuls was measured and
 gained nothing on CPU while costing a copy of those weights, so the layers run as the model has them.)
 tests/rollout/test_decoders.py holds its logits equal to the model's forward, prompts left-padded and
@@ -37,10 +38,11 @@ from posttrain.policies.llama_forward import (
     base_model,
     has_hooks,
     has_llama_layers,
-    linear,
-    mlp_residual,
-    rms_norm,
+    layer_ops,
+    linear_op,
+    norm_op,
     rotate,
+    signed_half,
 )
 
 
@@ -162,6 +164,9 @@ class StaticCacheDecoder:
         self.model = base_model(model)
         self.body = self.model.get_decoder()
         self.head = self.model.get_output_embeddings()
+        # the layers' maths looked up once for the whole generation (`LayerOps`), in which the weights do not change
+        self.layers = [layer_ops(layer) for layer in self.body.layers]
+        self.final_norm, self.lm_head = norm_op(self.body.norm), linear_op(self.head)
         config = self.model.config
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -173,11 +178,11 @@ class StaticCacheDecoder:
         slots = width + self.max_new_tokens
         weight = self.head.weight
         shape = (num_prompts, self.num_kv_heads, slots, self.head_dim)
-        self.keys = [weight.new_zeros(shape) for _ in self.body.layers]
-        self.values = [weight.new_zeros(shape) for _ in self.body.layers]
+        self.keys = [weight.new_zeros(shape) for _ in self.layers]
+        self.values = [weight.new_zeros(shape) for _ in self.layers]
         positions = torch.arange(slots, device=weight.device)[None]
         cos_1_K_D, sin_1_K_D = self.body.rotary_emb(weight.new_zeros(1), positions)
-        self.cos_K_D, self.sin_K_D = cos_1_K_D[0], sin_1_K_D[0]
+        self.cos_K_D, self.signed_sin_K_D = cos_1_K_D[0], signed_half(sin_1_K_D[0])
         real_P_T = attention_mask_P_T.bool()
         self.bias_A_G_1_K = weight.new_zeros(num_prompts, self.num_kv_heads, 1, slots, dtype=self.cos_K_D.dtype)
         self.bias_A_G_1_K[..., :width].masked_fill_(~real_P_T[:, None, None], float("-inf"))
@@ -219,27 +224,26 @@ class StaticCacheDecoder:
         rows, new = ids_A_S.shape
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         cos_A_1_S_D = self.cos_K_D[positions_A_S][:, None]
-        sin_A_1_S_D = self.sin_K_D[positions_A_S][:, None]
+        signed_sin_A_1_S_D = self.signed_sin_K_D[positions_A_S][:, None]
         x_A_S_H = self.body.embed_tokens(ids_A_S)
-        for layer, keys, values in zip(self.body.layers, self.keys, self.values):
-            attn = layer.self_attn
-            h_A_S_H = rms_norm(layer.input_layernorm, x_A_S_H)
-            q_A_N_S_D = linear(attn.q_proj, h_A_S_H).view(rows, new, heads, dim).transpose(1, 2)
-            k_A_G_S_D = linear(attn.k_proj, h_A_S_H).view(rows, new, kv_heads, dim).transpose(1, 2)
-            keys_A_G_K_D = store(keys, rotate(k_A_G_S_D, cos_A_1_S_D, sin_A_1_S_D))
-            v_A_G_S_D = linear(attn.v_proj, h_A_S_H).view(rows, new, kv_heads, dim).transpose(1, 2)
+        for ops, keys, values in zip(self.layers, self.keys, self.values):
+            h_A_S_H = ops.input_norm(x_A_S_H)
+            q_A_N_S_D = ops.q_proj(h_A_S_H).view(rows, new, heads, dim).transpose(1, 2)
+            k_A_G_S_D = ops.k_proj(h_A_S_H).view(rows, new, kv_heads, dim).transpose(1, 2)
+            keys_A_G_K_D = store(keys, rotate(k_A_G_S_D, cos_A_1_S_D, signed_sin_A_1_S_D))
+            v_A_G_S_D = ops.v_proj(h_A_S_H).view(rows, new, kv_heads, dim).transpose(1, 2)
             values_A_G_K_D = store(values, v_A_G_S_D)
-            q_A_N_S_D = rotate(q_A_N_S_D, cos_A_1_S_D, sin_A_1_S_D)
+            q_A_N_S_D = rotate(q_A_N_S_D, cos_A_1_S_D, signed_sin_A_1_S_D)
             if new == 1:
-                o_A_N_S_D = _decode_attention(q_A_N_S_D, keys_A_G_K_D, values_A_G_K_D, mask, attn.scaling)
+                o_A_N_S_D = _decode_attention(q_A_N_S_D, keys_A_G_K_D, values_A_G_K_D, mask, ops.scaling)
             else:
                 o_A_N_S_D = F.scaled_dot_product_attention(
-                    q_A_N_S_D, keys_A_G_K_D, values_A_G_K_D, attn_mask=mask, scale=attn.scaling,
+                    q_A_N_S_D, keys_A_G_K_D, values_A_G_K_D, attn_mask=mask, scale=ops.scaling,
                     enable_gqa=heads != kv_heads,
                 )  # fmt: skip
-            o_A_S_H = linear(attn.o_proj, o_A_N_S_D.transpose(1, 2).reshape(rows, new, heads * dim))
-            x_A_S_H = mlp_residual(layer, x_A_S_H + o_A_S_H)
-        return linear(self.head, rms_norm(self.body.norm, x_A_S_H[:, -1])).float()
+            o_A_S_H = ops.o_proj(o_A_N_S_D.transpose(1, 2).reshape(rows, new, heads * dim))
+            x_A_S_H = ops.mlp_residual(x_A_S_H + o_A_S_H)
+        return self.lm_head(self.final_norm(x_A_S_H[:, -1])).float()
 
 
 class GraphedDecoder:

@@ -81,17 +81,32 @@ def gather_logprobs(scaled_B_V: Tensor, tokens_B: Tensor) -> Tensor:
 
 
 def draw_from(probs_B_V: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One token per row drawn from `probs_B_V` (rows summing to 1) by an exponential race.
+    """One token per row drawn from `probs_B_V` (non-negative rows with a positive sum) by inverting the row's
+    cumulative distribution with one uniform draw:
 
-        token = argmax_i p_i / E_i,  E_i = -log U_i ~ Exp(1) independent
+        token = the first i with c_i > u,   c_i = p_0 + ... + p_i,   u = U * c_{V-1},   U ~ Uniform[0, 1)
 
-    argmin_i E_i / p_i is the first arrival of independent Exp(p_i) clocks, index i with probability
-    p_i / sum_j p_j; a token with p_i = 0 never wins. `torch.multinomial` uses the same race but draws its
-    exponentials about 10x slower on CPU (measured: 0.53 ms against 0.07 ms for a 64 x 378 batch).
+    Token i is drawn when c_{i-1} <= u < c_i, with probability p_i / c_{V-1}; a token with p_i = 0 has
+    c_i = c_{i-1} and is never drawn. The sums are float64, so that no token's probability moves (float32 sums
+    over a 152k vocabulary would round a tail token's 1e-8 to 0 or 6e-8 beside a sum of 0.5). One draw per row,
+    where the exponential race (argmax_i p_i / E_i) takes one per token: on CPU those draws were most of a decode
+    step's sampling (measured on 2 Xeon cores, a 64 x 373 batch: 0.13 ms for the race, 0.03 ms this way).
     Returns tokens_B (int64).
     """
-    uniform_B_V = torch.rand(probs_B_V.shape, generator=generator, device=probs_B_V.device, dtype=probs_B_V.dtype)
-    return (probs_B_V / uniform_B_V.log_().neg_()).argmax(dim=-1)
+    cdf_B_V = probs_B_V.double().cumsum(dim=-1)
+    uniform_B_1 = torch.rand(len(cdf_B_V), 1, generator=generator, device=cdf_B_V.device, dtype=torch.float64)
+    return invert_cdf(cdf_B_V, uniform_B_1)
+
+
+def invert_cdf(cdf_B_V: Tensor, uniform_B_1: Tensor) -> Tensor:
+    """The first index i of each row with cdf_B_V[i] > U * (the row's total), for U = uniform_B_1 in [0, 1).
+    Returns [B] int64.
+
+    U * total stays below total in float64 for every U up to 1 - 2^-53 (the largest `torch.rand` draws): the
+    product is at least half a unit in the last place under total, so a row's last token of positive
+    probability is always found."""
+    u_B_1 = uniform_B_1 * cdf_B_V[:, -1:]
+    return torch.searchsorted(cdf_B_V, u_B_1, right=True).squeeze(1)
 
 
 def sample_tokens(
@@ -104,7 +119,8 @@ def sample_tokens(
     """
     scaled_B_V = scale_logits(logits_B_V, params.temperature)
     if params.greedy:
-        tokens_B = scaled_B_V.argmax(dim=-1)
+        # max's indices are argmax's (the first maximum) at a third of its CPU time (37 us against 11 us, [64, 373])
+        tokens_B = scaled_B_V.max(dim=-1).indices
     else:
         probs_B_V = filter_logits(scaled_B_V, params).softmax(dim=-1)
         tokens_B = draw_from(probs_B_V, generator)
