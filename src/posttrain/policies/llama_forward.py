@@ -310,7 +310,7 @@ def unpadded_hidden_states(
             # every layer's keys and values are needed at all tokens, but the last layer's queries, output
             # projection and MLP only where the caller reads (completion tokens: a third of an arithmetic row)
             rows_R = padded_index(at_M, cpu_matmul.padded_count(len(at_M)) if pad else len(at_M))
-            x_R_H, h_R_H, slot_R = x_R_H[rows_R], h_R_H[rows_R], docs.slot_U[rows_R]
+            x_R_H, h_R_H, slot_R = x_R_H.index_select(0, rows_R), h_R_H.index_select(0, rows_R), docs.slot_U[rows_R]
             queries, cos_Q_1_D, sin_Q_1_D = len(at_M), cos_U_1_D[at_M], sin_U_1_D[at_M]
         q_Q_N_D = rotate(ops.q_proj(h_R_H)[:queries].unflatten(1, (heads, -1)), cos_Q_1_D, sin_Q_1_D)
         o_R_ND = document_attention(q_Q_N_D, slot_R, k_U_K_D, v_U_K_D, docs, ops.scaling)
@@ -351,7 +351,10 @@ def document_attention(
         return x_ST_X_D.view(num_docs, max_len, *x_R_X_D.shape[1:]).transpose(1, 2)
 
     if docs.kv_source_N is not None:
-        k_U_K_D, v_U_K_D = k_U_K_D[docs.kv_source_N], v_U_K_D[docs.kv_source_N]  # now [N, K, D]
+        # index_select, whose backward is an index_add_, where an indexed read's is an accumulating index_put: 4x
+        # faster on CPU, forward and backward (measured on 2 Xeon cores, [2087, 2, 32] to [2360, 2, 32]: 0.15 ms
+        # against 0.61 ms); the training forward gathers rows that carry gradients this way throughout
+        k_U_K_D, v_U_K_D = (x.index_select(0, docs.kv_source_N) for x in (k_U_K_D, v_U_K_D))  # now [N, K, D]
     queries, q_heads, dim = q_Q_N_D.shape
     q_S_N_T_D, k_S_K_T_D = padded(q_Q_N_D, slot_R[:queries]), padded(k_U_K_D, docs.kv_slot_N)
     o_S_N_T_D = causal_attention(q_S_N_T_D, k_S_K_T_D, padded(v_U_K_D, docs.kv_slot_N), scale)

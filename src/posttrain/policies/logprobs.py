@@ -245,7 +245,8 @@ def hidden_states_at(
             # rows repeating a prefix read its states where they were computed, once (a GRPO group's last prompt
             # token predicts every completion's first token)
             computed_M, read_M = docs.index_BT[at_B_T.flatten()].unique(return_inverse=True)
-            return unpadded_hidden_states(model, input_ids_B_T, position_ids_B_T, docs, computed_M)[read_M]
+            hidden_C_H = unpadded_hidden_states(model, input_ids_B_T, position_ids_B_T, docs, computed_M)
+            return hidden_C_H.index_select(0, read_M)
     if right_padded:
         # Right padding only: under the causal mask no real token attends to a later position, so the padding
         # is invisible to every real token. Without the mask the model takes its plain causal attention path
