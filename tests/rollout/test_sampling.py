@@ -132,3 +132,12 @@ def test_invert_cdf_never_draws_a_zero_probability_last_token():
     probs[:, 2] = 0.0
     uniform = torch.full((1000, 1), 1 - 2**-53, dtype=torch.float64)
     assert (invert_cdf(probs.cumsum(dim=-1), uniform) == 1).all()
+
+
+def test_a_row_without_a_distribution_is_named():
+    # row 1's logits hold a NaN, row 2's are all -inf: neither has probabilities to draw from
+    logits = torch.zeros(3, 4)
+    logits[1, 2] = float("nan")
+    logits[2] = float("-inf")
+    with pytest.raises(ValueError, match=r"rows \[1, 2\] have no next-token distribution"):
+        sample_tokens(logits, SamplingParams(max_new_tokens=1), torch.Generator().manual_seed(0))

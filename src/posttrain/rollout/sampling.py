@@ -95,7 +95,16 @@ def draw_from(probs_B_V: Tensor, generator: torch.Generator | None = None) -> Te
     """
     cdf_B_V = probs_B_V.double().cumsum(dim=-1)
     uniform_B_1 = torch.rand(len(cdf_B_V), 1, generator=generator, device=cdf_B_V.device, dtype=torch.float64)
-    return invert_cdf(cdf_B_V, uniform_B_1)
+    tokens_B = invert_cdf(cdf_B_V, uniform_B_1)
+    # a row whose sums are NaN (NaN or all -inf logits) has no first sum above u: it gets index V
+    no_distribution_B = tokens_B == cdf_B_V.shape[-1]
+    if no_distribution_B.any():
+        rows = no_distribution_B.nonzero().flatten().tolist()
+        raise ValueError(
+            f"sampling: rows {rows} have no next-token distribution (their probabilities hold NaN): the model's "
+            "logits there are NaN or all -inf"
+        )
+    return tokens_B
 
 
 def invert_cdf(cdf_B_V: Tensor, uniform_B_1: Tensor) -> Tensor:
