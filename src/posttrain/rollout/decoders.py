@@ -152,6 +152,16 @@ def slots_from(start: int) -> Callable[[Tensor, Tensor], Tensor]:
     return store
 
 
+def written_rows(cache_A_G_K_D: Tensor, keep_R: Tensor, written: int) -> Tensor:
+    """The rows `keep_R` (increasing, as rows only leave) of a cache whose first `written` slots hold keys or
+    values, moved to its first R rows in place: a view of those, no new cache. Only the written slots are copied;
+    every later slot is written before a step reads it. With the demo's SFT model, whose answers end at
+    different lengths, the 8 selections of a generation took 9% of its time when each made a new cache (most of
+    it the first touch of new memory). [R, G, K, D]"""
+    cache_A_G_K_D[: len(keep_R), :, :written] = cache_A_G_K_D[:, :, :written].index_select(0, keep_R)
+    return cache_A_G_K_D[: len(keep_R)]
+
+
 class StaticCacheDecoder:
     """Llama-family decoding over a preallocated KV cache; see the module docstring.
 
@@ -201,8 +211,8 @@ class StaticCacheDecoder:
         self.positions_A = self.positions_A.repeat_interleave(n, dim=0)
 
     def select(self, keep_A: Tensor) -> None:
-        self.keys = [k[keep_A] for k in self.keys]
-        self.values = [v[keep_A] for v in self.values]
+        self.keys = [written_rows(k, keep_A, self.slot) for k in self.keys]
+        self.values = [written_rows(v, keep_A, self.slot) for v in self.values]
         self.bias_A_G_1_K, self.positions_A = self.bias_A_G_1_K[keep_A], self.positions_A[keep_A]
 
     def step(self, tokens_A: Tensor) -> Tensor:
