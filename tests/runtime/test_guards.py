@@ -29,6 +29,26 @@ def test_a_finite_update_is_clipped_and_applied():
     assert p.grad is None and guard.skipped == 0
 
 
+def test_fused_adamw_steps_on_the_clipped_gradients_and_only_when_clipping():
+    # step 1: a gradient of norm 5 clipped to 1, i.e. divided by 5 + 1e-6 (clip_grad_norm_'s scale) inside the
+    # fused kernel: AdamW's first moment is (1 - 0.9) * g / 5.000001. Step 2: a gradient of norm 0.5 is not
+    # scaled: the moment becomes 0.9 * m1 + 0.1 * g2.
+    gen = torch.Generator().manual_seed(0)
+    g1, g2 = torch.randn(64, 32, generator=gen), torch.randn(64, 32, generator=gen)
+    g1, g2 = g1 * (5 / g1.norm()), g2 * (0.5 / g2.norm())
+    p = torch.nn.Parameter(torch.randn(64, 32, generator=gen))
+    optimizer = torch.optim.AdamW([p], lr=0.1, fused=True)
+    guard = NonFiniteGuard(5)
+    p.grad = g1.clone()
+    assert guard.step([p], optimizer, max_grad_norm=1.0) == pytest.approx(5.0)
+    m1 = 0.1 * g1 / (5 + 1e-6)
+    torch.testing.assert_close(optimizer.state[p]["exp_avg"], m1, rtol=1e-5, atol=1e-7)
+    assert not hasattr(optimizer, "grad_scale")
+    p.grad = g2.clone()
+    guard.step([p], optimizer, max_grad_norm=1.0)
+    torch.testing.assert_close(optimizer.state[p]["exp_avg"], 0.9 * m1 + 0.1 * g2, rtol=1e-5, atol=1e-7)
+
+
 def test_no_clipping_without_max_grad_norm():
     p = param_with_grad([3.0, 4.0])
     NonFiniteGuard(5).step([p], torch.optim.SGD([p], lr=0.1), max_grad_norm=None)
