@@ -212,7 +212,6 @@ def load_prompts(
     return encode_prompts(examples, tokenizer, max_length=max_length or section.max_length, report=report), report
 
 
-
 def check_environment() -> None:
     """Check the environment variables a run reads later, so that a misspelt one stops it before anything is
     built, rather than where it is first read, or never: POSTTRAIN_CPU_MATMUL (read at the first product large
@@ -220,6 +219,7 @@ def check_environment() -> None:
     first (`run_state.start_run`, evaluation)."""
     cpu_matmul.kernel_choice()
     cuda_graphs_enabled()
+
 
 @dataclass
 class Optimisation:

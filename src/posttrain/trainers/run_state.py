@@ -21,8 +21,8 @@ from posttrain.trainers.build import EpochSampler, check_environment
 
 def start_run(cfg: Any, resume: bool) -> tuple[torch.Generator, torch.device, Checkpointer, Path | None]:
     """What every trainer does first: check the environment variables it reads (`check_environment`), keep
-    torch's threads within the cores, seed
-    every generator, pick the device, and find the checkpoint to resume from (None unless `resume`).
+    torch's threads within the cores, seed every generator, pick the device, and find the checkpoint to resume
+    from (None unless `resume`).
     Returns (the sampling generator, device, checkpointer of cfg.output_dir, checkpoint or None)."""
     check_environment()
     limit_cpu_threads()
