@@ -12,7 +12,13 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from posttrain.policies import build_model, enable_gradient_checkpointing, hidden_states_at, token_logprobs
-from posttrain.policies.llama_forward import causal_attention, decoder_of, find_documents, runs_unpadded
+from posttrain.policies.llama_forward import (
+    RMSNorm,
+    causal_attention,
+    decoder_of,
+    find_documents,
+    runs_unpadded,
+)
 from posttrain.trainers.build import build_builtin_tokenizer
 
 WIDTH = 14
@@ -25,14 +31,17 @@ def tokenizer():
 
 def sharp_model(preset: str, tokenizer, *, seed: int, attention: str = "sdpa") -> torch.nn.Module:
     """A preset (4 query heads sharing 2 key/value heads) with weights drawn at std 0.2 instead of 0.02, so
-    that attention is far from uniform and a token that sees the wrong keys or angles shows in the logits."""
+    that attention is far from uniform and a token that sees the wrong keys or angles shows in the logits,
+    and RMSNorm weights between 0.5 and 1.5 instead of all 1, so that their gradients are not all alike."""
     model = build_model(preset, tokenizer, seed=seed)
     model.set_attn_implementation(attention)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for param in model.parameters():
+        for name, param in model.named_parameters():
             if param.dim() == 2:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+            elif "norm" in name:
+                param.copy_(0.5 + torch.rand(param.shape, generator=generator))
     return model
 
 
@@ -89,6 +98,31 @@ def right_padded(lengths: list[int], vocab: int, seed: int) -> tuple[torch.Tenso
 
 
 # ---------------------------------------------------------------- documents, by hand
+
+
+def test_rms_norm_and_its_gradients_follow_the_formula() -> None:
+    # y = w * x / sqrt(mean(x^2) + eps) written out, differentiated by autograd, against RMSNorm's own backward;
+    # one row of zeros (r = eps^-1/2) and one of large values
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, generator=generator, dtype=torch.float64)
+    x[0, 1] = 0.0
+    x[1, 2] *= 1e3
+    w = 0.5 + torch.rand(16, generator=generator, dtype=torch.float64)
+    grad = torch.randn(2, 3, 16, generator=generator, dtype=torch.float64)
+    eps = 1e-6
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    expected = w * x / torch.sqrt((x * x).sum(-1, keepdim=True) / 16 + eps)
+    expected_dx, expected_dw = torch.autograd.grad(expected, (x, w), grad)
+    y = RMSNorm.apply(x, w, eps)
+    dx, dw = torch.autograd.grad(y, (x, w), grad)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx, expected_dx, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dw, expected_dw, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b: RMSNorm.apply(a, b, eps), (x[1:], w))
+    # a frozen weight (LoRA) gets no gradient; the input still does
+    dx_only = torch.autograd.grad(RMSNorm.apply(x, w.detach(), eps), x, grad)[0]
+    torch.testing.assert_close(dx_only, expected_dx, rtol=1e-10, atol=1e-12)
 
 
 def test_find_documents_by_hand() -> None:

@@ -117,15 +117,52 @@ def linear_op(module: torch.nn.Module) -> Callable[[Tensor], Tensor]:
 
 
 def norm_op(module: torch.nn.Module) -> Callable[[Tensor], Tensor]:
-    """Llama's and Qwen2's RMSNorm as one fused op on float32 input (their maths is float32), else the module."""
+    """Llama's and Qwen2's RMSNorm on float32 input (their maths is float32): `RMSNorm` where a gradient is
+    needed, else PyTorch's `rms_norm`. Other dtypes and other norms run the module."""
     if type(module).__name__ not in RMS_NORMS:
         return module
     shape, weight, eps = module.weight.shape, module.weight, module.variance_epsilon
 
     def norm(x: Tensor) -> Tensor:
-        return F.rms_norm(x, shape, weight, eps) if x.dtype == torch.float32 else module(x)
+        if x.dtype != torch.float32:
+            return module(x)
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return RMSNorm.apply(x, weight, eps)
+        return F.rms_norm(x, shape, weight, eps)
 
     return norm
+
+
+class RMSNorm(torch.autograd.Function):
+    """y = w * x * r with r = (mean(x^2) + eps)^-1/2 over the last axis (Zhang & Sennrich 2019,
+    arXiv:1910.07467), as Llama's and Qwen2's RMSNorm in float32, with a backward of five passes over x:
+
+        dx = r * (g w - x_hat * mean(g w x_hat)),   dw = sum over rows of g x_hat,   x_hat = x r
+
+    PyTorch's `rms_norm` is a composite on CPU whose backward runs its forward's ops backwards, one
+    allocation each: measured on 2 Xeon cores, torch 2.13, forward and backward of [2400, 128] (a demo GRPO
+    batch) 3.5 ms against 1.0 ms here, [3000, 512] 14.5 ms against 3.5 ms. It keeps x_hat and r for the
+    backward, where the composite keeps x and more."""
+
+    @staticmethod
+    def forward(ctx: Any, x_X_H: Tensor, weight_H: Tensor, eps: float) -> Tensor:
+        inv_rms_X_1 = torch.linalg.vecdot(x_X_H, x_X_H).div_(x_X_H.shape[-1]).add_(eps).rsqrt_().unsqueeze_(-1)
+        normed_X_H = x_X_H * inv_rms_X_1
+        ctx.save_for_backward(normed_X_H, weight_H, inv_rms_X_1)
+        return normed_X_H * weight_H
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_X_H: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        normed_X_H, weight_H, inv_rms_X_1 = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_normed_X_H = grad_X_H * weight_H
+            mean_X_1 = torch.linalg.vecdot(grad_normed_X_H, normed_X_H).div_(-normed_X_H.shape[-1]).unsqueeze_(-1)
+            grad_x = grad_normed_X_H.addcmul_(normed_X_H, mean_X_1).mul_(inv_rms_X_1)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_X_H * normed_X_H).reshape(-1, weight_H.shape[0]).sum(0)
+        return grad_x, grad_weight, None
 
 
 def activation_op(module: torch.nn.Module) -> Callable[[Tensor], Tensor]:
