@@ -4,9 +4,9 @@ import copy
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from posttrain.rollout import ENGINES, NativeEngine, SamplingParams
+from posttrain.rollout import ENGINES, NativeEngine, SamplingParams, decoders
 from posttrain.rollout.decoders import (
     CudaGraphsChoiceError,
     GraphedDecoder,
@@ -25,10 +25,30 @@ def uncached_logits(model, prompt: list[int], continuation: list[int]) -> torch.
         return model(input_ids=torch.tensor([prompt + continuation])).logits[0, -1].float()
 
 
-def test_prefill_and_steps_equal_the_models_forward(tiny_model, prompts):
+@pytest.fixture(params=["packed", "unpacked"])
+def decode_path(request, monkeypatch) -> str:
+    """Both decode steps of a small float32 CPU model: through `PackedLayer`s (the default) and unpacked."""
+    if request.param == "unpacked":
+        monkeypatch.setattr(decoders, "PACK_MAX_VALUES", 0)
+    return request.param
+
+
+def with_random_norms(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A copy whose RMSNorm weights are far from their initial ones, so that folding them into products shows."""
+    model = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(0.5 + torch.rand(param.shape, generator=gen))
+    return model
+
+
+def test_prefill_and_steps_equal_the_models_forward(tiny_model, prompts, decode_path):
     # prompts of 3, 7, 1, 5 tokens (left padding up to 6), each expanded to 2 rows; rows 1 and 6 leave
     # after the second step: every remaining row's logits must equal a fresh forward of its own tokens
     decoder = StaticCacheDecoder(tiny_model, max_new_tokens=4)
+    assert (decoder.packed is not None) == (decode_path == "packed")
     with torch.no_grad():
         logits_P_V = decoder.prefill(*left_pad(prompts, torch.device("cpu")))
         for p, prompt in enumerate(prompts):
@@ -48,6 +68,44 @@ def test_prefill_and_steps_equal_the_models_forward(tiny_model, prompts):
                 keep = [a for a in range(len(rows)) if a not in (1, 6)]
                 decoder.select(torch.tensor(keep))
                 rows, fed = [rows[a] for a in keep], [fed[a] for a in keep]
+
+
+@pytest.mark.parametrize("biases", [False, True])
+def test_the_packed_step_equals_the_models_forward_with_norm_weights_and_biases(prompts, biases):
+    # the packed step folds every RMSNorm weight into the products after it and stacks q/k/v and gate/up, their
+    # biases too: a Llama with biases on every projection (o and down add theirs outside the residual product),
+    # norm weights between 0.5 and 1.5, against fresh forwards of each row's tokens
+    config = LlamaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, initializer_range=0.2,
+                         attention_bias=biases, mlp_bias=biases)  # fmt: skip
+    torch.manual_seed(2)
+    model = with_random_norms(LlamaForCausalLM(config).eval(), seed=3)
+    decoder = StaticCacheDecoder(model, max_new_tokens=3)
+    assert decoder.packed is not None
+    assert (decoder.packed[0].o_bias is not None) == biases and (decoder.packed[0].gate_up_bias is not None) == biases
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        decoder.prefill(*left_pad(prompts, torch.device("cpu")))
+        fed: list[list[int]] = [[] for _ in prompts]
+        for _ in range(3):
+            tokens_A = torch.randint(0, 64, (len(prompts),), generator=gen)
+            logits_A_V = decoder.step(tokens_A)
+            for a, token in enumerate(tokens_A.tolist()):
+                fed[a].append(token)
+                torch.testing.assert_close(logits_A_V[a], uncached_logits(model, prompts[a], fed[a]), atol=1e-4, rtol=0)
+
+
+def test_packing_applies_to_small_float32_cpu_models_with_plain_layers_only(qwen2_model, monkeypatch):
+    assert decoders.packed_layers(qwen2_model, list(qwen2_model.model.layers)) is not None
+    half = copy.deepcopy(qwen2_model).to(torch.bfloat16)
+    assert decoders.packed_layers(half, list(half.model.layers)) is None
+    monkeypatch.setattr(decoders, "PACK_MAX_VALUES", sum(p.numel() for p in qwen2_model.parameters()) // 2)
+    assert decoders.packed_layers(qwen2_model, list(qwen2_model.model.layers)) is None  # over the size limit
+    monkeypatch.undo()
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(copy.deepcopy(qwen2_model), peft.LoraConfig(r=2, target_modules=["v_proj"]))
+    body = wrapped.get_base_model()
+    assert decoders.packed_layers(body, list(body.model.layers)) is None  # a LoRA layer runs as its module
 
 
 def test_static_path_samples_what_the_generic_path_samples(tiny_model, prompts):
