@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from posttrain.runtime.checkpoint import Checkpointer
-from posttrain.runtime.guards import NonFiniteGuard, TrainingStopped, step_schedule
+from posttrain.runtime.guards import NonFiniteGuard, TrainingStopped, step_schedule, total_norm
 
 
 def param_with_grad(grad: list[float]) -> torch.nn.Parameter:
@@ -47,6 +47,23 @@ def test_fused_adamw_steps_on_the_clipped_gradients_and_only_when_clipping():
     p.grad = g2.clone()
     guard.step([p], optimizer, max_grad_norm=1.0)
     torch.testing.assert_close(optimizer.state[p]["exp_avg"], 0.9 * m1 + 0.1 * g2, rtol=1e-5, atol=1e-7)
+
+
+def test_total_norm_by_hand_and_where_float32_squares_overflow():
+    # sqrt(3^2 + 4^2 + 12^2) = 13 over three tensors, one of them a transposed (non-contiguous) view
+    grads = [torch.tensor([3.0]), torch.tensor([[4.0, 0.0], [0.0, 0.0]]).T, torch.tensor([12.0])]
+    assert float(total_norm(grads)) == pytest.approx(13.0, rel=1e-7)
+    assert float(total_norm([])) == 0.0
+    # 3e19 and 4e19: float32 squares overflow, here as in torch's own norm, so the update would be skipped
+    overflowing = [torch.tensor([3e19]), torch.tensor([4e19])]
+    assert math.isinf(float(total_norm(overflowing))) and math.isinf(float(torch.nn.utils.get_total_norm(overflowing)))
+    assert float(total_norm([torch.tensor([3e18]), torch.tensor([4e18])])) == pytest.approx(5e18, rel=1e-6)
+    assert math.isinf(float(total_norm([torch.tensor([1.0, math.inf])])))
+    assert math.isnan(float(total_norm([torch.tensor([1.0]), torch.tensor([math.nan])])))
+    # other dtypes take torch's own norm: sqrt(1 + 4 * 4) in float64
+    assert float(total_norm([torch.tensor([1.0, 4.0, 0.0], dtype=torch.float64).repeat(2)[:4]])) == pytest.approx(
+        math.sqrt(1 + 16 + 0 + 1)
+    )
 
 
 def test_no_clipping_without_max_grad_norm():

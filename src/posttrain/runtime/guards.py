@@ -66,7 +66,7 @@ class NonFiniteGuard:
         before clipping. Raises TrainingStopped at the `max_bad_steps`-th skipped update in a row."""
         trainable = [p for p in params if p.requires_grad]
         grads = [p.grad for p in trainable if p.grad is not None]
-        norm_t = torch.nn.utils.get_total_norm(grads)  # 0 for no gradients
+        norm_t = total_norm(grads)  # 0 for no gradients
         norm = float(norm_t)
         if math.isfinite(norm) and (loss is None or math.isfinite(loss)):
             clipped_step(optimizer, trainable, norm_t, norm, max_grad_norm)
@@ -98,6 +98,20 @@ class NonFiniteGuard:
                 f"(last: {found}), reaching train.max_bad_steps={self.max_bad_steps}; the weights took none "
                 f"of them and {resume}. Lower train.lr, set train.max_grad_norm, or check the data"
             )
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all the gradients together, as `torch.nn.utils.get_total_norm` (0 for none; inf or NaN when
+    an element is). Float32 gradients on CPU take one `torch.dot` of each with itself: MKL's dot is 3x faster
+    than the per-tensor norms (measured on 2 Xeon cores, the 30m model's 25M gradients: 3.5 ms against 10.3 ms)
+    and summed closer to the float64 norm (relative error 6e-8 against 6e-6). Its float32 squares overflow from
+    elements of about 2e19, as those of torch's norm do; a sum that is not finite is taken again by
+    `get_total_norm`, so that the guard skips an update exactly where torch's norm is not finite."""
+    on_cpu = all(g.device.type == "cpu" and g.dtype == torch.float32 for g in grads)
+    if not grads or not on_cpu:
+        return torch.nn.utils.get_total_norm(grads)
+    norm = torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]).sum().sqrt()
+    return norm if math.isfinite(norm) else torch.nn.utils.get_total_norm(grads)
 
 
 def clipped_step(
