@@ -55,7 +55,9 @@ def run_posttrain(case: dict[str, Any]) -> dict[str, Any]:
     from posttrain import api
 
     tokenizer = harness.build_tokenizer()
-    model = harness.build_model(case["size"], tokenizer, seed=case["seed"], device=case["device"])
+    model = harness.build_model(case["size"], tokenizer, seed=case["seed"], device=case["device"],
+                                dtype=case.get("dtype", "float32"))  # fmt: skip
+    weights, autocast = harness.precision(case)
     steps = case["warmup"] + case["steps"]
     rows = preference_rows(case["batch"] * steps, seed=case["seed"], completion_tokens=case["completion_tokens"])
     base = harness.base_memory_mb(case["device"])
@@ -63,10 +65,10 @@ def run_posttrain(case: dict[str, Any]) -> dict[str, Any]:
     clock.watch_posttrain()
     with tempfile.TemporaryDirectory() as out:
         config = {
-            "model": {"preset": harness.SIZES[case["size"]], "tokenizer": "arithmetic"},
+            "model": {"preset": harness.SIZES[case["size"]], "tokenizer": "arithmetic", **weights},
             "data": {"train": api.IN_MEMORY, "max_length": 4096},
             "train": {"max_steps": steps, "batch_size": case["batch"], "lr": case["lr"], "warmup_steps": 0,
-                      "schedule": "constant", "max_grad_norm": 1.0},
+                      "schedule": "constant", "max_grad_norm": 1.0, **autocast},
             "pref": {"loss": "dpo", "loss_args": {"beta": case["beta"]}, "reference": REFERENCES[case["reference"]][0]},
             "output_dir": out, "seed": case["seed"], "device": case["device"],
         }  # fmt: skip
@@ -162,7 +164,7 @@ def main() -> None:
             case = {
                 "size": size, "batch": args.batch, "beta": args.beta, "lr": 1e-5, "reference": reference,
                 "completion_tokens": args.completion_tokens, "steps": steps, "warmup": args.warmup,
-                "device": args.device, "seed": 0,
+                "device": args.device, "dtype": harness.dtype_of(args), "seed": 0,
             }  # fmt: skip
             print(f"DPO step ({reference}), {size}: {case}", flush=True)
             sides = harness.alternate(__file__, case, ["posttrain", "trl"], rounds=rounds, threads=args.threads)

@@ -26,8 +26,10 @@ def _setup(case: dict[str, Any]) -> tuple[Any, Any, list[list[int]]]:
     import torch
 
     tokenizer = harness.build_tokenizer()
-    model = harness.build_model(case["size"], tokenizer, seed=case["seed"], device=case["device"]).eval()
-    rows = harness.arithmetic_rows(case["prompts"], seed=case["seed"])
+    model = harness.build_model(
+        case["size"], tokenizer, seed=case["seed"], device=case["device"], dtype=case.get("dtype", "float32")
+    ).eval()
+    rows = harness.arithmetic_rows(case["prompts"], seed=case["seed"], prompt_tokens=case.get("prompt_tokens", 0))
     prompt_ids = [tokenizer(r["prompt"])["input_ids"] for r in rows]
     torch.manual_seed(case["seed"])
     return tokenizer, model, prompt_ids
@@ -115,6 +117,7 @@ def main() -> None:
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--completion", type=int, default=32)
     p.add_argument("--stop-at-eos", action="store_true", help="let EOS end completions (token counts then differ)")
+    p.add_argument("--prompt-tokens", type=int, default=0, help="lengthen every prompt to about this many tokens")
     args = p.parse_args()
     if args.worker:
         return harness.worker_main(args.worker, SIDES)
@@ -124,7 +127,8 @@ def main() -> None:
         steps = 2 if args.quick else args.steps or DEFAULTS[size]["steps"]
         case = {
             "size": size, "prompts": args.prompts, "group": args.group, "completion": args.completion,
-            "stop_at_eos": args.stop_at_eos, "steps": steps, "warmup": args.warmup, "device": args.device, "seed": 0,
+            "stop_at_eos": args.stop_at_eos, "steps": steps, "warmup": args.warmup, "device": args.device,
+            "dtype": harness.dtype_of(args), "prompt_tokens": args.prompt_tokens, "seed": 0,
         }  # fmt: skip
         print(f"Generation, {size}: {case}", flush=True)
         sides = harness.alternate(__file__, case, ["native", "generate"], rounds=rounds, threads=args.threads)

@@ -30,10 +30,12 @@ DEFAULTS = {"tiny": {"steps": 6}, "30m": {"steps": 3}, "0.5b": {"steps": 3}}
 
 
 def grpo_case(size: str, *, prompts: int = 8, group: int = 8, completion: int = 32, beta: float = 0.04,
-              steps: int = 5, warmup: int = 1, device: str = "cpu", seed: int = 0) -> dict[str, Any]:  # fmt: skip
+              steps: int = 5, warmup: int = 1, device: str = "cpu", dtype: str = "float32",
+              prompt_tokens: int = 0, seed: int = 0) -> dict[str, Any]:  # fmt: skip
     return {
         "size": size, "prompts": prompts, "group": group, "completion": completion, "beta": beta, "lr": 1e-5,
-        "temperature": 1.0, "steps": steps, "warmup": warmup, "device": device, "seed": seed,
+        "temperature": 1.0, "steps": steps, "warmup": warmup, "device": device, "dtype": dtype,
+        "prompt_tokens": prompt_tokens, "seed": seed,
     }  # fmt: skip
 
 
@@ -56,16 +58,19 @@ def run_posttrain(case: dict[str, Any]) -> dict[str, Any]:
     from posttrain import api
 
     tokenizer = harness.build_tokenizer()
-    model = harness.build_model(case["size"], tokenizer, seed=case["seed"], device=case["device"])
-    rows = harness.arithmetic_rows(4096, seed=case["seed"])
+    model = harness.build_model(case["size"], tokenizer, seed=case["seed"], device=case["device"],
+                                dtype=case.get("dtype", "float32"))  # fmt: skip
+    rows = harness.arithmetic_rows(4096, seed=case["seed"], prompt_tokens=case.get("prompt_tokens", 0))
     base = harness.base_memory_mb(case["device"])
     clock = harness.StepClock()
     clock.watch_posttrain()
+    weights, autocast = harness.precision(case)
     with tempfile.TemporaryDirectory() as out:
         config = {
-            "model": {"preset": harness.SIZES[case["size"]], "tokenizer": "arithmetic"},
+            "model": {"preset": harness.SIZES[case["size"]], "tokenizer": "arithmetic", **weights},
             "data": {"train": api.IN_MEMORY},
-            "train": {"max_steps": case["warmup"] + case["steps"], "lr": case["lr"], "max_grad_norm": 1.0},
+            "train": {"max_steps": case["warmup"] + case["steps"], "lr": case["lr"], "max_grad_norm": 1.0,
+                      **autocast},
             "rl": {
                 "prompts_per_step": case["prompts"], "group_size": case["group"], "epochs": 1, "minibatches": 1,
                 "advantage": "grpo", "policy_loss": "ppo", "policy_loss_args": {"clip_low": 0.2, "clip_high": 0.2},
@@ -96,7 +101,7 @@ def run_trl(case: dict[str, Any]) -> dict[str, Any]:
     from trl import GRPOConfig, GRPOTrainer
 
     tokenizer = harness.build_tokenizer()
-    rows = harness.arithmetic_rows(4096, seed=case["seed"])
+    rows = harness.arithmetic_rows(4096, seed=case["seed"], prompt_tokens=case.get("prompt_tokens", 0))
     clock = harness.StepClock()
 
     with tempfile.TemporaryDirectory() as out:
@@ -139,6 +144,7 @@ def main() -> None:
     p.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
     p.add_argument("--completion", type=int, default=32, help="max completion tokens (L)")
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (> 0: both sides run a reference)")
+    p.add_argument("--prompt-tokens", type=int, default=0, help="lengthen every prompt to about this many tokens")
     args = p.parse_args()
     if args.worker:
         return harness.worker_main(args.worker, SIDES)
@@ -147,7 +153,8 @@ def main() -> None:
     for size in harness.sizes_of(args):
         steps = 2 if args.quick else args.steps or DEFAULTS[size]["steps"]
         case = grpo_case(size, prompts=args.prompts, group=args.group, completion=args.completion, beta=args.beta,
-                         steps=steps, warmup=args.warmup, device=args.device)  # fmt: skip
+                         steps=steps, warmup=args.warmup, device=args.device, dtype=harness.dtype_of(args),
+                         prompt_tokens=args.prompt_tokens)  # fmt: skip
         print(f"GRPO step, {size}: {case}", flush=True)
         sides = harness.alternate(__file__, case, ["posttrain", "trl"], rounds=rounds, threads=args.threads)
         cases.append(

@@ -44,6 +44,7 @@ OUT_DIR = ROOT / "runs" / "bench"
 RESULT_PREFIX = "BENCH_RESULT "
 
 SIZES = {"tiny": "qwen2-small", "30m": "qwen2-30m", "0.5b": "qwen2-0.5b-shape"}
+DTYPES = ("float32", "bfloat16")
 """Benchmark sizes -> posttrain model presets. `tiny` is the demo model (0.84M parameters with the
 arithmetic tokenizer), `30m` has about 25M, `0.5b` is Qwen2-0.5B-shaped (GPU only)."""
 
@@ -59,10 +60,20 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of every worker")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the worker process")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                   help="weights of both sides, with autocast in that dtype where bfloat16; auto: bfloat16 on cuda "
+                        "(the issue's GPU case), float32 on cpu")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="smoke run: smallest settings, one round")
     p.add_argument("--json", type=Path, default=None, help="where to write the results; None: runs/bench/NAME.json")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
+
+
+def dtype_of(args: argparse.Namespace) -> str:
+    """The weights' dtype of both sides: `--dtype`, where auto is bfloat16 on a GPU and float32 on a CPU."""
+    if args.dtype != "auto":
+        return args.dtype
+    return "bfloat16" if args.device.startswith("cuda") else "float32"
 
 
 def sizes_of(args: argparse.Namespace) -> list[str]:
@@ -294,21 +305,33 @@ def build_tokenizer() -> Any:
     return build_builtin_tokenizer("arithmetic")
 
 
-def build_model(size: str, tokenizer: Any, *, seed: int = 0, device: str = "cpu") -> Any:
-    """A randomly initialised float32 model of the size's preset (same seed -> same weights on both sides)."""
+def build_model(size: str, tokenizer: Any, *, seed: int = 0, device: str = "cpu", dtype: str = "float32") -> Any:
+    """A randomly initialised model of the size's preset (same seed -> same weights on both sides), float32 weights
+    rounded to `dtype`."""
+    import torch
+
     from posttrain.policies import build_model as build
 
-    return build(SIZES[size], tokenizer, seed=seed).to(device)
+    return build(SIZES[size], tokenizer, seed=seed).to(device=device, dtype=getattr(torch, dtype))
+
+
+def precision(case: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The posttrain config's `model` and `train` entries for the case's dtype: the weights' dtype, and bfloat16
+    autocast where that is the dtype (as TRL's `bf16=True`, `trl_args`)."""
+    dtype = case.get("dtype", "float32")
+    return {"dtype": dtype}, {"bf16": dtype == "bfloat16"}
 
 
 def trl_args(case: dict[str, Any], output_dir: str, *, lr: float) -> dict[str, Any]:
-    """The TRL training arguments every case shares (RESULTS.md, "TRL settings"): float32, no gradient
-    checkpointing and no bf16 on CPU, constant lr, no weight decay, grad-norm 1.0, one optimiser step per
-    batch, logging every step, no checkpoints, warm-up plus timed steps."""
+    """The TRL training arguments every case shares (RESULTS.md, "TRL settings"): the case's dtype (float32 on
+    CPU; bfloat16 weights and `bf16=True` autocast where the case is bfloat16), no gradient checkpointing,
+    constant lr, no weight decay, grad-norm 1.0, one optimiser step per batch, logging every step, no
+    checkpoints, warm-up plus timed steps."""
+    dtype = case.get("dtype", "float32")
     return {
-        "output_dir": output_dir, "model_init_kwargs": {"dtype": "float32"}, "gradient_accumulation_steps": 1,
+        "output_dir": output_dir, "model_init_kwargs": {"dtype": dtype}, "gradient_accumulation_steps": 1,
         "learning_rate": lr, "lr_scheduler_type": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0,
-        "max_steps": case["warmup"] + case["steps"], "gradient_checkpointing": False, "bf16": False,
+        "max_steps": case["warmup"] + case["steps"], "gradient_checkpointing": False, "bf16": dtype == "bfloat16",
         "use_cpu": case["device"] == "cpu", "report_to": "none", "logging_steps": 1, "save_strategy": "no",
         "disable_tqdm": True, "dataloader_num_workers": 0, "seed": case["seed"],
     }  # fmt: skip
@@ -323,11 +346,21 @@ def save_model(size: str, tokenizer: Any, directory: str | Path, *, seed: int = 
     return str(directory)
 
 
-def arithmetic_rows(n: int, *, seed: int = 0) -> list[dict[str, str]]:
-    """`n` rows {prompt, completion, answer} of 2-digit addition and subtraction (`37+58=` -> `95`)."""
+def arithmetic_rows(n: int, *, seed: int = 0, prompt_tokens: int = 0) -> list[dict[str, str]]:
+    """`n` rows {prompt, completion, answer} of 2-digit addition and subtraction (`37+58=` -> `95`).
+
+    `prompt_tokens` > 0: every prompt starts with as many worked sums (`0+0=0;`) as make the first prompt at
+    least that many tokens long (the issue's GPU case has 64-token prompts; these are about 7)."""
     from posttrain.tasks import ArithmeticTask
 
-    return ArithmeticTask(digits=2, operators="+-").sample(n, seed=seed)
+    rows = ArithmeticTask(digits=2, operators="+-").sample(n, seed=seed)
+    if prompt_tokens <= 0 or not rows:
+        return rows
+    tokenizer = build_tokenizer()
+    prefix = ""
+    while len(tokenizer(prefix + rows[0]["prompt"])["input_ids"]) < prompt_tokens:
+        prefix += "0+0=0;"
+    return [{**r, "prompt": prefix + r["prompt"]} for r in rows]
 
 
 def arithmetic_reward(prompts: list[Any], completions: list[Any], answer: list[str], **kwargs: Any) -> list[float]:

@@ -61,17 +61,19 @@ def run_profile(case: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import posttrain.policies
+    import posttrain.runtime.guards
     import posttrain.trainers
     from posttrain import api
     from posttrain.rewards.scoring import RewardSet
     from posttrain.rollout import ENGINES
     from posttrain.runtime.logging import read_metrics
 
-    peak = measure_peak(case["device"], seconds=1.0)["peak"]
+    dtype = case.get("dtype", "float32")
+    peak = measure_peak(case["device"], seconds=1.0, dtype=dtype)["peak"]
     tokenizer = harness.build_tokenizer()
-    model = harness.build_model(case["size"], tokenizer, seed=case["seed"], device=case["device"])
+    model = harness.build_model(case["size"], tokenizer, seed=case["seed"], device=case["device"], dtype=dtype)
     config = model.config
-    rows = harness.arithmetic_rows(4096, seed=case["seed"])
+    rows = harness.arithmetic_rows(4096, seed=case["seed"], prompt_tokens=case.get("prompt_tokens", 0))
     timers = Timers()
 
     def generation_flops(args: Any, kwargs: Any, out: Any) -> float:
@@ -108,14 +110,16 @@ def run_profile(case: dict[str, Any]) -> dict[str, Any]:
         if getattr(module, "token_logprobs", None) is original_token_logprobs:
             module.token_logprobs = token_logprobs
     torch.Tensor.backward = timers.wrap("backward", torch.Tensor.backward)
-    torch.nn.utils.clip_grad_norm_ = timers.wrap("optimiser", torch.nn.utils.clip_grad_norm_)
+    guards = posttrain.runtime.guards
+    guards.total_norm = timers.wrap("optimiser", guards.total_norm)  # the gradient norm the clipping reads
     torch.optim.AdamW.step = timers.wrap("optimiser", torch.optim.AdamW.step)
 
+    weights, autocast = harness.precision(case)
     with tempfile.TemporaryDirectory() as out:
         config_dict = {
-            "model": {"preset": harness.SIZES[case["size"]], "tokenizer": "arithmetic"},
+            "model": {"preset": harness.SIZES[case["size"]], "tokenizer": "arithmetic", **weights},
             "data": {"train": api.IN_MEMORY},
-            "train": {"max_steps": case["warmup"] + case["steps"], "lr": case["lr"]},
+            "train": {"max_steps": case["warmup"] + case["steps"], "lr": case["lr"], **autocast},
             "rl": {
                 "prompts_per_step": case["prompts"], "group_size": case["group"],
                 "sampling": {"max_new_tokens": case["completion"], "temperature": case["temperature"]},
@@ -197,6 +201,7 @@ def main() -> None:
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--completion", type=int, default=32)
     p.add_argument("--beta", type=float, default=0.04)
+    p.add_argument("--prompt-tokens", type=int, default=0, help="lengthen every prompt to about this many tokens")
     args = p.parse_args()
     if args.worker:
         return harness.worker_main(args.worker, SIDES)
@@ -204,7 +209,8 @@ def main() -> None:
     for size in harness.sizes_of(args):
         steps = 2 if args.quick else args.steps or grpo_step.DEFAULTS[size]["steps"]
         case = grpo_step.grpo_case(size, prompts=args.prompts, group=args.group, completion=args.completion,
-                                   beta=args.beta, steps=steps, warmup=args.warmup, device=args.device)  # fmt: skip
+                                   beta=args.beta, steps=steps, warmup=args.warmup, device=args.device,
+                                   dtype=harness.dtype_of(args), prompt_tokens=args.prompt_tokens)  # fmt: skip
         run = harness.run_worker(__file__, "posttrain", case, args.threads)
         sections.append(report(size, case, run))
         results[size] = {"case": case, "values": run.values, "foreign_load": run.foreign_load, **run.extra}

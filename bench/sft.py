@@ -58,7 +58,9 @@ def run_posttrain(case: dict[str, Any]) -> dict[str, Any]:
     from posttrain import api
 
     tokenizer = harness.build_tokenizer()
-    model = harness.build_model(case["size"], tokenizer, seed=case["seed"], device=case["device"])
+    model = harness.build_model(case["size"], tokenizer, seed=case["seed"], device=case["device"],
+                                dtype=case.get("dtype", "float32"))  # fmt: skip
+    weights, autocast = harness.precision(case)
     rows = sft_rows(case)
     per_step = case["batch"] * example_tokens(rows)
     base = harness.base_memory_mb(case["device"])
@@ -66,11 +68,11 @@ def run_posttrain(case: dict[str, Any]) -> dict[str, Any]:
     clock.watch_posttrain()
     with tempfile.TemporaryDirectory() as out:
         config = {
-            "model": {"preset": harness.SIZES[case["size"]], "tokenizer": "arithmetic"},
+            "model": {"preset": harness.SIZES[case["size"]], "tokenizer": "arithmetic", **weights},
             "data": {"train": api.IN_MEMORY, "max_length": case["max_length"], "packing": bool(case["packing"]),
                      "completion_only": True},
             "train": {"max_steps": case["warmup"] + case["steps"], "batch_size": case["batch"], "lr": 1e-4,
-                      "warmup_steps": 0, "schedule": "constant", "max_grad_norm": 1.0},
+                      "warmup_steps": 0, "schedule": "constant", "max_grad_norm": 1.0, **autocast},
             "output_dir": out, "seed": case["seed"], "device": case["device"],
         }  # fmt: skip
         api.sft(config, model=model, tokenizer=tokenizer, train=rows, progress=False)
@@ -147,7 +149,7 @@ def main() -> None:
     for size in harness.sizes_of(args):
         steps = 3 if args.quick else args.steps or DEFAULTS[size]["steps"]
         base = {"size": size, "batch": args.batch, "max_length": args.max_length, "steps": steps,
-                "warmup": args.warmup, "device": args.device, "seed": 0}  # fmt: skip
+                "warmup": args.warmup, "device": args.device, "dtype": harness.dtype_of(args), "seed": 0}  # fmt: skip
         for mode in [m.strip() for m in args.packing.split(",")]:
             if mode == "off":
                 case = {**base, "packing": None}
