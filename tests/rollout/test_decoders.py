@@ -70,6 +70,14 @@ def test_prefill_and_steps_equal_the_models_forward(tiny_model, prompts, decode_
                 rows, fed = [rows[a] for a in keep], [fed[a] for a in keep]
 
 
+def test_prompts_of_one_token_each_decode_like_generate(qwen2_model, decode_path):
+    # a prefill of width 1 is still a prefill (boolean mask, fused attention), not a decode step
+    greedy = SamplingParams(max_new_tokens=5, temperature=0.0)
+    ours = ENGINES["native"].generate(qwen2_model, [[5], [7], [60]], greedy, n=2)
+    assert ours.completion_ids == ENGINES["hf"].generate(qwen2_model, [[5], [7], [60]], greedy, n=2).completion_ids
+    assert all(len(c) == 5 for c in ours.completion_ids)
+
+
 @pytest.mark.parametrize("biases", [False, True])
 def test_the_packed_step_equals_the_models_forward_with_norm_weights_and_biases(prompts, biases):
     # the packed step folds every RMSNorm weight into the products after it and stacks q/k/v and gate/up, their

@@ -353,7 +353,8 @@ class StaticCacheDecoder:
         `store(cache, new)` writes a layer's new keys or values into its cache and returns the slots to attend
         to: `slots_from(start)` here, a slot held in a tensor and all slots in `GraphedDecoder`."""
         rows, new = ids_A_S.shape
-        if new == 1 and self.packed is not None:
+        decoding = mask.dtype != torch.bool  # a prefill's mask is boolean, also over prompts of one token
+        if decoding and self.packed is not None:
             return self._packed_step(ids_A_S[:, 0], positions_A_S[:, 0], mask, store)
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         cos_A_1_S_D = self.cos_K_D[positions_A_S][:, None]
@@ -367,7 +368,7 @@ class StaticCacheDecoder:
             v_A_G_S_D = ops.v_proj(h_A_S_H).view(rows, new, kv_heads, dim).transpose(1, 2)
             values_A_G_K_D = store(values, v_A_G_S_D)
             q_A_N_S_D = rotate(q_A_N_S_D, cos_A_1_S_D, signed_sin_A_1_S_D)
-            if new == 1:
+            if decoding:
                 o_A_N_S_D = _decode_attention(q_A_N_S_D, keys_A_G_K_D, values_A_G_K_D, mask, ops.scaling)
             else:
                 o_A_N_S_D = F.scaled_dot_product_attention(
