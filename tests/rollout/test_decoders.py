@@ -246,3 +246,14 @@ def test_the_captured_cuda_graph_replays_what_the_eager_step_computes(qwen2_mode
                     d.select(keep)
                 active = len(keep)
         assert graphed.graph is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("graphs", ["0", "1"])
+def test_on_cuda_the_native_engine_decodes_greedily_like_generate(qwen2_model, prompts, graphs, monkeypatch):
+    # the whole engine on a GPU, eager and with the decode step captured as a CUDA graph (bench/gpu_check.sh)
+    monkeypatch.setenv("POSTTRAIN_CUDA_GRAPHS", graphs)
+    model = copy.deepcopy(qwen2_model).cuda()
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0, stop_token_ids=(5,))
+    ours = ENGINES["native"].generate(model, prompts, greedy, n=2)
+    assert ours.completion_ids == ENGINES["hf"].generate(model, prompts, greedy, n=2).completion_ids
