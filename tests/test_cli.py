@@ -176,6 +176,23 @@ def test_generate_prints_json_lines(trained: Path, capsys: pytest.CaptureFixture
     assert lines[0]["completion"] == lines[1]["completion"]  # greedy: both samples agree
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--prompt", ""], "prompt 2 ('') has no tokens"),
+        (["--n", "0"], "n=0; give at least 1 completion per prompt"),
+        (["--temperature", "-1"], "temperature=-1.0 is out of range; allowed: at least 0 (0: greedy)"),
+        (["--top-p", "0"], "top_p=0.0 is out of range; allowed: in (0, 1] (1: off)"),
+        (["--max-new-tokens", "0"], "max_new_tokens=0 is out of range; allowed: at least 1"),
+    ],
+)
+def test_generate_names_a_bad_prompt_or_setting(trained: Path, capsys: pytest.CaptureFixture[str], flags, message):
+    # one `error:` line and exit code 2, no traceback (the arithmetic tokenizer adds no BOS to an empty prompt)
+    assert main(["generate", str(trained), "--prompt", "1+1=", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
 def test_report_summarises_a_run(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(trained.parent)]) == 0
     out = capsys.readouterr().out

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from posttrain.config import ConfigError, EvalConfig, PrefConfig, RLConfig, RMConfig, SFTConfig, load_config, validate
 from posttrain.data.encoding import encode_prompt
+from posttrain.data.errors import DataError
 from posttrain.objectives.registry import ALL_REGISTRIES
 from posttrain.policies import MODEL_PRESETS, load_model, load_tokenizer
 from posttrain.rewards import BUILTIN_REWARDS
@@ -199,11 +200,17 @@ def generate(
         model = load_model(model)
     if tokenizer is None:
         raise ValueError("generate: pass tokenizer= with a model object")
+    if n < 1:
+        raise DataError(f"generate: n={n}; give at least 1 completion per prompt")
     model.eval()
     prompt_ids = [
         encode_prompt(tokenizer, [{"role": "user", "content": p}] if chat else p, where=f"prompt {i + 1}")
         for i, p in enumerate(prompts)
     ]
+    for i, (prompt, ids) in enumerate(zip(prompts, prompt_ids)):
+        if not ids:
+            raise DataError(f"generate: prompt {i + 1} ({prompt!r}) has no tokens, and this tokenizer adds none "
+                            "(no BOS): give it some text")  # fmt: skip
     params = SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=temperature,

@@ -38,6 +38,7 @@ USER_ERROR_NAMES = (
     "KernelChoiceError",
     "ModelLoadError",
     "RewardLoadError",
+    "SamplingParamsError",
     "RewardFailureError",
     "UnknownObjectiveError",
     "CheckpointError",

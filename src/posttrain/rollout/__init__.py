@@ -3,7 +3,14 @@
 `ENGINES` maps a name to an engine instance; every engine implements `Engine.generate`.
 """
 
-from posttrain.rollout.engine import Engine, PaddedRollouts, Rollouts, SamplingParams, StopChecker
+from posttrain.rollout.engine import (
+    Engine,
+    PaddedRollouts,
+    Rollouts,
+    SamplingParams,
+    SamplingParamsError,
+    StopChecker,
+)
 from posttrain.rollout.hf import HFEngine
 from posttrain.rollout.native import NativeEngine
 
@@ -17,5 +24,6 @@ __all__ = [
     "PaddedRollouts",
     "Rollouts",
     "SamplingParams",
+    "SamplingParamsError",
     "StopChecker",
 ]

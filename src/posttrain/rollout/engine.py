@@ -13,6 +13,10 @@ from torch import Tensor
 FinishReason = Literal["stop", "length"]
 
 
+class SamplingParamsError(ValueError):
+    """A sampling setting outside its range (`SamplingParams`)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. Every engine reads the same fields the same way.
@@ -39,17 +43,16 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         checks = {
-            "max_new_tokens": self.max_new_tokens >= 1,
-            "temperature": self.temperature >= 0.0,
-            "top_p": 0.0 < self.top_p <= 1.0,
-            "top_k": self.top_k >= 0,
-            "min_p": 0.0 <= self.min_p < 1.0,
+            "max_new_tokens": (self.max_new_tokens >= 1, "at least 1"),
+            "temperature": (self.temperature >= 0.0, "at least 0 (0: greedy)"),
+            "top_p": (0.0 < self.top_p <= 1.0, "in (0, 1] (1: off)"),
+            "top_k": (self.top_k >= 0, "at least 0 (0: off)"),
+            "min_p": (0.0 <= self.min_p < 1.0, "in [0, 1) (0: off)"),
         }
-        for name, ok in checks.items():
+        for name, (ok, allowed) in checks.items():
             if not ok:
-                raise ValueError(
-                    f"SamplingParams.{name}={getattr(self, name)!r} is out of range; see its docstring"
-                )
+                value = getattr(self, name)
+                raise SamplingParamsError(f"sampling: {name}={value!r} is out of range; allowed: {allowed}")
 
     @property
     def greedy(self) -> bool:
