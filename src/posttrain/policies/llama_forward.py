@@ -140,9 +140,10 @@ class RMSNorm(torch.autograd.Function):
         dx = r * (g w - x_hat * mean(g w x_hat)),   dw = sum over rows of g x_hat,   x_hat = x r
 
     PyTorch's `rms_norm` is a composite on CPU whose backward runs its forward's ops backwards, one
-    allocation each: measured on 2 Xeon cores, torch 2.13, forward and backward of [2400, 128] (a demo GRPO
-    batch) 3.5 ms against 1.0 ms here, [3000, 512] 14.5 ms against 3.5 ms. It keeps x_hat and r for the
-    backward, where the composite keeps x and more."""
+    allocation each. Alone, forward and backward of [3000, 512] took 3.9 ms here against 11.7 ms (2 Xeon cores,
+    torch 2.13); within a whole forward and backward the gain is smaller (`python bench/rms_norm.py`: 5% of a
+    demo GRPO batch's, within 2% either way on SFT and DPO batches and on the 30m model). It keeps x_hat and r
+    for the backward, where the composite keeps x and more."""
 
     @staticmethod
     def forward(ctx: Any, x_X_H: Tensor, weight_H: Tensor, eps: float) -> Tensor:

@@ -1,0 +1,84 @@
+"""RMSNorm as one autograd function against PyTorch's composite `rms_norm`, in the training forward (issue #7).
+
+Forward + backward of `token_logprobs` (the unpadded Llama-family forward) on the batches the trainers build,
+with `llama_forward.norm_op` making the `RMSNorm` function (posttrain's) or calling `F.rms_norm` (PyTorch's),
+alternating in one process; prints each side's median and their ratio. The batches are `unpadded_forward.py`'s
+(SFT, packed SFT, DPO) and a GRPO-like one: 8 prompts x 8 completions of 12 numbers.
+
+    python bench/rms_norm.py --sizes tiny,30m --rounds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
+from unpadded_forward import batches, forward_backward
+
+
+def composite_norm_op(module: Any) -> Any:
+    """`llama_forward.norm_op` with PyTorch's `rms_norm` (autograd through its composite) for float32 input."""
+    import torch
+    import torch.nn.functional as F
+
+    from posttrain.policies import llama_forward
+
+    if type(module).__name__ not in llama_forward.RMS_NORMS:
+        return module
+    shape, weight, eps = module.weight.shape, module.weight, module.variance_epsilon
+    return lambda x: F.rms_norm(x, shape, weight, eps) if x.dtype == torch.float32 else module(x)
+
+
+def grpo_batch(tokenizer: Any) -> Any:
+    from posttrain.data import SFTExample, collate_sft, encode_sft
+
+    rng = random.Random(0)
+    rows = harness.arithmetic_rows(8, seed=0)
+    examples = [
+        SFTExample(r["prompt"], " ".join(str(rng.randint(0, 99)) for _ in range(12)), f"row {i}")
+        for i, r in enumerate(rows)
+        for _ in range(8)
+    ]
+    return collate_sft(encode_sft(examples, tokenizer), pad_id=tokenizer.pad_token_id)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="tiny,30m")
+    p.add_argument("--rounds", type=int, default=20, help="timed forward + backward per side, alternating")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+
+    import torch
+
+    from posttrain.policies import llama_forward
+
+    torch.set_num_threads(args.threads)
+    sides = {"function": llama_forward.norm_op, "composite": composite_norm_op}
+    tokenizer = harness.build_tokenizer()
+    print(f"threads {args.threads}, {args.rounds} rounds; median seconds per forward + backward")
+    for size in [s.strip() for s in args.sizes.split(",")]:
+        model = harness.build_model(size, tokenizer).train()
+        for name, batch in {**batches(tokenizer, 64, 128, seed=0), "grpo": grpo_batch(tokenizer)}.items():
+            times: dict[str, list[float]] = {side: [] for side in sides}
+            for round_ in range(args.rounds + 1):
+                for side, op in sides.items() if round_ % 2 else reversed(sides.items()):
+                    llama_forward.norm_op = op
+                    elapsed = forward_backward(model, batch)
+                    if round_:  # the first round warms up
+                        times[side].append(elapsed)
+            llama_forward.norm_op = sides["function"]
+            ours, composite = (statistics.median(times[s]) for s in sides)
+            shape = "x".join(map(str, batch.input_ids_B_T.shape))
+            print(f"{size:>5} {name:<11} [{shape}]: function {ours * 1e3:7.1f} ms, composite {composite * 1e3:7.1f} "
+                  f"ms, speed-up {composite / ours:.3f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
