@@ -102,11 +102,12 @@ class NonFiniteGuard:
 
 def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of all the gradients together, as `torch.nn.utils.get_total_norm` (0 for none; inf or NaN when
-    an element is). Float32 gradients on CPU take one `torch.dot` of each with itself: MKL's dot is 3x faster
-    than the per-tensor norms (measured on 2 Xeon cores, the 30m model's 25M gradients: 3.5 ms against 10.3 ms)
-    and summed closer to the float64 norm (relative error 6e-8 against 6e-6). Its float32 squares overflow from
-    elements of about 2e19, as those of torch's norm do; a sum that is not finite is taken again by
-    `get_total_norm`, so that the guard skips an update exactly where torch's norm is not finite."""
+    an element is). Float32 gradients on CPU take one `torch.dot` of each with itself: MKL's dot is 2-3x faster
+    than the per-tensor norms and sums closer to the float64 norm (`python bench/grad_norm.py`, 2 Xeon cores, the
+    30m model's 25M gradients: 2.8-3.5 ms against 5.3-10.3 ms over two runs; relative error 6e-8 against 6e-6).
+    Its float32 squares overflow from elements of about 2e19, as those of torch's norm do; a sum that is not
+    finite is taken again by `get_total_norm`, so that the guard skips an update exactly where torch's norm is
+    not finite."""
     on_cpu = all(g.device.type == "cpu" and g.dtype == torch.float32 for g in grads)
     if not grads or not on_cpu:
         return torch.nn.utils.get_total_norm(grads)
