@@ -17,6 +17,7 @@ from posttrain.policies.llama_forward import (
     causal_attention,
     decoder_of,
     find_documents,
+    products_pad_rows,
     runs_unpadded,
 )
 from posttrain.trainers.build import build_builtin_tokenizer
@@ -320,6 +321,20 @@ def test_bf16_follows_the_models_forward(bf16, tokenizer, unpadded_calls) -> Non
     assert unpadded_calls["n"] == 1
     assert logp.dtype == torch.float32
     torch.testing.assert_close(logp, ref_logp, atol=1e-3, rtol=1e-3)
+
+
+def test_bfloat16_products_on_cpu_pad_their_rows(tokenizer) -> None:
+    # oneDNN, which runs every bfloat16 product on CPU, builds a kernel per row count: rows go to a bucket
+    from posttrain.policies import cpu_matmul
+
+    model = build_model("qwen2-small", tokenizer, seed=0)
+    q_proj = decoder_of(model).layers[0].self_attn.q_proj
+    x = torch.zeros(7, q_proj.in_features)
+    assert products_pad_rows(q_proj, x) == cpu_matmul.onednn_computes(x, q_proj.weight)  # float32: as oneDNN
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert products_pad_rows(q_proj, x)
+    half = model.to(torch.bfloat16)
+    assert products_pad_rows(decoder_of(half).layers[0].self_attn.q_proj, x.bfloat16())
 
 
 # ---------------------------------------------------------------- fallbacks
