@@ -148,6 +148,24 @@ def test_kernel_caches_are_bounded_unless_the_environment_says(kernel, monkeypat
     assert os.environ["LRU_CACHE_CAPACITY"] == "7"
 
 
+def test_kernel_caches_are_bounded_before_a_bfloat16_product_or_a_run(kernel, monkeypatch):
+    # PyTorch runs bfloat16 products on oneDNN whatever POSTTRAIN_CPU_MATMUL says, so the caps are set before the
+    # first product of the compact forwards (which bind products with linear_of) and at the start of every run
+    from posttrain.trainers.build import check_environment
+
+    kernel("blas")
+    for name in cpu_matmul.KERNEL_CACHE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    cpu_matmul.linear_of(torch.randn(8, 8, dtype=torch.bfloat16))
+    assert all(os.environ[name] == str(cpu_matmul.KERNEL_CACHE_ENTRIES) for name in cpu_matmul.KERNEL_CACHE_VARIABLES)
+    for name in cpu_matmul.KERNEL_CACHE_VARIABLES:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
+    check_environment()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "128"
+    assert os.environ["LRU_CACHE_CAPACITY"] == str(cpu_matmul.KERNEL_CACHE_ENTRIES)
+
+
 def test_blas_keeps_f_linear(kernel):
     calls = kernel("blas")
     cpu_matmul.linear(torch.randn(512, 512), torch.randn(512, 512))

@@ -69,6 +69,7 @@ def linear_of(weight_N_K: Tensor, bias_N: Tensor | None = None) -> Callable[[Ten
     """`linear` with its weight and bias bound, as a function of x: F.linear itself wherever oneDNN never takes
     the product (a weight off the CPU, not float32 or under MIN_WEIGHT_VALUES values, or oneDNN not selected in
     this process), so that such a call makes no checks."""
+    bound_kernel_caches()  # before the first product: in bfloat16 on CPU PyTorch itself runs them on oneDNN
     on_cpu_float32 = weight_N_K.device.type == "cpu" and weight_N_K.dtype == torch.float32
     if not on_cpu_float32 or weight_N_K.numel() < MIN_WEIGHT_VALUES or not onednn_selected():
         return functools.partial(F.linear, weight=weight_N_K, bias=bias_N)
@@ -187,7 +188,11 @@ def kernel_choice() -> str:
 
 def bound_kernel_caches() -> None:
     """Caps oneDNN's kernel caches at KERNEL_CACHE_ENTRIES each where the environment does not set them. Both
-    libraries read these variables when they first build a kernel, so this only takes effect before that."""
+    libraries read these variables when they first build a kernel, so this only takes effect before that: every
+    run calls it first (`trainers.build.check_environment`), and so do the compact forwards (`linear_of`). A
+    bfloat16 GRPO run of the demo model on CPU, whose products PyTorch runs on oneDNN, peaked at 714 MB with the
+    default caches (329 ms a step) and at 514 MB with 32 entries (385 ms); with 128 entries, set in the
+    environment, 604 MB and 329 ms (measured on 2 Xeon cores, 5 steps)."""
     for name in KERNEL_CACHE_VARIABLES:
         os.environ.setdefault(name, str(KERNEL_CACHE_ENTRIES))
 

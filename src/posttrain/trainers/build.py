@@ -216,8 +216,10 @@ def check_environment() -> None:
     """Check the environment variables a run reads later, so that a misspelt one stops it before anything is
     built, rather than where it is first read, or never: POSTTRAIN_CPU_MATMUL (read at the first product large
     enough for oneDNN) and POSTTRAIN_CUDA_GRAPHS (read when a CUDA model builds its decoder). Every run calls it
-    first (`run_state.start_run`, evaluation)."""
+    first (`run_state.start_run`, evaluation). It also caps oneDNN's kernel caches (`cpu_matmul.bound_kernel_caches`)
+    before any product builds a kernel: a bfloat16 model on CPU runs all its products through oneDNN."""
     cpu_matmul.kernel_choice()
+    cpu_matmul.bound_kernel_caches()
     cuda_graphs_enabled()
 
 
