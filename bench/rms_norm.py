@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
-from unpadded_forward import batches, forward_backward
+from unpadded_forward import alternating_medians, batches
 
 
 def composite_norm_op(module: Any) -> Any:
@@ -66,15 +65,11 @@ def main() -> None:
     for size in [s.strip() for s in args.sizes.split(",")]:
         model = harness.build_model(size, tokenizer).train()
         for name, batch in {**batches(tokenizer, 64, 128, seed=0), "grpo": grpo_batch(tokenizer)}.items():
-            times: dict[str, list[float]] = {side: [] for side in sides}
-            for round_ in range(args.rounds + 1):
-                for side, op in sides.items() if round_ % 2 else reversed(sides.items()):
-                    llama_forward.norm_op = op
-                    elapsed = forward_backward(model, batch)
-                    if round_:  # the first round warms up
-                        times[side].append(elapsed)
+            medians = alternating_medians(
+                model, batch, sides, lambda op: setattr(llama_forward, "norm_op", op), args.rounds
+            )
             llama_forward.norm_op = sides["function"]
-            ours, composite = (statistics.median(times[s]) for s in sides)
+            ours, composite = medians["function"], medians["composite"]
             shape = "x".join(map(str, batch.input_ids_B_T.shape))
             print(f"{size:>5} {name:<11} [{shape}]: function {ours * 1e3:7.1f} ms, composite {composite * 1e3:7.1f} "
                   f"ms, speed-up {composite / ours:.3f}x")  # fmt: skip

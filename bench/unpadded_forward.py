@@ -20,6 +20,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,21 @@ def forward_backward(model: Any, batch: Any) -> float:
     return time.perf_counter() - started
 
 
+def alternating_medians(
+    model: Any, batch: Any, sides: dict[str, Any], install: Callable[[Any], None], rounds: int
+) -> dict[str, float]:
+    """Median seconds of `forward_backward` for each side, the sides alternating from round to round after one
+    warm-up round; `install(value)` puts a side's value in place before its run."""
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    for round_ in range(rounds + 1):
+        for side, value in sides.items() if round_ % 2 else reversed(sides.items()):
+            install(value)
+            elapsed = forward_backward(model, batch)
+            if round_:  # the first round warms up
+                times[side].append(elapsed)
+    return {side: statistics.median(values) for side, values in times.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="tiny,30m")
@@ -95,15 +111,11 @@ def main() -> None:
         for name, batch in batches(tokenizer, args.batch, args.max_length, seed=0).items():
             slots = batch.input_ids_B_T.numel()
             padding = 1 - int(batch.attention_mask_B_T.sum()) / slots
-            times: dict[str, list[float]] = {side: [] for side in sides}
-            for round_ in range(args.rounds + 1):
-                for side, check in sides.items() if round_ % 2 else reversed(sides.items()):
-                    logprobs_module.runs_unpadded = check
-                    elapsed = forward_backward(model, batch)
-                    if round_:  # the first round warms up
-                        times[side].append(elapsed)
+            medians = alternating_medians(
+                model, batch, sides, lambda check: setattr(logprobs_module, "runs_unpadded", check), args.rounds
+            )
             logprobs_module.runs_unpadded = runs_unpadded
-            fast, slow = (statistics.median(times[s]) for s in ("unpadded", "padded"))
+            fast, slow = medians["unpadded"], medians["padded"]
             shape = "x".join(map(str, batch.input_ids_B_T.shape))
             print(
                 f"{size:>5} {name:<11} [{shape}] padding {padding:4.0%}: unpadded {fast * 1e3:7.1f} ms, "
