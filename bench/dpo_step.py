@@ -55,8 +55,7 @@ def run_posttrain(case: dict[str, Any]) -> dict[str, Any]:
     from posttrain import api
 
     tokenizer = harness.build_tokenizer()
-    model = harness.build_model(case["size"], tokenizer, seed=case["seed"], device=case["device"],
-                                dtype=case.get("dtype", "float32"))  # fmt: skip
+    model = harness.case_model(case, tokenizer)
     weights, autocast = harness.precision(case)
     steps = case["warmup"] + case["steps"]
     rows = preference_rows(case["batch"] * steps, seed=case["seed"], completion_tokens=case["completion_tokens"])

@@ -26,9 +26,7 @@ def _setup(case: dict[str, Any]) -> tuple[Any, Any, list[list[int]]]:
     import torch
 
     tokenizer = harness.build_tokenizer()
-    model = harness.build_model(
-        case["size"], tokenizer, seed=case["seed"], device=case["device"], dtype=case.get("dtype", "float32")
-    ).eval()
+    model = harness.case_model(case, tokenizer).eval()
     rows = harness.arithmetic_rows(case["prompts"], seed=case["seed"], prompt_tokens=case.get("prompt_tokens", 0))
     prompt_ids = [tokenizer(r["prompt"])["input_ids"] for r in rows]
     torch.manual_seed(case["seed"])

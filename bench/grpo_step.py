@@ -58,8 +58,7 @@ def run_posttrain(case: dict[str, Any]) -> dict[str, Any]:
     from posttrain import api
 
     tokenizer = harness.build_tokenizer()
-    model = harness.build_model(case["size"], tokenizer, seed=case["seed"], device=case["device"],
-                                dtype=case.get("dtype", "float32"))  # fmt: skip
+    model = harness.case_model(case, tokenizer)
     rows = harness.arithmetic_rows(4096, seed=case["seed"], prompt_tokens=case.get("prompt_tokens", 0))
     base = harness.base_memory_mb(case["device"])
     clock = harness.StepClock()

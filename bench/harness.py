@@ -44,9 +44,9 @@ OUT_DIR = ROOT / "runs" / "bench"
 RESULT_PREFIX = "BENCH_RESULT "
 
 SIZES = {"tiny": "qwen2-small", "30m": "qwen2-30m", "0.5b": "qwen2-0.5b-shape"}
-DTYPES = ("float32", "bfloat16")
 """Benchmark sizes -> posttrain model presets. `tiny` is the demo model (0.84M parameters with the
 arithmetic tokenizer), `30m` has about 25M, `0.5b` is Qwen2-0.5B-shaped (GPU only)."""
+DTYPES = ("float32", "bfloat16")
 
 
 # --- command line -------------------------------------------------------------------------------------
@@ -313,6 +313,12 @@ def build_model(size: str, tokenizer: Any, *, seed: int = 0, device: str = "cpu"
     from posttrain.policies import build_model as build
 
     return build(SIZES[size], tokenizer, seed=seed).to(device=device, dtype=getattr(torch, dtype))
+
+
+def case_model(case: dict[str, Any], tokenizer: Any) -> Any:
+    """`build_model` for a case: its size, seed, device and dtype."""
+    return build_model(case["size"], tokenizer, seed=case["seed"], device=case["device"],
+                       dtype=case.get("dtype", "float32"))  # fmt: skip
 
 
 def precision(case: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

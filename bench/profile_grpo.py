@@ -68,10 +68,9 @@ def run_profile(case: dict[str, Any]) -> dict[str, Any]:
     from posttrain.rollout import ENGINES
     from posttrain.runtime.logging import read_metrics
 
-    dtype = case.get("dtype", "float32")
-    peak = measure_peak(case["device"], seconds=1.0, dtype=dtype)["peak"]
+    peak = measure_peak(case["device"], seconds=1.0, dtype=case.get("dtype", "float32"))["peak"]
     tokenizer = harness.build_tokenizer()
-    model = harness.build_model(case["size"], tokenizer, seed=case["seed"], device=case["device"], dtype=dtype)
+    model = harness.case_model(case, tokenizer)
     config = model.config
     rows = harness.arithmetic_rows(4096, seed=case["seed"], prompt_tokens=case.get("prompt_tokens", 0))
     timers = Timers()

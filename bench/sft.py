@@ -58,8 +58,7 @@ def run_posttrain(case: dict[str, Any]) -> dict[str, Any]:
     from posttrain import api
 
     tokenizer = harness.build_tokenizer()
-    model = harness.build_model(case["size"], tokenizer, seed=case["seed"], device=case["device"],
-                                dtype=case.get("dtype", "float32"))  # fmt: skip
+    model = harness.case_model(case, tokenizer)
     weights, autocast = harness.precision(case)
     rows = sft_rows(case)
     per_step = case["batch"] * example_tokens(rows)

@@ -33,6 +33,7 @@ def kernel(monkeypatch):
     def choose(choice: str) -> dict:
         monkeypatch.setenv(cpu_matmul.ENV_VAR, choice)
         cpu_matmul.onednn_selected.cache_clear()
+        cpu_matmul.bound_kernel_caches.cache_clear()
         return calls
 
     yield choose
@@ -161,6 +162,7 @@ def test_kernel_caches_are_bounded_before_a_bfloat16_product_or_a_run(kernel, mo
     for name in cpu_matmul.KERNEL_CACHE_VARIABLES:
         monkeypatch.delenv(name)
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
+    cpu_matmul.bound_kernel_caches.cache_clear()  # a new process, as far as the caps go
     check_environment()
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "128"
     assert os.environ["LRU_CACHE_CAPACITY"] == str(cpu_matmul.KERNEL_CACHE_ENTRIES)

@@ -357,19 +357,10 @@ def unpadded_hidden_states(
 
 
 def products_pad_rows(q_proj: torch.nn.Module, x_U_H: Tensor) -> bool:
-    """Whether the layers' products run on oneDNN, which builds a kernel for every row count it sees, so that
-    the rows are better padded to a bucket (`cpu_matmul.padded_count`) whose kernels are reused from step to
-    step: float32 products that `cpu_matmul` sends to oneDNN (the query projection, of the smallest weights but
-    k and v, a plain Linear that oneDNN takes for x), and every bfloat16 product on CPU, which PyTorch sends to
-    oneDNN. Measured on 2 Xeon cores, torch 2.13, bfloat16 demo-model SFT steps of 64 examples (521-535 real
-    tokens, a new count at every step): forward + backward 47-65 ms unpadded, against 27 ms for a batch
-    repeated."""
-    if type(q_proj) is not torch.nn.Linear or x_U_H.device.type != "cpu":
-        return False
-    low_precision = q_proj.weight.dtype == torch.bfloat16 or (
-        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    )
-    return low_precision or cpu_matmul.onednn_computes(x_U_H, q_proj.weight)
+    """Whether the layers' products are computed over rows padded to a bucket (`cpu_matmul.rows_best_padded`: on
+    oneDNN, which builds a kernel for every row count): the query projection, of the smallest weights but k and
+    v, is a plain Linear whose product with x is."""
+    return type(q_proj) is torch.nn.Linear and cpu_matmul.rows_best_padded(x_U_H, q_proj.weight)
 
 
 def padded_index(index_M: Tensor, rows: int) -> Tensor:

@@ -208,11 +208,9 @@ def packed_layers(model: Any, layers: list[torch.nn.Module]) -> list[PackedLayer
     """The model's layers as `PackedLayer`s, or None where packing does not apply: off the CPU, not float32, a
     layer with other than plain Linear projections (LoRA), RMSNorm and SiLU, or weights over PACK_MAX_VALUES."""
     head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear:
+    if type(head) is not torch.nn.Linear or head.weight.device.type != "cpu" or head.weight.dtype != torch.float32:
         return None
     values = sum(m.weight.numel() for layer in layers for m in layer.modules() if type(m) is torch.nn.Linear)
-    if head.weight.device.type != "cpu" or head.weight.dtype != torch.float32:
-        return None
     if values + head.weight.numel() > PACK_MAX_VALUES or not all(_packable(layer) for layer in layers):
         return None
     return [_pack(layer) for layer in layers]
