@@ -169,8 +169,8 @@ PACK_MAX_VALUES = 1 << 22
 """`PackedLayer`s are made for a float32 CPU model whose layer and head weights hold at most this many values (16
 MB of copies): its decode step is bound by per-op overhead. Measured on 2 Xeon cores, torch 2.13, 8 prompts x 8
 samples x 32 tokens, packed and unpacked alternating in one process (`python bench/packed_decode.py`): the demo
-model (0.8M weights) generates 13-14% faster packed (80 -> 71 ms); the 30m model (25M) 3%, for 100 MB of copies,
-which would lift its generation's peak memory above transformers `generate`'s."""
+model (0.8M weights) generates 7-14% faster packed over six runs (80 -> 71 ms in one); the 30m model (25M) 3%,
+for 100 MB of copies, which would lift its generation's peak memory above transformers `generate`'s."""
 
 
 @dataclass(frozen=True)
