@@ -293,6 +293,18 @@ def test_lora_model_equals_the_models_forward(tokenizer, unpadded_calls) -> None
     assert unpadded_calls["n"] == 1
 
 
+def test_lora_on_the_head_equals_the_models_forward(tokenizer, unpadded_calls) -> None:
+    # a LoRA-wrapped head's weight is its frozen base's: the chunked head would drop the adapter's delta (log-probs
+    # off by about 1, found by fuzzing), so such a head runs as its module
+    peft = pytest.importorskip("peft")
+    base = sharp_model("qwen2-small", tokenizer, seed=8)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    model = peft.get_peft_model(base, config)
+    ids, attention_B_T, target = right_padded([14, 6, 9], len(tokenizer), seed=9)
+    assert_same_values_and_gradients(model, ids, attention_B_T, target, None, {"attention_mask": attention_B_T.long()})
+    assert any("lm_head.lora" in name for name, p in model.named_parameters() if p.requires_grad)
+
+
 def test_a_bare_decoder_runs_unpadded_like_its_causal_lm(tokenizer, unpadded_calls, linear_kernel) -> None:
     # the PPO critic's backbone is a bare Qwen2Model: the same decoder, found from the LM or from itself
     model = sharp_model("qwen2-small", tokenizer, seed=15)

@@ -142,6 +142,33 @@ def test_other_architectures_take_the_generic_path():
     assert not supports_static(sliding)
 
 
+@pytest.mark.parametrize("rope", ["dynamic", "longrope", "linear"])
+def test_rope_chosen_from_the_longest_position_takes_the_generic_path(rope):
+    # dynamic and longrope RoPE pick their frequencies from the largest position a forward sees: one table over
+    # every slot of a generation (3 prompt tokens + 8 new, past max_position_embeddings = 8) would scale the
+    # angles of a sequence that stays within 8 positions (logits off by 0.7-3 at the prefill, found by fuzzing)
+    parameters = {
+        "dynamic": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0},
+        "longrope": {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8,
+                     "original_max_position_embeddings": 8, "rope_theta": 10000.0},
+        "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    }[rope]  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=8, initializer_range=0.3, rope_parameters=parameters)
+    ).eval()  # fmt: skip
+    assert supports_static(model) == (rope == "linear")
+    prompt, fed = [5, 17, 33], [1, 2, 3, 4]
+    decoder = build_decoder(model, 8)
+    with torch.no_grad():
+        logits = [decoder.prefill(*left_pad([prompt], torch.device("cpu")))[0]]
+        logits += [decoder.step(torch.tensor([t]))[0] for t in fed]
+        for i, got in enumerate(logits):
+            expected = model(torch.tensor([prompt + fed[:i]])).logits[0, -1]
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_a_model_with_forward_hooks_takes_the_generic_path(qwen2_model):
     # the static decoder calls the layers' Linear maths directly, so a hook (FSDP's weight gathering, a probe)
     # would silently not run: the hooked model decodes through its own forward

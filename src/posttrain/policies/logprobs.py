@@ -202,7 +202,9 @@ def token_logprobs(
     hidden_N_H = hidden_states_at(model, input_ids_B_T, attention_mask_B_T, position_ids_B_T, predict_B_T)
     targets_N = input_ids_B_T[:, 1:][target_mask_B_T[:, 1:]]
     head = model.get_output_embeddings()
-    if _head_postprocesses_logits(model.config):
+    # the chunked head reads the weight itself: a head that is not a plain Linear (one LoRA wraps, whose weight is
+    # its frozen base's) runs as its module
+    if _head_postprocesses_logits(model.config) or type(head) is not torch.nn.Linear:
         logp_N, entropy_N = _plain_logprobs_and_entropy(model, hidden_N_H, targets_N, temperature)
     else:
         logp_N, entropy_N = gather_logprobs_and_entropy(

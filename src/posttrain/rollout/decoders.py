@@ -121,10 +121,19 @@ class HFCacheDecoder:
         return out.logits[:, -1].float()
 
 
+POSITION_DEPENDENT_ROPE = frozenset({"dynamic", "longrope"})
+"""RoPE types whose frequencies transformers chooses from the largest position a forward is given
+(`dynamic_rope_update`): the static decoder's one table over every slot of the generation would pick them from
+prompt width + max_new_tokens, not from the positions the model's forward sees at each step."""
+
+
 def supports_static(model: Any) -> bool:
-    """Whether `StaticCacheDecoder` reproduces this model's forward: Llama family, full attention only, and no
-    forward hooks (it would not run them)."""
-    return has_llama_layers(model) and not has_hooks(model)
+    """Whether `StaticCacheDecoder` reproduces this model's forward: Llama family, full attention only, RoPE
+    frequencies that do not depend on the positions seen (`POSITION_DEPENDENT_ROPE`), and no forward hooks (it
+    would not run them)."""
+    if not has_llama_layers(model) or has_hooks(model):
+        return False
+    return getattr(base_model(model).get_decoder().rotary_emb, "rope_type", "default") not in POSITION_DEPENDENT_ROPE
 
 
 def _decode_attention(q_A_N_1_D: Tensor, k_A_G_K_D: Tensor, v_A_G_K_D: Tensor, bias_AG_1_K: Tensor,
