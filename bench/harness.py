@@ -46,6 +46,12 @@ RESULT_PREFIX = "BENCH_RESULT "
 SIZES = {"tiny": "qwen2-small", "30m": "qwen2-30m", "0.5b": "qwen2-0.5b-shape"}
 """Benchmark sizes -> posttrain model presets. `tiny` is the demo model (0.84M parameters with the
 arithmetic tokenizer), `30m` has about 25M, `0.5b` is Qwen2-0.5B-shaped (GPU only)."""
+VOCAB_SIZES = {"0.5b": 151_936}
+"""Sizes whose embedding and head have more rows than the arithmetic tokenizer's tokens: the issue's Qwen2-0.5B
+shape has Qwen2's vocabulary, whose head and embedding are 136M of its 494M weights and whose [tokens, 151,936]
+logits are most of a trainer's memory, so that random weights cost what the checkpoint costs per token. Sampled
+ids beyond the tokenizer's decode to nothing (random weights give no answers anyway); the others use the
+tokenizer's vocabulary."""
 DTYPES = ("float32", "bfloat16")
 
 
@@ -307,12 +313,13 @@ def build_tokenizer() -> Any:
 
 def build_model(size: str, tokenizer: Any, *, seed: int = 0, device: str = "cpu", dtype: str = "float32") -> Any:
     """A randomly initialised model of the size's preset (same seed -> same weights on both sides), float32 weights
-    rounded to `dtype`."""
+    rounded to `dtype`, with the size's vocabulary (`VOCAB_SIZES`)."""
     import torch
 
     from posttrain.policies import build_model as build
 
-    return build(SIZES[size], tokenizer, seed=seed).to(device=device, dtype=getattr(torch, dtype))
+    model = build(SIZES[size], tokenizer, seed=seed, vocab_size=VOCAB_SIZES.get(size))
+    return model.to(device=device, dtype=getattr(torch, dtype))
 
 
 def case_model(case: dict[str, Any], tokenizer: Any) -> Any:

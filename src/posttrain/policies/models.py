@@ -84,12 +84,22 @@ def preset_config(
 
 
 def build_model(
-    preset: str, tokenizer: PreTrainedTokenizerBase, *, seed: int = 0, dtype: str = "float32"
+    preset: str,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    vocab_size: int | None = None,
 ) -> PreTrainedModel:
-    """A randomly initialised causal LM of a named preset, sized to the tokenizer's vocabulary."""
+    """A randomly initialised causal LM of a named preset, sized to the tokenizer's vocabulary, or to `vocab_size`
+    rows of embedding and head (at least the tokenizer's; released checkpoints pad theirs, Qwen2's 151,936 rows hold
+    151,665 tokens)."""
+    vocab = len(tokenizer) if vocab_size is None else vocab_size
+    if vocab < len(tokenizer):
+        raise ValueError(f"build_model: vocab_size {vocab} is below the tokenizer's {len(tokenizer)} tokens")
     config = preset_config(
         preset,
-        vocab_size=len(tokenizer),
+        vocab_size=vocab,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
