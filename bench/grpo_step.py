@@ -31,11 +31,13 @@ DEFAULTS = {"tiny": {"steps": 6}, "30m": {"steps": 3}, "0.5b": {"steps": 3}}
 
 def grpo_case(size: str, *, prompts: int = 8, group: int = 8, completion: int = 32, beta: float = 0.04,
               steps: int = 5, warmup: int = 1, device: str = "cpu", dtype: str = "float32",
-              prompt_tokens: int = 0, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+              prompt_tokens: int = 0, micro_batch: int | None = None, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    if micro_batch is not None and (prompts * group) % micro_batch:
+        raise SystemExit(f"--micro-batch {micro_batch} must divide the step's {prompts * group} sequences")
     return {
         "size": size, "prompts": prompts, "group": group, "completion": completion, "beta": beta, "lr": 1e-5,
         "temperature": 1.0, "steps": steps, "warmup": warmup, "device": device, "dtype": dtype,
-        "prompt_tokens": prompt_tokens, "seed": seed,
+        "prompt_tokens": prompt_tokens, "micro_batch": micro_batch, "seed": seed,
     }  # fmt: skip
 
 
@@ -72,6 +74,7 @@ def run_posttrain(case: dict[str, Any]) -> dict[str, Any]:
                       **autocast},
             "rl": {
                 "prompts_per_step": case["prompts"], "group_size": case["group"], "epochs": 1, "minibatches": 1,
+                "micro_batch_size": case.get("micro_batch"),
                 "advantage": "grpo", "policy_loss": "ppo", "policy_loss_args": {"clip_low": 0.2, "clip_high": 0.2},
                 "loss_aggregation": "token_mean",
                 "sampling": {"max_new_tokens": case["completion"], "temperature": case["temperature"]},
@@ -105,9 +108,12 @@ def run_trl(case: dict[str, Any]) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as out:
         path = harness.save_model(case["size"], tokenizer, Path(out) / "model", seed=case["seed"])
+        sequences = rows_per_step(case)
+        micro_batch = case.get("micro_batch") or sequences
         args = GRPOConfig(
-            **harness.trl_args(case, out, lr=case["lr"]),
-            per_device_train_batch_size=case["prompts"] * case["group"],  # one optimiser step per generation batch
+            **{**harness.trl_args(case, out, lr=case["lr"]), "gradient_accumulation_steps": sequences // micro_batch},
+            # one generation batch of P x G per optimiser step, its forward and backward in micro-batches
+            per_device_train_batch_size=micro_batch,
             num_generations=case["group"],
             max_completion_length=case["completion"],
             temperature=case["temperature"], top_p=1.0, top_k=0,
@@ -144,6 +150,9 @@ def main() -> None:
     p.add_argument("--completion", type=int, default=32, help="max completion tokens (L)")
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (> 0: both sides run a reference)")
     p.add_argument("--prompt-tokens", type=int, default=0, help="lengthen every prompt to about this many tokens")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="sequences per forward + backward on both sides (posttrain rl.micro_batch_size; TRL "
+                        "per_device_train_batch_size with gradient accumulation); None: the whole step")  # fmt: skip
     args = p.parse_args()
     if args.worker:
         return harness.worker_main(args.worker, SIDES)
@@ -153,7 +162,7 @@ def main() -> None:
         steps = 2 if args.quick else args.steps or DEFAULTS[size]["steps"]
         case = grpo_case(size, prompts=args.prompts, group=args.group, completion=args.completion, beta=args.beta,
                          steps=steps, warmup=args.warmup, device=args.device, dtype=harness.dtype_of(args),
-                         prompt_tokens=args.prompt_tokens)  # fmt: skip
+                         prompt_tokens=args.prompt_tokens, micro_batch=args.micro_batch)  # fmt: skip
         print(f"GRPO step, {size}: {case}", flush=True)
         sides = harness.alternate(__file__, case, ["posttrain", "trl"], rounds=rounds, threads=args.threads)
         cases.append(
