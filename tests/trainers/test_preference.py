@@ -141,3 +141,28 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert [h["step"] for h in resumed.history] == list(range(1, 7))
     for a, b in zip(full.history, resumed.history, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+
+
+def test_resume_keeps_the_evaluations_logged_before_the_checkpoint(tmp_path) -> None:
+    # the initial evaluation (step 0) is logged, not kept in the history: a resume from step 2 used to rewrite
+    # metrics.jsonl from the history alone and lose it; the final one (step 4) is made once, by the resumed run
+    import json
+
+    from posttrain import api
+
+    rows = feedback_rows(TASK, 40, seed=0, split="train", kind="preference")
+    held_out = feedback_rows(TASK, 8, seed=0, split="eval", kind="preference")
+
+    def run(out, resume=False):
+        config = {"model": {"preset": "qwen2-tiny", "tokenizer": "arithmetic"},
+                  "data": {"train": api.IN_MEMORY, "eval": api.IN_MEMORY},
+                  "train": {"max_steps": 4, "batch_size": 8, "save_every": 2, "keep_last": 5}, "eval": {"limit": 8},
+                  "output_dir": str(out)}  # fmt: skip
+        api.pref(config, train=rows, eval=held_out, resume=resume, progress=False)
+        return [(r["kind"], r["step"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+    whole = run(tmp_path / "whole")
+    assert whole == [("eval", 0), ("train", 1), ("train", 2), ("train", 3), ("train", 4), ("eval", 4)]
+    run(tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-00000004")  # as if it had stopped after step 2
+    assert run(tmp_path / "resumed", resume=True) == whole

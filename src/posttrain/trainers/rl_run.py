@@ -90,11 +90,11 @@ def build_rl_run(
         baseline=MovingBaseline(), kl_coef=rl.kl.coef, history=[], start_step=0,
     )  # fmt: skip
     if checkpoint is not None:
-        _restore_rl_state(run)
+        _restore_rl_state(run, final_step=cfg.train.max_steps)
     return run
 
 
-def _restore_rl_state(run: RLRun) -> None:
+def _restore_rl_state(run: RLRun, *, final_step: int) -> None:
     def restore_rl_extra(state: dict[str, Any]) -> None:
         if run.critic is not None:
             run.critic.load_state_dict(state["critic"])
@@ -103,7 +103,8 @@ def _restore_rl_state(run: RLRun) -> None:
         run.kl_coef = state["kl_coef"]
 
     run.history, run.start_step = restore_checkpoint(
-        run.checkpointer, run.checkpoint, run.optim, run.sampler, run.generator, restore_rl_extra
+        run.checkpointer, run.checkpoint, run.optim, run.sampler, run.generator, restore_rl_extra,
+        final_step=final_step,
     )
 
 
