@@ -166,3 +166,13 @@ def test_resume_keeps_the_evaluations_logged_before_the_checkpoint(tmp_path) -> 
     run(tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-00000004")  # as if it had stopped after step 2
     assert run(tmp_path / "resumed", resume=True) == whole
+
+
+def test_a_loss_that_couples_the_steps_pairs_refuses_micro_batches(tmp_path) -> None:
+    # AOT sorts the step's margins: split over micro-batches its value would change (found by an audit); the
+    # config says so before any model is built, and the whole step in one call is allowed
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size: 4 splits the step.*'aot' couples"):
+        as_config(PrefConfig, config(tmp_path, loss="aot"), ["train.micro_batch_size=4"])
+    for allowed in ([], ["train.micro_batch_size=16"], ["train.micro_batch_size=32"]):
+        as_config(PrefConfig, config(tmp_path, loss="aot"), allowed)
+    as_config(PrefConfig, config(tmp_path), ["train.micro_batch_size=4"])  # DPO's loss is per pair

@@ -187,6 +187,13 @@ class PrefConfig(_OfflineConfig):
                 f"pref.reference: '{self.pref.reference}' is incompatible with pref.loss '{self.pref.loss}', which "
                 "is reference-free (no reference model is built); set pref.reference to none or leave it out"
             )
+        micro_batch = self.train.micro_batch_size
+        if "whole_batch" in fn.needs and micro_batch is not None and micro_batch < self.train.batch_size:
+            raise ValueError(
+                f"train.micro_batch_size: {micro_batch} splits the step, but pref.loss '{self.pref.loss}' couples "
+                f"the step's pairs (its value depends on which pairs share a call), so micro-batches would change "
+                f"the update; leave it unset or set it to train.batch_size ({self.train.batch_size})"
+            )
         sampled = {"reference_samples", "mixture_opponents"} & set(fn.needs)
         if self.online is None and sampled:
             raise ValueError(

@@ -392,7 +392,7 @@ def apo_down(
     return torch.sigmoid(beta * r_w) + torch.sigmoid(-beta * (r_w - r_l))
 
 
-@preference_loss("aot", needs=("reference",))
+@preference_loss("aot", needs=("reference", "whole_batch"))
 def aot(
     chosen: Tensor,
     rejected: Tensor,
@@ -411,7 +411,8 @@ def aot(
         loss_k  = -(1 - eps) * log sigmoid(beta * d_(k)) - eps * log sigmoid(-beta * d_(k))
 
     Inputs [N]; returns [N] indexed by quantile k, NOT by pair: the loss couples the whole batch, so its
-    value depends on which pairs share a (micro-)batch. Use the mean. eps = label_smoothing.
+    value depends on which pairs share a call. Use the mean; `whole_batch` makes the config refuse micro-batches
+    that would split a step. eps = label_smoothing.
     Deviations from the paper: none beyond TRL's choice of the paired (not unpaired) variant.
     """
     margin_sorted, _ = torch.sort(chosen - rejected)

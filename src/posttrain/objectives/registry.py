@@ -105,6 +105,7 @@ PREFERENCE_LOSSES = Registry(
         "win_rates",  # listwise: win_rates_N_K, each completion's estimated probability of beating an opponent
         "reference_samples",  # online: pairs mix policy and reference samples; chosen/rejected_from_reference [N]
         "mixture_opponents",  # online: win_rates_N_K against samples of the policy/reference geometric mixture
+        "whole_batch",  # the loss couples the step's pairs (AOT sorts their margins): one call over the whole step
     ),
 )
 REWARD_MODEL_LOSSES = Registry("reward-model loss", allowed_needs=("listwise",))
