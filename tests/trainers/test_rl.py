@@ -204,3 +204,25 @@ def test_non_finite_updates_are_skipped_then_the_run_stops(sft_model: str, tmp_p
         rl(cfg, model=model, tokenizer=tokenizer, progress=False)
     for name, value in model.state_dict().items():  # none of the NaN updates reached the weights
         assert torch.equal(value, before[name]), name
+
+
+def test_rows_without_the_column_a_reward_reads_are_refused_or_skipped(tmp_path: Path) -> None:
+    # numeric_match reads `answer`: a row without it would score 0 as "not applicable" and be pushed down by its
+    # advantage (found by an audit); it stops the run naming the row, or is skipped and counted
+    from posttrain.data.errors import DataError
+
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(6)] + [{"prompt": "7+1="}]
+    base = {
+        "model": {"preset": "qwen2-tiny", "tokenizer": "arithmetic"},
+        "data": {"train": "in-memory", "max_length": 16},
+        "train": {"max_steps": 1, "lr": 1e-4},
+        "rl": {"prompts_per_step": 2, "group_size": 2, "sampling": {"max_new_tokens": 2}},
+        "output_dir": str(tmp_path / "run"),
+    }
+    with pytest.raises(DataError, match=r"row 7: no field 'answer', which the reward numeric_match reads"):
+        rl(base, train=rows, progress=False)
+    skipping = {**base, "data": {**base["data"], "on_bad_row": "skip"}, "output_dir": str(tmp_path / "skip")}
+    result = rl(skipping, train=rows, progress=False)
+    assert result.history[0]["rewards/numeric_match/failures"] == 0
+    with pytest.raises(DataError, match="no training prompt holds"):
+        rl(skipping, train=[{"prompt": "1+1="}], progress=False)

@@ -27,6 +27,7 @@ in the caller's thread, with no hand-off at all.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import queue
@@ -118,6 +119,22 @@ class RewardSet:
     @property
     def names(self) -> list[str]:
         return [r.name for r in self.rewards]
+
+    def required_columns(self) -> dict[str, list[str]]:
+        """Dataset column -> the rewards that read it: every parameter of a reward function without a default other
+        than what `score` always passes (`answer` for the verifiers, as TRL-style functions name theirs)."""
+        given = {"prompts", "completions", "completion_ids", "trainer_state"}
+        required: dict[str, list[str]] = {}
+        for reward in self.rewards:
+            try:
+                parameters = inspect.signature(reward.fn).parameters.values()
+            except (TypeError, ValueError):  # a builtin or C callable: nothing to read
+                continue
+            for p in parameters:
+                plain = p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty
+                if plain and p.name not in given:
+                    required.setdefault(p.name, []).append(reward.name)
+        return required
 
     def score(
         self,

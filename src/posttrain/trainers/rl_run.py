@@ -15,6 +15,7 @@ import torch
 
 from posttrain.config.rl import RLConfig
 from posttrain.data.encoding import PromptTokens
+from posttrain.data.errors import DataError
 from posttrain.data.report import LoadReport
 from posttrain.objectives import ADVANTAGES
 from posttrain.rewards import LoadedReward, RewardSet, RewardSpec, load_reward_fn
@@ -77,14 +78,16 @@ def build_rl_run(
         lr = rl.value.lr or cfg.train.lr
         critic_optimizer = build_adamw(critic.parameters(), lr=lr, weight_decay=0.0, betas=cfg.train.adam_betas)
     where = {"seed": cfg.seed, "recipe_dir": cfg.recipe_dir, "max_length": cfg.rl.max_prompt_length}
+    reward_set = build_reward_set(cfg, rewards)
     train, report = load_prompts(cfg.data, tokenizer, "train", rows=train_rows, **where)
+    train = scorable_prompts(train, reward_set.required_columns(), on_bad_row=cfg.data.on_bad_row, report=report)
     eval_split, _ = load_prompts(cfg.data, tokenizer, "eval", rows=eval_rows, limit=cfg.eval.limit, **where)
     eval_prompts = [p for p in eval_split if "answer" in p.extra]
     sampler = EpochSampler(len(train), seed=cfg.seed, report=report)
     optim = build_optimisation(model, cfg.train)
     run = RLRun(
         model=model, tokenizer=tokenizer, reference=reference, critic=critic, critic_optimizer=critic_optimizer,
-        reward_set=build_reward_set(cfg, rewards), train=train, eval_prompts=eval_prompts,
+        reward_set=reward_set, train=train, eval_prompts=eval_prompts,
         eval_reward=load_reward_fn(cfg.eval.reward, base_dir=cfg.recipe_dir), report=report,
         checkpointer=checkpointer, checkpoint=checkpoint, optim=optim, sampler=sampler, generator=generator,
         baseline=MovingBaseline(), kl_coef=rl.kl.coef, history=[], start_step=0,
@@ -115,6 +118,35 @@ def save_rl_checkpoint(run: RLRun, step: int) -> Path:
         extra |= {"critic": run.critic.state_dict(), "critic_optimizer": run.critic_optimizer.state_dict()}
     return save_checkpoint(run.checkpointer, step, run.model, run.tokenizer, run.optim, run.sampler, run.generator,
                            run.history, extra)  # fmt: skip
+
+
+def scorable_prompts(
+    prompts: list[PromptTokens], required: dict[str, list[str]], *, on_bad_row: str, report: LoadReport | None
+) -> list[PromptTokens]:
+    """The prompts whose rows hold every column a reward reads (`RewardSet.required_columns`). A row without one
+    would be scored as not applicable by that reward, 0 in the total, and pushed down by its advantage: it raises
+    DataError naming the row, the column and the rewards, or with data.on_bad_row: skip is left out and counted
+    ("missing reward column"). A column present with the value None stays: not applicable by design (a verifier
+    for rows that have no gold answer, beside another reward that scores them)."""
+    kept = []
+    for prompt in prompts:
+        missing = [column for column in required if column not in prompt.extra]
+        if not missing:
+            kept.append(prompt)
+            continue
+        if on_bad_row != "skip":
+            readers = ", ".join(required[missing[0]])
+            raise DataError(
+                f"{prompt.where}: no field {missing[0]!r}, which the reward {readers} reads; add it to every row, "
+                "or set data.on_bad_row: skip to leave such rows out",
+                reason="missing reward column",
+            )
+        if report is not None:
+            report.skipped["missing reward column"] += 1
+    if prompts and not kept:
+        raise DataError(f"no training prompt holds the columns the rewards read ({', '.join(required)})",
+                        reason="missing reward column")  # fmt: skip
+    return kept
 
 
 def build_reward_set(cfg: RLConfig, rewards: list[Any] | None) -> RewardSet:
