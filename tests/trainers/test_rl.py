@@ -226,3 +226,23 @@ def test_rows_without_the_column_a_reward_reads_are_refused_or_skipped(tmp_path:
     assert result.history[0]["rewards/numeric_match/failures"] == 0
     with pytest.raises(DataError, match="no training prompt holds"):
         rl(skipping, train=[{"prompt": "1+1="}], progress=False)
+
+
+def test_prompts_too_long_are_dropped_when_the_config_says_drop(tmp_path: Path, capsys) -> None:
+    # data.truncation: drop applies to RL prompts too (they were always cut to their last max_length tokens)
+    from posttrain.data.errors import DataError
+
+    rows = [{"prompt": "1+1=" * 20, "answer": "2"}] * 4
+    base = {
+        "model": {"preset": "qwen2-tiny", "tokenizer": "arithmetic"},
+        "data": {"train": "in-memory", "max_length": 8, "truncation": "drop"},
+        "train": {"max_steps": 1, "lr": 1e-4},
+        "rl": {"prompts_per_step": 2, "group_size": 2, "sampling": {"max_new_tokens": 2}},
+        "output_dir": str(tmp_path / "run"),
+    }
+    with pytest.raises(DataError, match="4 dropped"):
+        rl(base, train=rows, progress=False)
+    short = [{"prompt": "1+1=", "answer": "2"}] * 2
+    capsys.readouterr()
+    rl({**base, "output_dir": str(tmp_path / "mixed")}, train=rows + short, progress=False)
+    assert "6 rows, 0 skipped, 0 truncated, 4 dropped" in capsys.readouterr().err  # trained on the short two

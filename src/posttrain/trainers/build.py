@@ -209,7 +209,10 @@ def load_prompts(
     examples, report = loaded
     if split == "eval" and limit is not None:
         examples = examples[:limit]
-    return encode_prompts(examples, tokenizer, max_length=max_length or section.max_length, report=report), report
+    encoded = encode_prompts(
+        examples, tokenizer, max_length=max_length or section.max_length, truncation=section.truncation, report=report
+    )
+    return encoded, report
 
 
 def check_environment() -> None:
