@@ -3,6 +3,7 @@ pairs, the other loss shapes (IPO, SimPO reference-free, KTO unpaired), config e
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -176,3 +177,18 @@ def test_a_loss_that_couples_the_steps_pairs_refuses_micro_batches(tmp_path) -> 
     for allowed in ([], ["train.micro_batch_size=16"], ["train.micro_batch_size=32"]):
         as_config(PrefConfig, config(tmp_path, loss="aot"), allowed)
     as_config(PrefConfig, config(tmp_path), ["train.micro_batch_size=4"])  # DPO's loss is per pair
+
+
+@pytest.mark.parametrize("loss", ["ipo", "orpo", "sppo_hard", "simpo", "dpo"])
+def test_every_loss_runs_on_its_own_defaults(tmp_path, loss) -> None:
+    # the default loss_args are the loss's own: a config-wide beta of 0.1 made ipo, orpo, sppo_hard and nll
+    # (which take no beta) fail until loss_args was emptied, and gave SimPO 0.1 for its paper's 2.0 (audit)
+    cfg = config(tmp_path, loss=loss)
+    del cfg["pref"]["loss_args"]
+    reference = {"simpo": "none", "orpo": "none"}.get(loss)
+    if reference:
+        cfg["pref"]["reference"] = reference
+    parsed = as_config(PrefConfig, cfg, ["train.max_steps=1"])
+    assert parsed.pref.loss_args == {}
+    history = train_pref(parsed, train_rows=PAIRS, progress=False).history
+    assert len(history) == 1 and math.isfinite(history[0]["loss"])

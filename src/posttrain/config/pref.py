@@ -41,8 +41,9 @@ class FeedbackDataSection(DataSection):
 class PrefSection(Section):
     loss: str = "dpo"
     """A registered preference loss (`posttrain list preference_losses`), or one a plugin registers."""
-    loss_args: dict[str, Any] = {"beta": 0.1}
-    """Keyword hyper-parameters of the loss, named as in its paper (e.g. beta)."""
+    loss_args: dict[str, Any] = {}
+    """Keyword hyper-parameters of the loss, named as in its paper (e.g. beta); those left out take the loss's own
+    defaults (beta 0.1 for the DPO family, SimPO's 2.0, IPO's tau 0.1, ...; `posttrain list preference_losses`)."""
     reference: Literal["precomputed", "on_the_fly", "none"] = "precomputed"
     """Reference log-probs: once over the train set before training, per batch, or none (reference-free losses)."""
     length_normalize: bool = False
