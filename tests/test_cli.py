@@ -199,3 +199,41 @@ def test_report_summarises_a_run(trained: Path, capsys: pytest.CaptureFixture[st
     assert "steps" in out and "loss" in out
     assert main(["report", str(trained)]) == 2  # final/ has no metrics.jsonl
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_a_torn_last_metrics_line_is_left_out(trained: Path, tmp_path: Path, capsys) -> None:
+    # a run killed while writing metrics.jsonl leaves half a line: report reads the rest, and a run logging into
+    # that directory starts its first record on a line of its own
+    from posttrain.runtime.logging import RunLogger, read_metrics
+
+    run = tmp_path / "run"
+    run.mkdir()
+    whole = (trained.parent / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(whole + '{"step": 99, "kind": "tra')
+    assert main(["report", str(run)]) == 0
+    assert "steps" in capsys.readouterr().out
+    log = RunLogger(run, total_steps=1, progress=False, tensorboard=False)
+    log.log(100, {"loss": 1.0})
+    log.close()
+    records = read_metrics(run)
+    assert len(records) == len(whole.splitlines()) + 1 and records[-1]["step"] == 100
+
+
+@pytest.mark.parametrize(
+    "case", ["recipe not utf-8", "recipe is a directory", "output_dir is a file", "task into a file"]
+)
+def test_unwritable_or_unreadable_paths_are_one_error_line(case: str, tmp_path: Path, capsys) -> None:
+    a_file = tmp_path / "taken.txt"
+    a_file.write_text("x")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("# caf\xe9\nseed: 1\n".encode("latin-1"))
+    tiny = ["model.preset=qwen2-tiny", "model.tokenizer=arithmetic", "data.task.name=arithmetic", "train.max_steps=1"]
+    argv, message = {
+        "recipe not utf-8": (["sft", str(latin1), *tiny], "is not UTF-8 text"),
+        "recipe is a directory": (["sft", str(tmp_path), *tiny], "is a directory; give the recipe's YAML file"),
+        "output_dir is a file": (["sft", *tiny, f"output_dir={a_file / 'run'}"], "output_dir: "),
+        "task into a file": (["task", "arithmetic", str(a_file)], "OUT_DIR: "),
+    }[case]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err

@@ -31,6 +31,7 @@ from posttrain.trainers.evaluation import EvalResult, RewardFn, run_evaluation
 from posttrain.trainers.preference import PrefResult, train_pref
 from posttrain.trainers.reward_model import RMResult, train_rm
 from posttrain.trainers.rl import RLResult, train_rl
+from posttrain.trainers.run_state import make_output_dir
 from posttrain.trainers.sft import SFTResult, train_sft
 
 C = TypeVar("C", bound=BaseModel)
@@ -239,8 +240,7 @@ def write_task(
         task = TASKS[name](digits=digits, operators=operators, think_fraction=think_fraction)
     except ValueError as error:
         raise ConfigError(f"posttrain task {name}: {error}") from error
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(out_dir, "OUT_DIR")
     paths = []
     for split, size in (("train", train_size), ("eval", eval_size)):
         path = out / f"{split}.jsonl"

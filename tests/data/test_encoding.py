@@ -108,9 +108,11 @@ def test_eos_appended_when_the_template_does_not_write_it(byte_tokenizer):
     assert targets(tokens) == [21, 22, 23, 24, 25]
 
 
-def test_missing_chat_template_is_a_clear_error(byte_tokenizer):
+@pytest.mark.parametrize("template", [None, ""])
+def test_missing_chat_template_is_a_clear_error(byte_tokenizer, template):
+    # an empty template counts as none: it rendered every conversation to nothing, with no error (audit)
     tokenizer = copy.deepcopy(byte_tokenizer)
-    tokenizer.chat_template = None
+    tokenizer.chat_template = template
     with pytest.raises(DataError, match=r"d\.jsonl line 2: the row is conversational but the tokenizer has "
                                         r"no chat_template"):
         encode_sft([SFTExample(None, [USER_HI, ASSISTANT_YO], "d.jsonl line 2")], tokenizer)

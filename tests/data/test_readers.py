@@ -67,7 +67,7 @@ def test_saved_dataset_and_dataset_dict_splits(tmp_path: Path):
     test_rows = read_rows(tmp_path / "two", split="test")
     assert [r.fields for r in test_rows] == ROWS[:1]
     assert test_rows[0].where == f"{tmp_path / 'two'} [test] row 1"
-    with pytest.raises(DataError, match=r"holds splits \['test', 'train'\]; name one"):
+    with pytest.raises(DataError, match=r"holds splits \['test', 'train'\]; give the split's own directory"):
         read_rows(tmp_path / "two")
     with pytest.raises(DataError, match="no split 'validation'"):
         read_rows(tmp_path / "two", split="validation")
@@ -128,3 +128,36 @@ def test_empty_dataset(tmp_path: Path, name: str, content: str):
     (tmp_path / name).write_text(content)
     with pytest.raises(DataError, match=re.escape(f"{name}: the dataset is empty")):
         read_rows(tmp_path / name)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_field(tmp_path: Path):
+    # Excel's "CSV UTF-8" and Windows editors start the file with U+FEFF: it was read into the first field's name
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "d.csv").write_bytes(bom + b"prompt,completion\nsky, blue\n")
+    (tmp_path / "d.jsonl").write_bytes(bom + json.dumps(ROWS[0]).encode() + b"\n")
+    (tmp_path / "d.json").write_bytes(bom + json.dumps(ROWS).encode())
+    assert read_rows(tmp_path / "d.csv")[0].fields == {"prompt": "sky", "completion": " blue"}
+    assert read_rows(tmp_path / "d.jsonl")[0].fields == ROWS[0]
+    assert [r.fields for r in read_rows(tmp_path / "d.json")] == ROWS
+
+
+def test_csv_list_cells_are_messages_only_when_they_hold_messages(tmp_path: Path):
+    # pandas' to_csv writes a list of messages as its Python repr; a sorting task's "[3, 1, 2]" is text
+    path = tmp_path / "d.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["prompt", "completion", "scores"])
+        writer.writerow([repr(MESSAGES[:1]), "[1, 2, 3]", "[0.5, 1]"])
+        writer.writerow(["[3, 1, 2]", json.dumps(MESSAGES[1:]), "[true]"])
+    first, second = (r.fields for r in read_rows(path))
+    assert first == {"prompt": MESSAGES[:1], "completion": "[1, 2, 3]", "scores": [0.5, 1]}
+    assert second == {"prompt": "[3, 1, 2]", "completion": MESSAGES[1:], "scores": "[true]"}
+
+
+def test_arrow_nulls_are_absent_fields(tmp_path: Path):
+    # a table holds every column in every row: a row without the optional prompt reads null there
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": None, "chosen": "qa", "rejected": "qb"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    for source in (tmp_path / "d.parquet", tmp_path / "saved"):
+        assert [r.fields for r in read_rows(source)] == [rows[0], {"chosen": "qa", "rejected": "qb"}]

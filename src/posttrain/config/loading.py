@@ -45,6 +45,8 @@ def validate(model: type[M], raw: dict[str, Any]) -> M:
 
 def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"recipe {path} is a directory; give the recipe's YAML file")
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist")
     if path.resolve() in _seen:
@@ -53,6 +55,8 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"recipe {path} is not valid YAML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"recipe {path} is not UTF-8 text (byte {error.start + 1}); save it as UTF-8") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path} must be a mapping of keys to values, got {type(raw).__name__}")
     parent = raw.pop("inherit", None)

@@ -99,7 +99,7 @@ class PromptTokens:
 
 def render_chat(tokenizer: Any, messages: Conversation, *, add_generation_prompt: bool, where: str) -> str:
     """The chat template's text for `messages`. Raises DataError when the tokenizer has no template."""
-    if getattr(tokenizer, "chat_template", None) is None:
+    if not getattr(tokenizer, "chat_template", None):  # None, or an empty template that renders nothing
         raise DataError(f"{where}: the row is conversational but the tokenizer has no chat_template; "
                         "give the tokenizer one (tokenizer.chat_template = ...) or use text fields",
                         reason="no chat template")

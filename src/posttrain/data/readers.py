@@ -11,6 +11,8 @@ datasets). CSV cells are text; a cell of a structured field (`messages`, `prompt
 case), is decoded, so that conversational and unpaired data can live in CSV. Other columns stay text.
 """
 
+import ast
+import codecs
 import csv
 import io
 import json
@@ -82,7 +84,9 @@ def _reader_for(path: Path) -> Callable[[Path], list["Row | DataError"]]:
 
 def _read_jsonl(path: Path) -> list["Row | DataError"]:
     rows: list[Row | DataError] = []
-    for number, raw_line in enumerate(path.read_bytes().splitlines(), start=1):
+    raw = path.read_bytes()
+    raw = raw[len(codecs.BOM_UTF8) :] if raw.startswith(codecs.BOM_UTF8) else raw  # editors on Windows write one
+    for number, raw_line in enumerate(raw.splitlines(), start=1):
         if raw_line.strip():
             rows.append(_parse_jsonl_line(raw_line, f"{path} line {number}"))
     return rows
@@ -136,10 +140,31 @@ def _decode_csv_cell(name: str, cell: str) -> Any:
         return stripped.lower() == "true"
     if stripped.startswith("["):
         try:
-            return json.loads(stripped)
+            value = json.loads(stripped)
         except json.JSONDecodeError:
-            return cell
+            value = _python_literal(stripped)  # pandas' to_csv writes a list cell as its Python repr
+        if _is_structured(name, value):
+            return value
     return cell
+
+
+def _python_literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+
+
+def _is_structured(name: str, value: Any) -> bool:
+    """Whether a decoded CSV cell is the field's structured form: a list of messages (dicts) or, for `scores`, of
+    numbers; text that merely looks like a list ("[3, 1, 2]", a sorting task's prompt) stays text."""
+    if not isinstance(value, list) or not value:
+        return False
+    if name == "scores":
+        return all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    if name == "completions":  # listwise: texts, or conversations (lists of messages)
+        return all(isinstance(v, str | list) for v in value)
+    return all(isinstance(v, dict) for v in value)
 
 
 def _read_parquet(path: Path) -> list["Row | DataError"]:
@@ -149,7 +174,7 @@ def _read_parquet(path: Path) -> list["Row | DataError"]:
         table = pq.read_table(path)
     except Exception as error:  # pyarrow raises several types for a corrupt file
         raise DataError(f"{path}: not a readable Parquet file ({error})") from None
-    return [Row(record, f"{path} row {n}") for n, record in enumerate(table.to_pylist(), start=1)]
+    return [Row(_present(record), f"{path} row {n}") for n, record in enumerate(table.to_pylist(), start=1)]
 
 
 def _read_saved_dataset(path: Path, split: str | None) -> list["Row | DataError"]:
@@ -162,7 +187,13 @@ def _read_saved_dataset(path: Path, split: str | None) -> list["Row | DataError"
     if isinstance(loaded, datasets.DatasetDict):
         loaded, split = _pick_split(loaded, split, path)
     label = f"{path} [{split}]" if split else str(path)
-    return [Row(record, f"{label} row {n}") for n, record in enumerate(loaded, start=1)]
+    return [Row(_present(record), f"{label} row {n}") for n, record in enumerate(loaded, start=1)]
+
+
+def _present(record: dict[str, Any]) -> dict[str, Any]:
+    """A Parquet or Arrow record's fields without the nulls: a table holds every column in every row, so a row
+    without a field (an optional prompt, `messages` beside `prompt`/`completion` rows) reads null there."""
+    return {name: value for name, value in record.items() if value is not None}
 
 
 def _pick_split(dataset_dict: Any, split: str | None, path: Path) -> tuple[Any, str]:
@@ -170,7 +201,7 @@ def _pick_split(dataset_dict: Any, split: str | None, path: Path) -> tuple[Any, 
     if split is None and len(splits) == 1:
         split = splits[0]
     if split is None:
-        raise DataError(f"{path}: holds splits {splits}; name one with split=...")
+        raise DataError(f"{path}: holds splits {splits}; give the split's own directory, e.g. {path / splits[0]}")
     if split not in dataset_dict:
         raise DataError(f"{path}: no split {split!r}; splits: {splits}")
     return dataset_dict[split], split
@@ -192,9 +223,10 @@ def _decode_utf8(raw: bytes, where: str) -> str:
 
 
 def _decode_utf8_file(path: Path) -> str:
+    """The file's text; a UTF-8 byte-order mark at its start (Excel's "CSV UTF-8", Windows editors) is dropped."""
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = raw[:error.start].count(b"\n") + 1
         raise DataError(f"{path} line {line}: bytes are not UTF-8 ({raw[error.start:error.start + 1]!r})",

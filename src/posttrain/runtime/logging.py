@@ -39,7 +39,11 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.headline = headline
-        self._metrics = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+        path = self.run_dir / METRICS_FILE
+        torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+        self._metrics = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        if torn:  # a run killed mid-line: the next record starts a line of its own
+            self._metrics.write("\n")
         self._tensorboard = _open_tensorboard(self.run_dir) if tensorboard else None
         self._progress = _make_progress() if progress else None
         self._task = None
@@ -77,10 +81,18 @@ class RunLogger:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl, in order; a line that does not parse (cut short when a run was
+    killed while writing it) is left out."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def _make_progress() -> Progress:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from posttrain.config import ConfigError
 from posttrain.policies import save_pretrained
 from posttrain.runtime.checkpoint import Checkpointer, CheckpointError
 from posttrain.runtime.device import limit_cpu_threads, resolve_device
@@ -25,6 +26,7 @@ def start_run(cfg: Any, resume: bool) -> tuple[torch.Generator, torch.device, Ch
     from (None unless `resume`).
     Returns (the sampling generator, device, checkpointer of cfg.output_dir, checkpoint or None)."""
     check_environment()
+    make_output_dir(cfg.output_dir, "output_dir")
     limit_cpu_threads()
     generator = seed_everything(cfg.seed)
     checkpointer = Checkpointer(Path(cfg.output_dir), keep_last=cfg.train.keep_last)
@@ -36,6 +38,19 @@ def start_run(cfg: Any, resume: bool) -> tuple[torch.Generator, torch.device, Ch
             f"train.max_steps is {cfg.train.max_steps}, so there is nothing left to train; raise train.max_steps"
         )
     return generator, resolve_device(cfg.device), checkpointer, checkpoint
+
+
+def make_output_dir(path: str | Path, key: str) -> Path:
+    """Create the directory a run or command writes to, or raise ConfigError naming `key` where it cannot be (an
+    existing file on the path, no permission)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"{key}: {path} is a file, or lies under one; give a directory") from None
+    except PermissionError as error:
+        raise ConfigError(f"{key}: cannot create {path} ({error.strerror})") from None
+    return path
 
 
 def clip_and_step(
