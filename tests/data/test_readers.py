@@ -156,8 +156,11 @@ def test_csv_list_cells_are_messages_only_when_they_hold_messages(tmp_path: Path
 
 def test_arrow_nulls_are_absent_fields(tmp_path: Path):
     # a table holds every column in every row: a row without the optional prompt reads null there
-    rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": None, "chosen": "qa", "rejected": "qb"}]
+    # (an answer of null stays: "not applicable" to the verifiers, as in JSONL)
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b", "answer": "1"},
+            {"prompt": None, "chosen": "qa", "rejected": "qb", "answer": None}]  # fmt: skip
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
     for source in (tmp_path / "d.parquet", tmp_path / "saved"):
-        assert [r.fields for r in read_rows(source)] == [rows[0], {"chosen": "qa", "rejected": "qb"}]
+        expected = [rows[0], {"chosen": "qa", "rejected": "qb", "answer": None}]
+        assert [r.fields for r in read_rows(source)] == expected

@@ -190,10 +190,16 @@ def _read_saved_dataset(path: Path, split: str | None) -> list["Row | DataError"
     return [Row(_present(record), f"{label} row {n}") for n, record in enumerate(loaded, start=1)]
 
 
+ROW_FORM_FIELDS = frozenset({"prompt", "completion", "messages", "text", "chosen", "rejected", "label", "completions",
+                             "scores"})  # fmt: skip
+"""The fields whose presence decides a row's form (prompt + completion, messages, text, ...)."""
+
+
 def _present(record: dict[str, Any]) -> dict[str, Any]:
-    """A Parquet or Arrow record's fields without the nulls: a table holds every column in every row, so a row
-    without a field (an optional prompt, `messages` beside `prompt`/`completion` rows) reads null there."""
-    return {name: value for name, value in record.items() if value is not None}
+    """A Parquet or Arrow record without the nulls of its form's fields: a table holds every column in every row,
+    so a row without one (an optional prompt, `messages` beside `prompt`/`completion` rows) reads null there. Other
+    columns keep their nulls: an `answer` of null is "not applicable" to the verifiers, as in JSONL."""
+    return {name: value for name, value in record.items() if value is not None or name not in ROW_FORM_FIELDS}
 
 
 def _pick_split(dataset_dict: Any, split: str | None, path: Path) -> tuple[Any, str]:
