@@ -84,10 +84,11 @@ def test_reward_that_accepts_nothing_gives_accuracy_zero(model, tokenizer, promp
     assert not any(e["correct"] for e in result.examples)
 
 
-def test_scores_below_one_and_none_are_not_correct(model, tokenizer, prompts) -> None:
+def test_scores_below_one_are_not_correct_and_none_does_not_count(model, tokenizer, prompts) -> None:
+    # 0.99 wrong, None not applicable (left out), 1.0 right -> 1 of 2
     result = evaluate(model, tokenizer, prompts, lambda completions, **_: [0.99, None, 1.0], max_new_tokens=2)
-    assert [e["correct"] for e in result.examples] == [False, False, True]
-    assert result.greedy_accuracy == pytest.approx(1 / 3)
+    assert [e["correct"] for e in result.examples] == [False, None, True]
+    assert result.greedy_accuracy == pytest.approx(1 / 2)
 
 
 def test_pass_at_k_from_a_reward_with_known_verdicts(model, tokenizer, prompts) -> None:
@@ -132,3 +133,24 @@ def test_api_evaluate_writes_eval_json(model, tokenizer, tmp_path: Path) -> None
     assert written["metrics"] == {"accuracy": 1.0} and written["num_prompts"] == 2
     with pytest.raises(DataError, match="answer"):
         api.evaluate(config, model=model, tokenizer=tokenizer, rows=[{"prompt": "1+1="}], reward=always(1.0))
+
+
+def test_rows_the_reward_does_not_apply_to_are_left_out(model, tokenizer, prompts) -> None:
+    # a verifier returns None for a row without a gold answer: it was counted wrong and kept in the denominators
+    # (audit). Rows 1 and 3 correct, row 2 not applicable -> accuracy 2/2; every sample of them correct -> pass@k 1
+    def verifier(prompts, completions, answer, **columns):
+        return [None if a == "42" else 1.0 for a in answer]
+
+    result = evaluate(model, tokenizer, prompts, verifier, max_new_tokens=2, samples=3, k=2)
+    assert [e["correct"] for e in result.examples] == [True, None, True]
+    assert result.greedy_accuracy == 1.0 and result.pass_at_k == {1: 1.0, 2: 1.0}
+
+    def half(prompts, completions, answer, **columns):  # row 1 right, row 2 wrong, row 3 not applicable
+        return [{"2": 1.0, "42": 0.0}.get(a) for a in answer]
+
+    assert evaluate(model, tokenizer, prompts, half, max_new_tokens=2).greedy_accuracy == 0.5
+
+
+def test_pass_at_k_needs_k_within_the_samples() -> None:
+    with pytest.raises(ValueError, match=r"k=8 needs 1 <= k <= the 4 samples"):
+        pass_at_k(4, 0, 8)

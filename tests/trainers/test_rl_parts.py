@@ -1,5 +1,6 @@
 """DAPO's dynamic sampling (`keep_informative_groups`): which groups it keeps, how many draws it makes."""
 
+import pytest
 import torch
 
 from posttrain.data.encoding import PromptTokens
@@ -69,3 +70,19 @@ def test_critic_values_on_real_tokens_do_not_depend_on_dropping_the_right_paddin
     plain_B_T = torch.cat([torch.zeros(3, 1), critic.head(hidden).squeeze(-1)[:, :-1]], dim=1)
     real_B_T = torch.cat([torch.ones(3, 1, dtype=torch.bool), attn_B_T[:, :-1]], dim=1)  # value t reads t - 1
     torch.testing.assert_close(fast_B_T[real_B_T], plain_B_T[real_B_T])
+
+
+def test_accuracy_is_the_verifiers_not_the_total() -> None:
+    # numeric_match [1, 0] beside a length penalty: totals [0.995, -0.005] gave accuracy 0 (audit); the verifier's
+    # own column gives 1/2. A not-applicable sample (NaN) is left out; two rewards, neither the verifier: none
+    from posttrain.trainers.rl_parts import reward_metrics
+
+    def result(per_reward: dict[str, list[float]]) -> RewardResult:
+        columns = {name: torch.tensor(v) for name, v in per_reward.items()}
+        total = sum(c.nan_to_num(nan=0.0) for c in columns.values())
+        return RewardResult(total=total, per_reward=columns, failures=dict.fromkeys(columns, 0), metrics={})
+
+    shaped = result({"numeric_match": [1.0, 0.0], "length_penalty": [-0.005, -0.005]})
+    assert reward_metrics(shaped, verifier="numeric_match")["accuracy"] == 0.5
+    assert reward_metrics(result({"numeric_match": [1.0, float("nan"), 0.0, 1.0]}))["accuracy"] == pytest.approx(2 / 3)
+    assert "accuracy" not in reward_metrics(shaped, verifier="exact_match")

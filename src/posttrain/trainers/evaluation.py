@@ -34,14 +34,17 @@ class EvalResult:
     greedy_accuracy: float
     pass_at_k: dict[int, float] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)
-    """Per prompt: prompt text, answer, greedy completion, correct."""
+    """Per prompt: prompt text, answer, greedy completion, correct (None where the reward does not apply)."""
 
     def metrics(self) -> dict[str, float]:
         return {"accuracy": self.greedy_accuracy, **{f"pass@{k}": v for k, v in self.pass_at_k.items()}}
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
-    """1 - C(n - c, k) / C(n, k): the chance that k of the n samples hold at least one correct one."""
+    """1 - C(n - c, k) / C(n, k): the chance that k of the n samples hold at least one correct one (Chen et al.
+    2021, arXiv:2107.03374, the unbiased estimator). Needs 1 <= k <= n."""
+    if not 1 <= k <= num_samples:
+        raise ValueError(f"pass@k: k={k} needs 1 <= k <= the {num_samples} samples")
     if num_samples - num_correct < k:
         return 1.0
     return 1.0 - math.comb(num_samples - num_correct, k) / math.comb(num_samples, k)
@@ -62,7 +65,9 @@ def evaluate(
     engine: str = "native",
     generator: torch.Generator | None = None,
 ) -> EvalResult:
-    """Greedy accuracy over `prompts` and, when samples > 1, pass@1..k from sampled completions."""
+    """Greedy accuracy over `prompts` and, when samples > 1, pass@1..k from sampled completions. A prompt whose
+    reward does not apply (None: a verifier's row without a gold answer) is left out of both, as a reward's mean
+    leaves it out in training."""
     was_training = model.training
     model.eval()
     stop = (tokenizer.eos_token_id,)
@@ -78,7 +83,7 @@ def evaluate(
                 "where": p.where,
                 "prompt": tokenizer.decode(p.prompt_ids, skip_special_tokens=True),
                 "completion": text,
-                "correct": bool(ok),
+                "correct": ok,
             }
             for p, text, ok in zip(batch, texts, greedy_correct)
         ]
@@ -86,14 +91,15 @@ def evaluate(
             sample_correct, _ = _generate_and_score(
                 model, tokenizer, batch, reward, sampled, samples, engine, generator
             )
-            correct_counts += [sum(sample_correct[i * samples : (i + 1) * samples]) for i in range(len(batch))]
+            per_prompt = (sample_correct[i * samples : (i + 1) * samples] for i in range(len(batch)))
+            correct_counts += [_correct_count(correct) for correct in per_prompt]
     model.train(was_training)
-    accuracy = sum(e["correct"] for e in examples) / max(1, len(examples))
+    applicable = [e["correct"] for e in examples if e["correct"] is not None]
+    accuracy = sum(applicable) / max(1, len(applicable))
     result = EvalResult(num_prompts=len(examples), greedy_accuracy=accuracy, examples=examples)
-    if samples > 1:
-        result.pass_at_k = {
-            j: sum(pass_at_k(samples, c, j) for c in correct_counts) / len(correct_counts) for j in range(1, k + 1)
-        }
+    counted = [c for c in correct_counts if c is not None]
+    if samples > 1 and counted:
+        result.pass_at_k = {j: sum(pass_at_k(samples, c, j) for c in counted) / len(counted) for j in range(1, k + 1)}
     return result
 
 
@@ -130,7 +136,7 @@ def _generate_and_score(
     n: int,
     engine: str,
     generator: torch.Generator | None,
-) -> tuple[list[bool], list[str]]:
+) -> tuple[list[bool | None], list[str]]:
     rollouts = ENGINES[engine].generate(
         model, [p.prompt_ids for p in batch], params, n=n, generator=generator, tokenizer=tokenizer
     )
@@ -143,7 +149,13 @@ def _generate_and_score(
         completion_ids=rollouts.completion_ids,
         **columns,
     )
-    return [s is not None and s >= 1.0 for s in scores], texts
+    return [None if s is None else s >= 1.0 for s in scores], texts
+
+
+def _correct_count(correct: list[bool | None]) -> int | None:
+    """How many of a prompt's samples are correct; None when the reward applies to none of them."""
+    applicable = [c for c in correct if c is not None]
+    return sum(applicable) if applicable else None
 
 
 def _plain_columns(extra: dict[str, Any]) -> dict[str, Any]:

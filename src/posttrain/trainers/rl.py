@@ -141,7 +141,7 @@ def train_rl(
             run.baseline.update(rewards_PG)
             num_tokens = int(padded.loss_mask_B_T.sum())
             metrics = {
-                **reward_metrics(scored.rewards),
+                **reward_metrics(scored.rewards, verifier=cfg.eval.reward),
                 **stats.means(rl.epochs * rl.minibatches, num_tokens * rl.epochs),
                 **_step_metrics(scored, observed_kl, run.kl_coef, num_tokens * rl.epochs, trained - prepared),
                 **step_metrics(run.optim, guard, trained - started),

@@ -137,14 +137,22 @@ def merge_scored(parts: list[Scored]) -> Scored:
     return Scored([p for s in parts for p in s.prompts], rollouts, rewards)
 
 
-def reward_metrics(rewards: RewardResult) -> dict[str, float]:
+def reward_metrics(rewards: RewardResult, verifier: str | None = None) -> dict[str, float]:
     """Mean and std (population; not-applicable samples skipped) of each reward and of the total, and
-    `accuracy`: the share of completions whose total reward is at least 1 (a verifier's "correct")."""
+    `accuracy`: the share of completions that `verifier` (a reward's name, eval.reward) scores at least 1, among
+    those it applies to; with no reward of that name, the only reward's, and none when there are several. The
+    total is not a verifier's score once shaping rewards join it (a length penalty below 1, a format reward
+    above)."""
     metrics: dict[str, float] = {}
     for name, scores_N in {**rewards.per_reward, "total": rewards.total}.items():
         applicable = scores_N[~scores_N.isnan()]
         metrics[f"rewards/{name}/mean"] = applicable.mean().item() if len(applicable) else float("nan")
         metrics[f"rewards/{name}/std"] = applicable.std(unbiased=False).item() if len(applicable) else float("nan")
     metrics |= {f"rewards/{name}/failures": float(n) for name, n in rewards.failures.items()}
-    metrics["accuracy"] = (rewards.total >= 1.0).float().mean().item()
+    names = list(rewards.per_reward)
+    judge = verifier if verifier in rewards.per_reward else names[0] if len(names) == 1 else None
+    if judge is not None:
+        scores_N = rewards.per_reward[judge]
+        applicable = scores_N[~scores_N.isnan()]
+        metrics["accuracy"] = (applicable >= 1.0).float().mean().item() if len(applicable) else float("nan")
     return metrics
