@@ -106,3 +106,13 @@ def test_missing_math_verify_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "math_verify", None)  # makes `import math_verify` raise ImportError
     with pytest.raises(ImportError, match=r"pip install posttrain\[math\]"):
         MathVerifyReward()
+
+
+def test_numeric_match_compares_exactly_past_float_precision() -> None:
+    # in floats 12345678901234567890 and ...891 (and 2^53 and 2^53 + 1) are one number (audit); exactly they are
+    # not. Numbers too long for exact reading (5,000 nines, an exponent of 10^9) are floats and cost nothing
+    from posttrain.rewards.verifiers import numeric_match
+
+    completions = ["12345678901234567890", str(2**53 + 1), "9" * 5000, "1e999999999", "7", "0.1"]
+    answers = ["12345678901234567891", str(2**53), "9" * 5000, "1e999999999", "7.0000001", "1/10"]
+    assert numeric_match(completions=completions, answer=answers) == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]

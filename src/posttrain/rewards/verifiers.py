@@ -34,6 +34,18 @@ def extract_answer_span(text: str) -> str:
 
 def extract_final_number(text: str) -> float | None:
     """The last number written in `text` ("1,234.5" -> 1234.5, "3/4" -> 0.75), or None if there is none."""
+    exact = extract_final_fraction(text)
+    if exact is None:
+        return None
+    try:
+        return float(exact)
+    except OverflowError:  # past float's range
+        return math.inf if exact > 0 else -math.inf
+
+
+def extract_final_fraction(text: str) -> Fraction | float | None:
+    """`extract_final_number` as the exact rational number written, so that integers past 2^53 stay distinct (a
+    float, inf or 0.0, for an exponent past MAX_EXACT_EXPONENT)."""
     last = None
     for match in _NUMBER.finditer(text):
         if _MANTISSA.match(match.group()):  # "e1" alone matches _NUMBER but is not a number
@@ -41,14 +53,25 @@ def extract_final_number(text: str) -> float | None:
     return None if last is None else _parse_number(last)
 
 
-def _parse_number(token: str) -> float:
+MAX_EXACT_DIGITS = 400
+"""Numbers written with more digits, or a larger exponent, are read as floats: "1e999999999" as an exact integer
+would take a billion-digit product (a completion could hang its reward), and Python refuses to read integers of
+over 4,300 digits."""
+
+
+def _parse_number(token: str) -> Fraction | float:
     token = token.replace(",", "").replace(" ", "")
+    exponent = re.search(r"[eE]([-+]?\d+)", token)
+    too_long = sum(ch.isdigit() for ch in token) > MAX_EXACT_DIGITS
+    if too_long or (exponent is not None and abs(int(exponent.group(1))) > MAX_EXACT_DIGITS):
+        return float(token.split("/")[0])  # inf or 0.0, whatever a denominator
+
     if "/" in token:
         numerator, denominator = token.split("/")
-        if float(denominator) == 0:
-            return float(numerator)  # "1/0" is not a fraction; keep the number that was written first
-        return float(Fraction(numerator) / Fraction(denominator))
-    return float(token)
+        if Fraction(denominator) == 0:
+            return Fraction(numerator)  # "1/0" is not a fraction; keep the number that was written first
+        return Fraction(numerator) / Fraction(denominator)
+    return Fraction(token)
 
 
 def exact_match(*, completions: list[Any], answer: list[Any], **kwargs: Any) -> list[float | None]:
@@ -70,18 +93,20 @@ def numeric_match(
     """1.0 when the final number of the completion (or of its `<answer>` content) equals the answer's.
 
     The gold answer goes through the same extraction, so "#### 72" (GSM8K style), "72" and 72 all
-    read as 72. Equal means `math.isclose(pred, gold, rel_tol=rel_tol, abs_tol=abs_tol)`. A completion
-    without a number scores 0.0; an answer without one gets None (not applicable).
+    read as 72. Equal means |pred - gold| <= max(rel_tol * max(|pred|, |gold|), abs_tol), as `math.isclose`, in
+    exact rational arithmetic (in floats 12345678901234567890 and ...891 are one number). A completion without a
+    number scores 0.0; an answer without one gets None (not applicable).
     """
     scores: list[float | None] = []
+    tolerance_rel, tolerance_abs = Fraction(rel_tol), Fraction(abs_tol)
     for c, gold in zip(completions, answer, strict=True):
-        gold_value = None if gold is None else extract_final_number(str(gold))
+        gold_value = None if gold is None else extract_final_fraction(str(gold))
         if gold_value is None:
             scores.append(None)
             continue
-        pred = extract_final_number(extract_answer_span(completion_text(c)))
-        matched = pred is not None and math.isclose(pred, gold_value, rel_tol=rel_tol, abs_tol=abs_tol)
-        scores.append(float(matched))
+        pred = extract_final_fraction(extract_answer_span(completion_text(c)))
+        bound = None if pred is None else max(tolerance_rel * max(abs(pred), abs(gold_value)), tolerance_abs)
+        scores.append(float(pred is not None and (pred == gold_value or abs(pred - gold_value) <= bound)))
     return scores
 
 
