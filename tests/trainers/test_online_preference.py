@@ -264,3 +264,12 @@ def test_presets_load_and_inherit_their_base(name):
     assert cfg.model.path == "../runs/arith-sft/final"
     assert (cfg.online is None) == name.startswith("arith-self-")
     assert cfg.output_dir == f"runs/{name}"
+
+
+def test_sample_accuracy_is_the_only_rewards_verdict(tmp_path) -> None:
+    # a total with a shaping reward is no verifier's verdict (audit): with digit_share plus a length penalty the
+    # metric is left out; digit_share alone gives the share of samples it scores at least 1 (all digits)
+    one = run(tmp_path / "one").history
+    assert all(0.0 <= h["sample_accuracy"] <= 1.0 for h in one)
+    two = run(tmp_path / "two", rewards=[{"fn": f"{__file__}:digit_share"}, {"fn": "length_penalty"}]).history
+    assert not any("sample_accuracy" in h for h in two) and all("sample_score" in h for h in two)

@@ -100,10 +100,14 @@ def sample_round(
     completions = [[c for r in sampled for c in r.completion_ids[i * n : (i + 1) * n]] for i in range(len(prompts))]
     generated = time.perf_counter()
     k = len(completions[0])
+    verdicts_P_K = None
     if feedback.rewards is not None:
         ids = [c for group in completions for c in group]
-        scores_P_K = score_groups(feedback.rewards, tokenizer, prompts, ids, k).total.view(len(prompts), k)
+        scored = score_groups(feedback.rewards, tokenizer, prompts, ids, k)
+        scores_P_K = scored.total.view(len(prompts), k)
         prefs_P_K_K = preference_matrix(scores_P_K)
+        if len(scored.per_reward) == 1:  # a verifier's own scores; a total with shaping rewards is not one
+            verdicts_P_K = next(iter(scored.per_reward.values())).view(len(prompts), k)
     else:
         prefs_P_K_K = judge_all_pairs(feedback.judge, tokenizer, prompts, completions, feedback.judge_timeout_s)
         scores_P_K = win_rates_within_group(prefs_P_K_K)
@@ -122,8 +126,11 @@ def sample_round(
         "gen_s": generated - started,
         "score_s": time.perf_counter() - generated,
     }
-    if feedback.rewards is not None:  # a verifier's "correct" is a total reward of at least 1
-        metrics["sample_accuracy"] = (policy_scores_PN >= 1.0).float().mean().item()
+    if verdicts_P_K is not None:  # a verifier's "correct" is a score of at least 1, where it applies
+        verdicts_PN = verdicts_P_K[:, :n].flatten()
+        applicable_PN = verdicts_PN[~verdicts_PN.isnan()]
+        accuracy = (applicable_PN >= 1.0).float().mean().item() if len(applicable_PN) else float("nan")
+        metrics["sample_accuracy"] = accuracy
     if opponent is not None:
         metrics["opponent_score"] = scores_P_K[:, n:].mean().item()
     return RoundSamples(prompts, completions, from_reference_P_K, scores_P_K, win_rates_P_N, metrics)
