@@ -119,3 +119,12 @@ def test_split_tests_marks_asserts_as_tests():
     assert steps == [("import math", False), ("assert f(1) == 2", True), ("x = 3", False), ("assert f(x)", True)]
     with pytest.raises(ValueError, match="row 4: no tests"):
         split_tests([], row=4)
+
+
+def test_a_failing_check_call_beside_top_level_asserts_is_a_failed_test():
+    # HumanEval keeps its asserts inside check(candidate): beside a top-level assert, the failing call was run as
+    # setup and its failure swallowed, so a wrong solution scored 1.0 (audit). Now: 1 of 2 tests
+    tests = "assert add(0, 0) == 0\ndef check(candidate):\n    assert candidate(1, 2) == 3\ncheck(add)"
+    wrong = code_tests_reward(["p"], ["def add(a, b):\n    return 0"], tests=[tests], wall_time_s=3.0)
+    right = code_tests_reward(["p"], ["def add(a, b):\n    return a + b"], tests=[tests], wall_time_s=3.0)
+    assert wrong == [0.5] and right == [1.0]

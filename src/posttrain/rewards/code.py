@@ -49,7 +49,8 @@ def code_tests_reward(
     """Fraction of each row's tests that its completion's code passes, in [0, 1]; one float per row.
 
     tests: per row, a list of test snippets (each one test) or one string, whose top-level `assert`
-        statements are the tests (other statements, such as imports, run in order between them).
+        statements and calls (`check(candidate)`, HumanEval's) are the tests (other statements, such as imports
+        and definitions, run in order between them).
         Read from the dataset column `tests_column`.
     strict_values: comparison operands and assert values in the tests must be plain data (exact
         int/float/complex/bool/str/bytes/None and lists, tuples, dicts, sets of them), so an object
@@ -93,10 +94,17 @@ def _split_test_string(source: str) -> list[tuple[str, bool]]:
         statements = ast.parse(source).body
     except SyntaxError:
         return [(source, True)]  # runs, fails to compile in the harness, and scores 0
-    steps = [(ast.get_source_segment(source, s) or "", isinstance(s, ast.Assert)) for s in statements]
+    steps = [(ast.get_source_segment(source, s) or "", _is_test(s)) for s in statements]
     if not any(counts for _, counts in steps):
         return [(source, True)] if source.strip() else []
     return steps
+
+
+def _is_test(statement: ast.stmt) -> bool:
+    """A top-level assert, or a call (HumanEval's `check(candidate)`, whose asserts sit inside `check`): a failing
+    one is a failed test, where a failing import or assignment only leaves later tests without what it defines."""
+    call = isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Call)
+    return isinstance(statement, ast.Assert) or call
 
 
 def score_code(code: str, steps: list[tuple[str, bool]], limits: SandboxLimits, *,
