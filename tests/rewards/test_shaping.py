@@ -18,6 +18,16 @@ def test_format_default_is_r1_layout():
         [{"role": "assistant", "content": "<think>x</think> <answer>y</answer>"}],
     ]
     assert FormatReward()(completions=completions) == [1.0, 0.0, 0.0, 1.0]
+    # one think and one answer block, nothing inside them that is a tag, nothing after (open-r1's pattern passed
+    # every one of these: audit); whitespace may end it
+    hacks = [
+        "<think>a</think><answer>b</answer><answer>c</answer>",
+        "<think>a</think><answer>b</answer><think>c</think><answer>d</answer>",
+        "<think><think>a</think></think><answer>b</answer>",
+        "<think>a</think><answer><answer>b</answer></answer>",
+    ]
+    assert FormatReward()(completions=hacks) == [0.0] * len(hacks)
+    assert FormatReward()(completions=["<think>a</think><answer>b</answer>\n"]) == [1.0]  # a final newline
 
 
 def test_format_custom_pattern_and_bad_regex():

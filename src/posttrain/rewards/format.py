@@ -7,8 +7,12 @@ from typing import Any
 
 from posttrain.rewards.base import completion_text
 
-R1_FORMAT = r"^<think>.*?</think>\s*<answer>.*?</answer>$"
-"""DeepSeek-R1's layout (Guo et al. 2025, arXiv:2501.12948): reasoning in <think>, then the <answer>."""
+_NO_TAG = r"(?:(?!</?(?:think|answer)>).)*"
+R1_FORMAT = rf"^<think>{_NO_TAG}</think>\s*<answer>{_NO_TAG}</answer>\s*\Z"
+r"""DeepSeek-R1's layout (Guo et al. 2025, arXiv:2501.12948): reasoning in one <think>, then one <answer>.
+Deviation from open-r1's and TRL's `^<think>.*?</think>\s*<answer>.*?</answer>$`: neither block may hold another
+tag (only whitespace may follow the answer), where their lazy `.*?` stretches to the end, so that a second answer,
+nested or repeated blocks also scored 1.0 (a reward to hack)."""
 
 
 class FormatReward:
