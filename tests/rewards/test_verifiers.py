@@ -116,3 +116,11 @@ def test_numeric_match_compares_exactly_past_float_precision() -> None:
     completions = ["12345678901234567890", str(2**53 + 1), "9" * 5000, "1e999999999", "7", "0.1"]
     answers = ["12345678901234567891", str(2**53), "9" * 5000, "1e999999999", "7.0000001", "1/10"]
     assert numeric_match(completions=completions, answer=answers) == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_a_fraction_may_have_a_decimal_denominator() -> None:
+    # "3/4.5" read as its ".5" tail, 0.5 (audit); 3 / 4.5 = 2/3; a full stop after a fraction ends the sentence
+    from posttrain.rewards.verifiers import extract_final_number
+
+    assert extract_final_number("3/4.5") == pytest.approx(2 / 3)
+    assert extract_final_number("x = 3/4.") == 0.75

@@ -21,7 +21,9 @@ _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 # An integer or decimal, thousands separated by commas or not, with an optional exponent and an optional
 # "/denominator" so that "3/4" reads as 0.75 rather than 4. A sign counts only where it cannot be a
 # binary operator ("1-5" is 1 and 5, "= -5" is -5).
-_NUMBER = re.compile(r"(?:(?<![\w).])[-+])?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?(?:\s*/\s*\d+)?")
+_NUMBER = re.compile(
+    r"(?:(?<![\w).])[-+])?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?"
+)
 
 _MANTISSA = re.compile(r"[-+]?\.?\d")
 
