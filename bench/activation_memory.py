@@ -28,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
+from rms_norm import composite_norm_op
 
 
 def kept_bytes(model: Any, forward: Any) -> int:
@@ -68,16 +69,7 @@ def autograd_ops(llama_forward: Any) -> dict[str, Any]:
         act, down = llama_forward.activation_op(act_fn), llama_forward.linear_op(down_proj)
         return lambda gate, up: down(act(gate) * up)
 
-    def norm_op(module: Any) -> Any:
-        import torch
-        import torch.nn.functional as F
-
-        if type(module).__name__ not in llama_forward.RMS_NORMS:
-            return module
-        shape, weight, eps = module.weight.shape, module.weight, module.variance_epsilon
-        return lambda x: F.rms_norm(x, shape, weight, eps) if x.dtype == torch.float32 else module(x)
-
-    return {"gated_down_op": gated_down_op, "norm_op": norm_op}
+    return {"gated_down_op": gated_down_op, "norm_op": composite_norm_op}
 
 
 def measure(size: str, dtype: str, group: int, prompt: int, completion: int) -> dict[str, int | None]:

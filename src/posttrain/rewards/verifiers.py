@@ -47,7 +47,7 @@ def extract_final_number(text: str) -> float | None:
 
 def extract_final_fraction(text: str) -> Fraction | float | None:
     """`extract_final_number` as the exact rational number written, so that integers past 2^53 stay distinct (a
-    float, inf or 0.0, for an exponent past MAX_EXACT_EXPONENT)."""
+    float for a number past MAX_EXACT_DIGITS)."""
     last = None
     for match in _NUMBER.finditer(text):
         if _MANTISSA.match(match.group()):  # "e1" alone matches _NUMBER but is not a number

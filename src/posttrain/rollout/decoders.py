@@ -39,6 +39,7 @@ from posttrain.policies.llama_forward import (
     RMS_NORMS,
     SILUS,
     base_model,
+    decoder_of,
     has_hooks,
     has_llama_layers,
     layer_ops,
@@ -133,7 +134,7 @@ def supports_static(model: Any) -> bool:
     would not run them)."""
     if not has_llama_layers(model) or has_hooks(model):
         return False
-    return getattr(base_model(model).get_decoder().rotary_emb, "rope_type", "default") not in POSITION_DEPENDENT_ROPE
+    return getattr(decoder_of(model).rotary_emb, "rope_type", "default") not in POSITION_DEPENDENT_ROPE
 
 
 def _decode_attention(q_A_N_1_D: Tensor, k_A_G_K_D: Tensor, v_A_G_K_D: Tensor, bias_AG_1_K: Tensor,

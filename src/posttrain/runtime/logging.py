@@ -40,7 +40,7 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.headline = headline
         path = self.run_dir / METRICS_FILE
-        torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+        torn = _ends_mid_line(path)
         self._metrics = open(path, "a", encoding="utf-8")  # noqa: SIM115
         if torn:  # a run killed mid-line: the next record starts a line of its own
             self._metrics.write("\n")
@@ -78,6 +78,15 @@ class RunLogger:
         if self._tensorboard is not None:
             self._tensorboard.close()
         self._metrics.close()
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """Whether the file exists, is not empty and its last byte is not a newline (read alone: the file grows long)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as handle:
+        handle.seek(-1, 2)
+        return handle.read(1) != b"\n"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ from posttrain.rewards import RewardFailureError, RewardSet, call_within, descri
 from posttrain.rollout import SamplingParams
 from posttrain.rollout.native import generate_geometric_mixture
 from posttrain.trainers.offline import Tokens
-from posttrain.trainers.rl_parts import score_groups
+from posttrain.trainers.rl_parts import score_groups, share_correct, verifier_scores
 
 
 @dataclass
@@ -106,8 +106,8 @@ def sample_round(
         scored = score_groups(feedback.rewards, tokenizer, prompts, ids, k)
         scores_P_K = scored.total.view(len(prompts), k)
         prefs_P_K_K = preference_matrix(scores_P_K)
-        if len(scored.per_reward) == 1:  # a verifier's own scores; a total with shaping rewards is not one
-            verdicts_P_K = next(iter(scored.per_reward.values())).view(len(prompts), k)
+        verdicts_N = verifier_scores(scored)
+        verdicts_P_K = None if verdicts_N is None else verdicts_N.view(len(prompts), k)
     else:
         prefs_P_K_K = judge_all_pairs(feedback.judge, tokenizer, prompts, completions, feedback.judge_timeout_s)
         scores_P_K = win_rates_within_group(prefs_P_K_K)
@@ -126,11 +126,8 @@ def sample_round(
         "gen_s": generated - started,
         "score_s": time.perf_counter() - generated,
     }
-    if verdicts_P_K is not None:  # a verifier's "correct" is a score of at least 1, where it applies
-        verdicts_PN = verdicts_P_K[:, :n].flatten()
-        applicable_PN = verdicts_PN[~verdicts_PN.isnan()]
-        accuracy = (applicable_PN >= 1.0).float().mean().item() if len(applicable_PN) else float("nan")
-        metrics["sample_accuracy"] = accuracy
+    if verdicts_P_K is not None:
+        metrics["sample_accuracy"] = share_correct(verdicts_P_K[:, :n].flatten())
     if opponent is not None:
         metrics["opponent_score"] = scores_P_K[:, n:].mean().item()
     return RoundSamples(prompts, completions, from_reference_P_K, scores_P_K, win_rates_P_N, metrics)

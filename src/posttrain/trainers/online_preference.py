@@ -82,9 +82,7 @@ def train_online_pref(
     feedback = _feedback(cfg)
     sampler = EpochSampler(len(train_prompts), seed=cfg.seed)
     optim = build_optimisation(model, cfg.train)
-    history, start_step = restore_checkpoint(
-        checkpointer, checkpoint, optim, sampler, generator, final_step=cfg.train.max_steps
-    )
+    history, start_step = restore_checkpoint(checkpointer, checkpoint, optim, sampler, generator)
     guard = NonFiniteGuard(cfg.train.max_bad_steps, checkpointer, history)
     shift = RunningMean.from_history(history)
     log = RunLogger(run_dir, total_steps=cfg.train.max_steps, start_step=start_step,

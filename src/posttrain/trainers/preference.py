@@ -104,9 +104,7 @@ def train_pref(
             reference = None  # every reference log-prob is cached: free the copy
     sampler = EpochSampler(len(train.tokens), seed=cfg.seed, report=train.report)
     optim = build_optimisation(model, cfg.train)
-    history, start_step = restore_checkpoint(
-        checkpointer, checkpoint, optim, sampler, generator, final_step=cfg.train.max_steps
-    )
+    history, start_step = restore_checkpoint(checkpointer, checkpoint, optim, sampler, generator)
     guard = NonFiniteGuard(cfg.train.max_bad_steps, checkpointer, history)
     shift = RunningMean.from_history(history)
     log = RunLogger(

@@ -91,9 +91,7 @@ def train_rm(
     mb_size = cfg.train.micro_batch_size or cfg.train.batch_size
     sampler = EpochSampler(len(train.tokens), seed=cfg.seed, report=train.report)
     optim = build_optimisation(model, cfg.train)
-    history, start_step = restore_checkpoint(
-        checkpointer, checkpoint, optim, sampler, generator, final_step=cfg.train.max_steps
-    )
+    history, start_step = restore_checkpoint(checkpointer, checkpoint, optim, sampler, generator)
     guard = NonFiniteGuard(cfg.train.max_bad_steps, checkpointer, history)
     log = RunLogger(
         run_dir,

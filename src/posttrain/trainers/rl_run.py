@@ -93,11 +93,11 @@ def build_rl_run(
         baseline=MovingBaseline(), kl_coef=rl.kl.coef, history=[], start_step=0,
     )  # fmt: skip
     if checkpoint is not None:
-        _restore_rl_state(run, final_step=cfg.train.max_steps)
+        _restore_rl_state(run)
     return run
 
 
-def _restore_rl_state(run: RLRun, *, final_step: int) -> None:
+def _restore_rl_state(run: RLRun) -> None:
     def restore_rl_extra(state: dict[str, Any]) -> None:
         if run.critic is not None:
             run.critic.load_state_dict(state["critic"])
@@ -106,8 +106,7 @@ def _restore_rl_state(run: RLRun, *, final_step: int) -> None:
         run.kl_coef = state["kl_coef"]
 
     run.history, run.start_step = restore_checkpoint(
-        run.checkpointer, run.checkpoint, run.optim, run.sampler, run.generator, restore_rl_extra,
-        final_step=final_step,
+        run.checkpointer, run.checkpoint, run.optim, run.sampler, run.generator, restore_rl_extra
     )
 
 

@@ -15,6 +15,7 @@ from posttrain.policies import save_pretrained
 from posttrain.runtime.checkpoint import Checkpointer, CheckpointError
 from posttrain.runtime.device import limit_cpu_threads, resolve_device
 from posttrain.runtime.guards import NonFiniteGuard, step_schedule
+from posttrain.runtime.logging import METRICS_FILE, read_metrics
 from posttrain.runtime.optim import lr_of_last_step
 from posttrain.runtime.seeding import capture_rng_states, restore_rng_states, seed_everything
 from posttrain.trainers.build import EpochSampler, check_environment
@@ -125,13 +126,10 @@ def restore_checkpoint(
     sampler: EpochSampler,
     generator: torch.Generator,
     restore_extra: Callable[[dict[str, Any]], None] | None = None,
-    *,
-    final_step: int | None = None,
 ) -> tuple[list[dict[str, float]], int]:
     """Load what `save_checkpoint` wrote (the model is the caller's), hand the whole state to `restore_extra`
     for the trainer's own, and return (history, start step); ([], 0) without a checkpoint. metrics.jsonl is
-    rewritten to the checkpoint's history and the evaluations logged up to its step (`rewrite_metrics`);
-    `final_step`: the run's last step (train.max_steps), whose evaluation a resumed run makes again."""
+    rewritten to the checkpoint's history and the evaluations logged up to its step (`rewrite_metrics`)."""
     if checkpoint is None:
         return [], 0
     state = checkpointer.load_state(checkpoint)
@@ -141,26 +139,19 @@ def restore_checkpoint(
     optim.scheduler.load_state_dict(state["scheduler"])
     sampler.load_state_dict(state["data"])
     restore_rng_states(state["rng"], {"sampling": generator})
-    rewrite_metrics(checkpointer.root.parent, state["history"], step=state["step"], final_step=final_step)
+    rewrite_metrics(checkpointer.root.parent, state["history"], step=state["step"])
     return state["history"], state["step"]
 
 
-def rewrite_metrics(
-    run_dir: Path, history: list[dict[str, float]], *, step: int, final_step: int | None = None
-) -> None:
+def rewrite_metrics(run_dir: Path, history: list[dict[str, float]], *, step: int) -> None:
     """After a resume from the checkpoint of `step`, metrics.jsonl holds exactly the checkpoint's history and the
-    evaluation lines the file had up to that step, each after its step's train line (later lines were lost work;
-    an evaluation of `final_step` is made again by the resumed run). Evaluations are not in the history: the
-    initial one and those of online rounds are logged only."""
-    path = run_dir / "metrics.jsonl"
+    evaluation lines the file had up to that step, each after its step's train line (later lines were lost work).
+    Evaluations are not in the history: the initial one and those of online rounds are logged only. (A run is never
+    resumed at or past its last step, `start_run`, so its final evaluation is always made again.)"""
     records = [(h["step"], 0, {"kind": "train", **h}) for h in history]
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short when the run stopped
-            continue
+    for record in read_metrics(run_dir):
         at = record.get("step")
-        if record.get("kind") != "train" and isinstance(at, int) and (at < step or at == step != final_step):
+        if record.get("kind") != "train" and isinstance(at, int) and at <= step:
             records.append((at, 1, record))
     records.sort(key=lambda r: r[:2])
-    path.write_text("".join(json.dumps(record) + "\n" for _, _, record in records))
+    (run_dir / METRICS_FILE).write_text("".join(json.dumps(record) + "\n" for _, _, record in records))

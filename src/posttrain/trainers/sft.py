@@ -75,9 +75,7 @@ def train_sft(
     eval_prompts, eval_tokens = _encode_eval(cfg, tokenizer, eval_rows)
     sampler = EpochSampler(len(train), seed=cfg.seed, report=report)
     optim = build_optimisation(model, cfg.train)
-    history, start_step = restore_checkpoint(
-        checkpointer, checkpoint, optim, sampler, generator, final_step=cfg.train.max_steps
-    )
+    history, start_step = restore_checkpoint(checkpointer, checkpoint, optim, sampler, generator)
     guard = NonFiniteGuard(cfg.train.max_bad_steps, checkpointer, history)
     log = RunLogger(
         run_dir,
