@@ -10,6 +10,7 @@ A config may be a config object, a dict, or a path to a YAML recipe (plus `overr
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,7 +18,7 @@ import torch
 import transformers
 from pydantic import BaseModel
 
-from posttrain.config import ConfigError, EvalConfig, PrefConfig, RLConfig, RMConfig, SFTConfig, load_config, validate
+from posttrain.config import ConfigError, EvalConfig, PrefConfig, RLConfig, RMConfig, SFTConfig, load_config
 from posttrain.data.encoding import encode_prompt
 from posttrain.data.errors import DataError
 from posttrain.objectives.registry import ALL_REGISTRIES
@@ -40,15 +41,20 @@ C = TypeVar("C", bound=BaseModel)
 transformers.utils.logging.disable_progress_bar()
 
 
-def as_config(kind: type[C], config: C | dict[str, Any] | str | Path, overrides: list[str] = ()) -> C:
+def as_config(kind: type[C], config: C | dict[str, Any] | str | Path, overrides: Sequence[str] = ()) -> C:
+    """A config object from an object, a mapping or a YAML recipe, with `overrides` applied as the CLI applies
+    them (an override replaces what it names, and the keys that name the same thing: `config.loading.REPLACES`)."""
     if isinstance(config, kind):
         if not overrides:
             return config
         # only what was set: a default re-read as if the user had written it could clash with an override
-        return load_config(kind, None, [*_flatten(config.model_dump(exclude_unset=True)), *overrides])
-    if isinstance(config, dict):
-        return load_config(kind, None, [*_flatten(config), *overrides]) if overrides else validate(kind, config)
-    return load_config(kind, config, list(overrides))
+        internal = {"recipe_dir": config.recipe_dir, "load_notes": config.load_notes}
+        base = config.model_dump(exclude_unset=True) | internal
+        return load_config(kind, base, overrides)
+    if isinstance(config, BaseModel):
+        raise ConfigError(f"a {type(config).__name__} was given where a {kind.__name__} (or a dict or YAML path) is "
+                          "needed")  # fmt: skip
+    return load_config(kind, config, overrides)
 
 
 def sft(
@@ -63,8 +69,6 @@ def sft(
     progress: bool = True,
 ) -> SFTResult:
     """Supervised fine-tuning (`posttrain sft`). `train`/`eval`: lists of row dicts or `datasets.Dataset`."""
-    if train is not None:
-        config = with_in_memory_train(config)
     return train_sft(
         as_config(SFTConfig, config, overrides),
         model=model,
@@ -74,19 +78,6 @@ def sft(
         resume=resume,
         progress=progress,
     )
-
-
-IN_MEMORY = "<rows passed from Python>"
-
-
-def with_in_memory_train(config: Any) -> Any:
-    """Rows passed from Python are the training data: a config dict may then leave data.train out."""
-    if not isinstance(config, dict):
-        return config
-    data = dict(config.get("data") or {})
-    if data.get("train") is None and data.get("task") is None:
-        data["train"] = IN_MEMORY
-    return {**config, "data": data}
 
 
 def rl(
@@ -128,8 +119,6 @@ def pref(
     """Preference optimisation (`posttrain pref`): offline on preference rows, or in rounds on the policy's own
     samples when the config has an `online` section (then `train`/`eval` are prompt rows with `answer`...).
     `train`/`eval`: row dicts or a `datasets.Dataset`."""
-    if train is not None:
-        config = with_in_memory_train(config)
     return train_pref(
         as_config(PrefConfig, config, overrides),
         model=model,
@@ -153,8 +142,6 @@ def rm(
     progress: bool = True,
 ) -> RMResult:
     """Reward-model training (`posttrain rm`). `train`/`eval`: row dicts or a `datasets.Dataset`."""
-    if train is not None:
-        config = with_in_memory_train(config)
     return train_rm(
         as_config(RMConfig, config, overrides),
         model=model,
@@ -278,13 +265,3 @@ def summarise_run(run_dir: str | Path) -> dict[str, Any]:
                 if key not in ("step", "kind", "time") and isinstance(value, int | float):
                     summary[f"{kind} {key} (last)"] = value
     return summary
-
-
-def _flatten(raw: dict[str, Any], prefix: str = "") -> list[str]:
-    items = []
-    for key, value in raw.items():
-        if isinstance(value, dict) and value:
-            items += _flatten(value, f"{prefix}{key}.")
-        elif value is not None:
-            items.append(f"{prefix}{key}={json.dumps(value)}")
-    return items

@@ -156,7 +156,7 @@ def test_resume_keeps_the_evaluations_logged_before_the_checkpoint(tmp_path) -> 
 
     def run(out, resume=False):
         config = {"model": {"preset": "qwen2-tiny", "tokenizer": "arithmetic"},
-                  "data": {"train": api.IN_MEMORY, "eval": api.IN_MEMORY},
+                  "data": {},
                   "train": {"max_steps": 4, "batch_size": 8, "save_every": 2, "keep_last": 5}, "eval": {"limit": 8},
                   "output_dir": str(out)}  # fmt: skip
         api.pref(config, train=rows, eval=held_out, resume=resume, progress=False)

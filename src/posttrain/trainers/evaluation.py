@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from posttrain.config import ConfigError
 from posttrain.config.sections import EvalSection
 from posttrain.data.encoding import PromptTokens
 from posttrain.data.errors import DataError
@@ -170,11 +171,15 @@ def run_evaluation(
     limit_cpu_threads()
     generator = seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    if model is None or tokenizer is None:
-        model, tokenizer = build_policy(cfg.model, seed=cfg.seed, device=device, recipe_dir=cfg.recipe_dir)
+    model, tokenizer = build_policy(
+        cfg.model, seed=cfg.seed, device=device, recipe_dir=cfg.recipe_dir, model=model, tokenizer=tokenizer
+    )
     prompts, report = load_prompts(
         cfg.data, tokenizer, "eval", seed=cfg.seed, recipe_dir=cfg.recipe_dir, rows=rows, limit=cfg.eval.limit
     )
+    if report is None:
+        raise ConfigError("data: set data.eval (a file with prompt and answer) or data.task, or pass rows= from "
+                          "Python")  # fmt: skip
     missing = [p.where for p in prompts if "answer" not in p.extra]
     if missing:
         raise DataError(
