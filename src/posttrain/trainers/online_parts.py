@@ -27,6 +27,7 @@ from posttrain.objectives.pairing import (
     win_rates_against,
     win_rates_within_group,
 )
+from posttrain.policies import Reference
 from posttrain.rewards import RewardFailureError, RewardSet, call_within, describe_failure
 from posttrain.rollout import SamplingParams
 from posttrain.rollout.native import generate_geometric_mixture
@@ -62,7 +63,7 @@ class Feedback:
 
 def sample_round(
     policy: Any,
-    reference: Any,
+    reference: Reference | None,
     tokenizer: Any,
     prompts: list[PromptTokens],
     feedback: Feedback,
@@ -82,7 +83,9 @@ def sample_round(
     prompt_ids = [p.prompt_ids for p in prompts]
     sampled = [engine.generate(policy, prompt_ids, params, n=n, generator=generator, tokenizer=tokenizer)]
     if opponent == "reference":
-        sampled.append(engine.generate(reference, prompt_ids, params, n=n, generator=generator, tokenizer=tokenizer))
+        with reference.active():
+            sampled.append(engine.generate(reference.model, prompt_ids, params, n=n, generator=generator,
+                                           tokenizer=tokenizer))  # fmt: skip
     elif opponent == "mixture":
         sampled.append(
             generate_geometric_mixture(

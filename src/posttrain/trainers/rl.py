@@ -36,7 +36,7 @@ from posttrain.trainers.rl_parts import (
 )
 from posttrain.trainers.rl_run import RLRun, build_rl_run, evaluate_policy, sampling_params, save_rl_checkpoint
 from posttrain.trainers.rl_update import Objectives, UpdateStats, prepare_step, update_minibatch
-from posttrain.trainers.run_state import eval_due, finish_step, start_run, step_metrics
+from posttrain.trainers.run_state import eval_due, finish_step, print_start, start_run, step_metrics
 
 
 @dataclass
@@ -79,9 +79,8 @@ def train_rl(
         Path(cfg.output_dir), total_steps=cfg.train.max_steps, start_step=run.start_step,
         headline=("rewards/total/mean", "accuracy", "kl_per_seq"), progress=progress,
     )  # fmt: skip
-    log.print(f"data: {run.report.summary()}")
-    if run.checkpoint is not None:
-        log.print(f"resumed from {run.checkpoint} at step {run.start_step}")
+    print_start(log, cfg, run.report, checkpoint=run.checkpoint, start_step=run.start_step, train_rows=train_rows,
+                eval_rows=eval_rows)  # fmt: skip
     params, greedy = sampling_params(cfg, tokenizer.eos_token_id)
     engine = ENGINES[rl.engine]
 
@@ -138,13 +137,14 @@ def train_rl(
                         run.kl_coef, observed_kl, target=rl.kl.target, horizon=rl.kl.horizon, n_steps=num_seqs
                     )
                 )
-            run.baseline.update(rewards_PG)
+            run.baseline.update(tensors.rewards_PG)
             num_tokens = int(padded.loss_mask_B_T.sum())
             metrics = {
                 **reward_metrics(scored.rewards, verifier=cfg.eval.reward),
                 **stats.means(rl.epochs * rl.minibatches, num_tokens * rl.epochs),
                 **_step_metrics(scored, observed_kl, run.kl_coef, num_tokens * rl.epochs, trained - prepared),
                 **step_metrics(run.optim, guard, trained - started),
+                **({"rewards/kl_shaped/mean": tensors.rewards_PG.mean().item()} if rl.kl.in_reward else {}),
             }
             done = step + 1
             if eval_due(cfg.train, done) and run.eval_prompts:
