@@ -22,10 +22,13 @@ from posttrain.config import ConfigError, EvalConfig, PrefConfig, RLConfig, RMCo
 from posttrain.data.encoding import encode_prompt
 from posttrain.data.errors import DataError
 from posttrain.objectives.registry import ALL_REGISTRIES
-from posttrain.policies import MODEL_PRESETS, load_model, load_tokenizer
+from posttrain.policies import MODEL_PRESETS, load_model, load_tokenizer, save_pretrained
+from posttrain.policies.models import adapter_base_path
 from posttrain.rewards import BUILTIN_REWARDS
 from posttrain.rollout import ENGINES, SamplingParams
+from posttrain.runtime.checkpoint import model_dir, write_atomically
 from posttrain.runtime.logging import read_metrics
+from posttrain.runtime.model_files import is_adapter_directory
 from posttrain.tasks import TASKS
 from posttrain.trainers.build import build_builtin_tokenizer
 from posttrain.trainers.evaluation import EvalResult, RewardFn, run_evaluation
@@ -209,6 +212,36 @@ def generate(
     rollouts = ENGINES[engine].generate(model, prompt_ids, params, n=n, generator=generator, tokenizer=tokenizer)
     texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def export(
+    run_dir: str | Path, *, merge: bool = False, checkpoint: str | None = None, output: str | Path | None = None
+) -> Path:
+    """A standalone Hugging Face model directory from a run (`posttrain export`): its `final/`, or a checkpoint's
+    model (`checkpoint`: a step number or a directory name such as step-00000100). A LoRA run saves its adapter
+    only; `merge` merges it into its base. Written to `output` (default: RUN/merged or RUN/exported), atomically."""
+    run = Path(run_dir)
+    source = run / "final" if checkpoint is None else model_dir(checkpoint_dir(run, checkpoint))
+    if not source.is_dir():
+        raise ConfigError(f"export: {source} does not exist (is {run} a finished posttrain run?)")
+    adapter = is_adapter_directory(source)
+    if adapter and not merge:
+        raise ConfigError(f"export: {source} holds a LoRA adapter only; add --merge to merge it into its base "
+                          f"({adapter_base_path(source)})")  # fmt: skip
+    model = load_model(source)  # an adapter directory loads as its base with the adapter merged
+    out = Path(output) if output is not None else run / ("merged" if adapter else "exported")
+    write_atomically(out, lambda staging: save_pretrained(model, load_tokenizer(source), staging))
+    return out
+
+
+def checkpoint_dir(run: Path, checkpoint: str) -> Path:
+    """A run's checkpoint directory by step number (`100`) or name (`step-00000100`)."""
+    name = f"step-{int(checkpoint):08d}" if checkpoint.isdigit() else checkpoint
+    path = run / "checkpoints" / name
+    if not path.is_dir():
+        found = ", ".join(sorted(p.name for p in (run / "checkpoints").glob("step-*"))) or "none"
+        raise ConfigError(f"export: no checkpoint {name} in {run / 'checkpoints'}; found: {found}")
+    return path
 
 
 def write_task(
