@@ -112,3 +112,23 @@ def test_export_merge_writes_a_full_model_equal_to_base_plus_adapter(base: Path,
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(merged_dir)(IDS).logits,
                                    result.model(IDS).logits, atol=1e-5, rtol=1e-5)  # fmt: skip
     assert (merged_dir / "tokenizer.json").is_file()
+
+
+def test_a_refreshed_lora_reference_is_the_policy_at_the_refresh(base: Path) -> None:
+    section = ModelSection(path=str(base), lora={"r": 4})
+    policy, _, reference = policy_and_reference(section, None, None, None, needs_reference=True, seed=0,
+                                                device=torch.device("cpu"), recipe_dir=None)  # fmt: skip
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+        reference.refresh(policy)
+        at_refresh = policy(IDS).logits
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name and "reference" not in name:
+                parameter.add_(1.0)  # the policy trains on after the refresh
+        with reference.active():
+            torch.testing.assert_close(policy(IDS).logits, at_refresh)
+        assert not torch.allclose(policy(IDS).logits, at_refresh)
+    assert {n for n, p in policy.named_parameters() if p.requires_grad} == trainable  # the copy never trains
