@@ -21,6 +21,14 @@ from posttrain.config.sections import EvalSection
 from posttrain.data.encoding import PromptTokens
 from posttrain.data.errors import DataError
 from posttrain.rewards import load_reward_fn
+from posttrain.rewards.inputs import (
+    RewardLog,
+    reward_completions,
+    reward_prompts,
+    row_columns,
+    trainer_state,
+    trl_reward_kwargs,
+)
 from posttrain.rollout import ENGINES, SamplingParams
 from posttrain.runtime.device import limit_cpu_threads, resolve_device
 from posttrain.runtime.seeding import seed_everything
@@ -142,13 +150,13 @@ def _generate_and_score(
         model, [p.prompt_ids for p in batch], params, n=n, generator=generator, tokenizer=tokenizer
     )
     texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
-    prompt_texts = tokenizer.batch_decode([p.prompt_ids for p in batch], skip_special_tokens=True)
-    columns = {key: [p.extra.get(key) for p in batch for _ in range(n)] for key in batch[0].extra}
+    prompts_N = reward_prompts(batch, tokenizer, n)
     scores = reward(
-        prompts=[t for t in prompt_texts for _ in range(n)],
-        completions=texts,
+        prompts=prompts_N,
+        completions=reward_completions(prompts_N, texts),
         completion_ids=rollouts.completion_ids,
-        **columns,
+        **row_columns(batch, n),
+        **trl_reward_kwargs(trainer_state(0, 0), RewardLog()),
     )
     return [None if s is None else s >= 1.0 for s in scores], texts
 

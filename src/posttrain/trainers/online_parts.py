@@ -74,6 +74,7 @@ def sample_round(
     opponent: str | None,
     mixture_coef: float,
     generator: torch.Generator,
+    reward_kwargs: dict[str, Any] | None = None,
 ) -> RoundSamples:
     """Sample N completions per prompt from the policy (and N from `opponent`: "reference" or "mixture"),
     then score every completion of the round with one reward call, or judge every pair of each prompt."""
@@ -106,7 +107,7 @@ def sample_round(
     verdicts_P_K = None
     if feedback.rewards is not None:
         ids = [c for group in completions for c in group]
-        scored = score_groups(feedback.rewards, tokenizer, prompts, ids, k)
+        scored = score_groups(feedback.rewards, tokenizer, prompts, ids, k, reward_kwargs)
         scores_P_K = scored.total.view(len(prompts), k)
         prefs_P_K_K = preference_matrix(scores_P_K)
         verdicts_N = verifier_scores(scored)

@@ -29,6 +29,7 @@ from posttrain.config.pref import SELECTIONS, PrefConfig, feedback_kind
 from posttrain.objectives.registry import PREFERENCE_LOSSES, call_with
 from posttrain.policies import save_pretrained
 from posttrain.rewards import RewardSet, RewardSpec, load_reward_fn
+from posttrain.rewards.inputs import RewardLog, trainer_state, trl_reward_kwargs
 from posttrain.rollout import ENGINES, SamplingParams
 from posttrain.runtime.guards import NonFiniteGuard
 from posttrain.runtime.logging import RunLogger
@@ -115,9 +116,12 @@ def train_online_pref(
             if online.reference == "refresh" and reference is not None:
                 reference.refresh(model)  # pi_t: the policy that samples this round
             prompts = [train_prompts[i] for i in sampler.take(online.prompts_per_round)]
+            reward_log = RewardLog()
+            reward_kwargs = trl_reward_kwargs(trainer_state(round_index * spr, cfg.train.max_steps), reward_log)
             samples = sample_round(model, reference, tokenizer, prompts, feedback, engine=ENGINES[online.engine],
                                    params=params, n=online.samples_per_prompt, opponent=opponent,
-                                   mixture_coef=online.mixture_coef, generator=generator)  # fmt: skip
+                                   mixture_coef=online.mixture_coef, generator=generator,
+                                   reward_kwargs=reward_kwargs)  # fmt: skip
             items, extras = build_examples(samples, kind, select=select, margin=online.margin,
                                            label_threshold=online.label_threshold, top_k=online.top_k,
                                            min_score=online.min_score, where=f"round {round_index + 1}")  # fmt: skip
@@ -126,7 +130,8 @@ def train_online_pref(
                 with reference.active():
                     ref_cache = logps_per_item(reference.model, items, mb_size, pad_id, device, bf16)
             round_sampler = EpochSampler(len(items), seed=cfg.seed * 100_003 + round_index) if items else None
-            round_metrics = {**samples.metrics, "examples": float(len(items)), "round": float(round_index + 1)}
+            round_metrics = {**samples.metrics, **reward_log.means(), "examples": float(len(items)),
+                             "round": float(round_index + 1)}  # fmt: skip
             for step in range(round_index * spr, (round_index + 1) * spr):
                 started = time.perf_counter()
                 indices = round_sampler.take(min(cfg.train.batch_size, len(items))) if round_sampler else []
