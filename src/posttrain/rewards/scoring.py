@@ -22,7 +22,8 @@ most `timeout_s`. Python cannot kill a thread, so a call that hangs is abandoned
 running in the background (as a daemon it does not block interpreter exit), its result is dropped,
 and the next call gets a fresh worker. Untrusted or crash-prone code belongs in a subprocess, which
 the code sandbox (`posttrain.rewards.sandbox`) provides. With `timeout_s=None` the call runs inline
-in the caller's thread, with no hand-off at all.
+in the caller's thread, with no hand-off at all; a `sys.exit()` in it fails the call like any other
+exception (only KeyboardInterrupt goes through, so Ctrl-C still stops the run).
 """
 
 from __future__ import annotations
@@ -348,7 +349,9 @@ def _timed_out(timeout_s: float) -> _Timeout:
 def _call_inline(fn: Callable[..., Any], kwargs: dict[str, Any]) -> tuple[Any, BaseException | None]:
     try:
         return fn(**kwargs), None
-    except Exception as err:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:  # SystemExit too: a reward's sys.exit() must not end the trainer silently
         return None, err
 
 
