@@ -266,6 +266,34 @@ def test_keyboard_interrupt_in_an_inline_reward_still_stops_the_run():
         score(RewardSet([LoadedReward("ctrl_c", interrupted, timeout_s=None)]))
 
 
+def test_a_reward_sees_its_call_deadline_and_cancel_event():
+    from posttrain.rewards import current_reward_call
+
+    seen = []
+
+    def record(**kwargs):
+        seen.append(current_reward_call())
+        return [0.0] * 4
+
+    before = time.monotonic()
+    score(RewardSet([LoadedReward("timed", record, timeout_s=5.0)]))
+    score(RewardSet([LoadedReward("inline", record, timeout_s=None)]))
+    assert before + 5.0 <= seen[0].deadline <= time.monotonic() + 5.0
+    assert seen[1].deadline is None and not seen[1].cancelled.is_set()
+    assert current_reward_call() is None  # outside a call
+
+    release = threading.Event()
+
+    def hangs(**kwargs):
+        seen.append(current_reward_call())
+        release.wait(5.0)
+        return [0.0] * 4
+
+    score(RewardSet([LoadedReward("hangs", hangs, timeout_s=0.2)], max_failure_fraction=1.0))
+    release.set()
+    assert seen[2].cancelled.is_set()  # the RewardSet gave up on the call and told it so
+
+
 @pytest.mark.parametrize(
     ("prompts", "ids", "columns", "message"),
     [
