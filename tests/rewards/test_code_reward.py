@@ -593,6 +593,19 @@ def test_killing_every_process_it_can_scores_zero():
     assert score("def add(a, b):\n    return a + b") == 1.0  # and the next row is scored as usual
 
 
+def test_a_machine_without_namespaces_is_named_in_a_warning(monkeypatch, caplog):
+    import posttrain.rewards.code as code
+
+    monkeypatch.setattr(code, "probe_isolation", lambda: ("audit-network-guard",))
+    code._warn_without_namespaces.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="posttrain.rewards"):
+            assert score(RIGHT) == 1.0
+    finally:
+        code._warn_without_namespaces.cache_clear()
+    assert "no PID namespace here" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------
 # Hostile batches (issue #21 item 4)
 

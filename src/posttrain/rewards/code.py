@@ -29,6 +29,7 @@ import ast
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -38,12 +39,15 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from posttrain.rewards.base import completion_text
-from posttrain.rewards.sandbox import Program, SandboxLimits, SandboxResult, run_linked, run_python
+from posttrain.rewards.sandbox import Program, SandboxLimits, SandboxResult, probe_isolation, run_linked, run_python
 from posttrain.rewards.scoring import current_reward_call
+
+logger = logging.getLogger("posttrain.rewards")
 
 FENCED_PYTHON = re.compile(r"```(?:python3?|py)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 HARNESS = Path(__file__).with_name("code_harness.py").read_text(encoding="utf-8")
@@ -133,12 +137,21 @@ def code_tests_reward(
         for row in range(len(completions))
     ]
     codes = [extract_code(completion_text(c)) for c in completions]
+    _warn_without_namespaces()
     limits = SandboxLimits(wall_time_s=wall_time_s, cpu_time_s=max(1, math.ceil(wall_time_s)),
                            memory_bytes=memory_mb << 20)
     deadline, cancel = _call_bounds(time_budget_s)
     schedule = _Schedule(codes, plans, limits, first_pass_s=min(first_pass_s, wall_time_s), deadline=deadline,
                          cancel=cancel, strict=strict_values)
     return schedule.run(concurrency or max(1, min(2, os.cpu_count() or 1)))
+
+
+@cache
+def _warn_without_namespaces() -> None:
+    layers = probe_isolation()
+    if "pidns" not in layers:
+        logger.warning("code_tests: no PID namespace here (isolation %s): the solution can reach the checker's "
+                       "process, so a score is not safe from reward hacking (docs/sandbox.md, Fallbacks)", layers)
 
 
 def extract_code(text: str) -> str:
