@@ -319,7 +319,8 @@ def run_function_tests(code: str, tests: FunctionTests, limits: SandboxLimits, *
     checker = Program(HARNESS, json.dumps({"role": "checker", "strict": strict, "steps": steps}))
     server = Program(HARNESS, json.dumps({"role": "server", "code": code}))
     checked, served = run_linked(checker, server, limits=limits, cancel=cancel)
-    return _Outcome(_verdicts(checked.stdout, tests.count), checked.timed_out or _hit_cpu_limit(served))
+    hit = checked.timed_out or _hit_cpu_limit(checked) or _hit_cpu_limit(served)
+    return _Outcome(_verdicts(checked.stdout, tests.count), hit)
 
 
 def run_stdio_case(code: str, stdin: str, expected: str, limits: SandboxLimits, *,

@@ -349,7 +349,11 @@ def serve(code: str) -> None:
     except BaseException as err:  # SystemExit too: a solution that exits while being defined scores 0
         send(CHANNEL_OUT, {"load_error": [_name_of(err), _message_of(err)]})
         os._exit(0)
-    send(CHANNEL_OUT, {"names": server.names(module.__dict__)})
+    try:
+        send(CHANNEL_OUT, {"names": server.names(module.__dict__)})
+    except WireError:  # too much module-level data in all: every name by reference
+        send(CHANNEL_OUT, {"names": [[name, server.ref(value)] for name, value in module.__dict__.items()
+                                     if not (name.startswith("__") and name.endswith("__"))]})
     while True:
         try:
             request = receive(CHANNEL_IN)
