@@ -58,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except TrainingInterrupted as stop:
-        print(f"{stop}\nresume with: {_resume_command(args)}", file=sys.stderr)
+        resumable = hasattr(args, "recipe")  # `posttrain demo` starts again instead
+        print(f"{stop}\nresume with: {_resume_command(args)}" if resumable else str(stop), file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
