@@ -237,3 +237,31 @@ def test_unwritable_or_unreadable_paths_are_one_error_line(case: str, tmp_path: 
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("device", "gpus", "mps", "message"),
+    [
+        ("cuda", 0, False, "error: device: 'cuda' was asked for but CUDA is not available"),
+        ("cuda:0", 0, False, "error: device: 'cuda:0' was asked for but CUDA is not available"),
+        ("cuda:3", 1, False, "error: device: 'cuda:3' asks for GPU 3, but this machine has 1 CUDA device(s)"),
+        ("mps", 0, False, "error: device: 'mps' was asked for but MPS (Apple GPU) is not available"),
+        ("banana", 0, False, "error: device: 'banana' is not a device; use one of auto, cpu, cuda, cuda:N, mps"),
+        ("meta", 0, False, "error: device: 'meta' is not supported; use one of auto, cpu, cuda, cuda:N, mps"),
+    ],
+)
+def test_a_device_this_machine_lacks_is_one_error_line(
+    device: str, gpus: int, mps: bool, message: str, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    tiny = ["model.preset=qwen2-tiny", "model.tokenizer=arithmetic", "data.task.name=arithmetic"]
+    for command in (["sft", *tiny, "train.max_steps=1"], ["eval", *tiny]):
+        assert main([*command, f"device={device}", f"output_dir={tmp_path}"]) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[0].startswith(message), err
+        assert err.splitlines()[1:] == ["(run again with --debug for the traceback)"]
+    assert not (tmp_path / "final").exists()
