@@ -226,7 +226,9 @@ def test_eval_on_the_trained_model(trained: Path, tmp_path: Path, capsys: pytest
 
     for example in written["examples"]:
         assert example["correct"] == verify(example["completion"], example["answer"])
-    assert f"written: {tmp_path / 'eval.json'}" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert f"written: {tmp_path / 'eval.json'}" in captured.out
+    assert "held-out generation, 10 prompts: 1 batches in " in captured.err  # the long step says what it did
 
 
 def test_generate_prints_json_lines(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -192,3 +192,18 @@ def test_every_loss_runs_on_its_own_defaults(tmp_path, loss) -> None:
     assert parsed.pref.loss_args == {}
     history = train_pref(parsed, train_rows=PAIRS, progress=False).history
     assert len(history) == 1 and math.isfinite(history[0]["loss"])
+
+
+def test_reference_precompute_shows_its_progress_unless_progress_is_off(tmp_path, capsys):
+    # 64 pairs in batches of 16: 4 batches of the train set, 4 of the held-out set (64 rows, eval.limit 64)
+    cfg = as_config(PrefConfig, config(tmp_path, reference="precomputed"), ["train.max_steps=1"])
+    train_pref(cfg, train_rows=PAIRS, eval_rows=PAIRS, progress=True)
+    err = capsys.readouterr().err
+    assert "reading and encoding the data: " in err
+    assert "reference log-probs of the train examples: 4 batches in " in err
+    assert "reference log-probs of the eval examples: 4 batches in " in err
+    assert "held-out pairs, 64 examples: 4 batches in " in err and "checkpoint of step 1: " in err
+    shutil.rmtree(tmp_path / "run")
+    train_pref(cfg, train_rows=PAIRS, eval_rows=PAIRS, progress=False)
+    err = capsys.readouterr().err
+    assert not any(s in err for s in ("reading", "reference log-probs", "held-out pairs", "checkpoint of"))

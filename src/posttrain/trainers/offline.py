@@ -31,6 +31,7 @@ from posttrain.data import (
 from posttrain.data.readers import Row
 from posttrain.objectives.pairing import preference_matrix, win_rates_within_group
 from posttrain.policies import token_logprobs
+from posttrain.runtime.logging import track
 from posttrain.tasks.preference_data import FeedbackKind, feedback_rows
 from posttrain.trainers.build import Rows, build_task, chunks, resolve_path, rows_from_memory
 
@@ -152,11 +153,13 @@ def objective_inputs(
 
 @torch.no_grad()
 def logps_per_item(
-    model: Any, items: list[Tokens], size: int, pad_id: int, device: torch.device, bf16: bool
+    model: Any, items: list[Tokens], size: int, pad_id: int, device: torch.device, bf16: bool, *, shown: str = ""
 ) -> list[Tensor]:
-    """Summed completion log-probs of every item (pairs: [chosen, rejected]), computed once."""
+    """Summed completion log-probs of every item (pairs: [chosen, rejected]), computed once; a progress bar
+    named `shown` counts the batches (none when it is empty)."""
     out: list[Tensor] = []
-    for chunk in chunks(items, size):
+    batches = -(-len(items) // size)
+    for chunk in track(chunks(items, size), shown, total=batches, unit="batches", enabled=bool(shown)):
         out += per_item(
             sequence_logps(model, collate_feedback(chunk, pad_id=pad_id), device, bf16=bf16)[0].cpu(), chunk
         )

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from posttrain.config.pref import PrefConfig
 from posttrain.objectives.registry import PREFERENCE_LOSSES
+from posttrain.runtime.logging import track
 from posttrain.trainers.build import policy_and_reference
 from posttrain.trainers.offline import Tokens, as_rows, collate_feedback, objective_inputs, sequence_logps
 
@@ -130,7 +131,7 @@ def evaluate_pairs(
     was_training = model.training
     model.eval()
     totals: dict[str, float] = defaultdict(float)
-    for start in range(0, len(items), size):
+    for start in track(range(0, len(items), size), f"held-out pairs, {len(items)} examples", unit="batches"):
         mb = items[start : start + size]
         mb_cached = cached[start : start + size] if cached is not None else None
         inputs = preference_inputs(model, reference, mb, mb_cached, pad_id, device, bf16, length_normalize)

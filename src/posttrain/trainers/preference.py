@@ -25,7 +25,7 @@ from posttrain.objectives.registry import PREFERENCE_LOSSES, call_with
 from posttrain.policies import save_pretrained
 from posttrain.rewards import load_reward_fn
 from posttrain.runtime.guards import NonFiniteGuard
-from posttrain.runtime.logging import RunLogger
+from posttrain.runtime.logging import RunLogger, phase
 from posttrain.runtime.signals import StopRequest
 from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, chunks
 from posttrain.trainers.evaluation import EvalResult, evaluate_with
@@ -90,14 +90,16 @@ def train_pref(
     model, tokenizer, reference = build_models(cfg, model, tokenizer, checkpoint, device)
     pad_id = tokenizer.pad_token_id
     load = dict(seed=cfg.seed, recipe_dir=cfg.recipe_dir)
-    train = load_feedback(cfg.data, kind, "train", tokenizer, rows=train_rows, **load)
-    held_out = load_feedback(cfg.data, kind, "eval", tokenizer, rows=eval_rows, **load)
+    with phase("reading and encoding the data", enabled=progress):
+        train = load_feedback(cfg.data, kind, "train", tokenizer, rows=train_rows, **load)
+        held_out = load_feedback(cfg.data, kind, "eval", tokenizer, rows=eval_rows, **load)
     eval_items = held_out.tokens[: cfg.eval.limit] if held_out else []
     mb_size = cfg.train.micro_batch_size or cfg.train.batch_size
     ref_cache: dict[str, list[Tensor]] = {}
     if reference is not None and cfg.pref.reference == "precomputed":
+        shown = "reference log-probs of the {} examples" if progress else ""
         ref_cache = {
-            s: logps_per_item(reference, items, mb_size, pad_id, device, bf16)
+            s: logps_per_item(reference, items, mb_size, pad_id, device, bf16, shown=shown.format(s))
             for s, items in (("train", train.tokens), ("eval", eval_items))
         }
         if "kl_reference_point" not in loss_fn.needs:

@@ -15,7 +15,7 @@ from posttrain.policies import save_pretrained
 from posttrain.runtime.checkpoint import Checkpointer, CheckpointError
 from posttrain.runtime.device import limit_cpu_threads, resolve_device
 from posttrain.runtime.guards import NonFiniteGuard, step_schedule
-from posttrain.runtime.logging import METRICS_FILE, read_metrics
+from posttrain.runtime.logging import METRICS_FILE, phase, read_metrics
 from posttrain.runtime.optim import lr_of_last_step
 from posttrain.runtime.seeding import capture_rng_states, restore_rng_states, seed_everything
 from posttrain.trainers.build import EpochSampler, check_environment
@@ -116,7 +116,8 @@ def save_checkpoint(
         "history": history,
         **(extra or {}),
     }
-    return checkpointer.save(step, save_model=lambda d: save_pretrained(model, tokenizer, d), state=state)
+    with phase(f"checkpoint of step {step}"):
+        return checkpointer.save(step, save_model=lambda d: save_pretrained(model, tokenizer, d), state=state)
 
 
 def restore_checkpoint(
