@@ -207,3 +207,24 @@ def test_reference_precompute_shows_its_progress_unless_progress_is_off(tmp_path
     train_pref(cfg, train_rows=PAIRS, eval_rows=PAIRS, progress=False)
     err = capsys.readouterr().err
     assert not any(s in err for s in ("reading", "reference log-probs", "held-out pairs", "checkpoint of"))
+
+
+def test_kto_reference_point_pairs_each_prompt_with_the_previous_completion(monkeypatch):
+    # TRL 1.16's KTOTrainer rotates completions by +1 (trl/trainer/kto_trainer.py:1141-1152):
+    # (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1}). Policy log-prob of a pair here: prompt id * completion id;
+    # reference 0. Items (prompt, completion): (1, 5), (2, 7), (3, 4), (4, 9)
+    #   -> pairs (1, 9), (2, 5), (3, 7), (4, 4) -> 9, 10, 21, 16 -> z0 = 56 / 4 = 14
+    #   (the other rotation, (1, 7), (2, 4), (3, 9), (4, 5), would give 62 / 4 = 15.5)
+    import posttrain.trainers.offline as offline
+    from posttrain.data import CompletionTokens
+
+    items = [CompletionTokens([p], [c], f"row {i}") for i, (p, c) in enumerate([(1, 5), (2, 7), (3, 4), (4, 9)])]
+    monkeypatch.setattr(offline, "collate_completions", lambda shifted, pad_id: (shifted,))
+
+    def logps(model, shifted, device, bf16):
+        values = [float(it.prompt_ids[0] * it.completion_ids[0]) for it in shifted] if model == "policy" else [0.0] * 4
+        return torch.tensor(values), None
+
+    monkeypatch.setattr(offline, "sequence_logps", logps)
+    z0 = offline.kl_reference_point("policy", "reference", items, 0, torch.device("cpu"), False)
+    assert z0.item() == pytest.approx(14.0)

@@ -71,7 +71,7 @@ def adaptive_kl_coef(
 
     coef: the current beta; observed_kl: the step's mean KL per sequence (a float or 0-dim tensor);
     target: KL_target; horizon: the number of samples over which the error should decay; n_steps: the
-    samples in this update (TRL's and OpenRLHF's `AdaptiveKLController` parametrise K_beta this way;
+    samples in this update (OpenRLHF's `AdaptiveKLController`, and TRL's before 1.16, parametrise K_beta this way;
     Ziegler et al. use K_beta = 0.1). Returns the new beta, of the type of the inputs. Pure: the caller
     keeps the coefficient.
     Deviations: none.

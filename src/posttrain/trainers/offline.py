@@ -171,9 +171,10 @@ def kl_reference_point(
     model: Any, reference: Any, items: list[Tokens], pad_id: int, device: torch.device, bf16: bool
 ) -> Tensor:
     """KTO's z0 (Ethayarajh et al. 2024, Sec. 4.1): mean log-ratio of mismatched prompt/completion
-    pairs of the step (each prompt with the next example's completion), detached, clamped >= 0."""
+    pairs of the step, detached, clamped >= 0. Each prompt takes the previous example's completion (the
+    first takes the last's), as TRL 1.16's KTOTrainer rotates completions by +1 (docs/preference.md, `kto`)."""
     shifted = [
-        CompletionTokens(it.prompt_ids, items[(i + 1) % len(items)].completion_ids, it.where)  # type: ignore[union-attr]
+        CompletionTokens(it.prompt_ids, items[i - 1].completion_ids, it.where)  # type: ignore[union-attr]
         for i, it in enumerate(items)
     ]
     batch = collate_completions(shifted, pad_id=pad_id)[0]
