@@ -151,7 +151,8 @@ def update_minibatch(
         }
         loss_B_T, clipped_B_T = call_with(policy_loss, inputs, policy_loss_args)
         if kl_estimator is not None:
-            kl_B_T = torch.where(mask_B_T, kl_estimator(logp_B_T, step.ref_logp_B_T[mb]), 0.0)
+            kl_inputs = {**inputs, "ref_logp_B_T": step.ref_logp_B_T[mb]}  # by name: k3_bias_corrected reads old_logp
+            kl_B_T = torch.where(mask_B_T, call_with(kl_estimator, kl_inputs), 0.0)
             loss_B_T = loss_B_T + kl_coef_in_loss * kl_B_T
             stats.add("tok/kl", kl_B_T.detach().sum().item())
         if entropy_coef:
@@ -221,7 +222,9 @@ def prepare_step(
             reference, lambda m, i, a, t: token_logprobs(m, i, a, t, temperature=temperature)[0], padded,
             micro_batch_size,
         )  # fmt: skip
-        kl_B_T = torch.where(mask_B_T, objectives.kl_estimator(padded.old_logp_B_T, tensors.ref_logp_B_T), 0.0)
+        old, ref = padded.old_logp_B_T, tensors.ref_logp_B_T  # at sampling time pi = pi_old
+        at_sampling = {"logp_B_T": old, "old_logp_B_T": old, "ref_logp_B_T": ref}
+        kl_B_T = torch.where(mask_B_T, call_with(objectives.kl_estimator, at_sampling), 0.0)
         if kl_in_reward:
             token_rewards_B_T = token_rewards_B_T - kl_coef * kl_B_T
     available = available | {"mask_B_T": mask_B_T, "token_rewards_B_T": token_rewards_B_T}
