@@ -6,6 +6,7 @@ posttrain pref RECIPE [key.sub=value ...] [--resume]
 posttrain rm RECIPE [key.sub=value ...] [--resume]
 posttrain eval [RECIPE] [key.sub=value ...]
 posttrain generate MODEL_DIR --prompt TEXT [--n N]
+posttrain export RUN_DIR [--merge] [--checkpoint STEP] [--output DIR]
 posttrain demo
 posttrain task arithmetic OUT_DIR
 posttrain list [advantages|policy_losses|aggregations|kl_estimators|preference_losses|rewards|presets]
@@ -114,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--think-fraction", type=float, default=0.0, help="share of rows worked out in <think> first (+ and - only)"
     )
     task.add_argument("--seed", type=int, default=0)
+
+    export = _add(sub, "export", "write a run's model as a standalone directory (--merge: a LoRA adapter merged)",
+                  _run_export)  # fmt: skip
+    export.add_argument("run_dir", help="a posttrain run directory")
+    export.add_argument("--merge", action="store_true", help="merge a LoRA run's adapter into its base model")
+    export.add_argument("--checkpoint", help="a checkpoint's step (100) or name (step-00000100) instead of final/")
+    export.add_argument("--output", help="where to write it (default: RUN/merged, or RUN/exported)")
 
     lst = _add(sub, "list", "list registered objectives, rewards and model presets", _run_list)
     lst.add_argument("what", nargs="?", default="all")
@@ -319,6 +327,13 @@ def _run_task(args: argparse.Namespace) -> int:
     )
     for path in paths:
         print(path)
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from posttrain.api import export
+
+    print(export(args.run_dir, merge=args.merge, checkpoint=args.checkpoint, output=args.output))
     return 0
 
 

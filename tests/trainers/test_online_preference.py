@@ -16,7 +16,7 @@ from posttrain.api import as_config
 from posttrain.config import ConfigError, PrefConfig
 from posttrain.data import PreferenceTokens
 from posttrain.data.encoding import PromptTokens
-from posttrain.policies import build_model
+from posttrain.policies import FrozenCopy, build_model
 from posttrain.rewards import RewardFailureError
 from posttrain.rollout import ENGINES, SamplingParams
 from posttrain.rollout.native import generate_geometric_mixture
@@ -150,7 +150,7 @@ def test_geometric_mixture_at_its_ends_is_the_policy_or_the_reference():
     prompts = [tokenizer(p).input_ids for p in ("2+2=", "13+5=")]
     greedy = SamplingParams(max_new_tokens=5, temperature=0.0, stop_token_ids=(tokenizer.eos_token_id,))
     for coef, model in ((0.0, policy), (1.0, reference)):
-        mixed = generate_geometric_mixture(policy, reference, prompts, greedy, n=1, mixture_coef=coef,
+        mixed = generate_geometric_mixture(policy, FrozenCopy(reference), prompts, greedy, n=1, mixture_coef=coef,
                                            generator=torch.Generator(), tokenizer=tokenizer)  # fmt: skip
         alone = ENGINES["native"].generate(model, prompts, greedy, n=1)
         assert mixed.completion_ids == alone.completion_ids

@@ -156,7 +156,7 @@ def test_resume_keeps_the_evaluations_logged_before_the_checkpoint(tmp_path) -> 
 
     def run(out, resume=False):
         config = {"model": {"preset": "qwen2-tiny", "tokenizer": "arithmetic"},
-                  "data": {"train": api.IN_MEMORY, "eval": api.IN_MEMORY},
+                  "data": {},
                   "train": {"max_steps": 4, "batch_size": 8, "save_every": 2, "keep_last": 5}, "eval": {"limit": 8},
                   "output_dir": str(out)}  # fmt: skip
         api.pref(config, train=rows, eval=held_out, resume=resume, progress=False)
@@ -215,6 +215,9 @@ def test_kto_reference_point_pairs_each_prompt_with_the_previous_completion(monk
     # reference 0. Items (prompt, completion): (1, 5), (2, 7), (3, 4), (4, 9)
     #   -> pairs (1, 9), (2, 5), (3, 7), (4, 4) -> 9, 10, 21, 16 -> z0 = 56 / 4 = 14
     #   (the other rotation, (1, 7), (2, 4), (3, 9), (4, 5), would give 62 / 4 = 15.5)
+    import contextlib
+    from types import SimpleNamespace
+
     import posttrain.trainers.offline as offline
     from posttrain.data import CompletionTokens
 
@@ -226,5 +229,6 @@ def test_kto_reference_point_pairs_each_prompt_with_the_previous_completion(monk
         return torch.tensor(values), None
 
     monkeypatch.setattr(offline, "sequence_logps", logps)
-    z0 = offline.kl_reference_point("policy", "reference", items, 0, torch.device("cpu"), False)
+    reference = SimpleNamespace(model="reference", active=contextlib.nullcontext)
+    z0 = offline.kl_reference_point("policy", reference, items, 0, torch.device("cpu"), False)
     assert z0.item() == pytest.approx(14.0)

@@ -132,9 +132,9 @@ class RMSection(Section):
 
 
 class _OfflineConfig(RunSection):
-    model: ModelSection
+    model: ModelSection = ModelSection()
     """The model to train."""
-    data: FeedbackDataSection
+    data: FeedbackDataSection = FeedbackDataSection()
     """Training and held-out data (data.train / data.eval files, or data.task)."""
     train: TrainSection = TrainSection()
     """Optimisation."""
@@ -144,7 +144,6 @@ class _OfflineConfig(RunSection):
     """Python files or modules imported before the run; they register their own losses."""
 
     def _check_loss(self, key: str, registry: Registry, name: str, args: dict[str, Any]) -> Any:
-        self.data.require_train()
         import posttrain.objectives  # noqa: F401  (registers the built-in objectives)
 
         import_plugins(self.plugins, self.recipe_dir)

@@ -192,9 +192,9 @@ class RLTrainSection(_TrainSection):
 class RLConfig(RunSection):
     """Online RL from verifiable or learned rewards (PPO / GRPO family)."""
 
-    model: ModelSection
+    model: ModelSection = ModelSection()
     """The policy to train (and, frozen, the reference when a KL term is used)."""
-    data: DataSection
+    data: DataSection = DataSection()
     """Prompt rows (`prompt` plus columns such as `answer`), or data.task."""
     train: RLTrainSection = RLTrainSection()
     """Optimisation (train.batch_size is unused: a step is rl.prompts_per_step x rl.group_size)."""
@@ -221,7 +221,6 @@ class RLConfig(RunSection):
 
     @model_validator(mode="after")
     def _checks(self) -> RLConfig:
-        self.data.require_train()
         if not self.rewards:
             raise ValueError("rewards: empty; give at least one reward (e.g. [{fn: numeric_match}])")
         return self

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from posttrain.policies import Reference
 from posttrain.rollout.decoders import Decoder, build_decoder, positions_from_mask
 from posttrain.rollout.engine import FinishReason, Rollouts, SamplingParams, StopChecker
 from posttrain.rollout.sampling import sample_tokens
@@ -83,10 +84,32 @@ class NativeEngine:
         )  # fmt: skip
 
 
+class DecoderWithin:
+    """A decoder whose every call runs inside `context()`: a LoRA policy's reference decodes with the policy's own
+    weights, its adapters switched off for the call (`policies.AdapterOff`)."""
+
+    def __init__(self, decoder: Decoder, context: Callable[[], Any]) -> None:
+        self.decoder, self.context = decoder, context
+
+    def prefill(self, input_ids_P_T: Tensor, attention_mask_P_T: Tensor) -> Tensor:
+        with self.context():
+            return self.decoder.prefill(input_ids_P_T, attention_mask_P_T)
+
+    def expand(self, n: int) -> None:
+        self.decoder.expand(n)
+
+    def select(self, keep_A: Tensor) -> None:
+        self.decoder.select(keep_A)
+
+    def step(self, tokens_A: Tensor) -> Tensor:
+        with self.context():
+            return self.decoder.step(tokens_A)
+
+
 @torch.inference_mode()
 def generate_geometric_mixture(
     policy: Any,
-    reference: Any,
+    reference: Reference,
     prompt_ids: list[list[int]],
     params: SamplingParams,
     *,
@@ -102,7 +125,9 @@ def generate_geometric_mixture(
 
     then temperature and filters as `params` say. Both models decode over their own KV cache, with the
     shared-prompt prefill and shrinking batch of `NativeEngine.generate`. `logprobs` are the mixture's."""
-    decoders = [build_decoder(m, params.max_new_tokens) for m in (policy, reference)]
+    # the decoders read the modules at each call: a LoRA policy and its adapter-off reference share weights
+    decoders = [build_decoder(policy, params.max_new_tokens),
+                DecoderWithin(build_decoder(reference.model, params.max_new_tokens), reference.active)]  # fmt: skip
 
     def mix(logits: list[Tensor]) -> Tensor:
         policy_A_V, reference_A_V = (x.float().log_softmax(dim=-1) for x in logits)

@@ -88,6 +88,27 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
 
 
+def write_atomically(directory: str | Path, write: Any) -> Path:
+    """`write(staging)` fills a staging directory beside `directory`, which is then renamed into place (replacing
+    what was there): a kill at any moment leaves the old directory or the new one, never half of one."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    write(staging)
+    _fsync_tree(staging)
+    if directory.exists():
+        old = directory.with_name(f".old-{directory.name}-{os.getpid()}")
+        os.rename(directory, old)
+        os.rename(staging, directory)
+        shutil.rmtree(old)
+    else:
+        os.rename(staging, directory)
+    _fsync_dir(directory.parent)
+    return directory
+
+
 def model_dir(checkpoint: str | Path) -> Path:
     return Path(checkpoint) / MODEL_DIR
 

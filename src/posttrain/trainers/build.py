@@ -5,7 +5,6 @@ Trainers call these once, before their loop; the loops never build anything.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,16 +12,30 @@ from typing import Any
 
 import torch
 
+from posttrain.config.loading import ConfigError
 from posttrain.config.sections import DataSection, ModelSection, TaskSection, TrainSection
 from posttrain.data.encoding import PromptTokens, encode_prompts
 from posttrain.data.errors import DataError
 from posttrain.data.examples import Kind, load_examples, validate_rows
 from posttrain.data.readers import Row
 from posttrain.data.report import LoadReport
-from posttrain.policies import apply_lora, build_model, cpu_matmul, load_model, load_tokenizer
+from posttrain.policies import (
+    Reference,
+    apply_lora,
+    build_model,
+    build_reference,
+    cpu_matmul,
+    disable_dropout,
+    is_lora,
+    load_adapter_weights,
+    load_model,
+    load_tokenizer,
+    save_pretrained,
+)
 from posttrain.policies.models import check_model_directory, enable_gradient_checkpointing
 from posttrain.rollout.decoders import cuda_graphs_enabled
 from posttrain.runtime.checkpoint import model_dir
+from posttrain.runtime.model_files import holds_tokenizer
 from posttrain.runtime.optim import build_adamw, build_scheduler
 from posttrain.tasks import TASKS, ArithmeticTask, build_tokenizer
 
@@ -42,12 +55,21 @@ def build_builtin_tokenizer(name: str) -> Any:
     return build_tokenizer(ArithmeticTask(digits=3, operators="+-*").corpus())
 
 
-def build_tokenizer_for(section: ModelSection, recipe_dir: str | None) -> Any:
-    """The tokenizer of model.tokenizer (a built-in name or a directory), else of model.path. model.path
-    is checked first, so that a wrong path is reported as model.path, before any tokenizer error."""
-    if section.path is not None:
+def build_tokenizer_for(section: ModelSection, recipe_dir: str | None, model: Any = None) -> Any:
+    """The tokenizer of model.tokenizer (a built-in name or a directory), else of model.path, else of the directory
+    a model object passed in was loaded from. model.path is checked first, so that a wrong path is reported as
+    model.path, before any tokenizer error."""
+    if section.path is not None and model is None:
         check_model_directory(resolve_path(section.path, recipe_dir))
-    source = section.tokenizer or section.path
+    source = section.tokenizer or (section.path if model is None else None)
+    if source is None and model is not None:
+        loaded_from = getattr(model, "name_or_path", None)
+        if loaded_from and Path(loaded_from).is_dir() and holds_tokenizer(loaded_from):
+            return load_tokenizer(loaded_from, "model.tokenizer")
+        raise ConfigError(
+            "a model object was passed without tokenizer=, and neither model.tokenizer nor the directory the model "
+            f"was loaded from ({loaded_from or 'none'}) holds a tokenizer: pass tokenizer= too, or set model.tokenizer"
+        )
     builtin = build_builtin_tokenizer(source)
     key = "model.tokenizer" if section.tokenizer else "model.path"
     return builtin if builtin is not None else load_tokenizer(resolve_path(source, recipe_dir), key)
@@ -59,41 +81,51 @@ def build_policy(
     seed: int,
     device: torch.device,
     recipe_dir: str | None,
-    path_override: str | Path | None = None,
+    model: Any = None,
+    tokenizer: Any = None,
+    run_dir: Path | None = None,
 ) -> tuple[Any, Any]:
-    """(model, tokenizer) from model.path or model.preset, with dtype, checkpointing and LoRA applied."""
-    tokenizer = build_tokenizer_for(section, recipe_dir)
-    if path_override is not None or section.path is not None:
-        path = path_override or resolve_path(section.path, recipe_dir)
-        model = load_model(path, dtype=section.dtype, device=device)
+    """(model, tokenizer) to train: the objects passed in (an object passed in is the object trained), else built
+    from model.path or model.preset; then dropout off (model.disable_dropout), activation checkpointing and a LoRA
+    adapter (model.lora) applied. A LoRA adapter's base must be a local directory for the saved adapter to load on
+    it: a preset's, or an object's not loaded from one, is saved to `run_dir`/base first."""
+    if model is None and section.path is None and section.preset is None:
+        raise ConfigError("model: set model.path (a local model directory) or model.preset, or pass model= from Python")
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer_for(section, recipe_dir, model)
+    if model is not None:
+        model = model.to(device)
+    elif section.path is not None:
+        model = load_model(resolve_path(section.path, recipe_dir), dtype=section.dtype, device=device)
     else:
         model = build_model(section.preset, tokenizer, seed=seed, dtype=section.dtype).to(device)
+    if section.disable_dropout:
+        disable_dropout(model)
     if section.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    if section.lora is not None:
+    if section.lora is not None and not is_lora(model):
         lora = section.lora
-        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+        base = adapter_base(model, tokenizer, run_dir)
+        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                           target_modules=lora.target_modules, base_path=base)  # fmt: skip
     return model, tokenizer
 
 
-def policy_for_run(
-    section: ModelSection,
-    model: Any,
-    tokenizer: Any,
-    checkpoint: Path | None,
-    *,
-    seed: int,
-    device: torch.device,
-    recipe_dir: str | None,
-) -> tuple[Any, Any]:
-    """(model, tokenizer) to train: those passed in, or built from the config; on a resume either way
-    with the checkpoint's weights."""
-    if model is None or tokenizer is None:
-        override = model_dir(checkpoint) if checkpoint else None
-        return build_policy(section, seed=seed, device=device, recipe_dir=recipe_dir, path_override=override)
-    if checkpoint is not None:
-        load_checkpoint_weights(model, checkpoint)
-    return model, tokenizer
+BASE_MODEL_DIR = "base"
+"""Where a LoRA run saves its base model when that is not a local directory already (a preset)."""
+
+
+def adapter_base(model: Any, tokenizer: Any, run_dir: Path | None) -> Path | None:
+    """The local directory of `model`'s weights as they are now, for a LoRA adapter's config: the directory it was
+    loaded from, else `run_dir`/base, written once (a resumed run finds it there)."""
+    loaded_from = getattr(model, "name_or_path", None)
+    if loaded_from and (Path(loaded_from) / "config.json").is_file():
+        return Path(loaded_from)
+    if run_dir is None:
+        return None
+    base = run_dir / BASE_MODEL_DIR
+    if not (base / "config.json").is_file():
+        save_pretrained(model, tokenizer, base)
+    return base
 
 
 def policy_and_reference(
@@ -106,33 +138,24 @@ def policy_and_reference(
     seed: int,
     device: torch.device,
     recipe_dir: str | None,
-) -> tuple[Any, Any, Any]:
-    """(policy, tokenizer, frozen reference or None) as `policy_for_run`. The reference is the initial model,
-    also after a resume: it is built from the config (or copied from the model passed in) before any
-    checkpoint weights are loaded."""
-    build = dict(seed=seed, device=device, recipe_dir=recipe_dir)
-    if not needs_reference:
-        return (*policy_for_run(section, model, tokenizer, checkpoint, **build), None)
-    passed_in = model is not None and tokenizer is not None
-    initial, tokenizer = (model, tokenizer) if passed_in else build_policy(section, **build)
-    reference = frozen_copy(initial)
-    if checkpoint is None:
-        return initial, tokenizer, reference
-    if model is not None:
+    run_dir: Path | None = None,
+) -> tuple[Any, Any, Reference | None]:
+    """(policy, tokenizer, reference or None): the policy built as `build_policy` does, its reference (the initial
+    policy, frozen: `policies.build_reference`) when `needs_reference`, then on a resume the checkpoint's weights
+    (all of them, or a LoRA policy's adapter) loaded into the policy."""
+    model, tokenizer = build_policy(section, seed=seed, device=device, recipe_dir=recipe_dir, model=model,
+                                    tokenizer=tokenizer, run_dir=run_dir)  # fmt: skip
+    reference = build_reference(model) if needs_reference else None
+    if checkpoint is not None:
         load_checkpoint_weights(model, checkpoint)
-        return model, tokenizer, reference
-    return build_policy(section, **build, path_override=model_dir(checkpoint))[0], tokenizer, reference
-
-
-def frozen_copy(model: Any) -> Any:
-    """A copy of `model` that never trains (eval mode, no gradients): a reference policy."""
-    reference = copy.deepcopy(model).eval()
-    reference.requires_grad_(False)
-    return reference
+    return model, tokenizer, reference
 
 
 def load_checkpoint_weights(model: Any, checkpoint: Path) -> None:
-    """Copy the weights a checkpoint saved into `model`, in place (a model the caller passed in, on a resume)."""
+    """Copy the weights a checkpoint saved into `model`, in place: every weight, or a LoRA model's adapter."""
+    if is_lora(model):
+        load_adapter_weights(model, model_dir(checkpoint))
+        return
     saved = type(model).from_pretrained(model_dir(checkpoint), local_files_only=True)
     model.load_state_dict(saved.state_dict())
 
@@ -169,7 +192,8 @@ def load_split(
     recipe_dir: str | None,
     rows: Rows | None = None,
 ) -> tuple[list[Any], LoadReport] | None:
-    """Examples of one split ("train" or "eval") from Python rows, a file, or a built-in task; None if absent."""
+    """Examples of one split ("train" or "eval") from Python rows, a file, or a built-in task; None for an absent
+    eval split (an absent train split is a ConfigError)."""
     report = LoadReport()
     if rows is not None:
         report.source = f"{split} rows"
@@ -180,7 +204,7 @@ def load_split(
     if path is not None:
         return load_examples(resolve_path(path, recipe_dir), kind, on_bad_row=section.on_bad_row)
     if section.task is None:
-        return None
+        return require_train_data(split)
     task = build_task(section.task)
     size = section.task.train_size if split == "train" else section.task.eval_size
     generated = task.sample(size, seed=seed, split=split)
@@ -188,6 +212,13 @@ def load_split(
     report.rows = len(generated)
     memory_rows = [Row(fields=r, where=f"{report.source} row {i + 1}") for i, r in enumerate(generated)]
     return validate_rows(memory_rows, kind, on_bad_row=section.on_bad_row, report=report), report
+
+
+def require_train_data(split: str) -> None:
+    """None for an absent held-out split; a training split must come from somewhere."""
+    if split == "train":
+        raise ConfigError("data: set data.train (a file or datasets directory) or data.task, or pass train= rows "
+                          "from Python")  # fmt: skip
 
 
 def load_prompts(

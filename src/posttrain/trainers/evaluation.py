@@ -16,10 +16,19 @@ from typing import Any
 
 import torch
 
+from posttrain.config import ConfigError
 from posttrain.config.sections import EvalSection
 from posttrain.data.encoding import PromptTokens
 from posttrain.data.errors import DataError
 from posttrain.rewards import load_reward_fn
+from posttrain.rewards.inputs import (
+    RewardLog,
+    reward_completions,
+    reward_prompts,
+    row_columns,
+    trainer_state,
+    trl_reward_kwargs,
+)
 from posttrain.rollout import ENGINES, SamplingParams
 from posttrain.runtime.device import limit_cpu_threads, resolve_device
 from posttrain.runtime.logging import track
@@ -143,13 +152,13 @@ def _generate_and_score(
         model, [p.prompt_ids for p in batch], params, n=n, generator=generator, tokenizer=tokenizer
     )
     texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
-    prompt_texts = tokenizer.batch_decode([p.prompt_ids for p in batch], skip_special_tokens=True)
-    columns = {key: [p.extra.get(key) for p in batch for _ in range(n)] for key in batch[0].extra}
+    prompts_N = reward_prompts(batch, tokenizer, n)
     scores = reward(
-        prompts=[t for t in prompt_texts for _ in range(n)],
-        completions=texts,
+        prompts=prompts_N,
+        completions=reward_completions(prompts_N, texts),
         completion_ids=rollouts.completion_ids,
-        **columns,
+        **row_columns(batch, n),
+        **trl_reward_kwargs(trainer_state(0, 0), RewardLog()),
     )
     return [None if s is None else s >= 1.0 for s in scores], texts
 
@@ -172,11 +181,15 @@ def run_evaluation(
     limit_cpu_threads()
     generator = seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    if model is None or tokenizer is None:
-        model, tokenizer = build_policy(cfg.model, seed=cfg.seed, device=device, recipe_dir=cfg.recipe_dir)
+    model, tokenizer = build_policy(
+        cfg.model, seed=cfg.seed, device=device, recipe_dir=cfg.recipe_dir, model=model, tokenizer=tokenizer
+    )
     prompts, report = load_prompts(
         cfg.data, tokenizer, "eval", seed=cfg.seed, recipe_dir=cfg.recipe_dir, rows=rows, limit=cfg.eval.limit
     )
+    if report is None:
+        raise ConfigError("data: set data.eval (a file with prompt and answer) or data.task, or pass rows= from "
+                          "Python")  # fmt: skip
     missing = [p.where for p in prompts if "answer" not in p.extra]
     if missing:
         raise DataError(

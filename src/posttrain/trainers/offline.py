@@ -30,10 +30,10 @@ from posttrain.data import (
 )
 from posttrain.data.readers import Row
 from posttrain.objectives.pairing import preference_matrix, win_rates_within_group
-from posttrain.policies import token_logprobs
+from posttrain.policies import Reference, token_logprobs
 from posttrain.runtime.logging import track
 from posttrain.tasks.preference_data import FeedbackKind, feedback_rows
-from posttrain.trainers.build import Rows, build_task, chunks, resolve_path, rows_from_memory
+from posttrain.trainers.build import Rows, build_task, chunks, require_train_data, resolve_path, rows_from_memory
 
 Tokens = PreferenceTokens | CompletionTokens
 ENCODERS = {"preference": encode_preference, "unpaired": encode_unpaired, "listwise": encode_listwise}
@@ -79,7 +79,7 @@ def load_feedback(
         generated = feedback_rows(task, size, seed=seed, split=split, kind=kind)  # type: ignore[arg-type]
         raw = [Row(fields=r, where=f"task {data.task.name} ({split}) row {i + 1}") for i, r in enumerate(generated)]
     else:
-        return None
+        return require_train_data(split)
     report.rows = report.rows or len(raw)
     examples = validate_rows(raw, kind, on_bad_row=data.on_bad_row, report=report)
     tokens = ENCODERS[kind](examples, tokenizer, max_length=data.max_length, truncation=data.truncation, report=report)
@@ -168,7 +168,7 @@ def logps_per_item(
 
 @torch.no_grad()
 def kl_reference_point(
-    model: Any, reference: Any, items: list[Tokens], pad_id: int, device: torch.device, bf16: bool
+    model: Any, reference: Reference, items: list[Tokens], pad_id: int, device: torch.device, bf16: bool
 ) -> Tensor:
     """KTO's z0 (Ethayarajh et al. 2024, Sec. 4.1): mean log-ratio of mismatched prompt/completion
     pairs of the step, detached, clamped >= 0. Each prompt takes the previous example's completion (the
@@ -179,5 +179,6 @@ def kl_reference_point(
     ]
     batch = collate_completions(shifted, pad_id=pad_id)[0]
     logp_B = sequence_logps(model, batch, device, bf16=bf16)[0]
-    ref_B = sequence_logps(reference, batch, device, bf16=bf16)[0]
+    with reference.active():
+        ref_B = sequence_logps(reference.model, batch, device, bf16=bf16)[0]
     return (logp_B - ref_B).mean().clamp(min=0.0)

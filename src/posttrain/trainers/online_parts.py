@@ -27,6 +27,7 @@ from posttrain.objectives.pairing import (
     win_rates_against,
     win_rates_within_group,
 )
+from posttrain.policies import Reference
 from posttrain.rewards import RewardFailureError, RewardSet, call_within, describe_failure
 from posttrain.rollout import SamplingParams
 from posttrain.rollout.native import generate_geometric_mixture
@@ -62,7 +63,7 @@ class Feedback:
 
 def sample_round(
     policy: Any,
-    reference: Any,
+    reference: Reference | None,
     tokenizer: Any,
     prompts: list[PromptTokens],
     feedback: Feedback,
@@ -73,6 +74,7 @@ def sample_round(
     opponent: str | None,
     mixture_coef: float,
     generator: torch.Generator,
+    reward_kwargs: dict[str, Any] | None = None,
 ) -> RoundSamples:
     """Sample N completions per prompt from the policy (and N from `opponent`: "reference" or "mixture"),
     then score every completion of the round with one reward call, or judge every pair of each prompt."""
@@ -82,7 +84,9 @@ def sample_round(
     prompt_ids = [p.prompt_ids for p in prompts]
     sampled = [engine.generate(policy, prompt_ids, params, n=n, generator=generator, tokenizer=tokenizer)]
     if opponent == "reference":
-        sampled.append(engine.generate(reference, prompt_ids, params, n=n, generator=generator, tokenizer=tokenizer))
+        with reference.active():
+            sampled.append(engine.generate(reference.model, prompt_ids, params, n=n, generator=generator,
+                                           tokenizer=tokenizer))  # fmt: skip
     elif opponent == "mixture":
         sampled.append(
             generate_geometric_mixture(
@@ -103,7 +107,7 @@ def sample_round(
     verdicts_P_K = None
     if feedback.rewards is not None:
         ids = [c for group in completions for c in group]
-        scored = score_groups(feedback.rewards, tokenizer, prompts, ids, k)
+        scored = score_groups(feedback.rewards, tokenizer, prompts, ids, k, reward_kwargs)
         scores_P_K = scored.total.view(len(prompts), k)
         prefs_P_K_K = preference_matrix(scores_P_K)
         verdicts_N = verifier_scores(scored)

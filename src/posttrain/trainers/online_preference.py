@@ -29,6 +29,7 @@ from posttrain.config.pref import SELECTIONS, PrefConfig, feedback_kind
 from posttrain.objectives.registry import PREFERENCE_LOSSES, call_with
 from posttrain.policies import save_pretrained
 from posttrain.rewards import RewardSet, RewardSpec, load_reward_fn
+from posttrain.rewards.inputs import RewardLog, trainer_state, trl_reward_kwargs
 from posttrain.rollout import ENGINES, SamplingParams
 from posttrain.runtime.guards import NonFiniteGuard
 from posttrain.runtime.logging import RunLogger
@@ -45,7 +46,14 @@ from posttrain.trainers.pref_parts import (
     preference_inputs,
 )
 from posttrain.trainers.preference import PrefResult
-from posttrain.trainers.run_state import clip_and_step, restore_checkpoint, save_checkpoint, start_run, step_metrics
+from posttrain.trainers.run_state import (
+    clip_and_step,
+    print_start,
+    restore_checkpoint,
+    save_checkpoint,
+    start_run,
+    step_metrics,
+)
 
 
 def train_online_pref(
@@ -87,7 +95,8 @@ def train_online_pref(
     shift = RunningMean.from_history(history)
     log = RunLogger(run_dir, total_steps=cfg.train.max_steps, start_step=start_step,
                     headline=("loss", "sample_accuracy"), progress=progress)  # fmt: skip
-    log.print(f"data: {report.summary()}")
+    print_start(log, cfg, report, checkpoint=checkpoint, start_step=start_step, train_rows=train_rows,
+                eval_rows=eval_rows)  # fmt: skip
     s = online.sampling
     params = SamplingParams(
         max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
@@ -105,19 +114,24 @@ def train_online_pref(
     with StopRequest() as stop:
         for round_index in range(start_step // spr, cfg.train.max_steps // spr):
             if online.reference == "refresh" and reference is not None:
-                reference.load_state_dict(model.state_dict())  # pi_t: the policy that samples this round
+                reference.refresh(model)  # pi_t: the policy that samples this round
             prompts = [train_prompts[i] for i in sampler.take(online.prompts_per_round)]
+            reward_log = RewardLog()
+            reward_kwargs = trl_reward_kwargs(trainer_state(round_index * spr, cfg.train.max_steps), reward_log)
             samples = sample_round(model, reference, tokenizer, prompts, feedback, engine=ENGINES[online.engine],
                                    params=params, n=online.samples_per_prompt, opponent=opponent,
-                                   mixture_coef=online.mixture_coef, generator=generator)  # fmt: skip
+                                   mixture_coef=online.mixture_coef, generator=generator,
+                                   reward_kwargs=reward_kwargs)  # fmt: skip
             items, extras = build_examples(samples, kind, select=select, margin=online.margin,
                                            label_threshold=online.label_threshold, top_k=online.top_k,
                                            min_score=online.min_score, where=f"round {round_index + 1}")  # fmt: skip
             ref_cache = None
             if "reference" in needs and items:
-                ref_cache = logps_per_item(reference, items, mb_size, pad_id, device, bf16)
+                with reference.active():
+                    ref_cache = logps_per_item(reference.model, items, mb_size, pad_id, device, bf16)
             round_sampler = EpochSampler(len(items), seed=cfg.seed * 100_003 + round_index) if items else None
-            round_metrics = {**samples.metrics, "examples": float(len(items)), "round": float(round_index + 1)}
+            round_metrics = {**samples.metrics, **reward_log.means(), "examples": float(len(items)),
+                             "round": float(round_index + 1)}  # fmt: skip
             for step in range(round_index * spr, (round_index + 1) * spr):
                 started = time.perf_counter()
                 indices = round_sampler.take(min(cfg.train.batch_size, len(items))) if round_sampler else []

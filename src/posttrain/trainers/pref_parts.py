@@ -15,6 +15,7 @@ from torch import Tensor
 
 from posttrain.config.pref import PrefConfig
 from posttrain.objectives.registry import PREFERENCE_LOSSES
+from posttrain.policies import Reference
 from posttrain.runtime.logging import track
 from posttrain.trainers.build import policy_and_reference
 from posttrain.trainers.offline import Tokens, as_rows, collate_feedback, objective_inputs, sequence_logps
@@ -23,17 +24,17 @@ from posttrain.trainers.offline import Tokens, as_rows, collate_feedback, object
 def build_models(
     cfg: PrefConfig, model: Any, tokenizer: Any, checkpoint: Path | None, device: torch.device
 ) -> tuple[Any, Any, Any]:
-    """(policy, tokenizer, frozen reference or None): `policy_and_reference` with the loss's needs."""
+    """(policy, tokenizer, reference or None): `policy_and_reference` with the loss's needs."""
     return policy_and_reference(
         cfg.model, model, tokenizer, checkpoint,
         needs_reference="reference" in PREFERENCE_LOSSES[cfg.pref.loss].needs,
-        seed=cfg.seed, device=device, recipe_dir=cfg.recipe_dir,
+        seed=cfg.seed, device=device, recipe_dir=cfg.recipe_dir, run_dir=Path(cfg.output_dir),
     )  # fmt: skip
 
 
 def preference_inputs(
     model: Any,
-    reference: Any,
+    reference: Reference | None,
     items: list[Tokens],
     cached: list[Tensor] | None,
     pad_id: int,
@@ -49,8 +50,8 @@ def preference_inputs(
     if cached is not None:
         ref_B = as_rows(cached, items).to(device)
     elif reference is not None:
-        with torch.no_grad():
-            ref_B = sequence_logps(reference, batch, device, bf16=bf16)[0]
+        with torch.no_grad(), reference.active():
+            ref_B = sequence_logps(reference.model, batch, device, bf16=bf16)[0]
     if length_normalize:
         logp_B = logp_B / len_B.clamp(min=1.0)
         ref_B = None if ref_B is None else ref_B / len_B.clamp(min=1.0)
@@ -117,7 +118,7 @@ def add_preference_metrics(totals: dict[str, float], inputs: dict[str, Tensor], 
 @torch.no_grad()
 def evaluate_pairs(
     model: Any,
-    reference: Any,
+    reference: Reference | None,
     items: list[Tokens],
     cached: list[Tensor] | None,
     scale: float,

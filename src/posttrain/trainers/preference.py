@@ -47,6 +47,7 @@ from posttrain.trainers.run_state import (
     clip_and_step,
     eval_due,
     finish_step,
+    print_start,
     restore_checkpoint,
     save_checkpoint,
     start_run,
@@ -98,10 +99,11 @@ def train_pref(
     ref_cache: dict[str, list[Tensor]] = {}
     if reference is not None and cfg.pref.reference == "precomputed":
         shown = "reference log-probs of the {} examples" if progress else ""
-        ref_cache = {
-            s: logps_per_item(reference, items, mb_size, pad_id, device, bf16, shown=shown.format(s))
-            for s, items in (("train", train.tokens), ("eval", eval_items))
-        }
+        with reference.active():
+            ref_cache = {
+                s: logps_per_item(reference.model, items, mb_size, pad_id, device, bf16, shown=shown.format(s))
+                for s, items in (("train", train.tokens), ("eval", eval_items))
+            }
         if "kl_reference_point" not in loss_fn.needs:
             reference = None  # every reference log-prob is cached: free the copy
     sampler = EpochSampler(len(train.tokens), seed=cfg.seed, report=train.report)
@@ -116,7 +118,8 @@ def train_pref(
         headline=("loss", "pref_accuracy"),
         progress=progress,
     )
-    log.print(f"data: {train.report.summary()}")
+    print_start(log, cfg, train.report, checkpoint=checkpoint, start_step=start_step, train_rows=train_rows,
+                eval_rows=eval_rows)  # fmt: skip
     scale = hyper_default(loss_fn, args, "beta") or 1.0
 
     def held_out_metrics() -> dict[str, float]:

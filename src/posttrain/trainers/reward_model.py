@@ -18,11 +18,12 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification
 
+from posttrain.config import ConfigError
 from posttrain.config.pref import RMConfig, feedback_kind
 from posttrain.config.sections import ModelSection
 from posttrain.objectives.registry import REWARD_MODEL_LOSSES, call_with
 from posttrain.objectives.reward_model import pairwise_accuracy
-from posttrain.policies import MODEL_PRESETS, ModelLoadError, save_pretrained
+from posttrain.policies import MODEL_PRESETS, ModelLoadError, disable_dropout, save_pretrained
 from posttrain.policies.models import DTYPES, preset_config
 from posttrain.runtime.checkpoint import model_dir
 from posttrain.runtime.guards import NonFiniteGuard
@@ -42,6 +43,7 @@ from posttrain.trainers.run_state import (
     clip_and_step,
     eval_due,
     finish_step,
+    print_start,
     restore_checkpoint,
     save_checkpoint,
     start_run,
@@ -74,14 +76,16 @@ def train_rm(
     loss_fn, args, bf16 = REWARD_MODEL_LOSSES[cfg.rm.loss], cfg.rm.loss_args, cfg.train.bf16
     kind = feedback_kind(loss_fn.needs)
     run_dir = Path(cfg.output_dir)
-    if model is None or tokenizer is None:
-        tokenizer = build_tokenizer_for(cfg.model, cfg.recipe_dir)
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer_for(cfg.model, cfg.recipe_dir, model)
+    if model is None:
         override = model_dir(checkpoint) if checkpoint else None
         model = build_reward_model(
             cfg.model, tokenizer, seed=cfg.seed, recipe_dir=cfg.recipe_dir, path_override=override
         ).to(device)
     elif checkpoint is not None:
         load_checkpoint_weights(model, checkpoint)
+    if cfg.model.disable_dropout:
+        disable_dropout(model)
     pad_id = tokenizer.pad_token_id
     load = dict(seed=cfg.seed, recipe_dir=cfg.recipe_dir)
     train = load_feedback(cfg.data, kind, "train", tokenizer, rows=train_rows, **load)
@@ -100,7 +104,8 @@ def train_rm(
         headline=("loss", "accuracy"),
         progress=progress,
     )
-    log.print(f"data: {train.report.summary()}")
+    print_start(log, cfg, train.report, checkpoint=checkpoint, start_step=start_step, train_rows=train_rows,
+                eval_rows=eval_rows)  # fmt: skip
     initial_eval = _held_out_accuracy(model, eval_items, mb_size, pad_id, device, bf16) if eval_items else {}
     if initial_eval:
         log.log(0, initial_eval, kind="eval")
@@ -152,6 +157,8 @@ def build_reward_model(
     """A sequence classifier with one output (the reward): from model.path (a causal LM's body gets a
     new, seeded head) or a new model of model.preset. pad_token_id is set: the head reads the last
     non-padding token."""
+    if path_override is None and section.path is None and section.preset is None:
+        raise ConfigError("model: set model.path (a local model directory) or model.preset, or pass model= from Python")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if path_override is not None or section.path is not None:

@@ -21,6 +21,7 @@ from posttrain.config.rl import RLConfig
 from posttrain.objectives import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from posttrain.objectives.kl import adaptive_kl_coef
 from posttrain.policies import save_pretrained
+from posttrain.rewards.inputs import RewardLog, trainer_state, trl_reward_kwargs
 from posttrain.rollout import ENGINES
 from posttrain.runtime.guards import NonFiniteGuard, step_schedule
 from posttrain.runtime.logging import RunLogger
@@ -36,7 +37,7 @@ from posttrain.trainers.rl_parts import (
 )
 from posttrain.trainers.rl_run import RLRun, build_rl_run, evaluate_policy, sampling_params, save_rl_checkpoint
 from posttrain.trainers.rl_update import Objectives, UpdateStats, prepare_step, update_minibatch
-from posttrain.trainers.run_state import eval_due, finish_step, start_run, step_metrics
+from posttrain.trainers.run_state import eval_due, finish_step, print_start, start_run, step_metrics
 
 
 @dataclass
@@ -79,28 +80,28 @@ def train_rl(
         Path(cfg.output_dir), total_steps=cfg.train.max_steps, start_step=run.start_step,
         headline=("rewards/total/mean", "accuracy", "kl_per_seq"), progress=progress,
     )  # fmt: skip
-    log.print(f"data: {run.report.summary()}")
-    if run.checkpoint is not None:
-        log.print(f"resumed from {run.checkpoint} at step {run.start_step}")
+    print_start(log, cfg, run.report, checkpoint=run.checkpoint, start_step=run.start_step, train_rows=train_rows,
+                eval_rows=eval_rows)  # fmt: skip
     params, greedy = sampling_params(cfg, tokenizer.eos_token_id)
     engine = ENGINES[rl.engine]
 
     def draw() -> Scored:
         prompts = [run.train[i] for i in run.sampler.take(rl.prompts_per_step)]
-        return sample_and_score(
-            engine, model, tokenizer, run.reward_set, prompts, params, group_size=rl.group_size, generator=generator
-        )
+        return sample_and_score(engine, model, tokenizer, run.reward_set, prompts, params, group_size=rl.group_size,
+                                generator=generator, reward_kwargs=reward_kwargs)  # fmt: skip
 
     model.train()
     with StopRequest() as stop, closing(run.reward_set):
         for step in range(run.start_step, cfg.train.max_steps):
             started = time.perf_counter()
+            reward_log = RewardLog()
+            reward_kwargs = trl_reward_kwargs(trainer_state(step, cfg.train.max_steps), reward_log)
             scored = draw_step(draw, rl.prompts_per_step, rl.dynamic_sampling_max_batches if rl.dynamic_sampling else 0)
             padded = scored.rollouts.to_padded(tokenizer.pad_token_id, device)
             rewards_PG = scored.rewards.total.to(device)  # [P*G]
             available: dict[str, Any] = {"rewards_PG": rewards_PG, "group_size": scored.rollouts.group_size}
             if "greedy_rollout" in needs:
-                available["greedy_rewards_P"] = _greedy_rewards(run, engine, scored, greedy, device)
+                available["greedy_rewards_P"] = _greedy_rewards(run, engine, scored, greedy, device, reward_kwargs)
             if "moving_baseline" in needs:
                 available["baseline"] = torch.tensor(run.baseline.value, device=device)
             tensors, kl_B_T = prepare_step(
@@ -138,13 +139,15 @@ def train_rl(
                         run.kl_coef, observed_kl, target=rl.kl.target, horizon=rl.kl.horizon, n_steps=num_seqs
                     )
                 )
-            run.baseline.update(rewards_PG)
+            run.baseline.update(tensors.rewards_PG)
             num_tokens = int(padded.loss_mask_B_T.sum())
             metrics = {
                 **reward_metrics(scored.rewards, verifier=cfg.eval.reward),
                 **stats.means(rl.epochs * rl.minibatches, num_tokens * rl.epochs),
                 **_step_metrics(scored, observed_kl, run.kl_coef, num_tokens * rl.epochs, trained - prepared),
                 **step_metrics(run.optim, guard, trained - started),
+                **({"rewards/kl_shaped/mean": tensors.rewards_PG.mean().item()} if rl.kl.in_reward else {}),
+                **reward_log.means(),
             }
             done = step + 1
             if eval_due(cfg.train, done) and run.eval_prompts:
@@ -163,12 +166,15 @@ def train_rl(
     return RLResult(model, tokenizer, final_dir, history, final_eval)
 
 
-def _greedy_rewards(run: RLRun, engine: Any, scored: Scored, greedy: Any, device: torch.device) -> torch.Tensor:
+def _greedy_rewards(
+    run: RLRun, engine: Any, scored: Scored, greedy: Any, device: torch.device, reward_kwargs: dict[str, Any]
+) -> torch.Tensor:
     """ReMax's baseline: the reward of each prompt's greedy completion ([P])."""
     run.model.eval()
     rollouts = engine.generate(run.model, scored.rollouts.prompt_ids, greedy, n=1, tokenizer=run.tokenizer)
     run.model.train()
-    return score_groups(run.reward_set, run.tokenizer, scored.prompts, rollouts.completion_ids, 1).total.to(device)
+    scores = score_groups(run.reward_set, run.tokenizer, scored.prompts, rollouts.completion_ids, 1, reward_kwargs)
+    return scores.total.to(device)
 
 
 def _step_metrics(scored: Scored, kl: float, kl_coef: float, trained_tokens: int, train_s: float) -> dict[str, float]:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from posttrain.data.encoding import PromptTokens
 from posttrain.rewards import RewardResult, RewardSet
+from posttrain.rewards.inputs import reward_completions, reward_prompts, row_columns
 from posttrain.rollout import Rollouts, SamplingParams
 
 
@@ -30,15 +31,20 @@ class Scored:
 
 
 def score_groups(
-    reward_set: RewardSet, tokenizer: Any, prompts: list[PromptTokens], completion_ids: list[list[int]], n: int
+    reward_set: RewardSet,
+    tokenizer: Any,
+    prompts: list[PromptTokens],
+    completion_ids: list[list[int]],
+    n: int,
+    extra_kwargs: dict[str, Any] | None = None,
 ) -> RewardResult:
-    """Decode and score P*n completions, each prompt's n contiguous; each prompt row's columns (`answer`, ...)
-    go to the rewards."""
+    """Decode and score P*n completions, each prompt's n contiguous, calling the rewards as TRL does
+    (`rewards.inputs`): the prompts as written, conversational completions as messages, each row's columns
+    (`answer`, ...), and `extra_kwargs` (`trainer_state`, `log_metric`, `log_extra`)."""
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    prompt_texts = tokenizer.batch_decode([p.prompt_ids for p in prompts], skip_special_tokens=True)
-    keys = sorted({k for p in prompts for k in p.extra})
-    columns = {k: [p.extra.get(k) for p in prompts for _ in range(n)] for k in keys}
-    return reward_set.score([t for t in prompt_texts for _ in range(n)], texts, completion_ids, columns)
+    prompts_N = reward_prompts(prompts, tokenizer, n)
+    return reward_set.score(prompts_N, reward_completions(prompts_N, texts), completion_ids,
+                            row_columns(prompts, n), extra_kwargs=extra_kwargs)  # fmt: skip
 
 
 def sample_and_score(
@@ -51,6 +57,7 @@ def sample_and_score(
     *,
     group_size: int,
     generator: torch.Generator,
+    reward_kwargs: dict[str, Any] | None = None,
 ) -> Scored:
     started = time.perf_counter()
     was_training = policy.training
@@ -60,7 +67,7 @@ def sample_and_score(
     )
     policy.train(was_training)
     generated = time.perf_counter()
-    rewards = score_groups(reward_set, tokenizer, prompts, rollouts.completion_ids, group_size)
+    rewards = score_groups(reward_set, tokenizer, prompts, rollouts.completion_ids, group_size, reward_kwargs)
     return Scored(prompts, rollouts, rewards, generated - started, time.perf_counter() - generated)
 
 

@@ -18,6 +18,7 @@ from posttrain.data.encoding import PromptTokens
 from posttrain.data.errors import DataError
 from posttrain.data.report import LoadReport
 from posttrain.objectives import ADVANTAGES
+from posttrain.policies import Reference
 from posttrain.rewards import LoadedReward, RewardSet, RewardSpec, load_reward_fn
 from posttrain.rollout import SamplingParams
 from posttrain.runtime.checkpoint import Checkpointer
@@ -34,7 +35,7 @@ class RLRun:
 
     model: Any
     tokenizer: Any
-    reference: Any | None
+    reference: Reference | None
     critic: ValueModel | None
     critic_optimizer: Any | None
     reward_set: RewardSet
@@ -71,6 +72,7 @@ def build_rl_run(
     model, tokenizer, reference = policy_and_reference(  # a reference only when a KL term needs it
         cfg.model, model, tokenizer, checkpoint,
         needs_reference=rl.kl.coef > 0, seed=cfg.seed, device=device, recipe_dir=cfg.recipe_dir,
+        run_dir=Path(cfg.output_dir),
     )  # fmt: skip
     critic = ValueModel(model).to(device) if "critic" in ADVANTAGES[rl.advantage].needs else None
     critic_optimizer = None

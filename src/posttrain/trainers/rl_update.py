@@ -18,7 +18,7 @@ from torch import Tensor
 from posttrain.objectives.policy_losses import entropy_bonus
 from posttrain.objectives.registry import call_with
 from posttrain.objectives.value import clipped_value_loss, lambda_returns
-from posttrain.policies import hidden_states_at, token_logprobs
+from posttrain.policies import Reference, hidden_states_at, token_logprobs
 from posttrain.rollout.engine import PaddedRollouts
 
 BASELINE_DECAY = 0.9
@@ -108,6 +108,8 @@ class StepTensors:
 
     padded: PaddedRollouts
     adv_B_T: Tensor
+    rewards_PG: Tensor
+    """The sequence rewards the advantage read: the step's, minus coef * summed KL when the KL is in the reward."""
     ref_logp_B_T: Tensor | None = None
     old_values_B_T: Tensor | None = None
     returns_B_T: Tensor | None = None
@@ -200,7 +202,7 @@ def prepare_step(
     objectives: Objectives,
     *,
     advantage_args: Mapping[str, Any],
-    reference: Any | None,
+    reference: Reference | None,
     critic: ValueModel | None,
     kl_coef: float,
     kl_in_reward: bool,
@@ -210,24 +212,30 @@ def prepare_step(
     """The step's advantages (and the critic's targets), with what the estimator declares in `needs`.
 
     `available` holds the step's rewards and whatever else the loop has already supplied (group size,
-    greedy-rollout rewards, the moving baseline). Returns the tensors the updates consume and the
-    per-token KL to the reference at sampling time ([B, T], zeros without a reference).
+    greedy-rollout rewards, the moving baseline). With the KL in the reward, both the token rewards and the
+    sequence rewards are shaped, r - coef * sum_t KL_t for the latter (RLOO, arXiv:2402.14740, and TRL shape the
+    reward before the baseline), so every estimator sees it whichever it reads. Returns the tensors the updates
+    consume and the per-token KL to the reference at sampling time ([B, T], zeros without a reference).
     """
     mask_B_T = padded.loss_mask_B_T
-    tensors = StepTensors(padded, adv_B_T=torch.empty(0))
+    tensors = StepTensors(padded, adv_B_T=torch.empty(0), rewards_PG=available["rewards_PG"])
     token_rewards_B_T = outcome_at_last_token(available["rewards_PG"], mask_B_T)
     kl_B_T = torch.zeros_like(token_rewards_B_T)
     if reference is not None:
-        tensors.ref_logp_B_T = sequence_forward(
-            reference, lambda m, i, a, t: token_logprobs(m, i, a, t, temperature=temperature)[0], padded,
-            micro_batch_size,
-        )  # fmt: skip
+        with reference.active():
+            tensors.ref_logp_B_T = sequence_forward(
+                reference.model, lambda m, i, a, t: token_logprobs(m, i, a, t, temperature=temperature)[0], padded,
+                micro_batch_size,
+            )  # fmt: skip
         old, ref = padded.old_logp_B_T, tensors.ref_logp_B_T  # at sampling time pi = pi_old
         at_sampling = {"logp_B_T": old, "old_logp_B_T": old, "ref_logp_B_T": ref}
         kl_B_T = torch.where(mask_B_T, call_with(objectives.kl_estimator, at_sampling), 0.0)
         if kl_in_reward:
             token_rewards_B_T = token_rewards_B_T - kl_coef * kl_B_T
-    available = available | {"mask_B_T": mask_B_T, "token_rewards_B_T": token_rewards_B_T}
+            tensors.rewards_PG = available["rewards_PG"] - kl_coef * kl_B_T.sum(dim=1)
+    available = available | {
+        "mask_B_T": mask_B_T, "token_rewards_B_T": token_rewards_B_T, "rewards_PG": tensors.rewards_PG,
+    }  # fmt: skip
     if critic is not None:
         values_B_T = sequence_forward(critic, lambda m, i, a, t: m(i, a, t), padded, micro_batch_size)
         tensors.old_values_B_T = available["values_B_T"] = torch.where(mask_B_T, values_B_T, 0.0)

@@ -41,6 +41,38 @@ def start_run(cfg: Any, resume: bool) -> tuple[torch.Generator, torch.device, Ch
     return generator, resolve_device(cfg.device), checkpointer, checkpoint
 
 
+def print_start(
+    log: Any,
+    cfg: Any,
+    report: Any,
+    *,
+    checkpoint: Path | None,
+    start_step: int,
+    train_rows: Any = None,
+    eval_rows: Any = None,
+) -> None:
+    """The run's first lines: what overrides replaced in the recipe, where training and held-out rows come from,
+    what loading them kept and dropped, and where a resumed run starts."""
+    for note in cfg.load_notes:
+        log.print(note)
+    log.print(data_sources(cfg.data, train_rows is not None, eval_rows is not None))
+    log.print(f"data: {report.summary()}")
+    if checkpoint is not None:
+        log.print(f"resumed from {checkpoint} at step {start_step}")
+
+
+def data_sources(data: Any, train_rows: bool, eval_rows: bool) -> str:
+    """Where a run's rows come from, in the order the loaders look (rows passed from Python, data.train or
+    data.eval, data.task): a task beside a training file gives the held-out rows only, which this says."""
+    task = f"data.task ({data.task.name}, generated)" if data.task is not None else None
+    train = "rows passed from Python" if train_rows else data.train or task
+    held_out = "rows passed from Python" if eval_rows else data.eval or task
+    line = f"data: training rows from {train or 'nowhere'}; held-out rows from {held_out or 'none'}"
+    if task is not None and held_out == task and train != task:
+        line += " (data.eval is not set)"
+    return line
+
+
 def make_output_dir(path: str | Path, key: str) -> Path:
     """Create the directory a run or command writes to, or raise ConfigError naming `key` where it cannot be (an
     existing file on the path, no permission)."""

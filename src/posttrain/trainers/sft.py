@@ -33,12 +33,13 @@ from posttrain.rewards import load_reward_fn
 from posttrain.runtime.guards import NonFiniteGuard
 from posttrain.runtime.logging import RunLogger
 from posttrain.runtime.signals import StopRequest
-from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, chunks, load_split, policy_for_run
+from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, chunks, load_split, policy_and_reference
 from posttrain.trainers.evaluation import EvalResult, evaluate_with
 from posttrain.trainers.run_state import (
     clip_and_step,
     eval_due,
     finish_step,
+    print_start,
     restore_checkpoint,
     save_checkpoint,
     start_run,
@@ -68,9 +69,10 @@ def train_sft(
     """Fine-tune on demonstrations. Objects passed in (model, tokenizer, rows) replace the config's."""
     generator, device, checkpointer, checkpoint = start_run(cfg, resume)
     run_dir = Path(cfg.output_dir)
-    model, tokenizer = policy_for_run(
-        cfg.model, model, tokenizer, checkpoint, seed=cfg.seed, device=device, recipe_dir=cfg.recipe_dir
-    )
+    model, tokenizer, _ = policy_and_reference(
+        cfg.model, model, tokenizer, checkpoint, needs_reference=False, seed=cfg.seed, device=device,
+        recipe_dir=cfg.recipe_dir, run_dir=run_dir,
+    )  # fmt: skip
     train, report = _encode_train(cfg, tokenizer, train_rows)
     eval_prompts, eval_tokens = _encode_eval(cfg, tokenizer, eval_rows)
     sampler = EpochSampler(len(train), seed=cfg.seed, report=report)
@@ -84,9 +86,8 @@ def train_sft(
         headline=("loss", "tokens_per_s"),
         progress=progress,
     )
-    log.print(f"data: {report.summary()}")
-    if checkpoint is not None:
-        log.print(f"resumed from {checkpoint} at step {start_step}")
+    print_start(log, cfg, report, checkpoint=checkpoint, start_step=start_step, train_rows=train_rows,
+                eval_rows=eval_rows)  # fmt: skip
     reward = load_reward_fn(cfg.eval.reward, base_dir=cfg.recipe_dir) if eval_prompts else None
 
     model.train()
