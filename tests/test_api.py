@@ -10,7 +10,7 @@ import torch
 import posttrain
 from posttrain.config import ConfigError
 from posttrain.policies import build_model, load_model
-from posttrain.trainers.build import build_builtin_tokenizer
+from posttrain.tasks import build_builtin_tokenizer
 
 ROWS = [{"prompt": f"{a}+{a}=", "completion": str(2 * a), "answer": str(2 * a)} for a in range(16)]
 

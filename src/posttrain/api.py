@@ -29,14 +29,13 @@ from posttrain.rollout import ENGINES, SamplingParams
 from posttrain.runtime.checkpoint import model_dir, write_atomically
 from posttrain.runtime.logging import read_metrics
 from posttrain.runtime.model_files import is_adapter_directory
-from posttrain.tasks import TASKS
-from posttrain.trainers.build import build_builtin_tokenizer
+from posttrain.tasks import TASKS, build_builtin_tokenizer
 from posttrain.trainers.evaluation import EvalResult, RewardFn, run_evaluation
-from posttrain.trainers.preference import PrefResult, train_pref
-from posttrain.trainers.reward_model import RMResult, train_rm
-from posttrain.trainers.rl import RLResult, train_rl
-from posttrain.trainers.run_state import make_output_dir
-from posttrain.trainers.sft import SFTResult, train_sft
+from posttrain.trainers.lifecycle import RunResult, make_output_dir
+from posttrain.trainers.preference import train_pref
+from posttrain.trainers.reward_model import train_rm
+from posttrain.trainers.rl import train_rl
+from posttrain.trainers.sft import train_sft
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -70,7 +69,7 @@ def sft(
     eval: Any = None,
     resume: bool = False,
     progress: bool = True,
-) -> SFTResult:
+) -> RunResult:
     """Supervised fine-tuning (`posttrain sft`). `train`/`eval`: lists of row dicts or `datasets.Dataset`."""
     return train_sft(
         as_config(SFTConfig, config, overrides),
@@ -94,7 +93,7 @@ def rl(
     rewards: list[Any] | None = None,
     resume: bool = False,
     progress: bool = True,
-) -> RLResult:
+) -> RunResult:
     """Online RL (`posttrain rl`). `rewards`: TRL-style callables or `RewardSpec`s replacing the config's."""
     return train_rl(
         as_config(RLConfig, config, overrides),
@@ -118,7 +117,7 @@ def pref(
     eval: Any = None,
     resume: bool = False,
     progress: bool = True,
-) -> PrefResult:
+) -> RunResult:
     """Preference optimisation (`posttrain pref`): offline on preference rows, or in rounds on the policy's own
     samples when the config has an `online` section (then `train`/`eval` are prompt rows with `answer`...).
     `train`/`eval`: row dicts or a `datasets.Dataset`."""
@@ -143,7 +142,7 @@ def rm(
     eval: Any = None,
     resume: bool = False,
     progress: bool = True,
-) -> RMResult:
+) -> RunResult:
     """Reward-model training (`posttrain rm`). `train`/`eval`: row dicts or a `datasets.Dataset`."""
     return train_rm(
         as_config(RMConfig, config, overrides),

@@ -62,7 +62,7 @@ def _online_select(cfg: Any) -> str | None:
     online = _get(cfg, "online")
     if online is None:
         return None
-    return online.select or DEFAULT_SELECT[feedback_kind(PREFERENCE_LOSSES[cfg.pref.loss].needs)]
+    return online.select or DEFAULT_SELECT[feedback_kind(PREFERENCE_LOSSES[cfg.pref.loss])]
 
 
 def _online_needs(cfg: Any) -> tuple[str, ...]:
@@ -111,7 +111,7 @@ PLAIN: list[tuple[str, str, Callable[[Any], bool]]] = [
      lambda cfg: _get(cfg, "rl") is not None and "critic" in ADVANTAGES[cfg.rl.advantage].needs),
     ("posttrain.objectives.value:lambda_returns", "an advantage that needs a critic (`gae`)",
      lambda cfg: _get(cfg, "rl") is not None and "critic" in ADVANTAGES[cfg.rl.advantage].needs),
-    ("posttrain.trainers.rl_parts:keep_informative_groups", "`rl.dynamic_sampling: true`",
+    ("posttrain.rollout.groups:keep_informative_groups", "`rl.dynamic_sampling: true`",
      lambda cfg: bool(_get(cfg, "rl.dynamic_sampling"))),
     ("posttrain.objectives.pairing:preference_matrix", "`online.rewards`",
      lambda cfg: bool(_get(cfg, "online.rewards"))),

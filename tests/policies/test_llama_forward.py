@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from posttrain.policies import build_model, llama_forward, token_logprobs
 from posttrain.policies.llama_forward import HalfRMSNorm, SwiGLUDown, gated_down_op
-from posttrain.trainers.build import build_builtin_tokenizer
+from posttrain.tasks import build_builtin_tokenizer
 
 
 @pytest.fixture(scope="module")

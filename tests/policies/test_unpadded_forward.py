@@ -20,7 +20,7 @@ from posttrain.policies.llama_forward import (
     products_pad_rows,
     runs_unpadded,
 )
-from posttrain.trainers.build import build_builtin_tokenizer
+from posttrain.tasks import build_builtin_tokenizer
 
 WIDTH = 14
 

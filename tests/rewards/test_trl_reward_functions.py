@@ -9,7 +9,7 @@ import pytest
 
 import posttrain
 from posttrain.policies import build_model
-from posttrain.trainers.build import build_builtin_tokenizer
+from posttrain.tasks import build_builtin_tokenizer
 
 
 def text_rows() -> list[dict]:

@@ -7,7 +7,7 @@ import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from posttrain.api import pref, rl
-from posttrain.trainers.build import build_builtin_tokenizer
+from posttrain.tasks import build_builtin_tokenizer
 
 TASK = {"name": "arithmetic", "digits": 1, "operators": "+-", "train_size": 64, "eval_size": 8}
 

@@ -9,7 +9,7 @@ import posttrain.api as api
 from posttrain.data.encoding import PromptTokens
 from posttrain.data.errors import DataError
 from posttrain.policies import build_model
-from posttrain.trainers.build import build_builtin_tokenizer
+from posttrain.tasks import build_builtin_tokenizer
 from posttrain.trainers.evaluation import evaluate, pass_at_k
 
 

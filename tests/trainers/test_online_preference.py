@@ -18,12 +18,12 @@ from posttrain.data import PreferenceTokens
 from posttrain.data.encoding import PromptTokens
 from posttrain.policies import FrozenCopy, build_model
 from posttrain.rewards import RewardFailureError
+from posttrain.rewards.judges import judge_all_pairs
 from posttrain.rollout import ENGINES, SamplingParams
 from posttrain.rollout.native import generate_geometric_mixture
-from posttrain.tasks import ArithmeticTask
+from posttrain.tasks import ArithmeticTask, build_builtin_tokenizer
 from posttrain.tasks.preference_data import feedback_rows
-from posttrain.trainers.build import build_builtin_tokenizer
-from posttrain.trainers.online_parts import RoundSamples, build_examples, judge_all_pairs
+from posttrain.trainers.online_preference import RoundSamples, build_examples
 from posttrain.trainers.preference import train_pref
 
 TASK = ArithmeticTask(digits=2, operators="+")
@@ -239,7 +239,7 @@ def test_bco_reward_shift_is_the_running_mean_of_earlier_steps(tmp_path):
         ({"online": {"rewards": [{"fn": "numeric_match"}], "steps_per_round": 3}}, "not a multiple"),
         ({"online": {"rewards": [{"fn": "numeric_match"}], "samples_per_prompt": 1}}, "at least 2"),
         ({"online": {"rewards": [{"fn": "numeric_match"}], "engine": "vllm9"}}, "online.engine"),
-        ({"online": None, "pref": {"loss": "xpo"}}, "needs reference_samples"),
+        ({"online": None, "pref": {"loss": "xpo"}}, "opponents sampled from the reference"),
     ],
 )
 def test_online_config_errors_name_the_key(tmp_path, change, message):

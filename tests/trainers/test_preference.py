@@ -13,11 +13,10 @@ from posttrain.api import as_config
 from posttrain.config import ConfigError, PrefConfig
 from posttrain.data import PreferenceTokens, collate_preference, collate_sequences
 from posttrain.policies import build_model
-from posttrain.tasks import ArithmeticTask
+from posttrain.tasks import ArithmeticTask, build_builtin_tokenizer
 from posttrain.tasks.preference_data import digit_slip, feedback_rows, preference_pairs
-from posttrain.trainers.build import build_builtin_tokenizer
-from posttrain.trainers.offline import sequence_logps
 from posttrain.trainers.preference import train_pref
+from posttrain.trainers.preference_step import sequence_logps
 
 TASK = ArithmeticTask(digits=2, operators="+")
 PAIRS = preference_pairs(TASK, 64, seed=0)
@@ -218,7 +217,7 @@ def test_kto_reference_point_pairs_each_prompt_with_the_previous_completion(monk
     import contextlib
     from types import SimpleNamespace
 
-    import posttrain.trainers.offline as offline
+    import posttrain.trainers.preference_step as offline
     from posttrain.data import CompletionTokens
 
     items = [CompletionTokens([p], [c], f"row {i}") for i, (p, c) in enumerate([(1, 5), (2, 7), (3, 4), (4, 9)])]

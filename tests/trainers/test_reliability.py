@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-import posttrain.trainers.preference as preference_trainer
+import posttrain.trainers.preference_step as preference_trainer
 import posttrain.trainers.reward_model as reward_model_trainer
 import posttrain.trainers.sft as sft_trainer
 from posttrain.api import as_config, rl

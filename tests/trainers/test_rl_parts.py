@@ -6,7 +6,7 @@ import torch
 from posttrain.data.encoding import PromptTokens
 from posttrain.rewards import RewardResult
 from posttrain.rollout import Rollouts
-from posttrain.trainers.rl_parts import Scored, keep_informative_groups
+from posttrain.rollout.groups import Scored, keep_informative_groups
 
 
 def scored(prompt_names: list[str], rewards_P_G: list[list[float]]) -> Scored:
@@ -56,9 +56,8 @@ def test_with_nothing_informative_the_last_draw_is_used():
 
 
 def test_critic_values_on_real_tokens_do_not_depend_on_dropping_the_right_padding_mask():
-    from posttrain.policies import build_model
-    from posttrain.trainers.build import build_builtin_tokenizer
-    from posttrain.trainers.rl_update import ValueModel
+    from posttrain.policies import ValueModel, build_model
+    from posttrain.tasks import build_builtin_tokenizer
 
     tokenizer = build_builtin_tokenizer("arithmetic")
     critic = ValueModel(build_model("qwen2-tiny", tokenizer, seed=0))
@@ -75,7 +74,7 @@ def test_critic_values_on_real_tokens_do_not_depend_on_dropping_the_right_paddin
 def test_accuracy_is_the_verifiers_not_the_total() -> None:
     # numeric_match [1, 0] beside a length penalty: totals [0.995, -0.005] gave accuracy 0 (audit); the verifier's
     # own column gives 1/2. A not-applicable sample (NaN) is left out; two rewards, neither the verifier: none
-    from posttrain.trainers.rl_parts import reward_metrics
+    from posttrain.rewards.metrics import reward_metrics
 
     def result(per_reward: dict[str, list[float]]) -> RewardResult:
         columns = {name: torch.tensor(v) for name, v in per_reward.items()}
@@ -93,8 +92,8 @@ def test_kl_in_the_reward_shapes_what_every_estimator_reads(advantage: str) -> N
     from posttrain.objectives import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
     from posttrain.policies import FrozenCopy, build_model
     from posttrain.rollout import ENGINES, SamplingParams
-    from posttrain.trainers.build import build_builtin_tokenizer
-    from posttrain.trainers.rl_update import Objectives, prepare_step
+    from posttrain.tasks import build_builtin_tokenizer
+    from posttrain.trainers.rl import Objectives, prepare_step
 
     tokenizer = build_builtin_tokenizer("arithmetic")
     policy, other = (build_model("qwen2-tiny", tokenizer, seed=s).eval() for s in (0, 1))

@@ -21,9 +21,6 @@ from posttrain.config.sections import TrainSection as _TrainSection
 from posttrain.objectives import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from posttrain.objectives.registry import Registry
 
-LOOP_SUPPLIED = frozenset({"group_size", "num_tokens", "num_seqs", "max_len"})
-"""Keyword-only parameters the loop fills itself (from `needs` or step-wide counts), never from *_args."""
-
 
 def check_registered(
     key: str, name: str, registry: Registry, args_key: str | None = None, args: dict[str, Any] | None = None
@@ -34,7 +31,7 @@ def check_registered(
         )
     if args:
         params = inspect.signature(registry[name]).parameters
-        allowed = {p for p, v in params.items() if v.kind is v.KEYWORD_ONLY} - LOOP_SUPPLIED
+        allowed = {p for p, v in params.items() if v.kind is v.KEYWORD_ONLY} - set(registry.inputs)
         unknown = sorted(set(args) - allowed)
         if unknown:
             raise ValueError(

@@ -20,7 +20,7 @@ from torch import Tensor
 from posttrain.objectives.registry import preference_loss
 
 
-@preference_loss("sppo", needs=("listwise", "reference", "win_rates"))
+@preference_loss("sppo")
 def sppo(logps_N_K: Tensor, ref_logps_N_K: Tensor, win_rates_N_K: Tensor, *, eta: float = 1000.0) -> Tensor:
     """Self-play preference optimisation (Wu et al. 2024, arXiv:2405.00675, Sec. 3, Alg. 1): regress
     each sample's log-ratio to the previous iterate onto its centred win rate.
@@ -38,7 +38,7 @@ def sppo(logps_N_K: Tensor, ref_logps_N_K: Tensor, win_rates_N_K: Tensor, *, eta
     return ((r_N_K - eta * (win_rates_N_K - 0.5)) ** 2).sum(dim=-1)
 
 
-@preference_loss("xpo", needs=("reference", "reference_samples"))
+@preference_loss("xpo")
 def xpo(
     chosen: Tensor,
     rejected: Tensor,
@@ -67,7 +67,7 @@ def xpo(
     return -F.logsigmoid(beta * h) + alpha * bonus
 
 
-@preference_loss("nash_md", needs=("listwise", "reference", "win_rates", "mixture_opponents"))
+@preference_loss("nash_md", opponents="mixture")
 def nash_md(logps_N_K: Tensor, ref_logps_N_K: Tensor, win_rates_N_K: Tensor, *, beta: float = 0.1) -> Tensor:
     """Nash mirror descent, policy-gradient form (Munos et al. 2023, arXiv:2312.00886, Nash-MD-PG):
     a policy sample y plays a sample y' of the geometric mixture pi^(1-m) * ref^m (the loop samples it);
@@ -89,7 +89,7 @@ def nash_md(logps_N_K: Tensor, ref_logps_N_K: Tensor, win_rates_N_K: Tensor, *, 
     return (beta * log_ratio_N_K * logps_N_K - (win_rates_N_K - 0.5) * logps_N_K).mean(dim=-1)
 
 
-@preference_loss("nll", needs=("unpaired", "lengths"))
+@preference_loss("nll")
 def nll(logps: Tensor, labels: Tensor, lengths: Tensor) -> Tensor:
     """Negative log-likelihood of the desirable completions: supervised fine-tuning on selected samples,
     the update of RAFT (Dong et al. 2023, arXiv:2304.06767, Alg. 1) and rejection-sampling fine-tuning.

@@ -1,7 +1,7 @@
 """Offline preference losses: the DPO family, reference-free variants, unpaired and listwise losses.
 
-Every loss is a pure function registered with `@preference_loss(name, needs=...)`. The training loop
-calls it with the inputs its signature names and the recipe's `pref.loss_args` as keywords:
+Every loss is a pure function registered with `@preference_loss(name)`, its needs read from its inputs. The training
+loop calls it with the inputs its signature names and the recipe's `pref.loss_args` as keywords:
 
     paired      chosen, rejected [N]            summed completion log-probs under the policy
     reference   ref_chosen, ref_rejected [N]    the same under the reference model
@@ -64,7 +64,7 @@ def _log_ratios(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_reject
     return chosen - ref_chosen, rejected - ref_rejected
 
 
-@preference_loss("dpo", needs=("reference",))
+@preference_loss("dpo")
 def dpo(
     chosen: Tensor,
     rejected: Tensor,
@@ -87,7 +87,7 @@ def dpo(
     return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
 
 
-@preference_loss("robust_dpo", needs=("reference",))
+@preference_loss("robust_dpo")
 def robust_dpo(
     chosen: Tensor,
     rejected: Tensor,
@@ -113,7 +113,7 @@ def robust_dpo(
     return (clean - flipped) / (1 - 2 * epsilon)
 
 
-@preference_loss("ipo", needs=("reference", "lengths"))
+@preference_loss("ipo")
 def ipo(
     chosen: Tensor,
     rejected: Tensor,
@@ -144,7 +144,7 @@ def ipo(
     return (r_w - r_l - 1 / (2 * tau)) ** 2
 
 
-@preference_loss("hinge", needs=("reference",))
+@preference_loss("hinge")
 def hinge(
     chosen: Tensor,
     rejected: Tensor,
@@ -167,7 +167,7 @@ def hinge(
     return torch.relu(1 - beta * h)
 
 
-@preference_loss("simpo", needs=("lengths",))
+@preference_loss("simpo")
 def simpo(
     chosen: Tensor,
     rejected: Tensor,
@@ -199,7 +199,7 @@ def _log1mexp(x: Tensor) -> Tensor:
 _MAX_MEAN_LOGP = -1e-6
 
 
-@preference_loss("orpo", needs=("lengths",))
+@preference_loss("orpo")
 def orpo(
     chosen: Tensor,
     rejected: Tensor,
@@ -228,7 +228,7 @@ def orpo(
     return -chosen / chosen_len.clamp(min=1.0) - lam * F.logsigmoid(log_odds)
 
 
-@preference_loss("cpo", needs=("lengths",))
+@preference_loss("cpo")
 def cpo(
     chosen: Tensor,
     rejected: Tensor,
@@ -251,7 +251,7 @@ def cpo(
     return -F.logsigmoid(beta * (chosen - rejected)) - alpha * chosen / chosen_len.clamp(min=1.0)
 
 
-@preference_loss("kto", needs=("unpaired", "reference", "kl_reference_point"))
+@preference_loss("kto")
 def kto(
     logps: Tensor,
     labels: Tensor,
@@ -280,7 +280,7 @@ def kto(
     return torch.where(labels.bool(), desirable, undesirable)
 
 
-@preference_loss("bco", needs=("unpaired", "reference", "reward_shift"))
+@preference_loss("bco")
 def bco(
     logps: Tensor,
     labels: Tensor,
@@ -310,7 +310,7 @@ def bco(
     return -F.logsigmoid(torch.where(labels.bool(), shifted, -shifted))
 
 
-@preference_loss("nca", needs=("reference",))
+@preference_loss("nca")
 def nca(
     chosen: Tensor,
     rejected: Tensor,
@@ -329,7 +329,7 @@ def nca(
     return -F.logsigmoid(beta * r_w) - 0.5 * F.logsigmoid(-beta * r_w) - 0.5 * F.logsigmoid(-beta * r_l)
 
 
-@preference_loss("exo", needs=("reference",))
+@preference_loss("exo")
 def exo(
     chosen: Tensor,
     rejected: Tensor,
@@ -358,7 +358,7 @@ def exo(
     return kl_w + kl_l
 
 
-@preference_loss("apo_zero", needs=("reference",))
+@preference_loss("apo_zero")
 def apo_zero(
     chosen: Tensor,
     rejected: Tensor,
@@ -378,7 +378,7 @@ def apo_zero(
     return torch.sigmoid(-beta * r_w) + torch.sigmoid(beta * r_l)
 
 
-@preference_loss("apo_down", needs=("reference",))
+@preference_loss("apo_down")
 def apo_down(
     chosen: Tensor,
     rejected: Tensor,
@@ -398,7 +398,7 @@ def apo_down(
     return torch.sigmoid(beta * r_w) + torch.sigmoid(-beta * (r_w - r_l))
 
 
-@preference_loss("aot", needs=("reference", "whole_batch"))
+@preference_loss("aot", whole_batch=True)
 def aot(
     chosen: Tensor,
     rejected: Tensor,
@@ -427,7 +427,7 @@ def aot(
     return -(1 - label_smoothing) * F.logsigmoid(beta * d) - label_smoothing * F.logsigmoid(-beta * d)
 
 
-@preference_loss("sppo_hard", needs=("reference",))
+@preference_loss("sppo_hard")
 def sppo_hard(
     chosen: Tensor,
     rejected: Tensor,
@@ -449,7 +449,7 @@ def sppo_hard(
     return (r_w - eta / 2) ** 2 + (r_l + eta / 2) ** 2
 
 
-@preference_loss("rpo", needs=("reference", "lengths"))
+@preference_loss("rpo")
 def rpo(
     chosen: Tensor,
     rejected: Tensor,
@@ -472,7 +472,7 @@ def rpo(
     return -F.logsigmoid(beta * h) - alpha * chosen / chosen_len.clamp(min=1.0)
 
 
-@preference_loss("dpop", needs=("reference",))
+@preference_loss("dpop")
 def dpop(
     chosen: Tensor,
     rejected: Tensor,
@@ -495,7 +495,7 @@ def dpop(
     return -F.logsigmoid(beta * (h - lam * penalty))
 
 
-@preference_loss("lipo_lambda", needs=("listwise", "reference"))
+@preference_loss("lipo_lambda")
 def lipo_lambda(
     logps_N_K: Tensor,
     scores_N_K: Tensor,
@@ -546,7 +546,7 @@ def _plackett_luce_nll(logits_N_K: Tensor, scores_N_K: Tensor) -> Tensor:
     return (tail_lse_N_K - ranked_N_K).sum(dim=-1)
 
 
-@preference_loss("plackett_luce", needs=("listwise", "reference"))
+@preference_loss("plackett_luce")
 def plackett_luce(
     logps_N_K: Tensor,
     scores_N_K: Tensor,

@@ -1,5 +1,6 @@
 """What is trained: causal LMs from local paths or presets, LoRA, chunked per-token log-probs."""
 
+from posttrain.policies.heads import ValueModel, build_reward_model, scalar_rewards
 from posttrain.policies.logprobs import gather_logprobs_and_entropy, hidden_states_at, token_logprobs
 from posttrain.policies.models import (
     DTYPES,
@@ -24,9 +25,11 @@ __all__ = [
     "FrozenCopy",
     "ModelLoadError",
     "Reference",
+    "ValueModel",
     "apply_lora",
     "build_model",
     "build_reference",
+    "build_reward_model",
     "disable_dropout",
     "enable_gradient_checkpointing",
     "gather_logprobs_and_entropy",
@@ -36,5 +39,6 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "save_pretrained",
+    "scalar_rewards",
     "token_logprobs",
 ]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from posttrain.data.encoding import PromptTokens
+from posttrain.rewards.scoring import RewardResult, RewardSet
 
 NOT_COLUMNS = frozenset({"prompt", "completion", "completion_ids"})
 
@@ -74,3 +75,20 @@ def trainer_state(step: int, max_steps: int, epoch: float = 0.0) -> Any:
     from transformers import TrainerState
 
     return TrainerState(global_step=step, max_steps=max_steps, epoch=epoch)
+
+
+def score_completions(
+    reward_set: RewardSet,
+    tokenizer: Any,
+    prompts: list[PromptTokens],
+    completion_ids: list[list[int]],
+    n: int,
+    extra_kwargs: dict[str, Any] | None = None,
+) -> RewardResult:
+    """Decode and score P*n completions, each prompt's n contiguous, calling the rewards as TRL does
+    (`rewards.inputs`): the prompts as written, conversational completions as messages, each row's columns
+    (`answer`, ...), and `extra_kwargs` (`trainer_state`, `log_metric`, `log_extra`)."""
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    prompts_N = reward_prompts(prompts, tokenizer, n)
+    return reward_set.score(prompts_N, reward_completions(prompts_N, texts), completion_ids,
+                            row_columns(prompts, n), extra_kwargs=extra_kwargs)  # fmt: skip

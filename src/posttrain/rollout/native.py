@@ -42,7 +42,9 @@ from posttrain.rollout.decoders import Decoder, build_decoder, positions_from_ma
 from posttrain.rollout.engine import FinishReason, Rollouts, SamplingParams, StopChecker
 from posttrain.rollout.sampling import sample_tokens
 
-__all__ = ["NativeEngine", "decode", "generate_geometric_mixture", "left_pad", "positions_from_mask"]
+__all__ = [
+    "GeometricMixture", "NativeEngine", "decode", "generate_geometric_mixture", "left_pad", "positions_from_mask",
+]  # fmt: skip
 
 
 def left_pad(prompt_ids: list[list[int]], device: torch.device, pad_id: int = 0) -> tuple[Tensor, Tensor]:
@@ -135,6 +137,28 @@ def generate_geometric_mixture(
 
     device = policy.device
     return decode(decoders, mix, prompt_ids, params, n=n, device=device, generator=generator, tokenizer=tokenizer)
+
+
+class GeometricMixture:
+    """An engine that samples Nash-MD's regularised policy: `generate(policy, ...)` draws from
+    pi^(1 - m) * ref^m token by token (`generate_geometric_mixture`), so that mixture opponents are sampled
+    through the same episode path as every other sample."""
+
+    def __init__(self, reference: Reference, mixture_coef: float) -> None:
+        self.reference, self.mixture_coef = reference, mixture_coef
+
+    def generate(
+        self,
+        model: Any,
+        prompt_ids: list[list[int]],
+        params: SamplingParams,
+        *,
+        n: int,
+        generator: torch.Generator | None = None,
+        tokenizer: Any = None,
+    ) -> Rollouts:
+        return generate_geometric_mixture(model, self.reference, prompt_ids, params, n=n,
+                                          mixture_coef=self.mixture_coef, generator=generator, tokenizer=tokenizer)
 
 
 def decode(

@@ -5,7 +5,7 @@ Trainers call these once, before their loop; the loops never build anything.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,12 +13,8 @@ from typing import Any
 import torch
 
 from posttrain.config.loading import ConfigError
-from posttrain.config.sections import DataSection, ModelSection, TaskSection, TrainSection
-from posttrain.data.encoding import PromptTokens, encode_prompts
-from posttrain.data.errors import DataError
-from posttrain.data.examples import Kind, load_examples, validate_rows
-from posttrain.data.readers import Row
-from posttrain.data.report import LoadReport
+from posttrain.config.rl import SamplingSection
+from posttrain.config.sections import ModelSection, TrainSection
 from posttrain.policies import (
     Reference,
     apply_lora,
@@ -33,26 +29,15 @@ from posttrain.policies import (
     save_pretrained,
 )
 from posttrain.policies.models import check_model_directory, enable_gradient_checkpointing
+from posttrain.rewards import LoadedReward, RewardSet, RewardSpec
+from posttrain.rollout import SamplingParams
 from posttrain.rollout.decoders import cuda_graphs_enabled
 from posttrain.runtime.checkpoint import model_dir
 from posttrain.runtime.model_files import holds_tokenizer
 from posttrain.runtime.optim import build_adamw, build_scheduler
-from posttrain.tasks import TASKS, ArithmeticTask, build_tokenizer
+from posttrain.tasks import build_builtin_tokenizer
 
 Rows = Sequence[dict[str, Any]] | Any  # a list of dicts or a `datasets.Dataset`
-
-
-def build_task(section: TaskSection) -> ArithmeticTask:
-    return TASKS[section.name](
-        digits=section.digits, operators=section.operators, think_fraction=section.think_fraction
-    )
-
-
-def build_builtin_tokenizer(name: str) -> Any:
-    """The tokenizer of a built-in task. Its corpus is fixed, so the vocabulary is the same every time."""
-    if name not in TASKS:
-        return None
-    return build_tokenizer(ArithmeticTask(digits=3, operators="+-*").corpus())
 
 
 def build_tokenizer_for(section: ModelSection, recipe_dir: str | None, model: Any = None) -> Any:
@@ -169,88 +154,11 @@ def resolve_path(path: str | Path, recipe_dir: str | None) -> Path:
     return beside_recipe if beside_recipe.exists() else candidate
 
 
-def rows_from_memory(rows: Rows, source: str) -> list[Row]:
-    """Rows handed over from Python (a list of dicts or a datasets.Dataset), named for error messages."""
-    out = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise DataError(
-                f"{source} row {i + 1}: expected a mapping of field names to values, got {type(row).__name__}"
-            )
-        out.append(Row(fields=dict(row), where=f"{source} row {i + 1}"))
-    if not out:
-        raise DataError(f"{source}: the dataset is empty (no rows)", reason="empty dataset")
-    return out
-
-
-def load_split(
-    section: DataSection,
-    kind: Kind,
-    split: str,
-    *,
-    seed: int,
-    recipe_dir: str | None,
-    rows: Rows | None = None,
-) -> tuple[list[Any], LoadReport] | None:
-    """Examples of one split ("train" or "eval") from Python rows, a file, or a built-in task; None for an absent
-    eval split (an absent train split is a ConfigError)."""
-    report = LoadReport()
-    if rows is not None:
-        report.source = f"{split} rows"
-        memory_rows = rows_from_memory(rows, report.source)
-        report.rows = len(memory_rows)
-        return validate_rows(memory_rows, kind, on_bad_row=section.on_bad_row, report=report), report
-    path = section.train if split == "train" else section.eval
-    if path is not None:
-        return load_examples(resolve_path(path, recipe_dir), kind, on_bad_row=section.on_bad_row)
-    if section.task is None:
-        return require_train_data(split)
-    task = build_task(section.task)
-    size = section.task.train_size if split == "train" else section.task.eval_size
-    generated = task.sample(size, seed=seed, split=split)
-    report.source = f"task {section.task.name} ({split})"
-    report.rows = len(generated)
-    memory_rows = [Row(fields=r, where=f"{report.source} row {i + 1}") for i, r in enumerate(generated)]
-    return validate_rows(memory_rows, kind, on_bad_row=section.on_bad_row, report=report), report
-
-
-def require_train_data(split: str) -> None:
-    """None for an absent held-out split; a training split must come from somewhere."""
-    if split == "train":
-        raise ConfigError("data: set data.train (a file or datasets directory) or data.task, or pass train= rows "
-                          "from Python")  # fmt: skip
-
-
-def load_prompts(
-    section: DataSection,
-    tokenizer: Any,
-    split: str,
-    *,
-    seed: int,
-    recipe_dir: str | None,
-    rows: Rows | None = None,
-    limit: int | None = None,
-    max_length: int | None = None,
-) -> tuple[list[PromptTokens], LoadReport | None]:
-    """The encoded prompts of one split, the first `limit` of them (eval split only), with their load report;
-    ([], None) when the split has no data. `max_length` defaults to data.max_length."""
-    loaded = load_split(section, "prompt", split, seed=seed, recipe_dir=recipe_dir, rows=rows)
-    if loaded is None:
-        return [], None
-    examples, report = loaded
-    if split == "eval" and limit is not None:
-        examples = examples[:limit]
-    encoded = encode_prompts(
-        examples, tokenizer, max_length=max_length or section.max_length, truncation=section.truncation, report=report
-    )
-    return encoded, report
-
-
 def check_environment() -> None:
     """Check the environment variables a run reads later, so that a misspelt one stops it before anything is
     built, rather than where it is first read, or never: POSTTRAIN_CPU_MATMUL (read at the first product large
     enough for oneDNN) and POSTTRAIN_CUDA_GRAPHS (read when a CUDA model builds its decoder). Every run calls it
-    first (`run_state.start_run`, evaluation). It also caps oneDNN's kernel caches (`cpu_matmul.bound_kernel_caches`)
+    first (`lifecycle.Lifecycle`, evaluation). It also caps oneDNN's kernel caches (`cpu_matmul.bound_kernel_caches`)
     before any product builds a kernel: a bfloat16 model on CPU runs all its products through oneDNN."""
     cpu_matmul.kernel_choice()
     cpu_matmul.bound_kernel_caches()
@@ -277,48 +185,31 @@ def build_optimisation(model: torch.nn.Module, section: TrainSection) -> Optimis
     return Optimisation(optimizer, scheduler)
 
 
-class EpochSampler:
-    """Endless seeded epochs over `n` items; its position is saved in checkpoints and restored exactly."""
-
-    def __init__(self, n: int, *, seed: int, report: LoadReport | None = None):
-        if n == 0:
-            counts = f" ({report.summary()})" if report is not None else ""
-            raise DataError(
-                f"no training examples are left after validation and truncation{counts}; a row too long for "
-                "data.max_length is dropped, also when truncating would leave it nothing to train on",
-                reason="empty dataset",
-            )
-        self.n, self.seed = n, seed
-        self.epoch, self.cursor = 0, 0
-        self._order = self._permutation(0)
-
-    def take(self, count: int) -> list[int]:
-        picked = []
-        while len(picked) < count:
-            if self.cursor == self.n:
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self._order = self._permutation(self.epoch)
-            take = min(count - len(picked), self.n - self.cursor)
-            picked += self._order[self.cursor : self.cursor + take]
-            self.cursor += take
-        return picked
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
-        self._order = self._permutation(self.epoch)
-
-    def _permutation(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.n, generator=generator).tolist()
-
-
-def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def trainable_parameters(model: torch.nn.Module) -> Iterable[torch.nn.Parameter]:
     return (p for p in model.parameters() if p.requires_grad)
+
+
+def build_reward_set(
+    entries: list[Any], rewards: list[Any] | None, recipe_dir: str | None, *, max_failure_fraction: float
+) -> RewardSet:
+    """The config's reward entries, or `rewards` (TRL-style callables or RewardSpecs) in their place."""
+    if rewards is None:
+        specs = [RewardSpec(**entry.model_dump()) for entry in entries]
+        return RewardSet.from_specs(specs, recipe_dir, max_failure_fraction=max_failure_fraction)
+    loaded = []
+    for i, r in enumerate(rewards):
+        if callable(r):
+            loaded.append(LoadedReward(getattr(r, "__name__", f"reward_{i}"), r, timeout_s=None))
+        else:
+            loaded += RewardSet.from_specs([r], recipe_dir).rewards
+    return RewardSet(loaded, max_failure_fraction=max_failure_fraction)
+
+
+def sampling_params(s: SamplingSection, eos_token_id: int) -> tuple[SamplingParams, SamplingParams]:
+    """(the sampler's parameters from a config's `sampling` section, greedy decoding with the same length and stop
+    token)."""
+    params = SamplingParams(
+        max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+        min_p=s.min_p, stop_token_ids=(eos_token_id,), stop_strings=tuple(s.stop_strings),
+    )  # fmt: skip
+    return params, SamplingParams(max_new_tokens=s.max_new_tokens, temperature=0.0, stop_token_ids=(eos_token_id,))

@@ -20,6 +20,7 @@ from posttrain.config import ConfigError
 from posttrain.config.sections import EvalSection
 from posttrain.data.encoding import PromptTokens
 from posttrain.data.errors import DataError
+from posttrain.envs import sample_episodes
 from posttrain.rewards import load_reward_fn
 from posttrain.rewards.inputs import (
     RewardLog,
@@ -33,7 +34,8 @@ from posttrain.rollout import ENGINES, SamplingParams
 from posttrain.runtime.device import limit_cpu_threads, resolve_device
 from posttrain.runtime.logging import track
 from posttrain.runtime.seeding import seed_everything
-from posttrain.trainers.build import build_policy, check_environment, load_prompts
+from posttrain.trainers.build import build_policy, check_environment
+from posttrain.trainers.splits import load_prompts
 
 RewardFn = Callable[..., list[float]]
 
@@ -148,9 +150,7 @@ def _generate_and_score(
     engine: str,
     generator: torch.Generator | None,
 ) -> tuple[list[bool | None], list[str]]:
-    rollouts = ENGINES[engine].generate(
-        model, [p.prompt_ids for p in batch], params, n=n, generator=generator, tokenizer=tokenizer
-    )
+    rollouts = sample_episodes(ENGINES[engine], model, batch, params, n=n, generator=generator, tokenizer=tokenizer)
     texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
     prompts_N = reward_prompts(batch, tokenizer, n)
     scores = reward(

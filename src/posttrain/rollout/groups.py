@@ -1,0 +1,101 @@
+"""A step's sampled groups with their scores, and DAPO's dynamic sampling over them (which groups a step keeps).
+
+Prompt i of a step owns completions i*G .. i*G + G - 1 throughout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.data.encoding import PromptTokens
+from posttrain.rewards import RewardResult
+from posttrain.rollout.engine import Rollouts
+
+
+@dataclass
+class Scored:
+    """A step's sampled groups and their scores: prompt i owns completions i*G .. i*G + G - 1."""
+
+    prompts: list[PromptTokens]
+    rollouts: Rollouts
+    rewards: RewardResult
+    gen_s: float = 0.0
+    score_s: float = 0.0
+    dropped_groups: int = 0
+
+
+def draw_step(draw: Callable[[], Scored], num_groups: int, dynamic_max_batches: int) -> Scored:
+    """One step's scored groups: a single draw, or DAPO's dynamic sampling when `dynamic_max_batches` > 0."""
+    if dynamic_max_batches:
+        return keep_informative_groups(draw, num_groups=num_groups, max_batches=dynamic_max_batches)
+    return draw()
+
+
+def keep_informative_groups(draw: Callable[[], Scored], *, num_groups: int, max_batches: int) -> Scored:
+    """DAPO's dynamic sampling (arXiv:2503.14476, Sec. 3.2): keep groups whose rewards differ, drawing
+    more batches until `num_groups` are kept or `max_batches` were drawn (then train on what is kept;
+    if nothing is, on the last batch)."""
+    kept: list[Scored] = []
+    have, dropped, gen_s, score_s = 0, 0, 0.0, 0.0
+    for _ in range(max_batches):
+        scored = draw()
+        gen_s, score_s = gen_s + scored.gen_s, score_s + scored.score_s
+        g = scored.rollouts.group_size
+        total_P_G = scored.rewards.total.view(-1, g)
+        informative = (total_P_G.max(dim=1).values > total_P_G.min(dim=1).values).nonzero().flatten().tolist()
+        dropped += total_P_G.shape[0] - len(informative)
+        informative = informative[: num_groups - have]
+        if informative:
+            kept.append(select_groups(scored, informative))
+            have += len(informative)
+        if have >= num_groups:
+            break
+    merged = merge_scored(kept) if kept else scored
+    merged.gen_s, merged.score_s, merged.dropped_groups = gen_s, score_s, dropped
+    return merged
+
+
+def select_groups(scored: Scored, groups: list[int]) -> Scored:
+    g = scored.rollouts.group_size
+    rows = [i * g + j for i in groups for j in range(g)]
+    r = scored.rollouts
+    rollouts = Rollouts(
+        prompt_ids=[r.prompt_ids[i] for i in groups],
+        completion_ids=[r.completion_ids[i] for i in rows],
+        logprobs=[r.logprobs[i] for i in rows],
+        finish_reasons=[r.finish_reasons[i] for i in rows],
+        group_size=g,
+        model_token_mask=[r.model_token_mask[i] for i in rows],
+        infos=[r.infos[i] for i in rows],
+    )
+    index = torch.tensor(rows)
+    rewards = RewardResult(
+        total=scored.rewards.total[index],
+        per_reward={k: v[index] for k, v in scored.rewards.per_reward.items()},
+        failures=dict(scored.rewards.failures),
+        metrics={},
+    )
+    return Scored([scored.prompts[i] for i in groups], rollouts, rewards)
+
+
+def merge_scored(parts: list[Scored]) -> Scored:
+    first = parts[0]
+    rollouts = Rollouts(
+        prompt_ids=[p for s in parts for p in s.rollouts.prompt_ids],
+        completion_ids=[c for s in parts for c in s.rollouts.completion_ids],
+        logprobs=[x for s in parts for x in s.rollouts.logprobs],
+        finish_reasons=[x for s in parts for x in s.rollouts.finish_reasons],
+        group_size=first.rollouts.group_size,
+        model_token_mask=[x for s in parts for x in s.rollouts.model_token_mask],
+        infos=[x for s in parts for x in s.rollouts.infos],
+    )
+    rewards = RewardResult(
+        total=torch.cat([s.rewards.total for s in parts]),
+        per_reward={k: torch.cat([s.rewards.per_reward[k] for s in parts]) for k in first.rewards.per_reward},
+        failures={k: sum(s.rewards.failures[k] for s in parts) for k in first.rewards.failures},
+        metrics={},
+    )
+    return Scored([p for s in parts for p in s.prompts], rollouts, rewards)
