@@ -84,7 +84,7 @@ class SamplingSection(Section):
 
 class KLSection(Section):
     estimator: str = "k3"
-    """A registered KL estimator (k1, k2, k3; `posttrain list kl_estimators`)."""
+    """A registered KL estimator (`posttrain list kl_estimators`)."""
     coef: NonNegativeFloat = 0.0
     """beta. 0 turns the KL off and no reference model is built."""
     in_reward: bool = False

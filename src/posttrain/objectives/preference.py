@@ -16,8 +16,8 @@ Every loss returns per-example losses [N]; reduction is the caller's. Notation u
     r_w = chosen - ref_chosen,  r_l = rejected - ref_rejected      (log-ratios, "implicit rewards"/beta)
     h   = r_w - r_l
 
-`TRL_LOSS_TYPES` maps our registered names to TRL 1.16's trainer and `loss_type` where TRL computes
-the same per-example loss (docs/preference.md lists where and why we differ).
+`TRL_LOSS_TYPES` maps our registered names to the TRL 1.16 trainer and `loss_type` that compute the same
+per-example loss (docs/preference.md states every difference).
 """
 
 from __future__ import annotations
@@ -30,27 +30,29 @@ from torch import Tensor
 
 from posttrain.objectives.registry import preference_loss
 
-# Our name -> (TRL 1.16 trainer, loss_type) computing the same loss; None where TRL has no equivalent.
-TRL_LOSS_TYPES: dict[str, tuple[str, str] | None] = {
-    "dpo": ("DPOTrainer", "sigmoid"),  # TRL 1.16's sigmoid has no label smoothing (cDPO); ours does
-    "robust_dpo": ("DPOTrainer", "robust"),
-    "ipo": ("DPOTrainer", "ipo"),
-    "hinge": ("DPOTrainer", "hinge"),
-    "exo": ("DPOTrainer", "exo_pair"),
-    "nca": ("DPOTrainer", "nca_pair"),
-    "bco": ("DPOTrainer", "bco_pair"),  # bco_pair = our bco on both rows of a pair, summed, reward_shift=0
-    "sppo_hard": ("DPOTrainer", "sppo_hard"),  # TRL beta = 1 / eta
-    "aot": ("DPOTrainer", "aot"),
-    "apo_zero": ("DPOTrainer", "apo_zero"),
-    "apo_down": ("DPOTrainer", "apo_down"),
-    "rpo": ("DPOTrainer", "sigmoid+sft"),  # loss_type=["sigmoid", "sft"], loss_weights=[1, alpha]
-    "simpo": ("CPOTrainer", "simpo"),  # with cpo_alpha=0 and simpo_gamma=gamma
-    "cpo": ("CPOTrainer", "sigmoid"),  # cpo_alpha=alpha
-    "orpo": ("ORPOTrainer", "orpo"),  # ORPOTrainer has one loss; its beta is ORPO's lambda
-    "kto": ("KTOTrainer", "kto"),  # desirable_weight = lam_d, undesirable_weight = lam_u
+# Our name -> (TRL 1.16 trainer by import path, its loss_type) computing the same per-example loss, or None where
+# TRL 1.16 has no trainer that does. loss_type None: the trainer has one loss (ORPO); "a+b": loss_type=["a", "b"].
+# docs/preference.md states every difference; TRL 1.16 has no XPO, Nash-MD or BCO trainer.
+TRL_LOSS_TYPES: dict[str, tuple[str, str | None] | None] = {
+    "dpo": ("trl.DPOTrainer", "sigmoid"),  # TRL 1.16's sigmoid has no label smoothing (cDPO); ours does
+    "robust_dpo": ("trl.DPOTrainer", "robust"),
+    "ipo": ("trl.DPOTrainer", "ipo"),
+    "hinge": ("trl.DPOTrainer", "hinge"),
+    "exo": ("trl.DPOTrainer", "exo_pair"),
+    "nca": ("trl.DPOTrainer", "nca_pair"),
+    "bco": ("trl.DPOTrainer", "bco_pair"),  # bco_pair = our bco on both rows of a pair, summed, reward_shift=0
+    "sppo_hard": ("trl.DPOTrainer", "sppo_hard"),  # TRL beta = 1 / eta
+    "aot": ("trl.DPOTrainer", "aot"),
+    "apo_zero": ("trl.DPOTrainer", "apo_zero"),
+    "apo_down": ("trl.DPOTrainer", "apo_down"),
+    "rpo": ("trl.DPOTrainer", "sigmoid+sft"),  # loss_weights=[1, alpha]; sft: a token mean over the batch
+    "simpo": ("trl.experimental.cpo.CPOTrainer", "simpo"),  # with cpo_alpha=0 and simpo_gamma=gamma
+    "cpo": ("trl.experimental.cpo.CPOTrainer", "sigmoid"),  # cpo_alpha=alpha; NLL: a token mean over the batch
+    "orpo": ("trl.experimental.orpo.ORPOTrainer", None),  # beta = lam; its NLL also covers the prompt tokens
+    "kto": ("trl.KTOTrainer", "kto"),  # desirable_weight = lam_d, undesirable_weight = lam_u
     "dpop": None,
-    "xpo": ("XPOTrainer", "sigmoid"),  # identical on the pairs it trains on; see online_preference.xpo
-    "nash_md": None,  # NashMDTrainer weights tokens by token-level log-ratios; ours by the sequence's
+    "xpo": None,  # TRL 1.16 has no XPO trainer
+    "nash_md": None,  # nor a Nash-MD one
     "sppo": None,  # TRL has only sppo_hard
     "nll": None,
     "lipo_lambda": None,
@@ -212,11 +214,13 @@ def orpo(
         odds(p) = p / (1 - p)
         loss = -log pi(y_w|x) / |y_w|  +  lam * -log sigmoid(log odds(p_w) - log odds(p_l))
 
-    Reference-free. Inputs: summed log-probs and token counts [N]; returns [N]. lam=0.1 is the paper's
-    value for its Phi-2 and Llama-2 runs (TRL calls it beta).
-    Deviations from the paper: the NLL term is each pair's own per-token mean; the paper and TRL average
-    over all chosen tokens of the batch (equal when chosen lengths are equal). The mean log-prob is
-    clamped to <= -1e-6 so that a saturated probability gives finite odds.
+    Reference-free. Inputs: summed completion log-probs and token counts [N]; returns [N]. lam=0.1 is the
+    paper's value for its Phi-2 and Llama-2 runs (TRL calls it beta).
+    Deviations: the NLL term is the chosen completion's per-token mean, pair by pair (the NLL of y_w given
+    x). The authors' code and TRL 1.16 (`trl.experimental.orpo.ORPOTrainer.concatenated_forward`) take
+    the cross-entropy over every token of prompt + chosen after the first, averaged over all such tokens
+    of the batch: with prompts the two NLL terms differ whatever the lengths; the odds-ratio term is the
+    same. The mean log-prob is clamped to <= -1e-6 so that a saturated probability gives finite odds.
     """
     mean_w = (chosen / chosen_len.clamp(min=1.0)).clamp(max=_MAX_MEAN_LOGP)
     mean_l = (rejected / rejected_len.clamp(min=1.0)).clamp(max=_MAX_MEAN_LOGP)
@@ -240,7 +244,8 @@ def cpo(
 
     Inputs: summed log-probs [N] and chosen token counts [N]; returns [N]. alpha=1 is the paper's
     unweighted sum (TRL's cpo_alpha).
-    Deviations from the paper: the NLL is each pair's per-token mean; the paper and TRL average over all
+    Deviations from the paper: the NLL is each pair's per-token mean over the chosen completion; the
+    paper and TRL 1.16 (`trl.experimental.cpo.CPOTrainer`, completion tokens only) average over all
     chosen tokens of the batch (equal when chosen lengths are equal).
     """
     return -F.logsigmoid(beta * (chosen - rejected)) - alpha * chosen / chosen_len.clamp(min=1.0)
@@ -296,9 +301,10 @@ def bco(
     earlier steps, desirable and undesirable alike, which the loop maintains; delta is then the paper's
     running mean of r_theta. Inputs [N], labels bool [N]; returns [N].
     Deviations from the paper: the underlying-distribution-matching (UDM) density-ratio weights are not
-    applied (the paper's BCO without UDM); the running mean covers earlier steps only (TRL's BCOTrainer
-    also folds in the current batch; at the first step both are 0, as policy = reference). With
-    reward_shift=0, the losses of the two rows of a pair sum to TRL's bco_pair.
+    applied (the paper's BCO without UDM); the running mean covers earlier steps only (TRL before 1.16,
+    in its BCOTrainer and old bco_pair, folded the current batch in first; at the first step both are 0,
+    as policy = reference). TRL 1.16 has no BCO trainer; with reward_shift=0, the losses of the two rows
+    of a pair sum to TRL 1.16's DPOTrainer bco_pair, which has no shift.
     """
     shifted = beta * (logps - ref_logps - reward_shift)
     return -F.logsigmoid(torch.where(labels.bool(), shifted, -shifted))

@@ -179,7 +179,7 @@ AGGREGATIONS = Registry(
     "loss aggregation",
     inputs={"loss_B_T": None, "mask_B_T": None, "num_tokens": None, "num_seqs": None, "max_len": None},
 )
-KL_ESTIMATORS = Registry("kl estimator", inputs={"logp_B_T": None, "ref_logp_B_T": None})
+KL_ESTIMATORS = Registry("kl estimator", inputs={"logp_B_T": None, "ref_logp_B_T": None, "old_logp_B_T": None})
 PREFERENCE_LOSSES = Registry(
     "preference loss",
     inputs={

@@ -121,7 +121,7 @@ def generate_geometric_mixture(
     tokenizer: Any = None,
 ) -> Rollouts:
     """Sample n completions per prompt from Nash-MD's regularised policy, token by token
-    (Munos et al. 2023, arXiv:2312.00886; TRL's GeometricMixtureWrapper):
+    (Munos et al. 2023, arXiv:2312.00886; the GeometricMixtureWrapper TRL had before 1.16):
 
         log pi_mix(y_t | x, y_<t) = (1 - m) log pi(y_t | ...) + m log ref(y_t | ...) + const,   m = mixture_coef
 

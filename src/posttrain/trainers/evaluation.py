@@ -32,6 +32,7 @@ from posttrain.rewards.inputs import (
 )
 from posttrain.rollout import ENGINES, SamplingParams
 from posttrain.runtime.device import limit_cpu_threads, resolve_device
+from posttrain.runtime.logging import track
 from posttrain.runtime.seeding import seed_everything
 from posttrain.trainers.build import build_policy, check_environment
 from posttrain.trainers.splits import load_prompts
@@ -85,7 +86,8 @@ def evaluate(
     greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=stop)
     sampled = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop_token_ids=stop)
     examples, correct_counts = [], []
-    for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for start in track(starts, f"held-out generation, {len(prompts)} prompts", unit="batches"):
         batch = list(prompts[start : start + batch_size])
         greedy_correct, texts = _generate_and_score(model, tokenizer, batch, reward, greedy, 1, engine, generator)
         examples += [

@@ -40,7 +40,7 @@ from posttrain.policies import load_model, load_tokenizer, save_pretrained
 from posttrain.runtime.checkpoint import Checkpointer, CheckpointError, model_dir, write_atomically
 from posttrain.runtime.device import limit_cpu_threads, resolve_device
 from posttrain.runtime.guards import NonFiniteGuard, step_schedule
-from posttrain.runtime.logging import METRICS_FILE, RunLogger, read_metrics
+from posttrain.runtime.logging import METRICS_FILE, RunLogger, phase, read_metrics
 from posttrain.runtime.optim import lr_of_last_step
 from posttrain.runtime.seeding import capture_rng_states, restore_rng_states, seed_everything
 from posttrain.runtime.signals import StopRequest
@@ -239,8 +239,9 @@ class Lifecycle:
             **(parts["extra_state"]() if parts["extra_state"] else {}),
         }
         about = {"kind": self.kind, "config": config_fingerprint(self.cfg)}
-        return self.checkpointer.save(step, save_model=lambda d: save_pretrained(model, tokenizer, d), state=state,
-                                      about=about)  # fmt: skip
+        with phase(f"checkpoint of step {step}"):
+            return self.checkpointer.save(step, save_model=lambda d: save_pretrained(model, tokenizer, d),
+                                          state=state, about=about)  # fmt: skip
 
     def finish(self, eval_metrics: dict[str, float] | None = None, *, say: str | None = "eval",
                **result: Any) -> RunResult:  # fmt: skip

@@ -20,6 +20,7 @@ from posttrain.config.pref import PrefConfig, feedback_kind
 from posttrain.data import EpochSampler
 from posttrain.objectives.registry import PREFERENCE_LOSSES
 from posttrain.rewards import load_reward_fn
+from posttrain.runtime.logging import phase
 from posttrain.trainers.build import build_optimisation
 from posttrain.trainers.evaluation import evaluate_with
 from posttrain.trainers.lifecycle import Lifecycle, RunResult
@@ -50,8 +51,9 @@ def train_pref(
     model, tokenizer, reference = build_models(cfg, model, tokenizer, life.checkpoint, device)
     pad_id, kind = tokenizer.pad_token_id, feedback_kind(loss_fn)
     load = dict(seed=cfg.seed, recipe_dir=cfg.recipe_dir)
-    train = load_feedback(cfg.data, kind, "train", tokenizer, rows=train_rows, **load)
-    held_out = load_feedback(cfg.data, kind, "eval", tokenizer, rows=eval_rows, **load)
+    with phase("reading and encoding the data", enabled=progress):  # before the log opens: the flag decides
+        train = load_feedback(cfg.data, kind, "train", tokenizer, rows=train_rows, **load)
+        held_out = load_feedback(cfg.data, kind, "eval", tokenizer, rows=eval_rows, **load)
     eval_items = held_out.tokens[: cfg.eval.limit] if held_out else []
     sampler = EpochSampler(len(train.tokens), seed=cfg.seed, report=train.report)
     optim = build_optimisation(model, cfg.train)
@@ -65,7 +67,8 @@ def train_pref(
         log.print(f"reference: log-probs of {len(train.tokens)} training and {len(eval_items)} held-out examples, "
                   "computed once")  # fmt: skip
         with reference.active():
-            ref_cache = {s: logps_per_item(reference.model, items, update.micro_batch, pad_id, device, update.bf16)
+            ref_cache = {s: logps_per_item(reference.model, items, update.micro_batch, pad_id, device, update.bf16,
+                                           shown=f"reference log-probs of the {s} examples")
                          for s, items in (("train", train.tokens), ("eval", eval_items))}  # fmt: skip
         if "kl_reference_point" not in loss_fn.needs:
             reference = None  # every reference log-prob is cached: free the copy

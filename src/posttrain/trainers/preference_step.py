@@ -30,6 +30,7 @@ from posttrain.data.batching import chunks
 from posttrain.objectives.pairing import preference_matrix, win_rates_within_group
 from posttrain.objectives.registry import PREFERENCE_LOSSES, call_with
 from posttrain.policies import Reference, token_logprobs
+from posttrain.runtime.logging import track
 from posttrain.trainers.build import policy_and_reference
 from posttrain.trainers.splits import Tokens
 
@@ -103,11 +104,13 @@ def objective_inputs(
 
 @torch.no_grad()
 def logps_per_item(
-    model: Any, items: list[Tokens], size: int, pad_id: int, device: torch.device, bf16: bool
+    model: Any, items: list[Tokens], size: int, pad_id: int, device: torch.device, bf16: bool, *, shown: str = ""
 ) -> list[Tensor]:
-    """Summed completion log-probs of every item (pairs: [chosen, rejected]), computed once."""
+    """Summed completion log-probs of every item (pairs: [chosen, rejected]), computed once; a progress bar
+    named `shown` counts the batches (none when it is empty)."""
     out: list[Tensor] = []
-    for chunk in chunks(items, size):
+    batches = -(-len(items) // size)
+    for chunk in track(chunks(items, size), shown, total=batches, unit="batches", enabled=bool(shown)):
         out += per_item(
             sequence_logps(model, collate_feedback(chunk, pad_id=pad_id), device, bf16=bf16)[0].cpu(), chunk
         )
@@ -119,9 +122,10 @@ def kl_reference_point(
     model: Any, reference: Reference, items: list[Tokens], pad_id: int, device: torch.device, bf16: bool
 ) -> Tensor:
     """KTO's z0 (Ethayarajh et al. 2024, Sec. 4.1): mean log-ratio of mismatched prompt/completion
-    pairs of the step (each prompt with the next example's completion), detached, clamped >= 0."""
+    pairs of the step, detached, clamped >= 0. Each prompt takes the previous example's completion (the
+    first takes the last's), as TRL 1.16's KTOTrainer rotates completions by +1 (docs/preference.md, `kto`)."""
     shifted = [
-        CompletionTokens(it.prompt_ids, items[(i + 1) % len(items)].completion_ids, it.where)  # type: ignore[union-attr]
+        CompletionTokens(it.prompt_ids, items[i - 1].completion_ids, it.where)  # type: ignore[union-attr]
         for i, it in enumerate(items)
     ]
     batch = collate_completions(shifted, pad_id=pad_id)[0]
@@ -242,7 +246,7 @@ def evaluate_pairs(
     was_training = model.training
     model.eval()
     totals: dict[str, float] = defaultdict(float)
-    for start in range(0, len(items), size):
+    for start in track(range(0, len(items), size), f"held-out pairs, {len(items)} examples", unit="batches"):
         mb = items[start : start + size]
         mb_cached = cached[start : start + size] if cached is not None else None
         inputs = preference_inputs(model, reference, mb, mb_cached, pad_id, device, bf16, length_normalize)

@@ -334,7 +334,9 @@ def prepare_step(
                 reference.model, lambda m, i, a, t: token_logprobs(m, i, a, t, temperature=temperature)[0], padded,
                 micro_batch_size,
             )  # fmt: skip
-        kl_B_T = torch.where(mask_B_T, objectives.kl_estimator(padded.old_logp_B_T, tensors.ref_logp_B_T), 0.0)
+        old, ref = padded.old_logp_B_T, tensors.ref_logp_B_T  # at sampling time pi = pi_old
+        at_sampling = {"logp_B_T": old, "old_logp_B_T": old, "ref_logp_B_T": ref}
+        kl_B_T = torch.where(mask_B_T, call_with(objectives.kl_estimator, at_sampling), 0.0)
         if kl_in_reward:
             token_rewards_B_T = token_rewards_B_T - kl_coef * kl_B_T
             tensors.rewards_PG = available["rewards_PG"] - kl_coef * kl_B_T.sum(dim=1)
@@ -382,7 +384,9 @@ def update_minibatch(
         inputs = {"logp_B_T": logp_B_T, "old_logp_B_T": p.old_logp_B_T[mb], "adv_B_T": step.adv_B_T[mb],
                   "mask_B_T": mask_B_T}  # fmt: skip
         surrogate_B_T, clipped_B_T = call_with(policy_loss, inputs, policy_loss_args)
-        kl_B_T = None if kl_estimator is None else kl_estimator(logp_B_T, step.ref_logp_B_T[mb])
+        kl_B_T = None  # the estimator gets its inputs by name: k3_bias_corrected reads old_logp_B_T too
+        if kl_estimator is not None:
+            kl_B_T = call_with(kl_estimator, {**inputs, "ref_logp_B_T": step.ref_logp_B_T[mb]})
         loss_B_T = policy_objective(surrogate_B_T, mask_B_T, kl_B_T=kl_B_T, kl_coef=kl_coef_in_loss,
                                     entropy_B_T=entropy_B_T, entropy_coef=entropy_coef)  # fmt: skip
         loss = call_with(aggregation, {"loss_B_T": loss_B_T, "mask_B_T": mask_B_T, **counts})
