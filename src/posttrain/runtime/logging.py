@@ -91,6 +91,7 @@ class RunLogger:
             self._progress = None
         if self._tensorboard is not None:
             self._tensorboard.close()
+            self._tensorboard = None
         self._metrics.close()
 
 

@@ -49,7 +49,9 @@ class EvalResult:
     """Per prompt: prompt text, answer, greedy completion, correct (None where the reward does not apply)."""
 
     def metrics(self) -> dict[str, float]:
-        return {"accuracy": self.greedy_accuracy, **{f"pass@{k}": v for k, v in self.pass_at_k.items()}}
+        """accuracy, pass@k, and how many prompts they are over (`examples`, for their noise)."""
+        passes = {f"pass@{k}": v for k, v in self.pass_at_k.items()}
+        return {"accuracy": self.greedy_accuracy, **passes, "examples": float(self.num_prompts)}
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:

@@ -25,6 +25,7 @@ said. A run resumed at its last step only writes `final/` again from its checkpo
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -85,6 +86,7 @@ class Lifecycle:
         self.device = resolve_device(cfg.device)
         self.checkpointer = Checkpointer(self.run_dir, keep_last=cfg.train.keep_last)
         self.notes: list[str] = []
+        self.before: dict[str, float] = {}
         self.checkpoint: Path | None = None
         self.start_step = 0
         if resume:
@@ -165,9 +167,15 @@ class Lifecycle:
 
     @contextmanager
     def stop_requests(self) -> Iterator[StopRequest]:
-        """SIGINT / SIGTERM while the loop runs end it after its step, with a checkpoint (`end_step`)."""
+        """SIGINT / SIGTERM while the loop runs end it after its step, with a checkpoint (`end_step`). A loop that
+        raises closes the run's log (its live progress display and files) on the way out."""
         with self._stop as stop:
-            yield stop
+            try:
+                yield stop
+            except BaseException:
+                if self.log is not None:
+                    self.log.close()
+                raise
 
     def update(self, model: Any, *, loss: float | None, step: int) -> float:
         """Clip the gradients and step the optimiser, unless the loss or a gradient is non-finite (the guard skips
@@ -218,6 +226,20 @@ class Lifecycle:
             self.log.close()
             raise self._stop.interrupted(done, saved or self.save(done))
 
+    def evaluate_before(self, evaluate: Callable[[], dict[str, float]] | None, *, say: str | None = None) -> dict:
+        """The held-out metrics before the first step (`evaluate()`), logged at step 0, so that `finish` can say what
+        the run did to them; a resumed run reads the ones it logged then. {} without held-out rows (None)."""
+        if evaluate is None:
+            self.before = {}
+        elif self.start_step == 0:
+            with self.stop_requests():
+                self.before = evaluate()
+            self.log_eval(0, self.before, say=say)
+        else:
+            logged = [r for r in read_metrics(self.run_dir) if r.get("kind") == "eval" and r.get("step") == 0]
+            self.before = {k: v for r in logged for k, v in r.items() if k.startswith("eval_")}
+        return self.before
+
     def log_eval(self, step: int, metrics: dict[str, float], *, say: str | None = "eval") -> None:
         """An evaluation line in metrics.jsonl (kind "eval"), and on the console unless `say` is None."""
         if not metrics:
@@ -249,11 +271,16 @@ class Lifecycle:
         checkpoint, `final/` (written whole or not at all), the logger closed. `result`: the RunResult fields the
         trainer adds (eval, initial_eval, ...)."""
         last = self.cfg.train.max_steps
-        self.log_eval(last, eval_metrics or {}, say=say)
-        self.save(last)
         model, tokenizer = self._parts["model"], self._parts["tokenizer"]
-        final_dir = write_final(self.run_dir, lambda d: save_pretrained(model, tokenizer, d))
-        self.log.close()
+        try:
+            self.log_eval(last, eval_metrics or {}, say=say)
+            for line in held_out_change(self.before, eval_metrics or {}):
+                self.log.print(line)
+            self.save(last)
+            with phase("final/"):
+                final_dir = write_final(self.run_dir, lambda d: save_pretrained(model, tokenizer, d))
+        finally:
+            self.log.close()
         return RunResult(model, tokenizer, final_dir, self.history, final_eval=eval_metrics or {}, **result)
 
     def finished_result(self) -> RunResult:
@@ -265,6 +292,30 @@ class Lifecycle:
         print(f"--resume: {self.checkpoint.name} is the run's last step (train.max_steps={self.cfg.train.max_steps});"
               f" final/ written again from it")  # fmt: skip
         return RunResult(load_model(final_dir, device=self.device), load_tokenizer(final_dir), final_dir, history)
+
+
+PROPORTIONS = {"eval_accuracy": "eval_examples", "eval_pref_accuracy": "eval_pairs", "eval_pass@": "eval_examples"}
+"""Held-out metrics that are shares of examples (by prefix), and the metric counting those examples: their
+before/after change is weighed against their noise."""
+
+
+def held_out_change(before: dict[str, float], after: dict[str, float]) -> list[str]:
+    """What a run did to each held-out share it measured before and after, against the noise of one evaluation
+    over its n examples (two binomial standard errors of the difference, sqrt(p0 (1 - p0) / n + p1 (1 - p1) / n));
+    a drop larger than that is a warning: the run made the model worse on its held-out rows."""
+    lines = []
+    for key in (k for k in after if k.startswith(tuple(PROPORTIONS)) and k in before):
+        count = next(c for prefix, c in PROPORTIONS.items() if key.startswith(prefix))
+        n, p0, p1 = after.get(count) or before.get(count), before[key], after[key]
+        if not n or not (0 <= p0 <= 1 and 0 <= p1 <= 1):
+            continue
+        noise = 2 * math.sqrt(p0 * (1 - p0) / n + p1 * (1 - p1) / n)
+        change = f"{key} {p0:.4f} -> {p1:.4f} ({100 * (p1 - p0):+.1f} points; noise ±{100 * noise:.1f} over {n:.0f})"
+        lines.append(f"held-out change: {change}")
+        if p0 - p1 > noise:
+            lines.append(f"WARNING: held-out {key} fell by {100 * (p0 - p1):.1f} points, more than one evaluation of "
+                         f"{n:.0f} examples varies by: this run made the model worse on its held-out rows")  # fmt: skip
+    return lines
 
 
 def write_final(run_dir: Path, write: Callable[[Path], Any]) -> Path:

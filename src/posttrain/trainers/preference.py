@@ -23,7 +23,7 @@ from posttrain.rewards import load_reward_fn
 from posttrain.runtime.logging import phase
 from posttrain.trainers.build import build_optimisation
 from posttrain.trainers.evaluation import evaluate_with
-from posttrain.trainers.lifecycle import Lifecycle, RunResult
+from posttrain.trainers.lifecycle import Lifecycle, RunResult, sampling_generator
 from posttrain.trainers.online_preference import train_online_pref
 from posttrain.trainers.preference_step import PreferenceStep, build_models, evaluate_pairs, logps_per_item
 from posttrain.trainers.splits import Rows, load_feedback
@@ -77,8 +77,17 @@ def train_pref(
         return evaluate_pairs(model, reference, eval_items, ref_cache.get("eval"), update.scale, update.micro_batch,
                               pad_id, device, update.bf16, update.length_normalize)  # fmt: skip
 
-    initial_eval = held_out_metrics() if eval_items and life.start_step == 0 else {}
-    life.log_eval(0, initial_eval, say=None)
+    answer_prompts = held_out.answer_prompts[: cfg.eval.limit] if held_out else []
+    reward = load_reward_fn(cfg.eval.reward, base_dir=cfg.recipe_dir) if answer_prompts else None
+
+    def generation() -> Any:
+        return evaluate_with(model, tokenizer, answer_prompts, reward, cfg.eval, generator=sampling_generator(cfg.seed))
+
+    def held_out_all() -> dict[str, float]:
+        metrics = held_out_metrics() if eval_items else {}
+        return metrics | ({f"eval_{k}": v for k, v in generation().metrics().items()} if answer_prompts else {})
+
+    initial_eval = life.evaluate_before(held_out_all if eval_items or answer_prompts else None)
 
     model.train()
     with life.stop_requests():
@@ -96,11 +105,6 @@ def train_pref(
                 metrics |= held_out_metrics()
             life.end_step(step + 1, metrics)
 
-    final_eval, generation = held_out_metrics() if eval_items else {}, None
-    if held_out and held_out.answer_prompts:
-        e = cfg.eval
-        reward = load_reward_fn(e.reward, base_dir=cfg.recipe_dir)
-        generation = evaluate_with(model, tokenizer, held_out.answer_prompts[: e.limit], reward, e,
-                                   generator=life.generator)  # fmt: skip
-        final_eval |= {f"eval_{k}": v for k, v in generation.metrics().items()}
-    return life.finish(final_eval, eval=generation, initial_eval=initial_eval, reference_built=reference_built)
+    final_eval, generated = held_out_metrics() if eval_items else {}, generation() if answer_prompts else None
+    final_eval |= {f"eval_{k}": v for k, v in generated.metrics().items()} if generated else {}
+    return life.finish(final_eval, eval=generated, initial_eval=initial_eval, reference_built=reference_built)

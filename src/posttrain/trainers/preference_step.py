@@ -252,7 +252,7 @@ def evaluate_pairs(
         inputs = preference_inputs(model, reference, mb, mb_cached, pad_id, device, bf16, length_normalize)
         add_preference_metrics(totals, inputs, scale)
     model.train(was_training)
-    return {f"eval_{k}": v / len(items) for k, v in totals.items()}
+    return {f"eval_{k}": v / len(items) for k, v in totals.items()} | {"eval_pairs": float(len(items))}
 
 
 @dataclass

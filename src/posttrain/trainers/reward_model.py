@@ -22,6 +22,7 @@ from posttrain.objectives.registry import REWARD_MODEL_LOSSES, call_with
 from posttrain.objectives.reward_model import pairwise_accuracy
 from posttrain.policies import build_reward_model, disable_dropout, scalar_rewards
 from posttrain.runtime.checkpoint import model_dir
+from posttrain.runtime.logging import phase
 from posttrain.trainers.build import build_optimisation, build_tokenizer_for, load_checkpoint_weights, resolve_path
 from posttrain.trainers.lifecycle import Lifecycle, RunResult
 from posttrain.trainers.preference_step import collate_feedback
@@ -52,8 +53,9 @@ def train_rm(
         disable_dropout(model)
     pad_id, kind = tokenizer.pad_token_id, feedback_kind(loss_fn)
     load = dict(seed=cfg.seed, recipe_dir=cfg.recipe_dir)
-    train = load_feedback(cfg.data, kind, "train", tokenizer, rows=train_rows, **load)
-    held_out = load_feedback(cfg.data, kind, "eval", tokenizer, rows=eval_rows, **load)
+    with phase("reading and encoding the data", enabled=progress):  # before the log opens: the flag decides
+        train = load_feedback(cfg.data, kind, "train", tokenizer, rows=train_rows, **load)
+        held_out = load_feedback(cfg.data, kind, "eval", tokenizer, rows=eval_rows, **load)
     eval_items = held_out.tokens[: cfg.eval.limit] if held_out else []
     margins = {w: f["margin"] for w, f in train.fields.items() if cfg.rm.use_margin and "margin" in f}
     mb_size = cfg.train.micro_batch_size or cfg.train.batch_size
@@ -66,8 +68,7 @@ def train_rm(
     def held_out_accuracy() -> dict[str, float]:
         return _held_out_accuracy(model, eval_items, mb_size, pad_id, device, bf16) if eval_items else {}
 
-    initial_eval = held_out_accuracy() if life.start_step == 0 else {}
-    life.log_eval(0, initial_eval, say=None)
+    initial_eval = life.evaluate_before(held_out_accuracy if eval_items else None)
 
     model.train()
     with life.stop_requests():
@@ -144,4 +145,5 @@ def _held_out_accuracy(
     return {
         "eval_accuracy": float(pairwise_accuracy(best_N, worst_N)),
         "eval_reward_margin": float((best_N - worst_N).mean()),
+        "eval_examples": float(len(best_N)),
     }

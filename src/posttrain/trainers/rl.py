@@ -37,6 +37,7 @@ from posttrain.rewards.metrics import reward_metrics
 from posttrain.rollout import ENGINES
 from posttrain.rollout.engine import PaddedRollouts
 from posttrain.rollout.groups import Scored, draw_step
+from posttrain.runtime.logging import phase
 from posttrain.runtime.optim import build_adamw
 from posttrain.trainers.build import build_optimisation, build_reward_set, policy_and_reference, sampling_params
 from posttrain.trainers.evaluation import EvalResult, evaluate_with
@@ -84,7 +85,7 @@ def train_rl(
         return life.finished_result()
     rl = cfg.rl
     run = build_rl_run(cfg, life, model=model, tokenizer=tokenizer, train_rows=train_rows, eval_rows=eval_rows,
-                       rewards=rewards)  # fmt: skip
+                       rewards=rewards, progress=progress)  # fmt: skip
     model, tokenizer = run.model, run.tokenizer
     objectives = Objectives(ADVANTAGES[rl.advantage], POLICY_LOSSES[rl.policy_loss], AGGREGATIONS[rl.loss_aggregation],
                             KL_ESTIMATORS[rl.kl.estimator])  # fmt: skip
@@ -100,6 +101,8 @@ def train_rl(
         return sample_and_score(engine, model, tokenizer, run.reward_set, prompts, params, group_size=rl.group_size,
                                 generator=life.generator, reward_kwargs=reward_kwargs)  # fmt: skip
 
+    life.evaluate_before((lambda: eval_metrics(evaluate_policy(cfg, run))) if run.eval_prompts else None,
+                         say="before training")  # fmt: skip
     model.train()
     with life.stop_requests(), closing(run.reward_set):
         for step in life.steps():
@@ -157,19 +160,19 @@ def train_rl(
             }
             done = step + 1
             if life.eval_due(done) and run.eval_prompts:
-                metrics |= {f"eval_{k}": v for k, v in evaluate_policy(cfg, run).metrics().items()}
+                metrics |= eval_metrics(evaluate_policy(cfg, run))
             life.end_step(done, metrics)
 
     final_eval = evaluate_policy(cfg, run) if run.eval_prompts else None
     if final_eval is not None:
         log.print(f"eval: greedy accuracy {final_eval.greedy_accuracy:.4f} on {final_eval.num_prompts} prompts")
-    eval_metrics = {f"eval_{k}": v for k, v in final_eval.metrics().items()} if final_eval else {}
-    return life.finish(eval_metrics, eval=final_eval, say=None)
+    return life.finish(eval_metrics(final_eval) if final_eval else {}, eval=final_eval, initial_eval=life.before,
+                       say=None)  # fmt: skip
 
 
 def build_rl_run(
     cfg: RLConfig, life: Lifecycle, *, model: Any, tokenizer: Any, train_rows: Rows | None, eval_rows: Rows | None,
-    rewards: list[Any] | None,
+    rewards: list[Any] | None, progress: bool = True,
 ) -> RLRun:  # fmt: skip
     """The policy, its reference (only when a KL term needs one), the critic (only for an advantage that needs
     one), the rewards, the encoded prompts, the optimisers; on a resume, the checkpoint's state restored."""
@@ -184,9 +187,10 @@ def build_rl_run(
         critic.parameters(), lr=critic_lr, weight_decay=0.0, betas=cfg.train.adam_betas)  # fmt: skip
     where = {"seed": cfg.seed, "recipe_dir": cfg.recipe_dir, "max_length": rl.max_prompt_length}
     reward_set = build_reward_set(cfg.rewards, rewards, cfg.recipe_dir, max_failure_fraction=cfg.max_failure_fraction)
-    train, report = load_prompts(cfg.data, tokenizer, "train", rows=train_rows, **where)
-    train = scorable_prompts(train, reward_set.required_columns(), on_bad_row=cfg.data.on_bad_row, report=report)
-    eval_split, _ = load_prompts(cfg.data, tokenizer, "eval", rows=eval_rows, limit=cfg.eval.limit, **where)
+    with phase("reading and encoding the prompts", enabled=progress):
+        train, report = load_prompts(cfg.data, tokenizer, "train", rows=train_rows, **where)
+        train = scorable_prompts(train, reward_set.required_columns(), on_bad_row=cfg.data.on_bad_row, report=report)
+        eval_split, _ = load_prompts(cfg.data, tokenizer, "eval", rows=eval_rows, limit=cfg.eval.limit, **where)
     run = RLRun(
         model=model, tokenizer=tokenizer, reference=reference, critic=critic, critic_optimizer=critic_optimizer,
         reward_set=reward_set, train=train, eval_prompts=[p for p in eval_split if "answer" in p.extra],
@@ -230,6 +234,10 @@ def evaluate_policy(cfg: RLConfig, run: RLRun) -> EvalResult:
     """Held-out greedy accuracy (and pass@k), with its own generator so that it never shifts training's."""
     return evaluate_with(run.model, run.tokenizer, run.eval_prompts, run.eval_reward, cfg.eval,
                          generator=sampling_generator(cfg.seed))  # fmt: skip
+
+
+def eval_metrics(result: EvalResult) -> dict[str, float]:
+    return {f"eval_{k}": v for k, v in result.metrics().items()}
 
 
 def step_metrics(scored: Scored, kl: float, kl_coef: float, trained_tokens: int, train_s: float) -> dict[str, float]:

@@ -30,6 +30,7 @@ from posttrain.data.report import LoadReport
 from posttrain.objectives.aggregation import token_mean
 from posttrain.policies import token_logprobs
 from posttrain.rewards import load_reward_fn
+from posttrain.runtime.logging import phase
 from posttrain.trainers.build import build_optimisation, policy_and_reference
 from posttrain.trainers.evaluation import EvalResult, evaluate_with
 from posttrain.trainers.lifecycle import Lifecycle, RunResult
@@ -55,8 +56,9 @@ def train_sft(
         cfg.model, model, tokenizer, life.checkpoint, needs_reference=False, seed=cfg.seed, device=device,
         recipe_dir=cfg.recipe_dir, run_dir=life.run_dir,
     )  # fmt: skip
-    train, report = _encode_train(cfg, tokenizer, train_rows)
-    eval_prompts, eval_tokens = _encode_eval(cfg, tokenizer, eval_rows)
+    with phase("reading and encoding the data", enabled=progress):  # before the log opens: the flag decides
+        train, report = _encode_train(cfg, tokenizer, train_rows)
+        eval_prompts, eval_tokens = _encode_eval(cfg, tokenizer, eval_rows)
     sampler = EpochSampler(len(train), seed=cfg.seed, report=report)
     optim = build_optimisation(model, cfg.train)
     life.track(model, tokenizer, optim, sampler)
@@ -67,6 +69,7 @@ def train_sft(
     def evaluate() -> tuple[dict[str, float], EvalResult | None]:
         return _evaluate_metrics(model, tokenizer, eval_prompts, eval_tokens, reward, cfg, device, life.generator)
 
+    life.evaluate_before((lambda: evaluate()[0]) if eval_prompts or eval_tokens else None, say="before training")
     model.train()
     with life.stop_requests():
         for step in life.steps():
