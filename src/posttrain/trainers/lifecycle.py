@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,12 +41,13 @@ from posttrain.config import ConfigError
 from posttrain.data import EpochSampler
 from posttrain.policies import load_model, load_tokenizer, save_pretrained
 from posttrain.runtime.checkpoint import Checkpointer, CheckpointError, model_dir, write_atomically
-from posttrain.runtime.device import limit_cpu_threads, resolve_device
+from posttrain.runtime.device import limit_cpu_threads, rank_device, resolve_device
+from posttrain.runtime.distributed import all_reduce_sum, any_rank, barrier, init_ranks, sum_gradients
 from posttrain.runtime.guards import NonFiniteGuard, step_schedule
 from posttrain.runtime.logging import METRICS_FILE, RunLogger, phase, read_metrics
 from posttrain.runtime.optim import lr_of_last_step
 from posttrain.runtime.seeding import capture_rng_states, restore_rng_states, seed_everything
-from posttrain.runtime.signals import StopRequest
+from posttrain.runtime.signals import StopRequest, TrainingInterrupted
 from posttrain.trainers.build import check_environment
 from posttrain.trainers.splits import data_sources
 
@@ -82,8 +85,12 @@ class Lifecycle:
         self.cfg, self.kind, self.run_dir = cfg, kind, make_output_dir(cfg.output_dir, "output_dir")
         remove_stale_staging(self.run_dir)
         limit_cpu_threads()
-        self.generator = seed_everything(cfg.seed)
+        self.generator = seed_everything(cfg.seed)  # every rank: the same initial model and data order
         self.device = resolve_device(cfg.device)
+        self.ranks = init_ranks(self.device.type)
+        if self.ranks.distributed:
+            self.device = rank_device(self.device, self.ranks)
+            self.generator.manual_seed(cfg.seed + 1_000_003 * self.ranks.rank)  # each rank's own samples
         self.checkpointer = Checkpointer(self.run_dir, keep_last=cfg.train.keep_last)
         self.notes: list[str] = []
         self.before: dict[str, float] = {}
@@ -139,7 +146,9 @@ class Lifecycle:
         restore_rng_states(state["rng"], {"sampling": self.generator})
         self.history = state["history"]
         self.guard = NonFiniteGuard(self.cfg.train.max_bad_steps, self.checkpointer, self.history)
-        rewrite_metrics(self.run_dir, self.history, step=self.start_step)
+        if self.ranks.main:
+            rewrite_metrics(self.run_dir, self.history, step=self.start_step)
+        barrier(self.ranks)
 
     def open_log(
         self,
@@ -153,8 +162,13 @@ class Lifecycle:
     ) -> RunLogger:
         """The run's logger, and its first lines: what overrides replaced, where the rows come from and what
         loading kept, `lines` of the trainer's own (which forward runs), and what a resume found and applied."""
+        if not self.ranks.main:  # one rank logs, evaluates and writes the run's files
+            self.log = SilentLog()
+            return self.log
         self.log = RunLogger(self.run_dir, total_steps=self.cfg.train.max_steps, start_step=self.start_step,
                              headline=headline, progress=progress)  # fmt: skip
+        if self.ranks.distributed:
+            self.log.print(f"distributed: {self.ranks.world} ranks, data-parallel ({self.device.type})")
         for line in (*self.cfg.load_notes, data_sources(self.cfg.data, train_rows is not None, eval_rows is not None),
                      f"data: {report.summary()}", *lines, *self.notes):  # fmt: skip
             self.log.print(line)
@@ -182,6 +196,7 @@ class Lifecycle:
         the update and stops the run after train.max_bad_steps in a row); then step the schedule, which advances
         on a skipped update too. Returns the gradient norm before clipping."""
         optimizer = self._parts["optim"].optimizer
+        sum_gradients(list(model.parameters()), self.ranks)
         norm = self.guard.step(model.parameters(), optimizer, self.cfg.train.max_grad_norm, loss=loss, step=step)
         self.step_schedule()
         return norm
@@ -222,9 +237,9 @@ class Lifecycle:
         every, last = self.cfg.train.save_every, self.cfg.train.max_steps
         crossed = bool(every) and done // every > (done - steps) // every
         saved = self.save(done) if crossed and done < last else None
-        if self._stop.requested:
+        if any_rank(self._stop.requested, self.ranks):
             self.log.close()
-            raise self._stop.interrupted(done, saved or self.save(done))
+            raise self.interrupted(done, saved or self.save(done))
 
     def evaluate_before(self, evaluate: Callable[[], dict[str, float]] | None, *, say: str | None = None) -> dict:
         """The held-out metrics before the first step (`evaluate()`), logged at step 0, so that `finish` can say what
@@ -233,12 +248,30 @@ class Lifecycle:
             self.before = {}
         elif self.start_step == 0:
             with self.stop_requests():
-                self.before = evaluate()
+                self.before = self.evaluate(evaluate)
             self.log_eval(0, self.before, say=say)
         else:
             logged = [r for r in read_metrics(self.run_dir) if r.get("kind") == "eval" and r.get("step") == 0]
             self.before = {k: v for r in logged for k, v in r.items() if k.startswith("eval_")}
         return self.before
+
+    def evaluate(self, evaluate: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """`evaluate()` on the main rank, {} on the others (the model is the same on every rank)."""
+        metrics = evaluate() if self.ranks.main else {}
+        barrier(self.ranks)
+        return metrics
+
+    def global_sum(self, value: Any) -> Any:
+        """The sum of a count or tensor over the ranks (the global token count that divides every rank's loss)."""
+        return all_reduce_sum(value, self.ranks)
+
+    def share(self, items: list[Any]) -> list[Any]:
+        """This rank's share of a step's global batch."""
+        return self.ranks.share(items)
+
+    def interrupted(self, done: int, checkpoint: Path) -> Exception:
+        signal_number = self._stop.signal_number or signal.SIGTERM  # another rank got it
+        return TrainingInterrupted(signal_number, done, checkpoint)
 
     def log_eval(self, step: int, metrics: dict[str, float], *, say: str | None = "eval") -> None:
         """An evaluation line in metrics.jsonl (kind "eval"), and on the console unless `say` is None."""
@@ -260,10 +293,14 @@ class Lifecycle:
             "history": self.history,
             **(parts["extra_state"]() if parts["extra_state"] else {}),
         }
-        about = {"kind": self.kind, "config": config_fingerprint(self.cfg)}
-        with phase(f"checkpoint of step {step}"):
-            return self.checkpointer.save(step, save_model=lambda d: save_pretrained(model, tokenizer, d),
-                                          state=state, about=about)  # fmt: skip
+        about = {"kind": self.kind, "config": config_fingerprint(self.cfg), "world_size": self.ranks.world}
+        path = self.checkpointer.root / f"step-{step:08d}"
+        if self.ranks.main:  # the model and optimiser are the same on every rank: one writes them
+            with phase(f"checkpoint of step {step}"):
+                path = self.checkpointer.save(step, save_model=lambda d: save_pretrained(model, tokenizer, d),
+                                              state=state, about=about)  # fmt: skip
+        barrier(self.ranks)
+        return path
 
     def finish(self, eval_metrics: dict[str, float] | None = None, *, say: str | None = "eval",
                **result: Any) -> RunResult:  # fmt: skip
@@ -277,8 +314,11 @@ class Lifecycle:
             for line in held_out_change(self.before, eval_metrics or {}):
                 self.log.print(line)
             self.save(last)
-            with phase("final/"):
-                final_dir = write_final(self.run_dir, lambda d: save_pretrained(model, tokenizer, d))
+            final_dir = self.run_dir / "final"
+            if self.ranks.main:
+                with phase("final/"):
+                    write_final(self.run_dir, lambda d: save_pretrained(model, tokenizer, d))
+            barrier(self.ranks)
         finally:
             self.log.close()
         return RunResult(model, tokenizer, final_dir, self.history, final_eval=eval_metrics or {}, **result)
@@ -286,8 +326,10 @@ class Lifecycle:
     def finished_result(self) -> RunResult:
         """A resumed run with nothing left to train: `final/` written again from the last checkpoint (a kill while
         it was written leaves none), and the run's model loaded from it."""
-        source = model_dir(self.checkpoint)
-        final_dir = write_final(self.run_dir, lambda d: shutil.copytree(source, d))
+        source, final_dir = model_dir(self.checkpoint), self.run_dir / "final"
+        if self.ranks.main:
+            write_final(self.run_dir, lambda d: shutil.copytree(source, d))
+        barrier(self.ranks)
         history = self.checkpointer.load_state(self.checkpoint)["history"]
         print(f"--resume: {self.checkpoint.name} is the run's last step (train.max_steps={self.cfg.train.max_steps});"
               f" final/ written again from it")  # fmt: skip
@@ -318,6 +360,19 @@ def held_out_change(before: dict[str, float], after: dict[str, float]) -> list[s
     return lines
 
 
+class SilentLog:
+    """The logger of a rank that is not the main one: it logs nothing (the main rank writes metrics.jsonl)."""
+
+    def log(self, step: int, metrics: dict[str, float], *, kind: str = "train") -> None:
+        pass
+
+    def print(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def write_final(run_dir: Path, write: Callable[[Path], Any]) -> Path:
     return write_atomically(run_dir / "final", write)
 
@@ -328,7 +383,7 @@ def make_output_dir(path: str | Path, key: str) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".posttrain-write-test-{id(path)}"
+        probe = path / f".posttrain-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except (FileExistsError, NotADirectoryError):

@@ -74,7 +74,7 @@ def train_rm(
     with life.stop_requests():
         for step in life.steps():
             started = time.perf_counter()
-            indices = sampler.take(cfg.train.batch_size)
+            indices = life.share(sampler.take(cfg.train.batch_size))  # this rank's share of the step
             totals: dict[str, float] = defaultdict(float)
             for chunk in chunks(indices, mb_size):
                 items = [train.tokens[i] for i in chunk]
@@ -82,20 +82,21 @@ def train_rm(
                 if margins:
                     inputs["margin"] = torch.tensor([float(margins.get(it.where, 0.0)) for it in items], device=device)
                 losses_N = call_with(loss_fn, inputs, args)
-                (losses_N.sum() / len(indices)).backward()
+                (losses_N.sum() / cfg.train.batch_size).backward()
                 totals["loss"] += float(losses_N.detach().sum())
                 best_N, worst_N = _best_and_worst(inputs)
                 totals["accuracy"] += float((best_N > worst_N).sum())
                 totals["reward_margin"] += float((best_N - worst_N).sum())
+            totals = {key: life.global_sum(value) for key, value in sorted(totals.items())}
             grad_norm = life.update(model, loss=totals["loss"], step=step + 1)
-            metrics = {k: v / len(indices) for k, v in totals.items()} | {
+            metrics = {k: v / cfg.train.batch_size for k, v in totals.items()} | {
                 "grad_norm": grad_norm, **life.step_metrics(time.perf_counter() - started)
             }  # fmt: skip
             if life.eval_due(step + 1) and eval_items:
-                metrics |= held_out_accuracy()
+                metrics |= life.evaluate(held_out_accuracy)
             life.end_step(step + 1, metrics)
 
-    return life.finish(held_out_accuracy(), initial_eval=initial_eval)
+    return life.finish(life.evaluate(held_out_accuracy), initial_eval=initial_eval)
 
 
 def reward_model_for(cfg: RMConfig, tokenizer: Any, checkpoint: Any) -> Any:

@@ -74,7 +74,7 @@ def train_sft(
     with life.stop_requests():
         for step in life.steps():
             started = time.perf_counter()
-            items = [train[i] for i in sampler.take(cfg.train.batch_size)]
+            items = life.share([train[i] for i in sampler.take(cfg.train.batch_size)])  # this rank's share
             micro_batches = _micro_batches(
                 items,
                 size=cfg.train.micro_batch_size,
@@ -82,8 +82,9 @@ def train_sft(
                 max_length=cfg.data.max_length,
                 pad_id=tokenizer.pad_token_id,
             )
-            num_tokens = sum(mb.num_target_tokens for mb in micro_batches)
-            loss = sum(_backward_nll(model, mb, num_tokens, device, bf16=cfg.train.bf16) for mb in micro_batches)
+            num_tokens = int(life.global_sum(sum(mb.num_target_tokens for mb in micro_batches)))
+            local = sum(_backward_nll(model, mb, num_tokens, device, bf16=cfg.train.bf16) for mb in micro_batches)
+            loss = life.global_sum(local)
             grad_norm = life.update(model, loss=loss, step=step + 1)
             elapsed = time.perf_counter() - started
             metrics = {
@@ -94,10 +95,17 @@ def train_sft(
                 **life.step_metrics(elapsed),
             }
             if life.eval_due(step + 1):
-                metrics |= evaluate()[0]
+                metrics |= life.evaluate(lambda: evaluate()[0])
             life.end_step(step + 1, metrics)
 
-    eval_metrics, final_eval = evaluate() if eval_prompts or eval_tokens else ({}, None)
+    final_eval = None
+
+    def evaluate_at_end() -> dict[str, float]:
+        nonlocal final_eval
+        metrics, final_eval = evaluate()
+        return metrics
+
+    eval_metrics = life.evaluate(evaluate_at_end) if eval_prompts or eval_tokens else {}
     return life.finish(eval_metrics, eval=final_eval)
 
 
@@ -148,7 +156,7 @@ def _micro_batches(
     items: Sequence[SFTTokens], *, size: int | None, packing: bool, max_length: int, pad_id: int
 ) -> list[TokenBatch]:
     """Similar lengths together (sorting changes no result: the loss is a sum over tokens), or packed rows."""
-    size = size or len(items)
+    size = size or max(1, len(items))
     if packing:
         rows = pack_by_length([len(t.input_ids) for t in items], max_length=max_length)
         return [collate_packed(items, group, pad_id=pad_id) for group in chunks(rows, size)]
