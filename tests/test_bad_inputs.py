@@ -105,14 +105,14 @@ def test_unreadable_file(files, tmp_path, capsys, monkeypatch):
     path.write_text(json.dumps(GOOD) + "\n")
     path.chmod(0)
     if os.access(path, os.R_OK):  # root reads anything: make this one file refuse as the OS would
-        real = Path.read_bytes
+        real = Path.open
 
-        def denied(self: Path) -> bytes:
+        def denied(self: Path, *args: object, **kwargs: object) -> object:
             if self == path:
                 raise PermissionError(13, "Permission denied", str(self))
-            return real(self)
+            return real(self, *args, **kwargs)
 
-        monkeypatch.setattr(Path, "read_bytes", denied)
+        monkeypatch.setattr(Path, "open", denied)
     code, err = run_cli(["sft", *TINY, f"data.train={path}", f"output_dir={tmp_path}"], capsys)
     assert_one_line_error(code, err, f"{path}: cannot read it (Permission denied)")
 
@@ -200,3 +200,12 @@ def test_reference_free_loss_without_a_reference_setting_runs(tmp_path, capsys):
         capsys,
     )
     assert code == 0, err
+
+
+# --- inputs that would exhaust memory or the stack, or train silently (issue #21, item 7) -----------------
+def test_a_lone_surrogate_is_one_line_naming_the_row_and_field(tmp_path, capsys):
+    # the tokenizer raised TypeError on it
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "1+1=\\ud800", "completion": "2"}\n')
+    code, err = run_cli(["sft", *TINY, f"data.train={path}", f"output_dir={tmp_path}"], capsys)
+    assert_one_line_error(code, err, f"{path} line 2: field 'prompt': lone surrogate U+D800 at character 5")

@@ -50,7 +50,7 @@ from posttrain.data.examples import (
     load_examples,
     validate_rows,
 )
-from posttrain.data.readers import Row, read_rows
+from posttrain.data.readers import Row, iter_rows, read_rows
 from posttrain.data.report import LoadReport
 
 __all__ = [
@@ -87,6 +87,7 @@ __all__ = [
     "encode_sft",
     "encode_sft_example",
     "encode_unpaired",
+    "iter_rows",
     "load_examples",
     "pack_by_length",
     "read_rows",
