@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from posttrain.config.pref import SELECTIONS, PrefConfig, feedback_kind
+from posttrain.data import check_positions
 from posttrain.objectives.registry import PREFERENCE_LOSSES, call_with
 from posttrain.policies import save_pretrained
 from posttrain.rewards import RewardSet, RewardSpec, load_reward_fn
@@ -67,6 +68,8 @@ def train_online_pref(
     opponent = "reference" if "reference_samples" in needs else "mixture" if "mixture_opponents" in needs else None
     run_dir = Path(cfg.output_dir)
     model, tokenizer, reference = build_models(cfg, model, tokenizer, checkpoint, device)
+    new_tokens = {"online.sampling.max_new_tokens": online.sampling.max_new_tokens}
+    check_positions(model, {"data.max_length": cfg.data.max_length, **new_tokens})
     pad_id, mb_size = tokenizer.pad_token_id, cfg.train.micro_batch_size or cfg.train.batch_size
     where = {"seed": cfg.seed, "recipe_dir": cfg.recipe_dir}
     train_prompts, report = load_prompts(cfg.data, tokenizer, "train", rows=train_rows, **where)

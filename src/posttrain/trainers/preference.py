@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from posttrain.config.pref import PrefConfig, feedback_kind
+from posttrain.data import check_positions
 from posttrain.objectives.registry import PREFERENCE_LOSSES, call_with
 from posttrain.policies import save_pretrained
 from posttrain.rewards import load_reward_fn
@@ -88,6 +89,7 @@ def train_pref(
     kind, length_normalize = feedback_kind(loss_fn.needs), cfg.pref.length_normalize
     run_dir = Path(cfg.output_dir)
     model, tokenizer, reference = build_models(cfg, model, tokenizer, checkpoint, device)
+    check_positions(model, {"data.max_length": cfg.data.max_length})
     pad_id = tokenizer.pad_token_id
     load = dict(seed=cfg.seed, recipe_dir=cfg.recipe_dir)
     train = load_feedback(cfg.data, kind, "train", tokenizer, rows=train_rows, **load)

@@ -20,6 +20,7 @@ from transformers import AutoModelForSequenceClassification
 
 from posttrain.config.pref import RMConfig, feedback_kind
 from posttrain.config.sections import ModelSection
+from posttrain.data import check_positions
 from posttrain.objectives.registry import REWARD_MODEL_LOSSES, call_with
 from posttrain.objectives.reward_model import pairwise_accuracy
 from posttrain.policies import MODEL_PRESETS, ModelLoadError, save_pretrained
@@ -82,6 +83,7 @@ def train_rm(
         ).to(device)
     elif checkpoint is not None:
         load_checkpoint_weights(model, checkpoint)
+    check_positions(model, {"data.max_length": cfg.data.max_length})
     pad_id = tokenizer.pad_token_id
     load = dict(seed=cfg.seed, recipe_dir=cfg.recipe_dir)
     train = load_feedback(cfg.data, kind, "train", tokenizer, rows=train_rows, **load)

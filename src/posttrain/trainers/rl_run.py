@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from posttrain.config.rl import RLConfig
-from posttrain.data.encoding import PromptTokens
+from posttrain.data.encoding import PromptTokens, check_positions
 from posttrain.data.errors import DataError
 from posttrain.data.report import LoadReport
 from posttrain.objectives import ADVANTAGES
@@ -72,6 +72,9 @@ def build_rl_run(
         cfg.model, model, tokenizer, checkpoint,
         needs_reference=rl.kl.coef > 0, seed=cfg.seed, device=device, recipe_dir=cfg.recipe_dir,
     )  # fmt: skip
+    prompt_key = "rl.max_prompt_length" if rl.max_prompt_length else "data.max_length"
+    new_tokens = {"rl.sampling.max_new_tokens": rl.sampling.max_new_tokens}
+    check_positions(model, {prompt_key: rl.max_prompt_length or cfg.data.max_length, **new_tokens})
     critic = ValueModel(model).to(device) if "critic" in ADVANTAGES[rl.advantage].needs else None
     critic_optimizer = None
     if critic is not None:

@@ -20,6 +20,7 @@ from posttrain.data import (
     SFTExample,
     SFTTokens,
     TokenBatch,
+    check_positions,
     collate_packed,
     collate_sft,
     encode_prompts,
@@ -71,6 +72,7 @@ def train_sft(
     model, tokenizer = policy_for_run(
         cfg.model, model, tokenizer, checkpoint, seed=cfg.seed, device=device, recipe_dir=cfg.recipe_dir
     )
+    check_positions(model, {"data.max_length": cfg.data.max_length})
     train, report = _encode_train(cfg, tokenizer, train_rows)
     eval_prompts, eval_tokens = _encode_eval(cfg, tokenizer, eval_rows)
     sampler = EpochSampler(len(train), seed=cfg.seed, report=report)
