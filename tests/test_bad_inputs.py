@@ -256,3 +256,13 @@ def test_deep_nesting_and_huge_rows_are_skipped_and_counted(tmp_path, capsys):
     assert code == 0, err
     counts = "4 rows, 2 skipped (row too large: 1, too deep: 1), 1 truncated, 0 dropped"
     assert f"data: {path}: {counts}" in " ".join(err.split())
+
+
+def test_a_yaml_bomb_recipe_is_one_short_line(tmp_path, capsys):
+    recipe = tmp_path / "bomb.yaml"
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    recipe.write_text("\n".join([*lines, "train:", "  lr: *a8"]) + "\n")
+    code, err = run_cli(["sft", str(recipe), *TINY, "data.task.name=arithmetic", f"output_dir={tmp_path}"], capsys)
+    assert_one_line_error(code, err, f"recipe {recipe} line 5: aliases expand the document past")
+    assert len(err) < 400
