@@ -281,6 +281,10 @@ def test_a_recipe_over_one_mib_or_of_unbuildable_values_is_one_error(tmp_path: P
         with pytest.raises(ConfigError, match=f"recipe {re.escape(str(recipe))} line 11: a value cannot be read"):
             load_config(SFTConfig, recipe)
         assert error_of([*BASE, f"seed={value}"]).startswith("seed: ")  # an override's value is then its text
+    write(recipe, "seed: !" + "9" * 5000 + " 1\n")  # PyYAML's own error quotes the whole tag
+    with pytest.raises(ConfigError, match=f"recipe {re.escape(str(recipe))} is not valid YAML: ") as error:
+        load_config(SFTConfig, recipe)
+    assert len(str(error.value)) < 800 and "\n" not in str(error.value)
     write(recipe, "inherit: 5\n")
     with pytest.raises(ConfigError, match="inherit: expected the path of a recipe, got 5"):
         load_config(SFTConfig, recipe)

@@ -195,7 +195,7 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     except RefusedYAML as error:
         raise ConfigError(f"recipe {path} line {error.line}: {error.message}") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"recipe {path} is not valid YAML: {' '.join(str(error).split())}") from None
+        raise ConfigError(f"recipe {path} is not valid YAML: {one_line(' '.join(str(error).split()))}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path} must be a mapping of keys to values, got {type(raw).__name__}")
     parent = raw.pop("inherit", None)
