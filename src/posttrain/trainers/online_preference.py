@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from posttrain.config.pref import SELECTIONS, PrefConfig, feedback_kind
-from posttrain.data import CompletionTokens, EpochSampler, PreferenceTokens
+from posttrain.data import CompletionTokens, EpochSampler, PreferenceTokens, check_positions
 from posttrain.data.encoding import PromptTokens
 from posttrain.envs import sample_episodes
 from posttrain.objectives.pairing import (
@@ -74,6 +74,8 @@ def train_online_pref(
     kind = feedback_kind(loss_fn)
     select = online.select or SELECTIONS[kind][0]
     model, tokenizer, reference = build_models(cfg, model, tokenizer, life.checkpoint, device)
+    new_tokens = {"online.sampling.max_new_tokens": online.sampling.max_new_tokens}
+    check_positions(model, {"data.max_length": cfg.data.max_length, **new_tokens})
     where = {"seed": cfg.seed, "recipe_dir": cfg.recipe_dir}
     with phase("reading and encoding the prompts", enabled=progress):  # before the log opens: the flag decides
         train_prompts, report = load_prompts(cfg.data, tokenizer, "train", rows=train_rows, **where)

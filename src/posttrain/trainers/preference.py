@@ -18,7 +18,7 @@ from torch import Tensor
 
 from posttrain.config import ConfigError
 from posttrain.config.pref import PrefConfig, feedback_kind
-from posttrain.data import EpochSampler
+from posttrain.data import EpochSampler, check_positions
 from posttrain.objectives.registry import PREFERENCE_LOSSES
 from posttrain.rewards import load_reward_fn
 from posttrain.runtime.distributed import all_gather_objects
@@ -54,6 +54,7 @@ def train_pref(
         raise ConfigError(f"pref.loss '{cfg.pref.loss}' couples the step's pairs, which data-parallel ranks would "
                           "split; run it on one process")  # fmt: skip
     model, tokenizer, reference = build_models(cfg, model, tokenizer, life.checkpoint, device)
+    check_positions(model, {"data.max_length": cfg.data.max_length})
     pad_id, kind = tokenizer.pad_token_id, feedback_kind(loss_fn)
     load = dict(seed=cfg.seed, recipe_dir=cfg.recipe_dir)
     with phase("reading and encoding the data", enabled=progress):  # before the log opens: the flag decides

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from posttrain.config import ConfigError
 from posttrain.config.pref import RMConfig, feedback_kind
-from posttrain.data import EpochSampler, chunks
+from posttrain.data import EpochSampler, check_positions, chunks
 from posttrain.objectives.registry import REWARD_MODEL_LOSSES, call_with
 from posttrain.objectives.reward_model import pairwise_accuracy
 from posttrain.policies import build_reward_model, disable_dropout, scalar_rewards
@@ -51,6 +51,7 @@ def train_rm(
         load_checkpoint_weights(model, life.checkpoint)
     if cfg.model.disable_dropout:
         disable_dropout(model)
+    check_positions(model, {"data.max_length": cfg.data.max_length})
     pad_id, kind = tokenizer.pad_token_id, feedback_kind(loss_fn)
     load = dict(seed=cfg.seed, recipe_dir=cfg.recipe_dir)
     with phase("reading and encoding the data", enabled=progress):  # before the log opens: the flag decides

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from posttrain.config.rl import RLConfig
 from posttrain.data import EpochSampler
-from posttrain.data.encoding import PromptTokens
+from posttrain.data.encoding import PromptTokens, check_positions
 from posttrain.data.report import LoadReport
 from posttrain.envs import sample_and_score, sample_episodes
 from posttrain.objectives import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
@@ -181,6 +181,9 @@ def build_rl_run(
         cfg.model, model, tokenizer, life.checkpoint, needs_reference=rl.kl.coef > 0, seed=cfg.seed,
         device=life.device, recipe_dir=cfg.recipe_dir, run_dir=life.run_dir,
     )  # fmt: skip
+    prompt_key = "rl.max_prompt_length" if rl.max_prompt_length else "data.max_length"
+    new_tokens = {"rl.sampling.max_new_tokens": rl.sampling.max_new_tokens}
+    check_positions(model, {prompt_key: rl.max_prompt_length or cfg.data.max_length, **new_tokens})
     critic = ValueModel(model).to(life.device) if "critic" in ADVANTAGES[rl.advantage].needs else None
     critic_lr = rl.value.lr or cfg.train.lr
     critic_optimizer = None if critic is None else build_adamw(

@@ -19,6 +19,7 @@ from posttrain.data import (
     SFTExample,
     SFTTokens,
     TokenBatch,
+    check_positions,
     chunks,
     collate_packed,
     collate_sft,
@@ -56,6 +57,7 @@ def train_sft(
         cfg.model, model, tokenizer, life.checkpoint, needs_reference=False, seed=cfg.seed, device=device,
         recipe_dir=cfg.recipe_dir, run_dir=life.run_dir,
     )  # fmt: skip
+    check_positions(model, {"data.max_length": cfg.data.max_length})
     with phase("reading and encoding the data", enabled=progress):  # before the log opens: the flag decides
         train, report = _encode_train(cfg, tokenizer, train_rows)
         eval_prompts, eval_tokens = _encode_eval(cfg, tokenizer, eval_rows)
