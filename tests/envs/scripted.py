@@ -32,3 +32,18 @@ class NoModel:
 
     def train(self, mode=True):
         return self
+
+
+class TurnScript:
+    """An engine playing one episode: its k-th call samples texts[k] (then EOS); records contexts and samples."""
+
+    def __init__(self, tokenizer, texts):
+        self.tokenizer, self.texts, self.calls, self.sampled = tokenizer, texts, [], []
+
+    def generate(self, model, prompt_ids, params, *, n, generator=None, tokenizer=None):
+        assert len(prompt_ids) * n == 1
+        ids = self.tokenizer(self.texts[len(self.calls)], add_special_tokens=False)["input_ids"]
+        ids = [*ids, self.tokenizer.eos_token_id]
+        self.calls.append(list(prompt_ids[0]))
+        self.sampled.append(ids)
+        return Rollouts([list(prompt_ids[0])], [ids], [torch.full((len(ids),), -1.0)], ["stop"], group_size=1)

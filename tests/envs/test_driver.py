@@ -5,10 +5,10 @@ import time
 from typing import Any
 
 import torch
+from tests.envs.scripted import NoModel, ScriptedEngine
 
 from posttrain.envs import StepResult, run_episodes
 from posttrain.rollout import SamplingParams
-from tests.envs.scripted import NoModel, ScriptedEngine
 
 PARAMS = SamplingParams(max_new_tokens=8, temperature=1.0)
 ROW = [{"prompt_ids": [1, 2]}]
