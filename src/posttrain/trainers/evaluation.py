@@ -99,9 +99,9 @@ def evaluate(
     starts = range(0, len(prompts), batch_size)
     for start in track(starts, f"held-out generation, {len(prompts)} prompts", unit="batches"):
         batch = list(prompts[start : start + batch_size])
-        greedy_correct, texts, batch_stats = _generate_and_score(model, tokenizer, batch, reward, greedy, 1, engine,
-                                                                 generator, **play)  # fmt: skip
-        for key, value in batch_stats.items():
+        greedy_correct, texts, rollouts = _generate_and_score(model, tokenizer, batch, reward, greedy, 1, engine,
+                                                              generator, **play)  # fmt: skip
+        for key, value in rollouts.stats.items():
             stats[key] = stats.get(key, 0.0) + value
         examples += [
             {
@@ -110,8 +110,9 @@ def evaluate(
                 "prompt": tokenizer.decode(p.prompt_ids, skip_special_tokens=True),
                 "completion": text,
                 "correct": ok,
+                **_counts(info),
             }
-            for p, text, ok in zip(batch, texts, greedy_correct)
+            for p, text, ok, info in zip(batch, texts, greedy_correct, rollouts.infos)
         ]
         if samples > 1:
             sample_correct, _, _ = _generate_and_score(
@@ -173,7 +174,7 @@ def _generate_and_score(
     *,
     environment: EnvironmentFactory | EnvironmentMix,
     limits: EpisodeLimits,
-) -> tuple[list[bool | None], list[str], dict[str, float]]:
+) -> tuple[list[bool | None], list[str], Any]:
     envs: list[Any] = []
     rollouts = sample_episodes(ENGINES[engine], model, batch, params, n=n, generator=generator, tokenizer=tokenizer,
                                environment=environment, limits=limits, envs_out=envs)  # fmt: skip
@@ -190,13 +191,19 @@ def _generate_and_score(
         **trl_reward_kwargs(trainer_state(0, 0), RewardLog()),
         **({} if single_turn else {"environments": envs}),
     )
-    return [None if s is None else s >= 1.0 for s in scores], texts, rollouts.stats
+    return [None if s is None else s >= 1.0 for s in scores], texts, rollouts
 
 
 def _correct_count(correct: list[bool | None]) -> int | None:
     """How many of a prompt's samples are correct; None when the reward applies to none of them."""
     applicable = [c for c in correct if c is not None]
     return sum(applicable) if applicable else None
+
+
+def _counts(info: dict[str, Any]) -> dict[str, Any]:
+    """An episode's numeric info (tool calls, errors, ...) and its messages, for the examples of eval.json."""
+    counts = {k: v for k, v in info.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return counts | ({"messages": info["messages"]} if "messages" in info else {})
 
 
 def _plain_columns(extra: dict[str, Any]) -> dict[str, Any]:
