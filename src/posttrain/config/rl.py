@@ -114,9 +114,9 @@ class EnvEntry(Section):
 class EnvSection(EnvEntry):
     """Where episodes come from: the environment that plays each prompt (docs/agents.md)."""
 
-    mix: dict[str, EnvEntry] = {}
-    """Several environments in one batch: a row whose `column` holds a key of `mix` plays that entry; the others
-    play `name`."""
+    mix: dict[str, dict[str, Any]] = {}
+    """Several environments in one batch: key -> {name, args}; a row whose `column` holds a key plays that entry,
+    the others play `name`."""
     column: str = "environment"
     """The row column that picks an entry of `mix` (TRL's `environment` field)."""
     max_turns: PositiveInt = 8
@@ -129,11 +129,21 @@ class EnvSection(EnvEntry):
     mask_failed: bool = True
     """Leave episodes whose environment raised out of the loss (they are counted either way)."""
 
+    @property
+    def entries(self) -> dict[str, EnvEntry]:
+        """`mix` as typed entries."""
+        return {key: EnvEntry.model_validate(raw) for key, raw in self.mix.items()}
+
     @model_validator(mode="after")
     def _known(self) -> EnvSection:
         from posttrain.envs.registry import ENVIRONMENTS
 
-        for key, entry in [("env.name", self), *((f"env.mix.{k}.name", e) for k, e in self.mix.items())]:
+        for key, raw in self.mix.items():
+            try:
+                EnvEntry.model_validate(raw)
+            except ValueError as err:
+                raise ValueError(f"env.mix.{key}: {err}") from None
+        for key, entry in [("env.name", self), *((f"env.mix.{k}.name", e) for k, e in self.entries.items())]:
             if entry.name not in ENVIRONMENTS and ":" not in entry.name:
                 raise ValueError(f"{key}: '{entry.name}' is not a registered environment nor 'module:Class' or "
                                  f"'file.py:Class'; registered: {', '.join(sorted(ENVIRONMENTS))}")  # fmt: skip

@@ -120,7 +120,7 @@ def build_environments(section: Any, *, tokenizer: Any, base_dir: str | Path | N
             return SingleTurnEnv
         return environment_factory(name, args, tokenizer=tokenizer, base_dir=base_dir)
 
-    mix = {key: factory(entry.name, entry.args) for key, entry in section.mix.items()}
+    mix = {key: factory(entry.name, entry.args) for key, entry in section.entries.items()}
     return EnvironmentMix(factory(section.name, section.args), mix, section.column)
 
 

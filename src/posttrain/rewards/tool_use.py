@@ -29,7 +29,12 @@ def count_tool_calls(completion: Any) -> int:
 def tool_efficiency(
     *, completions: list[Any], answer: list[Any], alpha: float = 1.0, c: float = 1.0, **kwargs: Any
 ) -> list[float | None]:
-    """OTC's r_tool times correctness (module docstring). Correct: `numeric_match` on the final message.
+    """OTC's tool-integrated reward (Wang et al. 2025, arXiv:2504.14870, OTC-PPO's r_tool) times correctness.
+
+        r = alpha * cos(m * pi / (2m + c)) * correct     m: the episode's tool calls; correct: `numeric_match`
+
+    completions: the episodes' messages (or text: no calls); answer: the gold answers. Returns one score each,
+    None where the answer cannot be read.
 
     Deviations: OTC-GRPO's variant, which scores m against the fewest calls a right answer in the group took, is
     not implemented; c = 1 here (the paper leaves c to tune): one call keeps cos(pi / 3) = 0.5 of the reward.
