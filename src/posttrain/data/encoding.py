@@ -115,13 +115,15 @@ class PromptTokens:
 
 # --- rendering and tokenising -------------------------------------------------------------------------
 
-def render_chat(tokenizer: Any, messages: Conversation, *, add_generation_prompt: bool, where: str) -> str:
-    """The chat template's text for `messages`. Raises DataError when the tokenizer has no template."""
+def render_chat(tokenizer: Any, messages: Conversation, *, add_generation_prompt: bool, where: str,
+                tools: list[dict[str, Any]] | None = None) -> str:
+    """The chat template's text for `messages` (with the row's `tools` schemas). Raises DataError when the tokenizer
+    has no template."""
     if not getattr(tokenizer, "chat_template", None):  # None, or an empty template that renders nothing
         raise DataError(f"{where}: the row is conversational but the tokenizer has no chat_template; "
                         "give the tokenizer one (tokenizer.chat_template = ...) or use text fields",
                         reason="no chat template")
-    return tokenizer.apply_chat_template(messages, tokenize=False,
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
 
 
@@ -151,8 +153,9 @@ def tokenize_within(tokenizer: Any, text: str, *, max_tokens: int | None, from_e
 
 
 def encode_prompt(tokenizer: Any, prompt: Content | None, *, where: str, max_length: int | None = None,
-                  from_end: bool = False) -> list[int]:
-    """Prompt ids exactly as the generator receives them. None: the tokenizer's leading specials only.
+                  from_end: bool = False, tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Prompt ids exactly as the generator receives them (with the row's `tools` schemas). None: the tokenizer's
+    leading specials only.
 
     max_length: the caller keeps at most the first (`from_end`: last) `max_length` ids, so of a longer prompt
     only a part is tokenised (`tokenize_within`) and more than `max_length` ids are returned, to be cut.
@@ -162,19 +165,19 @@ def encode_prompt(tokenizer: Any, prompt: Content | None, *, where: str, max_len
     cut = {"max_tokens": max_length, "from_end": from_end}
     if isinstance(prompt, str):
         return tokenize_text(tokenizer, prompt, add_special_tokens=True, **cut)
-    text = render_chat(tokenizer, prompt, add_generation_prompt=True, where=where)
+    text = render_chat(tokenizer, prompt, add_generation_prompt=True, where=where, tools=tools)
     return tokenize_text(tokenizer, text, add_special_tokens=False, **cut)
 
 
-def encode_completion(tokenizer: Any, prompt: Content | None, completion: Content, *,
-                      where: str, max_length: int | None = None) -> list[int]:
+def encode_completion(tokenizer: Any, prompt: Content | None, completion: Content, *, where: str,
+                      max_length: int | None = None, tools: list[dict[str, Any]] | None = None) -> list[int]:
     """The ids that follow `encode_prompt(prompt)` for this completion, EOS included. max_length: the caller
     keeps at most the first `max_length` ids (as `encode_prompt`)."""
     if isinstance(completion, str):
         ids = tokenize_text(tokenizer, completion, add_special_tokens=False, max_tokens=max_length)
         return _with_eos(ids, tokenizer.eos_token_id)
-    prompt_text = render_chat(tokenizer, prompt, add_generation_prompt=True, where=where)
-    whole_text = render_chat(tokenizer, [*prompt, *completion], add_generation_prompt=False, where=where)
+    prompt_text = render_chat(tokenizer, prompt, add_generation_prompt=True, where=where, tools=tools)
+    whole_text = render_chat(tokenizer, [*prompt, *completion], add_generation_prompt=False, where=where, tools=tools)
     _require_prefix(prompt_text, whole_text, where)
     ids = tokenize_text(tokenizer, whole_text[len(prompt_text):], add_special_tokens=False, max_tokens=max_length)
     if tokenizer.eos_token_id not in ids:
@@ -207,34 +210,36 @@ def encode_sft_example(tokenizer: Any, example: SFTExample, *, completion_only: 
         ids = _with_eos(ids, tokenizer.eos_token_id)
         return SFTTokens(ids, _first_not_target([True] * len(ids)), example.where)
     if isinstance(example.completion, str):
-        prompt_ids = encode_prompt(tokenizer, example.prompt, where=example.where, max_length=max_length)
+        prompt_ids = encode_prompt(tokenizer, example.prompt, where=example.where, max_length=max_length,
+                                   tools=example.tools)
         room = None if max_length is None else max_length - len(prompt_ids)
         completion_ids = encode_completion(tokenizer, example.prompt, example.completion, where=example.where,
-                                           max_length=room)
+                                           max_length=room, tools=example.tools)
         mask = [not completion_only] * len(prompt_ids) + [True] * len(completion_ids)
         return SFTTokens(prompt_ids + completion_ids, _first_not_target(mask), example.where)
     prompt = example.prompt or []
     ids, mask = encode_conversation(tokenizer, [*prompt, *example.completion], first_target_turn=len(prompt),
-                                    where=example.where, max_length=max_length)
+                                    where=example.where, max_length=max_length, tools=example.tools)
     if not completion_only:
         mask = [True] * len(ids)
     return SFTTokens(ids, _first_not_target(mask), example.where)
 
 
 def encode_conversation(tokenizer: Any, messages: Conversation, *, first_target_turn: int = 0,
-                        where: str, max_length: int | None = None) -> tuple[list[int], list[bool]]:
+                        where: str, max_length: int | None = None,
+                        tools: list[dict[str, Any]] | None = None) -> tuple[list[int], list[bool]]:
     """Ids of the rendered conversation [T] and a mask [T], True on the tokens of every assistant turn
     at index >= first_target_turn (its content and end-of-turn marker), found by rendering prefixes.
     max_length: the caller keeps at most the first `max_length` tokens (as `encode_sft_example`); the turns
     that start past the part tokenised are not rendered alone."""
-    text = render_chat(tokenizer, messages, add_generation_prompt=False, where=where)
+    text = render_chat(tokenizer, messages, add_generation_prompt=False, where=where, tools=tools)
     encoding = tokenize_within(tokenizer, text, max_tokens=max_length, add_special_tokens=False,
                                return_offsets_mapping=True)
     tokenised = encoding["offset_mapping"][-1][1] if encoding["offset_mapping"] else 0  # characters
     spans = []
     for i in range(first_target_turn, len(messages)):
         if messages[i]["role"] == "assistant":
-            spans.append(_assistant_span(tokenizer, messages, i, text, where))
+            spans.append(_assistant_span(tokenizer, messages, i, text, where, tools))
             if spans[-1][0] >= tokenised:
                 break  # a cut text: this turn and the later ones start past its last token
     ids = list(encoding["input_ids"])
@@ -245,9 +250,10 @@ def encode_conversation(tokenizer: Any, messages: Conversation, *, first_target_
     return ids, mask
 
 
-def _assistant_span(tokenizer: Any, messages: Conversation, i: int, text: str, where: str) -> tuple[int, int]:
-    before = render_chat(tokenizer, messages[:i], add_generation_prompt=True, where=where) if i else ""
-    through = render_chat(tokenizer, messages[:i + 1], add_generation_prompt=False, where=where)
+def _assistant_span(tokenizer: Any, messages: Conversation, i: int, text: str, where: str,
+                    tools: list[dict[str, Any]] | None = None) -> tuple[int, int]:
+    before = render_chat(tokenizer, messages[:i], add_generation_prompt=True, where=where, tools=tools) if i else ""
+    through = render_chat(tokenizer, messages[:i + 1], add_generation_prompt=False, where=where, tools=tools)
     _require_prefix(before, through, where)
     _require_prefix(through, text, where)
     return len(before), len(through)

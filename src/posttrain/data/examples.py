@@ -32,6 +32,7 @@ be one assistant message. Text rows without `prompt` are compared as whole seque
 """
 
 import itertools
+import json
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -60,6 +61,8 @@ class SFTExample:
     prompt: Content | None
     completion: Content
     where: str
+    tools: list[dict[str, Any]] | None = None
+    """The row's `tools` column (JSON schemas, TRL's format), given to the chat template as `tools=`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,14 +150,30 @@ def validate_sft_row(row: Row) -> SFTExample:
     fields = row.fields
     if "prompt" in fields and "completion" in fields:
         prompt, completion = _content_pair(row, "prompt", "completion", single_turn=False)
-        return SFTExample(prompt, completion, row.where)
+        return SFTExample(prompt, completion, row.where, _tools(row))
     if "messages" in fields:
         messages = _conversation(row, "messages")
         _check_turns(messages, row.where, "messages", first="user", last=("assistant",))
-        return SFTExample(None, messages, row.where)
+        return SFTExample(None, messages, row.where, _tools(row))
     if "text" in fields:
         return SFTExample(None, _text(row, "text"), row.where)
     raise _missing_fields(row, "'prompt' + 'completion', or 'messages', or 'text'")
+
+
+def _tools(row: Row) -> list[dict[str, Any]] | None:
+    """The `tools` column: a list of function schemas (objects), or that list as a JSON string; None when absent."""
+    tools = row.fields.get("tools")
+    if tools is None:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{row.where}: field 'tools': not JSON ({err.msg})", reason="bad tools") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"{row.where}: field 'tools': expected a list of function schemas (objects), found "
+                        f"{type(tools).__name__}", reason="bad tools")  # fmt: skip
+    return tools
 
 
 def validate_preference_row(row: Row) -> PreferenceExample:

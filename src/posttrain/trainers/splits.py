@@ -37,7 +37,8 @@ ENCODERS = {"preference": encode_preference, "unpaired": encode_unpaired, "listw
 
 def build_task(section: TaskSection) -> ArithmeticTask:
     return TASKS[section.name](
-        digits=section.digits, operators=section.operators, think_fraction=section.think_fraction
+        digits=section.digits, operators=section.operators, think_fraction=section.think_fraction,
+        tool_fraction=section.tool_fraction,
     )
 
 
