@@ -1,6 +1,6 @@
 """The native engine's packed decode layers against its unpacked ones, in one process (issue #7).
 
-`rollout/decoders.py` decodes a small float32 CPU model through `PackedLayer`s (q/k/v and gate/up stacked,
+`rollout/decoders.py` decodes a small float32 CPU model through packed layer ops (q/k/v and gate/up stacked,
 RMSNorm moved past its products with its weight folded in, residual adds inside addmm); `PACK_MAX_VALUES` sets
 which models. This generates P prompts x G samples x L tokens (no stop at EOS) with packing on and off,
 alternating, and reports each side's median seconds, their ratio, and whether both drew the same tokens.

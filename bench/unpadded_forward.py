@@ -1,7 +1,7 @@
-"""The unpadded Llama-family training forward against the padded one, in one process (issue #7).
+"""The unpadded training forward against the padded one, in one process (issue #7).
 
 Forward + backward of `token_logprobs` (the summed target log-probs) with the unpadded forward
-(`posttrain.policies.llama_forward`) on and off, alternating, on the batches the trainers build:
+(`posttrain.policies.unpadded`) on and off, alternating, on the batches the trainers build:
 
 - sft: B arithmetic demonstrations as `bench/sft.py` draws them, completion-only targets, one micro-batch
   padded to its longest row (`collate_sft`);
