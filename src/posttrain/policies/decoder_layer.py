@@ -5,7 +5,7 @@
 `cpu_matmul` products, LoRA layers as their modules), looked up once per forward or generation rather than at
 every layer of every step (bench/RESULTS.md, "Kernels"). `layer_forward` runs one layer over X token rows [X, H]:
 
-    q, k, v = project(x);  q, k = rope(qk_norm(q)), rope(qk_norm(k))
+    q, k, v = attention_inputs(x) = rope(qk_norm(q(n))), rope(qk_norm(k(n))), v(n),   n = in_norm(x)
     x = x + out_norm(o(attend(q, k, v)));  x = x + out_norm(mlp(in_norm(x)))
 
 `attend` is the caller's: the unpadded training forward attends within documents (`policies/unpadded.py`), the
@@ -167,12 +167,9 @@ class LayerOps:
     """One decoder layer's maths as functions of tensors over X token rows (see the module docstring). They hold
     the model's own parameters and modules, so they compute with the weights as they are when called."""
 
-    project: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor, Tensor]]
-    """x [X, H], the rows Q that need queries (None: all) -> raw q [Q, N*D], k [X, G*D], v [X, G*D]."""
-    query_heads: Op
-    """q [Q, N*D] -> [Q, N, D], q/k-normed where the family norms them."""
-    key_heads: Op
-    """k [X, G*D] -> [X, G, D], likewise."""
+    attention_inputs: Callable[[Tensor, Rotary, Tensor | None], tuple[Tensor, Tensor, Tensor]]
+    """x [X, H], its rows' RoPE angles, the rows Q that need queries (None: all) -> the queries [Q, N, D], keys
+    [X, G, D] (both q/k-normed where the family norms them, then rotated) and values [X, G, D]."""
     attention_residual: Callable[[Tensor, Tensor], Tensor]
     """x [Q, H], attention output [Q, N*D] -> x + out_norm(o(output))."""
     mlp_residual: Op
@@ -196,12 +193,9 @@ def layer_forward(ops: LayerOps, x_X_H: Tensor, rope: Rotary, attend: Attend, re
     """One decoder layer over X token rows [X, H]. With `reads_Q` (indices into X) keys and values are computed at
     every row but queries, the output projection and the MLP at those rows only, which it returns [Q, H] (the last
     layer of a forward whose caller reads a few positions); else [X, H]."""
-    q_Q_F, k_X_F, v_X_F = ops.project(x_X_H, reads_Q)
-    k_X_G_D = rope.rotate(ops.key_heads(k_X_F))
-    v_X_G_D = v_X_F.unflatten(-1, (ops.kv_heads, ops.head_dim))
+    q_Q_N_D, k_X_G_D, v_X_G_D = ops.attention_inputs(x_X_H, rope, reads_Q)
     if reads_Q is not None:
-        x_X_H, rope = x_X_H.index_select(0, reads_Q), rope.at(reads_Q)
-    q_Q_N_D = rope.rotate(ops.query_heads(q_Q_F))
+        x_X_H = x_X_H.index_select(0, reads_Q)
     x_X_H = ops.attention_residual(x_X_H, attend(q_Q_N_D, k_X_G_D, v_X_G_D, ops))
     return ops.mlp_residual(x_X_H)
 
@@ -218,14 +212,20 @@ def layer_ops(layer: torch.nn.Module, family: Family, config: Any, index: int) -
     mlp_in, mlp_out = norm(family.mlp_in_norm), norm(family.mlp_out_norm)
     projections = [linear_op(getattr(attn, name)) for name in family.qkv]
     widths = [heads * dim, kv_heads * dim, kv_heads * dim]
+    query_heads = heads_op(family, attn, "q_norm", heads, dim)
+    key_heads = heads_op(family, attn, "k_norm", kv_heads, dim)
 
-    def project(x_X_H: Tensor, reads_Q: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def attention_inputs(x_X_H: Tensor, rope: Rotary, reads_Q: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         h_X_H = attention_in(x_X_H)
         if len(projections) == 1:
             q_X_F, k_X_F, v_X_F = projections[0](h_X_H).split(widths, dim=-1)
-            return (q_X_F if reads_Q is None else q_X_F.index_select(0, reads_Q)), k_X_F, v_X_F
-        q_proj, k_proj, v_proj = projections
-        return q_proj(h_X_H if reads_Q is None else h_X_H.index_select(0, reads_Q)), k_proj(h_X_H), v_proj(h_X_H)
+            q_Q_F = q_X_F if reads_Q is None else q_X_F.index_select(0, reads_Q)
+        else:
+            q_proj, k_proj, v_proj = projections
+            q_Q_F = q_proj(h_X_H if reads_Q is None else h_X_H.index_select(0, reads_Q))
+            k_X_F, v_X_F = k_proj(h_X_H), v_proj(h_X_H)
+        q_rope = rope if reads_Q is None else rope.at(reads_Q)
+        return q_rope.rotate(query_heads(q_Q_F)), rope.rotate(key_heads(k_X_F)), v_X_F.unflatten(-1, (kv_heads, dim))
 
     o_proj = linear_op(attn.o_proj)
 
@@ -240,17 +240,15 @@ def layer_ops(layer: torch.nn.Module, family: Family, config: Any, index: int) -
         gate_Q_I, up_Q_I = gate_up[0](h_Q_H).chunk(2, dim=-1) if len(gate_up) == 1 else (f(h_Q_H) for f in gate_up)
         return x_Q_H + mlp_out(gated_down(gate_Q_I, up_Q_I))
 
-    query_heads = _heads_op(family, attn, "q_norm", heads, dim)
-    key_heads = _heads_op(family, attn, "k_norm", kv_heads, dim)
     softcap = getattr(config, family.attention_softcap, None) if family.attention_softcap else None
     rope_key = config.layer_types[index] if family.rope_by_layer_type else None
     return LayerOps(
-        project, query_heads, key_heads, attention_residual, mlp_residual, heads, kv_heads, dim, attn.scaling,
-        softcap, family.window(config, index), rope_key,
+        attention_inputs, attention_residual, mlp_residual, heads, kv_heads, dim, attn.scaling, softcap,
+        family.window(config, index), rope_key,
     )  # fmt: skip
 
 
-def _heads_op(family: Family, attn: torch.nn.Module, name: str, heads: int, dim: int) -> Op:
+def heads_op(family: Family, attn: torch.nn.Module, name: str, heads: int, dim: int) -> Op:
     """[X, heads * D] -> [X, heads, D], through the family's q or k norm (per head or over the projection)."""
     if family.qk_norm is None:
         return lambda x: x.unflatten(-1, (heads, dim))

@@ -39,6 +39,7 @@ from posttrain.policies.decoder_layer import (
     Rotary,
     activation_op,
     final_softcap,
+    heads_op,
     layer_forward,
     layer_ops,
     linear_op,
@@ -262,14 +263,21 @@ def _pack(layer: torch.nn.Module, family: Family, config: Any, index: int) -> La
     o_weight, o_bias = attn.o_proj.weight.T, attn.o_proj.bias
     down_weight, down_bias = mlp.down_proj.weight.T, mlp.down_proj.bias
     input_offset, post_offset = norm_offset(input_norm, norm), norm_offset(post_norm, norm)
-    widths = [plain.heads * plain.head_dim, plain.kv_heads * plain.head_dim, plain.kv_heads * plain.head_dim]
+    heads, kv_heads, dim = plain.heads, plain.kv_heads, plain.head_dim
+    query_heads = heads_op(family, attn, "q_norm", heads, dim)
+    key_heads = heads_op(family, attn, "k_norm", kv_heads, dim)
     act = activation_op(getattr(mlp, family.activation))
 
-    def project(x_A_H: Tensor, reads_Q: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        q_A_F, k_A_F, v_A_F = _normed_product(x_A_H, _inverse_norm(x_A_H, input_offset), qkv_weight, qkv_bias).split(
-            widths, dim=-1
-        )
-        return (q_A_F if reads_Q is None else q_A_F.index_select(0, reads_Q)), k_A_F, v_A_F
+    def attention_inputs(x_A_H: Tensor, rope: Rotary, reads_Q: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        qkv_A_F = _normed_product(x_A_H, _inverse_norm(x_A_H, input_offset), qkv_weight, qkv_bias)
+        v_A_G_D = qkv_A_F[:, (heads + kv_heads) * dim :].view(-1, kv_heads, dim)
+        if family.qk_norm is not None:  # normed apart, then rotated apart
+            q_A_N_D = query_heads(qkv_A_F[:, : heads * dim])
+            k_A_G_D = key_heads(qkv_A_F[:, heads * dim : (heads + kv_heads) * dim])
+            return rope.rotate(q_A_N_D), rope.rotate(k_A_G_D), v_A_G_D
+        # q and k, adjacent in the stacked output, rotated together
+        qk_A_NG_D = rope.rotate(qkv_A_F[:, : (heads + kv_heads) * dim].view(-1, heads + kv_heads, dim))
+        return qk_A_NG_D[:, :heads], qk_A_NG_D[:, heads:], v_A_G_D
 
     def mlp_residual(x_A_H: Tensor) -> Tensor:
         gate_up_A_F = _normed_product(x_A_H, _inverse_norm(x_A_H, post_offset), gate_up_weight, gate_up_bias)
@@ -277,7 +285,7 @@ def _pack(layer: torch.nn.Module, family: Family, config: Any, index: int) -> La
         return _add_product(x_A_H, act(gate_A_I) * up_A_I, down_weight, down_bias)
 
     return replace(
-        plain, project=project, mlp_residual=mlp_residual,
+        plain, attention_inputs=attention_inputs, mlp_residual=mlp_residual,
         attention_residual=lambda x_A_H, o_A_F: _add_product(x_A_H, o_A_F, o_weight, o_bias),
     )  # fmt: skip
 
