@@ -15,10 +15,8 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    Qwen2Config,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,7 +32,8 @@ class ModelLoadError(ValueError):
 
 @dataclass(frozen=True)
 class Preset:
-    family: str  # "qwen2" | "llama"
+    family: str
+    """A key of FAMILY_MODEL_TYPES."""
     hidden: int
     layers: int
     heads: int
@@ -52,7 +51,19 @@ MODEL_PRESETS: dict[str, Preset] = {
     "qwen2-base": Preset("qwen2", hidden=256, layers=6, heads=8, kv_heads=4, intermediate=768),  # ~4M
     "qwen2-30m": Preset("qwen2", hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1536),  # ~24M
     "qwen2-0.5b-shape": Preset("qwen2", hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864),
+    # the demo model's shape in every other family with an adapter (policies/families/); each family's own defaults
+    # for the rest (windows, soft-caps, norms), head_dim = hidden / heads
+    **{
+        f"{family}-small": Preset(family, hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384)
+        for family in ("mistral", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2")
+    },
 }
+
+FAMILY_MODEL_TYPES = {
+    "llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "qwen3": "qwen3", "gemma": "gemma",
+    "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3", "olmo2": "olmo2",
+}  # fmt: skip
+"""A preset's family -> the transformers `model_type` of its config."""
 
 
 def preset_config(
@@ -67,8 +78,12 @@ def preset_config(
     if name not in MODEL_PRESETS:
         raise ModelLoadError(f"model.preset: '{name}' is not a preset; presets: {', '.join(MODEL_PRESETS)}")
     p = MODEL_PRESETS[name]
-    config_class = Qwen2Config if p.family == "qwen2" else LlamaConfig
-    return config_class(
+    head_dim = {"head_dim": p.hidden // p.heads} if p.family in ("qwen3", "gemma", "gemma2", "gemma3") else {}
+    if p.family in ("gemma2", "gemma3"):
+        head_dim["query_pre_attn_scalar"] = p.hidden // p.heads  # Gemma's score scale, head_dim^-1/2 as released
+    return AutoConfig.for_model(
+        FAMILY_MODEL_TYPES[p.family],
+        **head_dim,
         vocab_size=vocab_size,
         hidden_size=p.hidden,
         num_hidden_layers=p.layers,
