@@ -232,13 +232,16 @@ def layer_ops(layer: torch.nn.Module, family: Family, config: Any, index: int) -
     def attention_residual(x_Q_H: Tensor, o_Q_F: Tensor) -> Tensor:
         return x_Q_H + attention_out(o_proj(o_Q_F))
 
-    gate_up = [linear_op(getattr(mlp, name)) for name in family.gate_up]
-    gated_down = gated_down_op(getattr(mlp, family.activation), mlp.down_proj)
-
     def mlp_residual(x_Q_H: Tensor) -> Tensor:
         h_Q_H = mlp_in(x_Q_H)
+        if family.mlp_block:  # the model's own block, routing and all, over the rows as one sequence
+            return x_Q_H + mlp_out(mlp(h_Q_H[None])[0])
         gate_Q_I, up_Q_I = gate_up[0](h_Q_H).chunk(2, dim=-1) if len(gate_up) == 1 else (f(h_Q_H) for f in gate_up)
         return x_Q_H + mlp_out(gated_down(gate_Q_I, up_Q_I))
+
+    if not family.mlp_block:
+        gate_up = [linear_op(getattr(mlp, name)) for name in family.gate_up]
+        gated_down = gated_down_op(getattr(mlp, family.activation), mlp.down_proj)
 
     softcap = getattr(config, family.attention_softcap, None) if family.attention_softcap else None
     rope_key = config.layer_types[index] if family.rope_by_layer_type else None

@@ -40,6 +40,8 @@ class Preset:
     kv_heads: int
     intermediate: int
     tie_embeddings: bool = True
+    extra: tuple[tuple[str, Any], ...] = ()
+    """More config values (a mixture of experts' sizes)."""
 
 
 # Parameter counts are for a 378-token vocabulary (the arithmetic tokenizer); embeddings grow with V.
@@ -57,11 +59,18 @@ MODEL_PRESETS: dict[str, Preset] = {
         f"{family}-small": Preset(family, hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384)
         for family in ("mistral", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2")
     },
-}
+    # 4 experts, 2 per token, each half the dense MLP (Qwen2-MoE: a shared expert of the dense size beside them)
+    "mixtral-small": Preset("mixtral", hidden=128, layers=4, heads=4, kv_heads=2, intermediate=192,
+                            extra=(("num_local_experts", 4), ("num_experts_per_tok", 2))),
+    "qwen2_moe-small": Preset("qwen2_moe", hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384,
+                              extra=(("num_experts", 4), ("num_experts_per_tok", 2), ("moe_intermediate_size", 192),
+                                     ("shared_expert_intermediate_size", 384))),
+}  # fmt: skip
 
 FAMILY_MODEL_TYPES = {
     "llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "qwen3": "qwen3", "gemma": "gemma",
-    "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3", "olmo2": "olmo2",
+    "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3", "olmo2": "olmo2", "mixtral": "mixtral",
+    "qwen2_moe": "qwen2_moe",
 }  # fmt: skip
 """A preset's family -> the transformers `model_type` of its config."""
 
@@ -84,6 +93,7 @@ def preset_config(
     return AutoConfig.for_model(
         FAMILY_MODEL_TYPES[p.family],
         **head_dim,
+        **dict(p.extra),
         vocab_size=vocab_size,
         hidden_size=p.hidden,
         num_hidden_layers=p.layers,

@@ -226,14 +226,17 @@ def packed_layers(model: Any, family: Family, layers: list[torch.nn.Module]) -> 
       the product's output with its bias (`_normed_product`); the final norm likewise into the LM head;
     - o and down add into the residual stream inside their product (addmm), when they have no bias.
 
-    None where packing does not apply: off the CPU, not float32, a family with norms after attention or the MLP, a
-    layer with other than plain Linear projections (LoRA), or weights over PACK_MAX_VALUES. The weights do not
+    None where packing does not apply: off the CPU, not float32, a family with norms after attention or the MLP or
+    with a mixture of experts, a layer with other than plain Linear projections (LoRA), or weights over
+    PACK_MAX_VALUES. The weights do not
     change within a generation; they are held transposed, [in, out]. Equal to the unpacked step up to float
     rounding: tests/rollout/test_decoders.py."""
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.weight.device.type != "cpu" or head.weight.dtype != torch.float32:
         return None
     if family.attention_out_norm or family.mlp_out_norm or not (family.attention_in_norm and family.mlp_in_norm):
+        return None
+    if family.mlp_block:
         return None
     values = sum(m.weight.numel() for layer in layers for m in layer.modules() if type(m) is torch.nn.Linear)
     if values + head.weight.numel() > PACK_MAX_VALUES or not all(_packable(layer, family) for layer in layers):
@@ -429,15 +432,14 @@ class GraphedDecoder:
     """The static-cache decoder with one shape and one set of buffers for every decode step, so that on a GPU
     the step is recorded once as a CUDA graph and replayed with one launch.
 
-    A decode step of a model of up to a few billion parameters is launch-bound on a GPU (issue #7: transformers'
-    `generate` reached about 1% of the weight-read bandwidth limit of an H100 for a 0.5B model at batch 64;
-    each layer launches some 40 kernels). A graph needs the same shapes and addresses at every replay, so here:
+    A decode step of a model of up to a few billion parameters is launch-bound on a GPU (some 40 kernels a layer,
+    issue #7). A graph needs the same shapes and addresses at every replay, so here:
 
     - every row stays in the batch to the end; `select` only changes which rows' logits `step` returns, and a
       finished row's last token is fed again (on a GPU a step reads all the weights whatever the batch, so
       dropping rows would save little);
     - attention reads every cache slot, the slots not written yet masked out by an additive bias that each
-      step opens at its slot;
+      step opens at its slot (a sliding window's layers also hide the slots before their window, `windowed`);
     - keys, values, the bias, positions and the slot counter are written in place at indices held in tensors,
       and the logits into a buffer of the decoder's own (a graph must own its static buffers, DESIGN.md).
 

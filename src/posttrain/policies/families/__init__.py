@@ -128,7 +128,10 @@ def _missing_module(body: Any, family: Family) -> str | None:
     needed += [("layers.0.", name) for name in norms if name is not None]
     needed += [("layers.0.self_attn.", name) for name in (*family.qkv, "o_proj", "scaling", "head_dim")]
     needed += [("layers.0.self_attn.", name) for name in ("q_norm", "k_norm") if family.qk_norm is not None]
-    needed += [("layers.0.mlp.", name) for name in (*family.gate_up, "down_proj", family.activation)]
+    if family.mlp_block:
+        needed.append(("layers.0.", "mlp"))
+    else:
+        needed += [("layers.0.mlp.", name) for name in (*family.gate_up, "down_proj", family.activation)]
     for prefix, name in needed:
         owner = body
         for part in prefix.split(".")[:-1]:

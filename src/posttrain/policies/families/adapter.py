@@ -5,6 +5,7 @@ The layer forward that training and decoding share (`policies/decoder_layer.py`)
     a = x + norm_attention_out(o(attention(rope(qk_norm(q(n))), rope(qk_norm(k(n))), v(n))))   n = norm_attention_in(x)
     y = a + norm_mlp_out(down(act(gate(m)) * up(m)))                                          m = norm_mlp_in(a)
 
+(or the layer's own mixture-of-experts block in place of down(act(gate(m)) * up(m)))
 with RMSNorms y = x_hat * (offset + w); a family's adapter names which of these parts its layers have, where its
 modules are, and how its attention differs (soft-capping, sliding windows, RoPE tables per layer type).
 """
@@ -72,6 +73,9 @@ class Family:
     gate_up: tuple[str, ...] = ("gate_proj", "up_proj")
     """The gate and up projections, or one fused projection whose output stacks gate then up (Phi-3)."""
     activation: str = "act_fn"
+    mlp_block: bool = False
+    """The layer's `mlp` runs as its own module over the tokens [1, X, H] instead of as gate, up and down: a mixture
+    of experts, whose routing (top-k router, shared experts) is the model's own code (Mixtral, Qwen2-MoE)."""
     attention_softcap: str | None = None
     """The config attribute of the attention scores' soft-cap, cap * tanh(s / cap) (Gemma 2)."""
     final_softcap: str | None = None
