@@ -31,13 +31,13 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
 
-    def fused(q, k, v):  # noqa: ANN001, ANN202
+    def fused(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.18, enable_gqa=True)
 
-    def ours(q, k, v):  # noqa: ANN001, ANN202
+    def ours(q, k, v):
         return kernels.causal_attention(q, k, v, 0.18)
 
-    def unpadded_softmax(q, k, v):  # noqa: ANN001, ANN202
+    def unpadded_softmax(q, k, v):
         width = q.shape[2]
         bias = kernels.causal_bias(width, width, None, q).repeat(q.shape[1] // k.shape[1], 1)
         return kernels.grouped_attention(q, k, v, bias, 0.18)

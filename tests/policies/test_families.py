@@ -207,7 +207,7 @@ def test_static_decoder_logits_equal_the_models_forward(family, pack, monkeypatc
     assert supports_static(model)
     decoder = StaticCacheDecoder(model, max_new_tokens=7)
     adapter = FAMILIES[model.config.model_type]
-    packable = adapter.attention_out_norm is None and not adapter.mlp_block
+    packable = adapter.attention_out_norm is None and adapter.qk_norm is None and not adapter.mlp_block
     assert (decoder.packed is not None) == (pack and packable)
     with torch.no_grad():
         logits_P_V = decoder.prefill(*left_pad(PROMPTS, torch.device("cpu")))

@@ -39,7 +39,6 @@ from posttrain.policies.decoder_layer import (
     Rotary,
     activation_op,
     final_softcap,
-    heads_op,
     layer_forward,
     layer_ops,
     linear_op,
@@ -226,9 +225,9 @@ def packed_layers(model: Any, family: Family, layers: list[torch.nn.Module]) -> 
       the product's output with its bias (`_normed_product`); the final norm likewise into the LM head;
     - o and down add into the residual stream inside their product (addmm), when they have no bias.
 
-    None where packing does not apply: off the CPU, not float32, a family with norms after attention or the MLP or
-    with a mixture of experts, a layer with other than plain Linear projections (LoRA), or weights over
-    PACK_MAX_VALUES. The weights do not
+    None where packing does not apply: off the CPU, not float32, a family with norms after attention or the MLP,
+    with q/k norms or with a mixture of experts, a layer with other than plain Linear projections (LoRA), or weights
+    over PACK_MAX_VALUES. The weights do not
     change within a generation; they are held transposed, [in, out]. Equal to the unpacked step up to float
     rounding: tests/rollout/test_decoders.py."""
     head = model.get_output_embeddings()
@@ -236,7 +235,7 @@ def packed_layers(model: Any, family: Family, layers: list[torch.nn.Module]) -> 
         return None
     if family.attention_out_norm or family.mlp_out_norm or not (family.attention_in_norm and family.mlp_in_norm):
         return None
-    if family.mlp_block:
+    if family.mlp_block or family.qk_norm is not None:  # q/k norms: packing gained 1.5% (RESULTS.md, "Kernels")
         return None
     values = sum(m.weight.numel() for layer in layers for m in layer.modules() if type(m) is torch.nn.Linear)
     if values + head.weight.numel() > PACK_MAX_VALUES or not all(_packable(layer, family) for layer in layers):
@@ -267,17 +266,11 @@ def _pack(layer: torch.nn.Module, family: Family, config: Any, index: int) -> La
     down_weight, down_bias = mlp.down_proj.weight.T, mlp.down_proj.bias
     input_offset, post_offset = norm_offset(input_norm, norm), norm_offset(post_norm, norm)
     heads, kv_heads, dim = plain.heads, plain.kv_heads, plain.head_dim
-    query_heads = heads_op(family, attn, "q_norm", heads, dim)
-    key_heads = heads_op(family, attn, "k_norm", kv_heads, dim)
     act = activation_op(getattr(mlp, family.activation))
 
     def attention_inputs(x_A_H: Tensor, rope: Rotary, reads_Q: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         qkv_A_F = _normed_product(x_A_H, _inverse_norm(x_A_H, input_offset), qkv_weight, qkv_bias)
         v_A_G_D = qkv_A_F[:, (heads + kv_heads) * dim :].view(-1, kv_heads, dim)
-        if family.qk_norm is not None:  # normed apart, then rotated apart
-            q_A_N_D = query_heads(qkv_A_F[:, : heads * dim])
-            k_A_G_D = key_heads(qkv_A_F[:, heads * dim : (heads + kv_heads) * dim])
-            return rope.rotate(q_A_N_D), rope.rotate(k_A_G_D), v_A_G_D
         # q and k, adjacent in the stacked output, rotated together
         qk_A_NG_D = rope.rotate(qkv_A_F[:, : (heads + kv_heads) * dim].view(-1, heads + kv_heads, dim))
         return qk_A_NG_D[:, :heads], qk_A_NG_D[:, heads:], v_A_G_D
