@@ -5,7 +5,8 @@ causal mask as a bias (each key/value head's query heads stacked, rows shorter t
 that the softmax runs on full vectors); PyTorch's `scaled_dot_product_attention` is the alternative. This times
 forward + backward of both on the layouts the unpadded forward builds ([S, N, T, D] views of [S, T, N, D], the
 demo model's 4 query heads sharing 2 key/value heads of 32 features), alternating, and also the batched
-products without the 16-key padding; prints each side's median and the ratios.
+products without the 16-key padding; prints each side's median process CPU time (steadier than wall time on a
+shared machine) and the ratios.
 
     python bench/attention.py --rounds 30
 """
@@ -44,8 +45,8 @@ def main() -> None:
 
     sides = {"fused": fused, "batched products": ours, "batched, no key padding": unpadded_softmax}
     print(f"threads {args.threads}, {args.docs} documents x 4 heads (2 key/value) x 32 features, "
-          f"{args.rounds} rounds; median forward + backward")  # fmt: skip
-    for width in (10, 24, 40, 64):
+          f"{args.rounds} rounds; median CPU time of forward + backward")  # fmt: skip
+    for width in (10, 24, 40, 48, 56, 64):
         gen = torch.Generator().manual_seed(width)
         q, k, v = (torch.randn(args.docs, width, n, 32, generator=gen).transpose(1, 2) for n in (4, 2, 2))
         grad = torch.randn(args.docs, 4, width, 32, generator=gen)
@@ -53,10 +54,10 @@ def main() -> None:
         for round_ in range(args.rounds + 2):
             for name in list(sides) if round_ % 2 else list(sides)[::-1]:
                 leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-                started = time.perf_counter()
+                started = time.process_time()
                 sides[name](*leaves).backward(grad)
                 if round_ >= 2:
-                    times[name].append(time.perf_counter() - started)
+                    times[name].append(time.process_time() - started)
         medians = {name: statistics.median(t) for name, t in times.items()}
         line = ", ".join(f"{name} {m * 1e3:.3f} ms" for name, m in medians.items())
         print(f"T={width:>2}: {line}; fused / batched {medians['fused'] / medians['batched products']:.2f}x, "

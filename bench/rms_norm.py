@@ -64,7 +64,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sides = {"function": decoder_layer.norm_op, "composite": composite_norm_op}
     tokenizer = harness.build_tokenizer()
-    print(f"threads {args.threads}, {args.rounds} rounds; median seconds per forward + backward")
+    print(f"threads {args.threads}, {args.rounds} rounds; median CPU seconds per forward + backward")
     for size in [s.strip() for s in args.sizes.split(",")]:
         model = harness.build_model(size, tokenizer).train()
         for name, batch in {**batches(tokenizer, 64, 128, seed=0), "grpo": grpo_batch(tokenizer)}.items():

@@ -195,6 +195,8 @@ def causal_attention(
             enable_gqa=q_heads != kv_heads,
         )  # fmt: skip
     keys = max(width, SOFTMAX_MIN_WIDTH) if fast else width
-    k_S_K_L_D, v_S_K_L_D = (F.pad(x, (0, 0, 0, keys - width)) for x in (k_S_K_T_D, v_S_K_T_D))
+    k_S_K_L_D, v_S_K_L_D = k_S_K_T_D, v_S_K_T_D
+    if keys > width:
+        k_S_K_L_D, v_S_K_L_D = (F.pad(x, (0, 0, 0, keys - width)) for x in (k_S_K_T_D, v_S_K_T_D))
     bias_RT_L = causal_bias(width, keys, window, q_S_N_T_D).repeat(q_heads // kv_heads, 1)
     return grouped_attention(q_S_N_T_D, k_S_K_L_D, v_S_K_L_D, bias_RT_L, scale, softcap)
