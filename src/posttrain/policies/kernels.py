@@ -128,8 +128,13 @@ class SwiGLUDown(torch.autograd.Function):
 
 def soft_cap(x: Tensor, cap: float | None) -> Tensor:
     """cap * tanh(x / cap), Gemma 2's soft-capping of attention scores and final logits (Gemma Team 2024,
-    arXiv:2408.00118), in transformers' order of ops; x itself when cap is None."""
-    return x if cap is None else torch.tanh(x / cap) * cap
+    arXiv:2408.00118), in transformers' order of ops; x itself when cap is None. In place where no gradient is
+    needed."""
+    if cap is None:
+        return x
+    if torch.is_grad_enabled() and x.requires_grad:
+        return torch.tanh(x / cap) * cap
+    return x.div_(cap).tanh_().mul_(cap)
 
 
 def grouped_attention(
@@ -149,7 +154,9 @@ def grouped_attention(
     if softcap is None:
         scores_BG_RT_L = torch.baddbmm(bias, q_BG_RT_D, k_BG_D_L, alpha=scale)
     else:
-        scores_BG_RT_L = soft_cap(torch.bmm(q_BG_RT_D, k_BG_D_L) * scale, softcap) + bias
+        # cap tanh(s scale / cap) + bias in three ops on the product's own buffer (autograd keeps tanh's output)
+        tanh_BG_RT_L = torch.bmm(q_BG_RT_D, k_BG_D_L).mul_(scale / softcap).tanh_()
+        scores_BG_RT_L = torch.add(bias, tanh_BG_RT_L, alpha=softcap)
     if scores_BG_RT_L.dtype in HALF_DTYPES:
         weights_BG_RT_L = scores_BG_RT_L.softmax(dim=-1, dtype=torch.float32).to(v_B_G_L_D.dtype)
     else:
