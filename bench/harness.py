@@ -306,7 +306,7 @@ def intervals(stamps: Sequence[float], warmup: int) -> list[float]:
 
 def build_tokenizer() -> Any:
     """The arithmetic task's byte-level BPE tokenizer, built locally (posttrain.tasks), as the trainers do."""
-    from posttrain.trainers.build import build_builtin_tokenizer
+    from posttrain.tasks import build_builtin_tokenizer
 
     return build_builtin_tokenizer("arithmetic")
 

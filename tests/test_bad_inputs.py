@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.cli import main
-from posttrain.trainers.build import build_builtin_tokenizer
+from posttrain.tasks import build_builtin_tokenizer
 
 TINY = ["model.preset=qwen2-tiny", "model.tokenizer=arithmetic", "train.max_steps=1", "train.batch_size=2"]
 GOOD = {"prompt": "1+1=", "completion": "2"}

@@ -1,6 +1,7 @@
 """The command line: exit codes, one-line user errors, help text, and each command on tiny inputs."""
 
 import json
+import typing
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,69 @@ def test_sft_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
     line = next(x for x in out.splitlines() if x.strip().startswith("train.lr "))
     assert "0.001" in line and "learning rate" in line
     assert "model.path" in out and "--resume" in out
+
+
+def _help(command: str, capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def _leaf_descriptions(model, prefix: str = "") -> dict[str, str]:
+    """key -> the field's whole docstring, for every field of the config and of its sections (optional ones
+    too), read from pydantic's model fields rather than from the help code."""
+    from pydantic import BaseModel
+
+    out = {}
+    for name, field in model.model_fields.items():
+        if field.exclude:
+            continue
+        sections = [
+            arg
+            for arg in (field.annotation, *getattr(field.annotation, "__args__", ()))
+            if isinstance(arg, type) and issubclass(arg, BaseModel)
+        ]
+        if not sections or field.default is None:  # a section always present has no row of its own
+            out[prefix + name] = " ".join((field.description or "").split())
+        listed = typing.get_origin(field.annotation) is list
+        for section in sections:
+            out |= _leaf_descriptions(section, f"{prefix}{name}[]." if listed else f"{prefix}{name}.")
+    return out
+
+
+@pytest.mark.parametrize("columns", ["60", "200"])
+@pytest.mark.parametrize(
+    ("command", "config_name"),
+    [("sft", "SFTConfig"), ("pref", "PrefConfig"), ("rm", "RMConfig"), ("rl", "RLConfig"), ("eval", "EvalConfig")],
+)
+def test_help_shows_every_option_with_its_whole_description(command, config_name, columns, capsys, monkeypatch):
+    import posttrain.config as config
+
+    monkeypatch.setenv("COLUMNS", columns)
+    out = _help(command, capsys)
+    flat = " ".join(out.split())
+    for key, description in _leaf_descriptions(getattr(config, config_name)).items():
+        assert f" {key} " in flat, key
+        assert description in flat, (key, description)  # never cut short with "..."
+    # wrapped to the terminal; a line runs past it only to show a long default whole, its description below it
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("options (key=value"))
+    for line, after in zip(lines[start:], lines[start + 1 :]):
+        assert len(line) <= int(columns) or (line.split()[0] in flat and after.startswith(" " * 6)), line
+
+
+def test_help_lists_allowed_and_registered_values(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    pref = " ".join(_help("pref", capsys).split())
+    assert "Allowed: precomputed, on_the_fly, none." in pref  # pref.reference, a Literal
+    assert "Allowed: best_vs_worst, all_pairs, threshold, top_k, all, null." in pref  # online.select, optional
+    assert "Allowed: keep, refresh." in pref  # inside the optional `online` section
+    from posttrain.objectives.registry import KL_ESTIMATORS, PREFERENCE_LOSSES
+
+    assert f"Registered: {', '.join(sorted(PREFERENCE_LOSSES))}." in pref  # pref.loss names a registered loss
+    rl = " ".join(_help("rl", capsys).split())
+    assert f"Registered: {', '.join(sorted(KL_ESTIMATORS))}." in rl  # rl.kl.estimator
 
 
 def test_task_writes_data_and_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -162,7 +226,9 @@ def test_eval_on_the_trained_model(trained: Path, tmp_path: Path, capsys: pytest
 
     for example in written["examples"]:
         assert example["correct"] == verify(example["completion"], example["answer"])
-    assert f"written: {tmp_path / 'eval.json'}" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert f"written: {tmp_path / 'eval.json'}" in captured.out
+    assert "held-out generation, 10 prompts: 1 batches in " in captured.err  # the long step says what it did
 
 
 def test_generate_prints_json_lines(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -237,3 +303,31 @@ def test_unwritable_or_unreadable_paths_are_one_error_line(case: str, tmp_path: 
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("device", "gpus", "mps", "message"),
+    [
+        ("cuda", 0, False, "error: device: 'cuda' was asked for but CUDA is not available"),
+        ("cuda:0", 0, False, "error: device: 'cuda:0' was asked for but CUDA is not available"),
+        ("cuda:3", 1, False, "error: device: 'cuda:3' asks for GPU 3, but this machine has 1 CUDA device(s)"),
+        ("mps", 0, False, "error: device: 'mps' was asked for but MPS (Apple GPU) is not available"),
+        ("banana", 0, False, "error: device: 'banana' is not a device; use one of auto, cpu, cuda, cuda:N, mps"),
+        ("meta", 0, False, "error: device: 'meta' is not supported; use one of auto, cpu, cuda, cuda:N, mps"),
+    ],
+)
+def test_a_device_this_machine_lacks_is_one_error_line(
+    device: str, gpus: int, mps: bool, message: str, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    tiny = ["model.preset=qwen2-tiny", "model.tokenizer=arithmetic", "data.task.name=arithmetic"]
+    for command in (["sft", *tiny, "train.max_steps=1"], ["eval", *tiny]):
+        assert main([*command, f"device={device}", f"output_dir={tmp_path}"]) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[0].startswith(message), err
+        assert err.splitlines()[1:] == ["(run again with --debug for the traceback)"]
+    assert not (tmp_path / "final").exists()

@@ -10,6 +10,7 @@ A config may be a config object, a dict, or a path to a YAML recipe (plus `overr
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,22 +18,24 @@ import torch
 import transformers
 from pydantic import BaseModel
 
-from posttrain.config import ConfigError, EvalConfig, PrefConfig, RLConfig, RMConfig, SFTConfig, load_config, validate
+from posttrain.config import ConfigError, EvalConfig, PrefConfig, RLConfig, RMConfig, SFTConfig, load_config
 from posttrain.data.encoding import encode_prompt
 from posttrain.data.errors import DataError
 from posttrain.objectives.registry import ALL_REGISTRIES
-from posttrain.policies import MODEL_PRESETS, load_model, load_tokenizer
+from posttrain.policies import MODEL_PRESETS, load_model, load_tokenizer, save_pretrained
+from posttrain.policies.models import adapter_base_path
 from posttrain.rewards import BUILTIN_REWARDS
 from posttrain.rollout import ENGINES, SamplingParams
+from posttrain.runtime.checkpoint import model_dir, write_atomically
 from posttrain.runtime.logging import read_metrics
-from posttrain.tasks import TASKS
-from posttrain.trainers.build import build_builtin_tokenizer
+from posttrain.runtime.model_files import is_adapter_directory
+from posttrain.tasks import TASKS, build_builtin_tokenizer
 from posttrain.trainers.evaluation import EvalResult, RewardFn, run_evaluation
-from posttrain.trainers.preference import PrefResult, train_pref
-from posttrain.trainers.reward_model import RMResult, train_rm
-from posttrain.trainers.rl import RLResult, train_rl
-from posttrain.trainers.run_state import make_output_dir
-from posttrain.trainers.sft import SFTResult, train_sft
+from posttrain.trainers.lifecycle import RunResult, make_output_dir
+from posttrain.trainers.preference import train_pref
+from posttrain.trainers.reward_model import train_rm
+from posttrain.trainers.rl import train_rl
+from posttrain.trainers.sft import train_sft
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -40,15 +43,20 @@ C = TypeVar("C", bound=BaseModel)
 transformers.utils.logging.disable_progress_bar()
 
 
-def as_config(kind: type[C], config: C | dict[str, Any] | str | Path, overrides: list[str] = ()) -> C:
+def as_config(kind: type[C], config: C | dict[str, Any] | str | Path, overrides: Sequence[str] = ()) -> C:
+    """A config object from an object, a mapping or a YAML recipe, with `overrides` applied as the CLI applies
+    them (an override replaces what it names, and the keys that name the same thing: `config.loading.REPLACES`)."""
     if isinstance(config, kind):
         if not overrides:
             return config
         # only what was set: a default re-read as if the user had written it could clash with an override
-        return load_config(kind, None, [*_flatten(config.model_dump(exclude_unset=True)), *overrides])
-    if isinstance(config, dict):
-        return load_config(kind, None, [*_flatten(config), *overrides]) if overrides else validate(kind, config)
-    return load_config(kind, config, list(overrides))
+        internal = {"recipe_dir": config.recipe_dir, "load_notes": config.load_notes}
+        base = config.model_dump(exclude_unset=True) | internal
+        return load_config(kind, base, overrides)
+    if isinstance(config, BaseModel):
+        raise ConfigError(f"a {type(config).__name__} was given where a {kind.__name__} (or a dict or YAML path) is "
+                          "needed")  # fmt: skip
+    return load_config(kind, config, overrides)
 
 
 def sft(
@@ -61,10 +69,8 @@ def sft(
     eval: Any = None,
     resume: bool = False,
     progress: bool = True,
-) -> SFTResult:
+) -> RunResult:
     """Supervised fine-tuning (`posttrain sft`). `train`/`eval`: lists of row dicts or `datasets.Dataset`."""
-    if train is not None:
-        config = with_in_memory_train(config)
     return train_sft(
         as_config(SFTConfig, config, overrides),
         model=model,
@@ -74,19 +80,6 @@ def sft(
         resume=resume,
         progress=progress,
     )
-
-
-IN_MEMORY = "<rows passed from Python>"
-
-
-def with_in_memory_train(config: Any) -> Any:
-    """Rows passed from Python are the training data: a config dict may then leave data.train out."""
-    if not isinstance(config, dict):
-        return config
-    data = dict(config.get("data") or {})
-    if data.get("train") is None and data.get("task") is None:
-        data["train"] = IN_MEMORY
-    return {**config, "data": data}
 
 
 def rl(
@@ -100,7 +93,7 @@ def rl(
     rewards: list[Any] | None = None,
     resume: bool = False,
     progress: bool = True,
-) -> RLResult:
+) -> RunResult:
     """Online RL (`posttrain rl`). `rewards`: TRL-style callables or `RewardSpec`s replacing the config's."""
     return train_rl(
         as_config(RLConfig, config, overrides),
@@ -124,12 +117,10 @@ def pref(
     eval: Any = None,
     resume: bool = False,
     progress: bool = True,
-) -> PrefResult:
+) -> RunResult:
     """Preference optimisation (`posttrain pref`): offline on preference rows, or in rounds on the policy's own
     samples when the config has an `online` section (then `train`/`eval` are prompt rows with `answer`...).
     `train`/`eval`: row dicts or a `datasets.Dataset`."""
-    if train is not None:
-        config = with_in_memory_train(config)
     return train_pref(
         as_config(PrefConfig, config, overrides),
         model=model,
@@ -151,10 +142,8 @@ def rm(
     eval: Any = None,
     resume: bool = False,
     progress: bool = True,
-) -> RMResult:
+) -> RunResult:
     """Reward-model training (`posttrain rm`). `train`/`eval`: row dicts or a `datasets.Dataset`."""
-    if train is not None:
-        config = with_in_memory_train(config)
     return train_rm(
         as_config(RMConfig, config, overrides),
         model=model,
@@ -224,6 +213,36 @@ def generate(
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
+def export(
+    run_dir: str | Path, *, merge: bool = False, checkpoint: str | None = None, output: str | Path | None = None
+) -> Path:
+    """A standalone Hugging Face model directory from a run (`posttrain export`): its `final/`, or a checkpoint's
+    model (`checkpoint`: a step number or a directory name such as step-00000100). A LoRA run saves its adapter
+    only; `merge` merges it into its base. Written to `output` (default: RUN/merged or RUN/exported), atomically."""
+    run = Path(run_dir)
+    source = run / "final" if checkpoint is None else model_dir(checkpoint_dir(run, checkpoint))
+    if not source.is_dir():
+        raise ConfigError(f"export: {source} does not exist (is {run} a finished posttrain run?)")
+    adapter = is_adapter_directory(source)
+    if adapter and not merge:
+        raise ConfigError(f"export: {source} holds a LoRA adapter only; add --merge to merge it into its base "
+                          f"({adapter_base_path(source)})")  # fmt: skip
+    model = load_model(source)  # an adapter directory loads as its base with the adapter merged
+    out = Path(output) if output is not None else run / ("merged" if adapter else "exported")
+    write_atomically(out, lambda staging: save_pretrained(model, load_tokenizer(source), staging))
+    return out
+
+
+def checkpoint_dir(run: Path, checkpoint: str) -> Path:
+    """A run's checkpoint directory by step number (`100`) or name (`step-00000100`)."""
+    name = f"step-{int(checkpoint):08d}" if checkpoint.isdigit() else checkpoint
+    path = run / "checkpoints" / name
+    if not path.is_dir():
+        found = ", ".join(sorted(p.name for p in (run / "checkpoints").glob("step-*"))) or "none"
+        raise ConfigError(f"export: no checkpoint {name} in {run / 'checkpoints'}; found: {found}")
+    return path
+
+
 def write_task(
     name: str,
     out_dir: str | Path,
@@ -278,13 +297,3 @@ def summarise_run(run_dir: str | Path) -> dict[str, Any]:
                 if key not in ("step", "kind", "time") and isinstance(value, int | float):
                     summary[f"{kind} {key} (last)"] = value
     return summary
-
-
-def _flatten(raw: dict[str, Any], prefix: str = "") -> list[str]:
-    items = []
-    for key, value in raw.items():
-        if isinstance(value, dict) and value:
-            items += _flatten(value, f"{prefix}{key}.")
-        elif value is not None:
-            items.append(f"{prefix}{key}={json.dumps(value)}")
-    return items

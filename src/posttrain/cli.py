@@ -6,6 +6,7 @@ posttrain pref RECIPE [key.sub=value ...] [--resume]
 posttrain rm RECIPE [key.sub=value ...] [--resume]
 posttrain eval [RECIPE] [key.sub=value ...]
 posttrain generate MODEL_DIR --prompt TEXT [--n N]
+posttrain export RUN_DIR [--merge] [--checkpoint STEP] [--output DIR]
 posttrain demo
 posttrain task arithmetic OUT_DIR
 posttrain list [advantages|policy_losses|aggregations|kl_estimators|preference_losses|rewards|presets]
@@ -21,10 +22,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import shlex
+import shutil
 import sys
 import textwrap
-from collections.abc import Callable, Sequence
+import types
+import typing
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except TrainingInterrupted as stop:
-        print(f"{stop}\nresume with: {_resume_command(args)}", file=sys.stderr)
+        resumable = hasattr(args, "recipe")  # `posttrain demo` starts again instead
+        print(f"{stop}\nresume with: {_resume_command(args)}" if resumable else str(stop), file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -111,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     task.add_argument("--seed", type=int, default=0)
 
+    export = _add(sub, "export", "write a run's model as a standalone directory (--merge: a LoRA adapter merged)",
+                  _run_export)  # fmt: skip
+    export.add_argument("run_dir", help="a posttrain run directory")
+    export.add_argument("--merge", action="store_true", help="merge a LoRA run's adapter into its base model")
+    export.add_argument("--checkpoint", help="a checkpoint's step (100) or name (step-00000100) instead of final/")
+    export.add_argument("--output", help="where to write it (default: RUN/merged, or RUN/exported)")
+
     lst = _add(sub, "list", "list registered objectives, rewards and model presets", _run_list)
     lst.add_argument("what", nargs="?", default="all")
 
@@ -147,15 +160,81 @@ def _add_recipe_command(
 
 
 def _options_epilog(config_name: str, command: str) -> str:
+    """Every option of the command's config with its default and its whole description, wrapped to the terminal."""
     import posttrain.config as config
 
-    rows = config.describe_options(getattr(config, config_name))
+    rows = list(_option_rows(getattr(config, config_name)))
     width = max(len(k) for k, _, _ in rows)
+    columns = max(shutil.get_terminal_size((100, 24)).columns - 1, 40)
     lines = [f"options (key=value; default, meaning) for `posttrain {command}`:"]
     for key, default, description in rows:
-        wrapped = textwrap.shorten(description, 90, placeholder="...")
-        lines.append(f"  {key:<{width}}  {default:>10}  {wrapped}")
+        head = f"  {key:<{width}}  {default:>10}  "
+        indent = len(head) if columns - len(head) >= 30 else 6
+        if indent != len(head):  # a narrow terminal: the description goes under the key
+            lines.append(head.rstrip())
+            head = " " * indent
+        wrap = dict(initial_indent=head, subsequent_indent=" " * indent, break_long_words=False, break_on_hyphens=False)
+        lines.append(textwrap.fill(description, columns, **wrap) if description else head.rstrip())
     return "\n".join(lines)
+
+
+def _option_rows(model: Any, prefix: str = "") -> Iterator[tuple[str, str, str]]:
+    """(key, default, description) of every option, the description followed by the allowed values of a Literal
+    field or the names registered for a name field; an optional section's keys (null by default, e.g. `online`)
+    follow its own row, and a list of mappings' keys (`rewards[].fn`) the list's."""
+    import posttrain.config as config
+
+    for key, default, description in config.describe_options(model, prefix=prefix):
+        annotation = _annotation_of(model, key.removeprefix(prefix))
+        yield key, default, description + _allowed_values(annotation, description)
+        section = _section_of(annotation)
+        if section is not None and default == "null":
+            yield from _option_rows(section, prefix=f"{key}.")
+        entry = _section_of(typing.get_args(annotation)[0]) if typing.get_origin(annotation) is list else None
+        if entry is not None:  # a list of mappings, e.g. `rewards`: the keys of one entry
+            yield from _option_rows(entry, prefix=f"{key}[].")
+
+
+def _annotation_of(model: Any, key: str) -> Any:
+    """The type annotation of a dotted config key (through nested and optional sections)."""
+    annotation: Any = model
+    for part in key.split("."):
+        annotation = _section_of(annotation).model_fields[part].annotation
+    return annotation
+
+
+def _section_of(annotation: Any) -> Any:
+    """The pydantic model inside an annotation (`Section`, `Section | None`), or None."""
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return next((m for m in map(_section_of, typing.get_args(annotation)) if m is not None), None)
+    return None
+
+
+def _allowed_values(annotation: Any, description: str) -> str:
+    """' Allowed: a, b.' for a Literal field (null too when it is optional), ' Registered: ...' for a name field
+    whose description points to `posttrain list X`, else ''."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    options = typing.get_args(annotation) if union else (annotation,)
+    literals = []
+    for option in options:
+        if typing.get_origin(option) is typing.Annotated:
+            option = typing.get_args(option)[0]
+        if typing.get_origin(option) is typing.Literal:
+            literals += [str(value) for value in typing.get_args(option)]
+    if literals:
+        return f" Allowed: {', '.join(literals + (['null'] if type(None) in options else []))}."
+    listed = re.search(r"`posttrain list (\w+)`", description)
+    if listed and str in options:
+        from posttrain.api import registered
+
+        names = registered().get(listed.group(1))
+        if names:
+            return f" Registered: {', '.join(names)}."
+    return ""
 
 
 def _split_recipe(args: argparse.Namespace) -> tuple[str | None, list[str]]:
@@ -249,6 +328,13 @@ def _run_task(args: argparse.Namespace) -> int:
     )
     for path in paths:
         print(path)
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from posttrain.api import export
+
+    print(export(args.run_dir, merge=args.merge, checkpoint=args.checkpoint, output=args.output))
     return 0
 
 

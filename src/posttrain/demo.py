@@ -26,8 +26,8 @@ from rich.table import Table
 
 from posttrain.api import evaluate, rl, sft
 from posttrain.policies import build_model
+from posttrain.tasks import build_builtin_tokenizer
 from posttrain.tasks.arithmetic import THINK_OPEN
-from posttrain.trainers.build import build_builtin_tokenizer
 from posttrain.trainers.evaluation import EvalResult
 
 TASK = {

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 from posttrain.config import ConfigError, EvalConfig, SFTConfig, describe_options, load_config, validate
+from posttrain.trainers.evaluation import run_evaluation
+from posttrain.trainers.sft import train_sft
 
 GOOD_RECIPE = """\
 model:
@@ -110,17 +112,19 @@ def test_literal_choice_lists_the_allowed_values() -> None:
     assert "cosine" in message and "linear" in message and "constant" in message
 
 
-@pytest.mark.parametrize(
-    "model",
-    [
-        ["model.path=/x", "model.preset=qwen2-tiny", "model.tokenizer=arithmetic"],  # both
-        ["model.tokenizer=arithmetic"],  # neither
-    ],
-)
-def test_exactly_one_of_model_path_and_preset(model: list[str]) -> None:
-    message = error_of([*model, "data.task.name=arithmetic"])
+def test_model_path_and_preset_together_are_an_error() -> None:
+    message = error_of(["model.path=/x", "model.preset=qwen2-tiny", "model.tokenizer=arithmetic",
+                        "data.task.name=arithmetic"])  # fmt: skip
     assert message.startswith("model:")
     assert "model.path" in message and "model.preset" in message
+
+
+def test_a_run_without_a_model_source_names_both_keys(tmp_path: Path) -> None:
+    # no model.path, no model.preset and no model object: one ConfigError when the run starts
+    cfg = load_config(SFTConfig, None, ["data.task.name=arithmetic", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError) as info:
+        train_sft(cfg, progress=False)
+    assert "model.path" in str(info.value) and "model.preset" in str(info.value)
 
 
 def test_preset_needs_a_tokenizer() -> None:
@@ -128,17 +132,17 @@ def test_preset_needs_a_tokenizer() -> None:
     assert "model.tokenizer" in message
 
 
-def test_missing_data_source() -> None:
-    # a data section that exists but names no source
-    message = error_of(["model.path=/x", "data.max_length=64"])
-    assert "data.train" in message and "data.task" in message
-    # no data section at all
-    assert error_of(["model.path=/x"]) == "data: required"
+def test_a_run_without_training_data_names_the_sources(tmp_path: Path) -> None:
+    cfg = load_config(SFTConfig, None, [*BASE[:2], "data.max_length=64", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError) as info:
+        train_sft(cfg, progress=False)
+    assert "data.train" in str(info.value) and "data.task" in str(info.value)
 
 
-def test_eval_config_needs_eval_data() -> None:
+def test_evaluation_without_eval_data_names_the_sources(tmp_path: Path) -> None:
+    cfg = load_config(EvalConfig, None, [*BASE[:2], "data.train=t.jsonl", f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"data\.eval"):
-        load_config(EvalConfig, None, ["model.path=/x", "data.train=t.jsonl"])
+        run_evaluation(cfg)
 
 
 def test_eval_k_above_samples() -> None:
@@ -193,3 +197,61 @@ def test_describe_options_shows_a_list_of_sections_default() -> None:
 
     rows = {key: default for key, default, _ in describe_options(WithList)}
     assert rows == {"entries": "[{name: a}, {name: b}]", "plain": "[1, 2]"}
+
+
+def model_dir_with_tokenizer(path: Path, *, tokenizer: bool) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    if tokenizer:
+        (path / "tokenizer.json").write_text("{}")
+    return path
+
+
+def test_an_override_of_model_path_replaces_the_recipes_preset_and_its_tokenizer(tmp_path: Path) -> None:
+    # the README's line: posttrain sft recipes/arith-sft.yaml model.path=/my/model data.train=my.jsonl
+    recipe = write(tmp_path / "r.yaml", GOOD_RECIPE)
+    mine = model_dir_with_tokenizer(tmp_path / "mine", tokenizer=True)
+    cfg = load_config(SFTConfig, recipe, [f"model.path={mine}", "data.train=my.jsonl"])
+    assert cfg.model.path == str(mine) and cfg.model.preset is None
+    assert cfg.model.tokenizer is None  # the directory's own tokenizer, not the recipe's built-in one
+    assert cfg.data.train == "my.jsonl" and cfg.data.task is not None  # the task is left for held-out rows
+    assert any("model.preset=qwen2-tiny" in note for note in cfg.load_notes)
+    assert any("model.tokenizer=arithmetic" in note for note in cfg.load_notes)
+
+
+def test_the_recipes_tokenizer_stays_for_a_model_directory_without_one(tmp_path: Path) -> None:
+    recipe = write(tmp_path / "r.yaml", GOOD_RECIPE)
+    bare = model_dir_with_tokenizer(tmp_path / "bare", tokenizer=False)
+    cfg = load_config(SFTConfig, recipe, [f"model.path={bare}"])
+    assert cfg.model.preset is None and cfg.model.tokenizer == "arithmetic"
+
+
+def test_an_override_of_model_tokenizer_wins_over_the_model_directorys(tmp_path: Path) -> None:
+    recipe = write(tmp_path / "r.yaml", GOOD_RECIPE)
+    mine = model_dir_with_tokenizer(tmp_path / "mine", tokenizer=True)
+    cfg = load_config(SFTConfig, recipe, [f"model.path={mine}", "model.tokenizer=arithmetic"])
+    assert cfg.model.tokenizer == "arithmetic" and cfg.model.preset is None
+
+
+def test_an_override_of_model_preset_replaces_the_recipes_path(tmp_path: Path) -> None:
+    recipe = write(tmp_path / "r.yaml", "model: {path: /somewhere, tokenizer: arithmetic}\ndata: {task: {}}\n")
+    cfg = load_config(SFTConfig, recipe, ["model.preset=qwen2-tiny"])
+    assert cfg.model.preset == "qwen2-tiny" and cfg.model.path is None
+    assert any("model.path=/somewhere" in note for note in cfg.load_notes)
+
+
+def test_a_child_recipes_model_path_replaces_its_parents_preset(tmp_path: Path) -> None:
+    write(tmp_path / "base.yaml", GOOD_RECIPE)
+    child = write(tmp_path / "child.yaml", "inherit: base.yaml\nmodel: {path: /x}\n")
+    cfg = load_config(SFTConfig, child)
+    assert cfg.model.path == "/x" and cfg.model.preset is None and cfg.model.tokenizer == "arithmetic"
+
+
+def test_the_python_api_applies_overrides_by_the_same_rule(tmp_path: Path) -> None:
+    from posttrain.api import as_config
+
+    mine = model_dir_with_tokenizer(tmp_path / "mine", tokenizer=True)
+    raw = {"model": {"preset": "qwen2-tiny", "tokenizer": "arithmetic"}, "data": {"task": {"name": "arithmetic"}}}
+    for config in (raw, validate(SFTConfig, raw)):
+        cfg = as_config(SFTConfig, config, [f"model.path={mine}"])
+        assert cfg.model.path == str(mine) and cfg.model.preset is None and cfg.model.tokenizer is None

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from posttrain.objectives.kl import adaptive_kl_coef, k1, k2, k3
+from posttrain.objectives.kl import adaptive_kl_coef, k1, k2, k3, k3_bias_corrected
 from posttrain.objectives.registry import KL_ESTIMATORS
 
 
@@ -13,7 +13,7 @@ def t(values) -> Tensor:
 
 
 def test_registered_names():
-    assert {"k1", "k2", "k3"} <= set(KL_ESTIMATORS)
+    assert {"k1", "k2", "k3", "k3_bias_corrected"} <= set(KL_ESTIMATORS)
 
 
 # token 0: pi = 0.5, ref = 0.25 -> log r = log 0.25 - log 0.5 = -0.693147, r = 0.5
@@ -83,3 +83,21 @@ def test_adaptive_kl_coef_follows_ziegler():
     # a 0-dim tensor KL gives a tensor coefficient with the same value
     new = adaptive_kl_coef(0.1, torch.tensor(9.0), **kwargs)
     assert isinstance(new, Tensor) and new.item() == pytest.approx(0.100512)
+
+
+def test_k3_bias_corrected_is_the_ratio_to_the_sampler_times_k3():
+    # token 0: pi = 0.5, pi_old = 0.4, ref = 0.25: rho = 0.5 / 0.4 = 1.25; k3 = 0.193147 -> 1.25 * 0.193147 = 0.241434
+    # token 1: pi = pi_old (rho = 1), logp - ref = -0.5: k3 = 0.148721
+    logp = LOGP[:, :2]
+    old = torch.cat([torch.log(t([[0.4]])), LOGP[:, 1:2]], dim=1)
+    torch.testing.assert_close(k3_bias_corrected(logp, REF_LOGP[:, :2], old), t([[0.241434, 0.148721]]))
+
+
+def test_k3_bias_corrected_gradient_is_the_reverse_kls():
+    # d/dlogp [rho * k3] = rho * k3 + rho * (1 - r), rho = exp(logp - old), r = ref / pi.
+    # token 0 at rho = 1 (old = logp): 0.193147 + 0.5 = 0.693147 = logp - ref (k3 alone: 1 - r = 0.5);
+    # at rho = 1.25 (old = log 0.4): 1.25 * (0.193147 + 0.5) = 0.866434
+    for old, expected in ((LOGP[:, :1], 0.693147), (torch.log(t([[0.4]])), 0.866434)):
+        logp = LOGP[:, :1].clone().requires_grad_()
+        k3_bias_corrected(logp, REF_LOGP[:, :1], old).sum().backward()
+        assert logp.grad.item() == pytest.approx(expected, abs=1e-6)

@@ -20,10 +20,15 @@ def close(actual: Tensor, expected: list[float], atol: float = 1e-5) -> None:
 
 
 def test_registered_with_what_the_loop_must_supply():
-    assert PREFERENCE_LOSSES["sppo"].needs == ("listwise", "reference", "win_rates")
-    assert PREFERENCE_LOSSES["xpo"].needs == ("reference", "reference_samples")
-    assert PREFERENCE_LOSSES["nash_md"].needs == ("listwise", "reference", "win_rates", "mixture_opponents")
-    assert PREFERENCE_LOSSES["nll"].needs == ("unpaired", "lengths")
+    assert set(PREFERENCE_LOSSES["sppo"].needs) == {"listwise", "reference", "win_rates"}
+    assert set(PREFERENCE_LOSSES["xpo"].needs) == {"reference", "reference_samples"}
+    assert set(PREFERENCE_LOSSES["nash_md"].needs) == {"listwise", "reference", "win_rates", "mixture_opponents"}
+    assert set(PREFERENCE_LOSSES["nll"].needs) == {"unpaired", "lengths"}
+    # what they consume and how an online round samples their opponents
+    assert [PREFERENCE_LOSSES[n].consumes for n in ("sppo", "xpo", "nash_md", "nll")] == [
+        "lists", "pairs", "lists", "unpaired"]
+    assert [PREFERENCE_LOSSES[n].opponents for n in ("sppo", "xpo", "nash_md", "nll")] == [
+        None, "reference", "mixture", None]
     for name in ("sppo", "xpo", "nash_md", "nll"):
         doc = PREFERENCE_LOSSES[name].__doc__
         assert "arXiv:" in doc and "Deviations" in doc

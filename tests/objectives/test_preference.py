@@ -379,8 +379,73 @@ def test_listwise_gradient_raises_best_and_lowers_worst(name):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# TRL 1.16 formulas, written out from trl/trainer/dpo_trainer.py (_compute_loss), kto_trainer.py,
-# experimental/cpo/cpo_trainer.py (cpo_loss) and experimental/orpo/orpo_trainer.py (odds_ratio_loss).
+# TRL 1.16 formulas, transcribed from its source with a pointer to the file and line (the lines of the
+# trl==1.16.0 wheel). Where TRL is installed, `test_trl_116_has_what_the_transcriptions_name` and the ORPO
+# test below check the transcriptions against TRL's own code.
+
+# TRL 1.16's preference trainers (trl/__init__.py, trl/experimental/) and the loss types each accepts:
+# DPO trl/trainer/dpo_config.py:245 (loss_type help), KTO trl/trainer/kto_config.py:198 (choices),
+# CPO trl/experimental/cpo/cpo_trainer.py:715-737 (cpo_loss); ORPO has one loss and no loss_type.
+TRL_116_TRAINERS: dict[str, set[str | None]] = {
+    "trl.DPOTrainer": {
+        "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+        "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+    },
+    "trl.KTOTrainer": {"kto", "apo_zero_unpaired"},
+    "trl.experimental.cpo.CPOTrainer": {"sigmoid", "hinge", "ipo", "simpo"},
+    "trl.experimental.orpo.ORPOTrainer": {None},
+}  # fmt: skip
+
+
+def test_trl_loss_types_name_only_what_trl_116_has():
+    # XPO, Nash-MD and BCO trainers are not in TRL 1.16; a loss mapped to TRL names a trainer and loss types it has
+    assert set(P.TRL_LOSS_TYPES) == set(PREFERENCE_LOSSES)
+    for name, target in P.TRL_LOSS_TYPES.items():
+        if target is None:
+            continue
+        trainer, loss_type = target
+        assert trainer in TRL_116_TRAINERS, (name, trainer)
+        for part in loss_type.split("+") if loss_type else [None]:
+            assert part in TRL_116_TRAINERS[trainer], (name, part)
+
+
+def test_trl_116_has_what_the_transcriptions_name():
+    import importlib
+    import re
+
+    trl = pytest.importorskip("trl")
+    if trl.__version__ != "1.16.0":
+        pytest.skip(f"the transcriptions are of TRL 1.16.0, not {trl.__version__}")
+    assert not hasattr(trl, "XPOTrainer") and not hasattr(trl, "NashMDTrainer") and not hasattr(trl, "BCOTrainer")
+    for path, loss_types in TRL_116_TRAINERS.items():
+        module, cls = path.rsplit(".", 1)
+        config = getattr(importlib.import_module(module), cls.replace("Trainer", "Config"))
+        field = config.__dataclass_fields__.get("loss_type")
+        if loss_types == {None}:
+            assert field is None, path
+            continue
+        named = set(field.metadata.get("choices") or re.findall(r"`'(\w+)'`", field.metadata["help"]))
+        assert named - {"alphapo"} == loss_types, path  # CPOConfig turns alphapo into simpo with cpo_alpha=0
+
+
+def test_the_docs_trl_column_is_trl_loss_types():
+    from pathlib import Path
+
+    table = Path(__file__).parents[2] / "docs" / "preference.md"
+    rows = {}
+    for line in table.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`") and cells[0].strip("`") in PREFERENCE_LOSSES:
+            rows[cells[0].strip("`")] = cells[3]
+    assert set(rows) == set(PREFERENCE_LOSSES)
+    for name, target in P.TRL_LOSS_TYPES.items():
+        if target is None:
+            assert rows[name].startswith("none"), name
+            continue
+        trainer, loss_type = target
+        assert f"`{trainer.rsplit('.', 1)[1]}`" in rows[name], name
+        for part in loss_type.split("+") if loss_type else []:
+            assert part in rows[name], (name, part)
 
 
 def random_pairs(n: int = 6, seed: int = 0) -> dict[str, Tensor]:
@@ -394,7 +459,7 @@ def test_matches_trl_dpo_family():
     chosen_logratios = x["chosen"] - x["ref_chosen"]
     rejected_logratios = x["rejected"] - x["ref_rejected"]
     delta_score = chosen_logratios - rejected_logratios
-    trl = {
+    trl = {  # trl/trainer/dpo_trainer.py:1387-1482 (_compute_loss), f_divergence_type="reverse_kl"
         "dpo": -F.logsigmoid(beta * delta_score),  # "sigmoid"
         "hinge": torch.relu(1 - beta * delta_score),
         "robust_dpo": (-(1 - ls) * F.logsigmoid(beta * delta_score) + ls * F.logsigmoid(-beta * delta_score))
@@ -421,7 +486,7 @@ def test_matches_trl_exo_pair():
     x = random_pairs(seed=1)
     beta, eps = 0.2, 1e-3
     delta_score = (x["chosen"] - x["ref_chosen"]) - (x["rejected"] - x["ref_rejected"])
-    epsilon = torch.tensor(eps)
+    epsilon = torch.tensor(eps)  # trl/trainer/dpo_trainer.py:1406-1417, epsilon = label_smoothing
     qw, log_qw = torch.sigmoid(beta * delta_score), F.logsigmoid(beta * delta_score)
     ql, log_ql = torch.sigmoid(-beta * delta_score), F.logsigmoid(-beta * delta_score)
     trl = qw * (log_qw - torch.log1p(-epsilon)) + ql * (log_ql - torch.log(epsilon))
@@ -433,6 +498,7 @@ def test_matches_trl_ipo_with_completion_masks():
     beta = 0.1
     chosen_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
     rejected_mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    # trl/trainer/dpo_trainer.py:1393-1404: scores averaged over each completion's tokens, beta = tau
     chosen_avg = (x["chosen"] - x["ref_chosen"]) / chosen_mask.sum(dim=1).clamp(min=1.0)
     rejected_avg = (x["rejected"] - x["ref_rejected"]) / rejected_mask.sum(dim=1).clamp(min=1.0)
     trl = (chosen_avg - rejected_avg - 1 / (2 * beta)) ** 2
@@ -445,7 +511,7 @@ def test_matches_trl_ipo_with_completion_masks():
 def test_matches_trl_bco_pair_summed_over_both_rows():
     x = random_pairs(seed=3)
     beta = 0.4
-    chosen_rewards = beta * (x["chosen"] - x["ref_chosen"])
+    chosen_rewards = beta * (x["chosen"] - x["ref_chosen"])  # trl/trainer/dpo_trainer.py:1433-1436
     rejected_rewards = beta * (x["rejected"] - x["ref_rejected"])
     trl = -F.logsigmoid(chosen_rewards) - F.logsigmoid(-rejected_rewards)
     n = len(trl)
@@ -461,7 +527,7 @@ def test_matches_trl_bco_pair_summed_over_both_rows():
 
 def test_matches_trl_sppo_hard_with_beta_one_over_eta():
     x = random_pairs(seed=4)
-    beta = 0.5  # TRL's beta; eta = 1 / beta
+    beta = 0.5  # TRL's beta; eta = 1 / beta; trl/trainer/dpo_trainer.py:1438-1445
     trl = (x["chosen"] - x["ref_chosen"] - 0.5 / beta) ** 2 + (
         x["rejected"] - x["ref_rejected"] + 0.5 / beta
     ) ** 2
@@ -471,7 +537,7 @@ def test_matches_trl_sppo_hard_with_beta_one_over_eta():
 def test_matches_trl_aot_paired():
     x = random_pairs(seed=5)
     beta, ls = 0.1, 0.1
-    logratios_sorted, _ = torch.sort(x["chosen"] - x["rejected"], dim=0)
+    logratios_sorted, _ = torch.sort(x["chosen"] - x["rejected"], dim=0)  # trl/trainer/dpo_trainer.py:1447-1456
     ref_logratios_sorted, _ = torch.sort(x["ref_chosen"] - x["ref_rejected"], dim=0)
     delta = logratios_sorted - ref_logratios_sorted
     trl = -F.logsigmoid(beta * delta) * (1 - ls) - F.logsigmoid(-beta * delta) * ls
@@ -479,8 +545,9 @@ def test_matches_trl_aot_paired():
 
 
 def test_matches_trl_rpo_as_sigmoid_plus_sft_with_equal_lengths():
-    # TRL 1.16: loss_type=["sigmoid", "sft"], loss_weights=[1, alpha]; "sft" is -mean of the chosen
-    # per-token log-probs over the batch (a scalar); per pair the same when all chosen lengths are equal.
+    # TRL 1.16: loss_type=["sigmoid", "sft"], loss_weights=[1, alpha]; "sft" (trl/trainer/dpo_trainer.py:1495-1502)
+    # is -mean of the chosen completion's per-token log-probs over the batch (a scalar; shift_completion_mask
+    # holds completion tokens only); per pair the same when all chosen lengths are equal.
     g = torch.Generator().manual_seed(6)
     per_token_chosen = -torch.rand(4, 5, generator=g) * 3  # [N, T], all tokens are completion tokens
     x = random_pairs(n=4, seed=7)
@@ -499,13 +566,14 @@ def test_matches_trl_cpo_and_simpo():
     chosen = per_token_chosen.sum(1)
     chosen_len, rejected_len = torch.full((4,), 5.0), t([3.0, 7.0, 1.0, 4.0])
     beta, cpo_alpha, simpo_gamma = 0.2, 1.0, 0.5
-    # CPOTrainer, loss_type="sigmoid" (summed log-probs), label_smoothing=0, + cpo_alpha * token-mean NLL
+    # CPOTrainer, loss_type="sigmoid" (summed log-probs), label_smoothing=0, + cpo_alpha * token-mean NLL over the
+    # chosen completion tokens of the batch (trl/experimental/cpo/cpo_trainer.py:723-728, 840-845, 890)
     logits = chosen - rejected
     trl_cpo = (-F.logsigmoid(beta * logits)).mean() + cpo_alpha * -per_token_chosen.mean()
     torch.testing.assert_close(
         P.cpo(chosen, rejected, chosen_len, beta=beta, alpha=cpo_alpha).mean(), trl_cpo
     )
-    # CPOTrainer, loss_type="simpo" (average_log_prob=True), cpo_alpha=0
+    # CPOTrainer, loss_type="simpo" (average_log_prob=True), cpo_alpha=0 (cpo_trainer.py:715-722)
     logits = chosen / chosen_len - rejected / rejected_len - simpo_gamma / beta
     trl_simpo = -F.logsigmoid(beta * logits)
     torch.testing.assert_close(
@@ -513,25 +581,103 @@ def test_matches_trl_cpo_and_simpo():
     )
 
 
-def test_matches_trl_orpo():
-    g = torch.Generator().manual_seed(9)
-    per_token_chosen = -torch.rand(4, 6, generator=g) * 2
-    chosen = per_token_chosen.sum(1)
-    rejected = -torch.rand(4, generator=g) * 12
-    chosen_len, rejected_len = torch.full((4,), 6.0), t([2.0, 6.0, 9.0, 3.0])
-    beta = 0.1  # ORPO's lambda
+def orpo_batch(seed: int = 9) -> tuple[Tensor, dict[str, Tensor]]:
+    """Logits [2N, T, V] and a batch in TRL's ORPO format: prompt + completion ids right-padded with 0,
+    attention masks, and labels holding the completion ids only (-100 on prompt and padding). Chosen
+    completions all have 3 tokens, so TRL's batch token mean of the chosen NLL would equal ours per pair
+    if it left the prompt out; prompts have 4, 2 and 5 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    prompts, chosen, rejected = [4, 2, 5], [3, 3, 3], [2, 5, 1]
+    t_len, vocab = 9, 7
+    batch: dict[str, Tensor] = {}
+    for side, lengths in (("chosen", chosen), ("rejected", rejected)):
+        ids = torch.zeros(3, t_len, dtype=torch.long)
+        mask = torch.zeros(3, t_len, dtype=torch.long)
+        labels = torch.full((3, t_len), -100)
+        for i, (p, c) in enumerate(zip(prompts, lengths)):
+            ids[i, : p + c] = torch.randint(1, vocab, (p + c,), generator=g)
+            mask[i, : p + c] = 1
+            labels[i, p : p + c] = ids[i, p : p + c]
+        batch |= {f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_labels": labels}
+    return torch.randn(6, t_len, vocab, generator=g) * 2, batch
 
-    def log1mexp(x):  # trl/experimental/orpo/orpo_trainer.py
+
+def trl_orpo_loss(logits: Tensor, batch: dict[str, Tensor], beta: float) -> tuple[Tensor, Tensor]:
+    """TRL 1.16's ORPO loss and its NLL term, transcribed from trl/experimental/orpo/orpo_trainer.py:
+    concatenated_forward (779-800: cross_entropy_loss over labels = input_ids where attention_mask == 1,
+    i.e. prompt AND chosen; 802-807: get_batch_logps with average_log_prob=True over the completion labels),
+    odds_ratio_loss (691-697), log1mexp (87-91) and get_batch_loss_metrics (848: nll - losses.mean())."""
+    n, vocab = batch["chosen_input_ids"].shape[0], logits.shape[-1]
+    full_labels = torch.where(batch["chosen_attention_mask"] == 1, batch["chosen_input_ids"], -100)
+    nll = F.cross_entropy(logits[:n, :-1].reshape(-1, vocab), full_labels[:, 1:].reshape(-1))  # ignores -100
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])[:, 1:]
+    mask = labels != -100
+    per_token = torch.gather(logits[:, :-1].log_softmax(-1), 2, labels.clamp(min=0)[..., None]).squeeze(-1)
+    mean_logps = (per_token * mask).sum(-1) / mask.sum(-1)
+    chosen, rejected = mean_logps[:n], mean_logps[n:]
+
+    def log1mexp(x):
         return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
-    # average_log_prob=True
-    policy_chosen_logps, policy_rejected_logps = chosen / chosen_len, rejected / rejected_len
-    log_odds = (policy_chosen_logps - policy_rejected_logps) - (
-        log1mexp(policy_chosen_logps) - log1mexp(policy_rejected_logps)
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    return nll - (beta * F.logsigmoid(log_odds)).mean(), nll
+
+
+def ours_from_logits(logits: Tensor, batch: dict[str, Tensor], lam: float) -> tuple[Tensor, Tensor]:
+    """P.orpo on the summed completion log-probs the loop would hand it, and our NLL term (per-pair mean)."""
+    n = batch["chosen_input_ids"].shape[0]
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])[:, 1:]
+    mask = labels != -100
+    per_token = torch.gather(logits[:, :-1].log_softmax(-1), 2, labels.clamp(min=0)[..., None]).squeeze(-1)
+    sums, lengths = (per_token * mask).sum(-1), mask.sum(-1).float()
+    loss = P.orpo(sums[:n], sums[n:], lengths[:n], lengths[n:], lam=lam).mean()
+    return loss, (-sums[:n] / lengths[:n]).mean()
+
+
+def test_orpo_odds_ratio_term_is_trls_and_the_nll_term_leaves_the_prompt_out():
+    logits, batch = orpo_batch()
+    beta = 0.1  # TRL's beta = ORPO's lambda
+    trl_loss, trl_nll = trl_orpo_loss(logits, batch, beta)
+    ours, our_nll = ours_from_logits(logits, batch, beta)
+    # the odds-ratio terms are equal: the two losses differ by their NLL terms only
+    torch.testing.assert_close(ours - our_nll, trl_loss - trl_nll)
+    # TRL's NLL is the token mean over prompt + chosen (every token after the first: 3 + 1 + 4 prompt positions,
+    # 9 chosen ones); ours the chosen tokens' (here all chosen lengths are 3, so the per-pair mean is the batch's)
+    n_prompt, n_chosen = 3 + 1 + 4, 9
+    log_probs = logits[:3, :-1].log_softmax(-1)
+    targets = batch["chosen_input_ids"][:, 1:]
+    token_nll = -torch.gather(log_probs, 2, targets[..., None]).squeeze(-1)  # [3, T-1]
+    prompt_positions = torch.zeros_like(token_nll, dtype=torch.bool)
+    for i, p in enumerate([4, 2, 5]):
+        prompt_positions[i, : p - 1] = True
+    prompt_nll = token_nll[prompt_positions].sum() / n_prompt
+    torch.testing.assert_close(trl_nll, (n_prompt * prompt_nll + n_chosen * our_nll) / (n_prompt + n_chosen))
+    assert abs(trl_nll - our_nll) > 0.05  # equal chosen lengths do not make them equal
+
+
+def test_orpo_transcription_is_trls_own_code():
+    from types import SimpleNamespace
+
+    pytest.importorskip("trl")
+    orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
+    logits, batch = orpo_batch(seed=11)
+    beta = 0.3
+    trainer = orpo.ORPOTrainer
+    fake = SimpleNamespace(  # the attributes concatenated_forward and odds_ratio_loss read
+        concatenated_inputs=trainer.concatenated_inputs,
+        get_batch_logps=trainer.get_batch_logps,
+        is_encoder_decoder=False,
+        padding_value=0,
+        aux_loss_enabled=False,
+        accelerator=SimpleNamespace(device="cpu"),
+        beta=beta,
     )
-    losses = beta * F.logsigmoid(log_odds)
-    trl = -per_token_chosen.mean() - losses.mean()  # policy_nll_loss - losses.mean()
-    torch.testing.assert_close(P.orpo(chosen, rejected, chosen_len, rejected_len, lam=beta).mean(), trl)
+    model = lambda ids, attention_mask, use_cache: SimpleNamespace(logits=logits)
+    chosen, rejected, _, _, nll = trainer.concatenated_forward(fake, model, batch)
+    losses = trainer.odds_ratio_loss(fake, chosen, rejected)[0]
+    trl_loss, trl_nll = trl_orpo_loss(logits, batch, beta)
+    torch.testing.assert_close(nll, trl_nll)
+    torch.testing.assert_close(nll - losses.mean(), trl_loss)  # orpo_trainer.py:848
 
 
 def test_matches_trl_kto():
@@ -540,6 +686,7 @@ def test_matches_trl_kto():
     labels = torch.tensor([True, False, False, True, True, False, True])
     kl = torch.tensor(0.3)
     beta, desirable_weight, undesirable_weight = 0.5, 1.0, 1.5
+    # trl/trainer/kto_trainer.py:1449-1482 (kl: 1443-1444, the mean over the mismatched pairs, clamped at 0)
     chosen_logratios = logps[labels] - ref_logps[labels]
     rejected_logratios = logps[~labels] - ref_logps[~labels]
     chosen_losses = 1 - F.sigmoid(beta * (chosen_logratios - kl))

@@ -31,7 +31,8 @@ def close(actual: Tensor, expected, atol: float = 1e-5) -> None:
 
 
 def test_registered_with_needs():
-    assert REWARD_MODEL_LOSSES["bradley_terry"] is bradley_terry and bradley_terry.needs == ()
+    # bradley_terry's optional margin is supplied when the rows have a margin column
+    assert REWARD_MODEL_LOSSES["bradley_terry"] is bradley_terry and bradley_terry.needs == ("margin",)
     assert REWARD_MODEL_LOSSES["listwise_pl"] is listwise_pl and listwise_pl.needs == ("listwise",)
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from posttrain.policies import build_model, cpu_matmul, token_logprobs
 from posttrain.rollout.decoders import StaticCacheDecoder
 from posttrain.rollout.native import left_pad
-from posttrain.trainers.build import build_builtin_tokenizer
+from posttrain.tasks import build_builtin_tokenizer
 
 needs_onednn = pytest.mark.skipif(not cpu_matmul.onednn_available(), reason="no oneDNN linear in this build")
 

@@ -20,7 +20,7 @@ from posttrain.policies.kernels import (
     grouped_attention,
     grouped_bias,
 )
-from posttrain.trainers.build import build_builtin_tokenizer
+from posttrain.tasks import build_builtin_tokenizer
 
 
 @pytest.fixture(scope="module")

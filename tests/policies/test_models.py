@@ -121,8 +121,10 @@ def test_load_model_errors_name_the_path(tmp_path: Path) -> None:
 def test_lora_trains_only_adapter_parameters(tokenizer, tmp_path: Path) -> None:
     pytest.importorskip("peft")
     base = build_model("qwen2-tiny", tokenizer, seed=0)
+    base.save_pretrained(tmp_path / "base")
     frozen_before = {n: p.detach().clone() for n, p in base.named_parameters()}
-    model = apply_lora(base, r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    model = apply_lora(base, r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"],
+                       base_path=tmp_path / "base")  # fmt: skip
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     # 2 layers x (q_proj, v_proj) x (lora_A, lora_B)
@@ -139,9 +141,11 @@ def test_lora_trains_only_adapter_parameters(tokenizer, tmp_path: Path) -> None:
             assert torch.equal(param, frozen_before[key]), name
     # lora_B starts at zero; after two steps it has moved
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
-    # a saved LoRA model is the merged full model plus the adapter
+    # a saved LoRA model is its adapter only, naming its base; loading it merges the adapter into the base
     save_pretrained(model, tokenizer, tmp_path / "lora")
-    assert (tmp_path / "lora" / "adapter").is_dir()
+    assert sorted(p.name for p in (tmp_path / "lora").glob("adapter_*")) == [
+        "adapter_config.json", "adapter_model.safetensors"]
+    assert not (tmp_path / "lora" / "model.safetensors").exists()
     merged = load_model(tmp_path / "lora")
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)

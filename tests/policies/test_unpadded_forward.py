@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from posttrain.policies import build_model, enable_gradient_checkpointing, hidden_states_at, token_logprobs
 from posttrain.policies.families import decoder_of
 from posttrain.policies.unpadded import find_documents, products_pad_rows, runs_unpadded
-from posttrain.trainers.build import build_builtin_tokenizer
+from posttrain.tasks import build_builtin_tokenizer
 
 WIDTH = 14
 

@@ -242,6 +242,58 @@ def test_inline_call_without_timeout_runs_in_the_callers_thread():
     assert threads[1] is not threading.current_thread() and threads[1].daemon
 
 
+@pytest.mark.parametrize("timeout_s", [None, 5.0])
+def test_sys_exit_in_a_reward_is_a_counted_failure(timeout_s):
+    # inline (timeout_s=None) a SystemExit used to pass `except Exception` and end the trainer without a word
+    def exits(*, completions, **kwargs):
+        if "bb" in completions:  # the batch call and sample 1's own call exit; the other samples score
+            raise SystemExit(3)
+        return [float(len(c)) for c in completions]
+
+    rewards = RewardSet([LoadedReward("exits", exits, timeout_s=timeout_s)], max_failure_fraction=0.5)
+    result = score(rewards)
+    torch.testing.assert_close(result.total, t([1.0, 0.0, 3.0, 4.0]))  # len("a"), failure_score, 3, 4
+    assert result.failures == {"exits": 1}
+    with pytest.raises(RewardFailureError, match=r"'exits': 4 of 4 .*SystemExit: 3"):
+        score(RewardSet([LoadedReward("exits", lambda **kw: exit(3), timeout_s=timeout_s)]))
+
+
+def test_keyboard_interrupt_in_an_inline_reward_still_stops_the_run():
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        score(RewardSet([LoadedReward("ctrl_c", interrupted, timeout_s=None)]))
+
+
+def test_a_reward_sees_its_call_deadline_and_cancel_event():
+    from posttrain.rewards import current_reward_call
+
+    seen = []
+
+    def record(**kwargs):
+        seen.append(current_reward_call())
+        return [0.0] * 4
+
+    before = time.monotonic()
+    score(RewardSet([LoadedReward("timed", record, timeout_s=5.0)]))
+    score(RewardSet([LoadedReward("inline", record, timeout_s=None)]))
+    assert before + 5.0 <= seen[0].deadline <= time.monotonic() + 5.0
+    assert seen[1].deadline is None and not seen[1].cancelled.is_set()
+    assert current_reward_call() is None  # outside a call
+
+    release = threading.Event()
+
+    def hangs(**kwargs):
+        seen.append(current_reward_call())
+        release.wait(5.0)
+        return [0.0] * 4
+
+    score(RewardSet([LoadedReward("hangs", hangs, timeout_s=0.2)], max_failure_fraction=1.0))
+    release.set()
+    assert seen[2].cancelled.is_set()  # the RewardSet gave up on the call and told it so
+
+
 @pytest.mark.parametrize(
     ("prompts", "ids", "columns", "message"),
     [

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from posttrain.policies import FrozenCopy
 from posttrain.rollout import ENGINES, NativeEngine, Rollouts, SamplingParams
 from posttrain.rollout.native import generate_geometric_mixture
 
@@ -171,7 +172,9 @@ def mixture_without_cache(policy, reference, prompt: list[int], mixture_coef: fl
 def test_geometric_mixture_equals_a_cache_free_mixture_decoder(qwen2_model, llama_model, mixture_coef, prompts):
     reference = llama_model  # another family and other weights: the two caches must stay apart
     params = SamplingParams(max_new_tokens=10, temperature=0.0, stop_token_ids=(7, 8))
-    out = generate_geometric_mixture(qwen2_model, reference, prompts, params, n=1, mixture_coef=mixture_coef)
+    out = generate_geometric_mixture(
+        qwen2_model, FrozenCopy(reference), prompts, params, n=1, mixture_coef=mixture_coef
+    )
     for prompt, completion, logp in zip(prompts, out.completion_ids, out.logprobs, strict=True):
         expected, expected_logp = mixture_without_cache(qwen2_model, reference, prompt, mixture_coef, 10, {7, 8})
         assert completion == expected
@@ -184,7 +187,7 @@ def test_sampled_geometric_mixture_groups_leave_the_batch_like_the_engine(qwen2_
     # m = 0: the mixture is the policy itself, so seeded sampling must give the engine's own samples,
     # rows finishing at different steps included
     params = SamplingParams(max_new_tokens=10, temperature=1.0, stop_token_ids=(7, 8))
-    mixed = generate_geometric_mixture(qwen2_model, llama_model, prompts, params, n=3, mixture_coef=0.0,
+    mixed = generate_geometric_mixture(qwen2_model, FrozenCopy(llama_model), prompts, params, n=3, mixture_coef=0.0,
                                        generator=torch.Generator().manual_seed(3))  # fmt: skip
     alone = native.generate(qwen2_model, prompts, params, n=3, generator=torch.Generator().manual_seed(3))
     assert mixed.completion_ids == alone.completion_ids

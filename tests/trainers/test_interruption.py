@@ -95,7 +95,7 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_prints_how_to_resume(
 KILLED_MID_WRITE = """
 import json, pathlib, sys, time
 
-import posttrain.trainers.run_state as run_state
+import posttrain.trainers.lifecycle as run_state
 from posttrain.api import sft
 
 real_save_pretrained = run_state.save_pretrained

@@ -16,14 +16,14 @@ from posttrain.api import as_config
 from posttrain.config import ConfigError, PrefConfig
 from posttrain.data import PreferenceTokens
 from posttrain.data.encoding import PromptTokens
-from posttrain.policies import build_model
+from posttrain.policies import FrozenCopy, build_model
 from posttrain.rewards import RewardFailureError
+from posttrain.rewards.judges import judge_all_pairs
 from posttrain.rollout import ENGINES, SamplingParams
 from posttrain.rollout.native import generate_geometric_mixture
-from posttrain.tasks import ArithmeticTask
+from posttrain.tasks import ArithmeticTask, build_builtin_tokenizer
 from posttrain.tasks.preference_data import feedback_rows
-from posttrain.trainers.build import build_builtin_tokenizer
-from posttrain.trainers.online_parts import RoundSamples, build_examples, judge_all_pairs
+from posttrain.trainers.online_preference import RoundSamples, build_examples
 from posttrain.trainers.preference import train_pref
 
 TASK = ArithmeticTask(digits=2, operators="+")
@@ -150,7 +150,7 @@ def test_geometric_mixture_at_its_ends_is_the_policy_or_the_reference():
     prompts = [tokenizer(p).input_ids for p in ("2+2=", "13+5=")]
     greedy = SamplingParams(max_new_tokens=5, temperature=0.0, stop_token_ids=(tokenizer.eos_token_id,))
     for coef, model in ((0.0, policy), (1.0, reference)):
-        mixed = generate_geometric_mixture(policy, reference, prompts, greedy, n=1, mixture_coef=coef,
+        mixed = generate_geometric_mixture(policy, FrozenCopy(reference), prompts, greedy, n=1, mixture_coef=coef,
                                            generator=torch.Generator(), tokenizer=tokenizer)  # fmt: skip
         alone = ENGINES["native"].generate(model, prompts, greedy, n=1)
         assert mixed.completion_ids == alone.completion_ids
@@ -212,7 +212,7 @@ def test_resume_at_a_round_boundary_reproduces_the_uninterrupted_run(tmp_path):
 
 def test_online_run_evaluates_greedy_accuracy_before_and_after(tmp_path):
     result = run(tmp_path, overrides=["train.max_steps=1"], eval_rows=PROMPTS[:8])
-    assert set(result.initial_eval) == set(result.final_eval) == {"eval_accuracy"}
+    assert set(result.initial_eval) == set(result.final_eval) == {"eval_accuracy", "eval_examples"}
 
 
 def test_bco_reward_shift_is_the_running_mean_of_earlier_steps(tmp_path):
@@ -239,7 +239,7 @@ def test_bco_reward_shift_is_the_running_mean_of_earlier_steps(tmp_path):
         ({"online": {"rewards": [{"fn": "numeric_match"}], "steps_per_round": 3}}, "not a multiple"),
         ({"online": {"rewards": [{"fn": "numeric_match"}], "samples_per_prompt": 1}}, "at least 2"),
         ({"online": {"rewards": [{"fn": "numeric_match"}], "engine": "vllm9"}}, "online.engine"),
-        ({"online": None, "pref": {"loss": "xpo"}}, "needs reference_samples"),
+        ({"online": None, "pref": {"loss": "xpo"}}, "opponents sampled from the reference"),
     ],
 )
 def test_online_config_errors_name_the_key(tmp_path, change, message):

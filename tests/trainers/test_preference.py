@@ -13,11 +13,10 @@ from posttrain.api import as_config
 from posttrain.config import ConfigError, PrefConfig
 from posttrain.data import PreferenceTokens, collate_preference, collate_sequences
 from posttrain.policies import build_model
-from posttrain.tasks import ArithmeticTask
+from posttrain.tasks import ArithmeticTask, build_builtin_tokenizer
 from posttrain.tasks.preference_data import digit_slip, feedback_rows, preference_pairs
-from posttrain.trainers.build import build_builtin_tokenizer
-from posttrain.trainers.offline import sequence_logps
 from posttrain.trainers.preference import train_pref
+from posttrain.trainers.preference_step import sequence_logps
 
 TASK = ArithmeticTask(digits=2, operators="+")
 PAIRS = preference_pairs(TASK, 64, seed=0)
@@ -156,7 +155,7 @@ def test_resume_keeps_the_evaluations_logged_before_the_checkpoint(tmp_path) -> 
 
     def run(out, resume=False):
         config = {"model": {"preset": "qwen2-tiny", "tokenizer": "arithmetic"},
-                  "data": {"train": api.IN_MEMORY, "eval": api.IN_MEMORY},
+                  "data": {},
                   "train": {"max_steps": 4, "batch_size": 8, "save_every": 2, "keep_last": 5}, "eval": {"limit": 8},
                   "output_dir": str(out)}  # fmt: skip
         api.pref(config, train=rows, eval=held_out, resume=resume, progress=False)
@@ -192,3 +191,43 @@ def test_every_loss_runs_on_its_own_defaults(tmp_path, loss) -> None:
     assert parsed.pref.loss_args == {}
     history = train_pref(parsed, train_rows=PAIRS, progress=False).history
     assert len(history) == 1 and math.isfinite(history[0]["loss"])
+
+
+def test_reference_precompute_shows_its_progress_unless_progress_is_off(tmp_path, capsys):
+    # 64 pairs in batches of 16: 4 batches of the train set, 4 of the held-out set (64 rows, eval.limit 64)
+    cfg = as_config(PrefConfig, config(tmp_path, reference="precomputed"), ["train.max_steps=1"])
+    train_pref(cfg, train_rows=PAIRS, eval_rows=PAIRS, progress=True)
+    err = capsys.readouterr().err
+    assert "reading and encoding the data: " in err
+    assert "reference log-probs of the train examples: 4 batches in " in err
+    assert "reference log-probs of the eval examples: 4 batches in " in err
+    assert "held-out pairs, 64 examples: 4 batches in " in err and "checkpoint of step 1: " in err
+    shutil.rmtree(tmp_path / "run")
+    train_pref(cfg, train_rows=PAIRS, eval_rows=PAIRS, progress=False)
+    err = capsys.readouterr().err
+    assert not any(s in err for s in ("reading", "reference log-probs", "held-out pairs", "checkpoint of"))
+
+
+def test_kto_reference_point_pairs_each_prompt_with_the_previous_completion(monkeypatch):
+    # TRL 1.16's KTOTrainer rotates completions by +1 (trl/trainer/kto_trainer.py:1141-1152):
+    # (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1}). Policy log-prob of a pair here: prompt id * completion id;
+    # reference 0. Items (prompt, completion): (1, 5), (2, 7), (3, 4), (4, 9)
+    #   -> pairs (1, 9), (2, 5), (3, 7), (4, 4) -> 9, 10, 21, 16 -> z0 = 56 / 4 = 14
+    #   (the other rotation, (1, 7), (2, 4), (3, 9), (4, 5), would give 62 / 4 = 15.5)
+    import contextlib
+    from types import SimpleNamespace
+
+    import posttrain.trainers.preference_step as offline
+    from posttrain.data import CompletionTokens
+
+    items = [CompletionTokens([p], [c], f"row {i}") for i, (p, c) in enumerate([(1, 5), (2, 7), (3, 4), (4, 9)])]
+    monkeypatch.setattr(offline, "collate_completions", lambda shifted, pad_id: (shifted,))
+
+    def logps(model, shifted, device, bf16):
+        values = [float(it.prompt_ids[0] * it.completion_ids[0]) for it in shifted] if model == "policy" else [0.0] * 4
+        return torch.tensor(values), None
+
+    monkeypatch.setattr(offline, "sequence_logps", logps)
+    reference = SimpleNamespace(model="reference", active=contextlib.nullcontext)
+    z0 = offline.kl_reference_point("policy", reference, items, 0, torch.device("cpu"), False)
+    assert z0.item() == pytest.approx(14.0)

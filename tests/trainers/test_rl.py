@@ -146,6 +146,22 @@ def test_resume_matches_the_uninterrupted_run(kl: dict, sft_model: str, tmp_path
         }
 
 
+def test_the_bias_corrected_kl_reaches_the_loop_with_the_samplers_log_probs(sft_model: str, tmp_path: Path) -> None:
+    # k3_bias_corrected reads old_logp_B_T by name: at sampling time (the logged KL) it equals k3; in the loss its
+    # gradient is (logp - ref) grad logp, not k3's (1 - r) grad logp, so from step 2 (policy != reference) the
+    # updates differ
+    runs = {}
+    for estimator in ("k3", "k3_bias_corrected"):
+        section = {**config(sft_model, tmp_path)["rl"], "kl": {"estimator": estimator, "coef": 1.0}}
+        cfg = config(sft_model, tmp_path / estimator, train={"max_steps": 3, "lr": 1e-3}, rl=section)
+        runs[estimator] = rl(cfg, progress=False)
+    plain, corrected = runs["k3"], runs["k3_bias_corrected"]
+    assert corrected.history[0]["kl_per_seq"] == pytest.approx(plain.history[0]["kl_per_seq"], rel=1e-5, abs=1e-9)
+    assert corrected.history[-1]["kl_per_seq"] > 0
+    flat = [torch.cat([p.detach().flatten() for p in r.model.parameters()]) for r in (plain, corrected)]
+    assert not torch.allclose(flat[0], flat[1])
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_recipes_load_and_run(name: str, sft_model: str, tmp_path: Path) -> None:
     overrides = [

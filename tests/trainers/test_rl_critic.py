@@ -9,10 +9,9 @@ real tokens only (Llama family) or fell back to the backbone's forward.
 import pytest
 import torch
 
-from posttrain.policies import build_model, enable_gradient_checkpointing
+from posttrain.policies import ValueModel, build_model, enable_gradient_checkpointing
 from posttrain.policies.unpadded import runs_unpadded
-from posttrain.trainers.build import build_builtin_tokenizer
-from posttrain.trainers.rl_update import ValueModel
+from posttrain.tasks import build_builtin_tokenizer
 
 WIDTH = 14
 PROMPT_LEN = 3

@@ -6,7 +6,7 @@ import torch
 from posttrain.data.encoding import PromptTokens
 from posttrain.rewards import RewardResult
 from posttrain.rollout import Rollouts
-from posttrain.trainers.rl_parts import Scored, keep_informative_groups
+from posttrain.rollout.groups import Scored, keep_informative_groups
 
 
 def scored(prompt_names: list[str], rewards_P_G: list[list[float]]) -> Scored:
@@ -56,9 +56,8 @@ def test_with_nothing_informative_the_last_draw_is_used():
 
 
 def test_critic_values_on_real_tokens_do_not_depend_on_dropping_the_right_padding_mask():
-    from posttrain.policies import build_model
-    from posttrain.trainers.build import build_builtin_tokenizer
-    from posttrain.trainers.rl_update import ValueModel
+    from posttrain.policies import ValueModel, build_model
+    from posttrain.tasks import build_builtin_tokenizer
 
     tokenizer = build_builtin_tokenizer("arithmetic")
     critic = ValueModel(build_model("qwen2-tiny", tokenizer, seed=0))
@@ -75,7 +74,7 @@ def test_critic_values_on_real_tokens_do_not_depend_on_dropping_the_right_paddin
 def test_accuracy_is_the_verifiers_not_the_total() -> None:
     # numeric_match [1, 0] beside a length penalty: totals [0.995, -0.005] gave accuracy 0 (audit); the verifier's
     # own column gives 1/2. A not-applicable sample (NaN) is left out; two rewards, neither the verifier: none
-    from posttrain.trainers.rl_parts import reward_metrics
+    from posttrain.rewards.metrics import reward_metrics
 
     def result(per_reward: dict[str, list[float]]) -> RewardResult:
         columns = {name: torch.tensor(v) for name, v in per_reward.items()}
@@ -86,3 +85,39 @@ def test_accuracy_is_the_verifiers_not_the_total() -> None:
     assert reward_metrics(shaped, verifier="numeric_match")["accuracy"] == 0.5
     assert reward_metrics(result({"numeric_match": [1.0, float("nan"), 0.0, 1.0]}))["accuracy"] == pytest.approx(2 / 3)
     assert "accuracy" not in reward_metrics(shaped, verifier="exact_match")
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo", "remax", "reinforce", "reinforce_pp"])
+def test_kl_in_the_reward_shapes_what_every_estimator_reads(advantage: str) -> None:
+    from posttrain.objectives import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+    from posttrain.policies import FrozenCopy, build_model
+    from posttrain.rollout import ENGINES, SamplingParams
+    from posttrain.tasks import build_builtin_tokenizer
+    from posttrain.trainers.rl import Objectives, prepare_step
+
+    tokenizer = build_builtin_tokenizer("arithmetic")
+    policy, other = (build_model("qwen2-tiny", tokenizer, seed=s).eval() for s in (0, 1))
+    prompts = [tokenizer(p).input_ids for p in ("2+2=", "13+5=")]
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, stop_token_ids=(tokenizer.eos_token_id,))
+    rollouts = ENGINES["native"].generate(policy, prompts, params, n=4, generator=torch.Generator().manual_seed(0))
+    padded = rollouts.to_padded(tokenizer.pad_token_id, "cpu")
+    rewards_PG = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0])
+    # k1 per sequence from the reference's own forward: sum over completion tokens of log pi_old - log ref
+    with torch.no_grad():
+        ref_logits = other(input_ids=padded.input_ids_B_T, attention_mask=padded.attention_mask_B_T.long()).logits
+    ref_logp_B_T = torch.zeros_like(padded.old_logp_B_T)
+    ref_logp_B_T[:, 1:] = ref_logits[:, :-1].log_softmax(-1).gather(2, padded.input_ids_B_T[:, 1:, None])[..., 0]
+    kl_PG = torch.where(padded.loss_mask_B_T, padded.old_logp_B_T - ref_logp_B_T, 0.0).sum(dim=1)
+    objectives = Objectives(
+        ADVANTAGES[advantage], POLICY_LOSSES["ppo"], AGGREGATIONS["token_mean"], KL_ESTIMATORS["k1"]
+    )
+    available = {"rewards_PG": rewards_PG, "group_size": 4, "greedy_rewards_P": torch.zeros(2),
+                 "baseline": torch.tensor(0.5)}  # fmt: skip
+    advantages = []
+    for coef in (0.05, 50.0):
+        tensors, _ = prepare_step(padded, available, objectives, advantage_args={}, reference=FrozenCopy(other),
+                                  critic=None, kl_coef=coef, kl_in_reward=True, temperature=1.0,
+                                  micro_batch_size=None)  # fmt: skip
+        torch.testing.assert_close(tensors.rewards_PG, rewards_PG - coef * kl_PG, atol=1e-4, rtol=1e-4)
+        advantages.append(tensors.adv_B_T)
+    assert not torch.allclose(advantages[0], advantages[1], atol=1e-3)

@@ -11,10 +11,10 @@ import torch
 
 import posttrain.api as api
 from posttrain.config import SFTConfig, validate
+from posttrain.data import EpochSampler
 from posttrain.data.errors import DataError
 from posttrain.policies import build_model, load_model
-from posttrain.runtime.checkpoint import CheckpointError
-from posttrain.trainers.build import EpochSampler, build_builtin_tokenizer
+from posttrain.tasks import build_builtin_tokenizer
 from posttrain.trainers.sft import train_sft
 
 
@@ -49,7 +49,8 @@ def test_loss_falls_and_the_run_writes_its_outputs(tmp_path: Path) -> None:
     assert [x["step"] for x in lines] == list(range(1, 31))
     assert [x["loss"] for x in lines] == pytest.approx(losses)
     evals = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
-    assert len(evals) == 1 and "eval_accuracy" in evals[0] and "eval_loss" in evals[0]
+    # the held-out evaluation before training (step 0) and after it (step 30)
+    assert [e["step"] for e in evals] == [0, 30] and all("eval_accuracy" in e and "eval_loss" in e for e in evals)
     assert result.eval is not None and result.eval.num_prompts == 20
     # checkpoints at 10, 20 (periodic) and 30 (final); keep_last=2 leaves 20 and 30
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
@@ -189,8 +190,12 @@ def test_epoch_sampler_depends_on_the_seed_and_rejects_empty_data() -> None:
         EpochSampler(0, seed=0)
 
 
-def test_resuming_a_finished_run_says_to_raise_max_steps(tmp_path: Path) -> None:
-    run(config(tmp_path, max_steps=2))
-    with pytest.raises(CheckpointError, match=r"is at step 2 and train.max_steps is 2, so there is nothing"):
-        run(config(tmp_path, max_steps=2), resume=True)
+def test_resuming_a_finished_run_writes_final_again_and_more_steps_go_on(tmp_path: Path, capsys) -> None:
+    first = run(config(tmp_path, max_steps=2))
+    shutil.rmtree(tmp_path / "final")  # as a kill while final/ was written leaves it (it is renamed in whole)
+    again = run(config(tmp_path, max_steps=2), resume=True)
+    assert "final/ written again" in capsys.readouterr().out
+    assert [h["loss"] for h in again.history] == [h["loss"] for h in first.history]
+    loaded = load_model(tmp_path / "final")
+    assert all(torch.equal(v, first.model.state_dict()[k]) for k, v in loaded.state_dict().items())
     assert len(run(config(tmp_path, max_steps=3), resume=True).history) == 3  # one more step, after the two

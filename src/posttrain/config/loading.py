@@ -3,13 +3,18 @@
     posttrain sft recipes/arith-sft.yaml train.lr=3e-4 model.path=/x
 
 A recipe may start from another with `inherit: other.yaml` (a path relative to the recipe); keys in the
-recipe, then overrides on the command line, replace what they name.
+recipe, then overrides on the command line, replace what they name. A key that names the same thing another
+way replaces that other key too (`REPLACES`): `model.path=/my/model` on a recipe with `model.preset` trains
+/my/model, and takes its tokenizer when the directory has one. What was replaced is said in the config's
+`load_notes`, which every run prints first.
 """
 
 from __future__ import annotations
 
+import copy
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from posttrain.errors import PosttrainError
+from posttrain.runtime.model_files import holds_tokenizer
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -25,15 +31,69 @@ class ConfigError(PosttrainError, ValueError):
     """A recipe or override that does not fit the config: names the key, the value and what is allowed."""
 
 
-def load_config(model: type[M], recipe: str | Path | None = None, overrides: list[str] = ()) -> M:
-    """Validate `recipe` (YAML) plus `key.sub=value` overrides into a `model` instance."""
-    raw: dict[str, Any] = read_recipe(recipe) if recipe else {}
-    for override in overrides:
-        key, value = parse_override(override)
-        set_dotted(raw, key, value)
-    if recipe:
-        raw.setdefault("recipe_dir", str(Path(recipe).resolve().parent))
+REPLACES: dict[str, tuple[str, ...]] = {"model.path": ("model.preset",), "model.preset": ("model.path",)}
+"""Keys that name one thing two ways (exactly one may be set): setting one replaces the other."""
+
+
+def load_config(
+    model: type[M], recipe: str | Path | dict[str, Any] | None = None, overrides: Sequence[str] = ()
+) -> M:
+    """Validate `recipe` (a YAML path, or a mapping already read) plus `key.sub=value` overrides into a `model`
+    instance. Each override replaces what it names and the keys it replaces (`REPLACES`); see the module
+    docstring."""
+    if isinstance(recipe, dict):
+        raw = copy.deepcopy(recipe)
+    else:
+        raw = read_recipe(recipe) if recipe else {}
+        if recipe:
+            raw.setdefault("recipe_dir", str(Path(recipe).resolve().parent))
+    parsed = [parse_override(override) for override in overrides]
+    notes = apply_overrides(raw, parsed, recipe_dir=raw.get("recipe_dir"))
+    raw["load_notes"] = [*raw.get("load_notes", ()), *notes]
     return validate(model, raw)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[tuple[str, Any]], *, recipe_dir: str | None) -> list[str]:
+    """Set each (dotted key, value) in `raw`, dropping the recipe's values of the keys it replaces; returns notes
+    saying what was replaced."""
+    keys = {key for key, _ in overrides}
+    recipe_model = copy.deepcopy(raw.get("model"))
+    notes = [_drop_replaced(raw, key, keys, "the override") for key, _ in overrides]
+    for key, value in overrides:
+        set_dotted(raw, key, value)
+    notes.append(_tokenizer_of_new_model(raw, recipe_model, keys, recipe_dir))
+    return [note for note in notes if note]
+
+
+def _drop_replaced(raw: dict[str, Any], key: str, setting: set[str], by: str) -> str | None:
+    replaced = [(other, pop_dotted(raw, other)) for other in REPLACES.get(key, ()) if other not in setting]
+    shown = [f"{other}={value}" for other, value in replaced if value is not None]
+    return f"{key} ({by}) replaces the recipe's {', '.join(shown)}" if shown else None
+
+
+def _tokenizer_of_new_model(
+    raw: dict[str, Any], recipe_model: Any, setting: set[str], recipe_dir: str | None
+) -> str | None:
+    """A recipe's model.tokenizer belongs to the recipe's model: when an override names another model directory
+    that holds a tokenizer of its own, that tokenizer is used (an override of model.tokenizer wins over both)."""
+    model = raw.get("model")
+    if not isinstance(model, dict) or "model.tokenizer" in setting or "model.path" not in setting:
+        return None
+    tokenizer, path = model.get("tokenizer"), model.get("path")
+    recipe_path = recipe_model.get("path") if isinstance(recipe_model, dict) else None
+    if tokenizer is None or not isinstance(path, str) or path == recipe_path or not _holds_tokenizer(path, recipe_dir):
+        return None
+    del model["tokenizer"]
+    return f"model.tokenizer: the tokenizer of model.path={path} replaces the recipe's model.tokenizer={tokenizer}"
+
+
+def _holds_tokenizer(path: str, recipe_dir: str | None) -> bool:
+    """Whether a directory (relative to the working directory, else to the recipe's) holds tokenizer files."""
+    for base in (Path.cwd(), *([Path(recipe_dir)] if recipe_dir else [])):
+        directory = base / Path(path).expanduser()
+        if directory.is_dir():
+            return holds_tokenizer(directory)
+    return False
 
 
 def validate(model: type[M], raw: dict[str, Any]) -> M:
@@ -63,6 +123,9 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     if parent is None:
         return raw
     base = read_recipe(path.parent / parent, (*_seen, path.resolve()))
+    setting = set(dotted_keys(raw))
+    for key in setting:
+        _drop_replaced(base, key, setting, f"recipe {path.name}")
     return merge(base, raw)
 
 
@@ -76,6 +139,16 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def dotted_keys(raw: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every key of a nested mapping, dotted, sections and leaves alike (`model`, `model.path`, ...)."""
+    keys = []
+    for key, value in raw.items():
+        keys.append(f"{prefix}{key}")
+        if isinstance(value, dict):
+            keys += dotted_keys(value, f"{prefix}{key}.")
+    return keys
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
@@ -85,6 +158,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         parsed = value
     return key, parsed
+
+
+def pop_dotted(raw: dict[str, Any], key: str) -> Any:
+    """Remove a dotted key from a nested mapping; its value, or None where it was not set."""
+    *parents, leaf = key.split(".")
+    node: Any = raw
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node.pop(leaf, None) if isinstance(node, dict) else None
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:

@@ -132,9 +132,9 @@ class RMSection(Section):
 
 
 class _OfflineConfig(RunSection):
-    model: ModelSection
+    model: ModelSection = ModelSection()
     """The model to train."""
-    data: FeedbackDataSection
+    data: FeedbackDataSection = FeedbackDataSection()
     """Training and held-out data (data.train / data.eval files, or data.task)."""
     train: TrainSection = TrainSection()
     """Optimisation."""
@@ -144,7 +144,6 @@ class _OfflineConfig(RunSection):
     """Python files or modules imported before the run; they register their own losses."""
 
     def _check_loss(self, key: str, registry: Registry, name: str, args: dict[str, Any]) -> Any:
-        self.data.require_train()
         import posttrain.objectives  # noqa: F401  (registers the built-in objectives)
 
         import_plugins(self.plugins, self.recipe_dir)
@@ -195,18 +194,17 @@ class PrefConfig(_OfflineConfig):
                 f"the step's pairs (its value depends on which pairs share a call), so micro-batches would change "
                 f"the update; leave it unset or set it to train.batch_size ({self.train.batch_size})"
             )
-        sampled = {"reference_samples", "mixture_opponents"} & set(fn.needs)
-        if self.online is None and sampled:
+        if self.online is None and fn.opponents:
             raise ValueError(
-                f"pref.loss: '{self.pref.loss}' needs {sorted(sampled)[0]}, drawn while training; add an "
-                "online section (e.g. online: {rewards: [{fn: numeric_match}]})"
+                f"pref.loss: '{self.pref.loss}' trains against opponents sampled from the {fn.opponents} while "
+                "training; add an online section (e.g. online: {rewards: [{fn: numeric_match}]})"
             )
         if self.online is not None:
-            self._online_fits(fn.needs)
+            self._online_fits(fn)
         return self
 
-    def _online_fits(self, needs: tuple[str, ...]) -> None:
-        online, kind = self.online, feedback_kind(needs)
+    def _online_fits(self, fn: Any) -> None:
+        online, kind = self.online, feedback_kind(fn)
         if self.train.max_steps % online.steps_per_round:
             raise ValueError(
                 f"train.max_steps={self.train.max_steps} is not a multiple of online.steps_per_round="
@@ -218,8 +216,7 @@ class PrefConfig(_OfflineConfig):
                 f"online.select: '{online.select}' does not build {kind} examples for pref.loss "
                 f"'{self.pref.loss}'; use {' or '.join(allowed)}"
             )
-        opponents = {"reference_samples", "mixture_opponents"} & set(needs)
-        if online.samples_per_prompt < 2 and (kind != "unpaired" or online.judge is not None) and not opponents:
+        if online.samples_per_prompt < 2 and (kind != "unpaired" or online.judge is not None) and not fn.opponents:
             raise ValueError(
                 f"online.samples_per_prompt: pref.loss '{self.pref.loss}' (or a judge) compares a prompt's "
                 "samples with each other, so it needs at least 2"
@@ -260,6 +257,12 @@ def import_plugins(plugins: list[str], base_dir: str | None) -> None:
         spec.loader.exec_module(module)  # type: ignore[union-attr]
 
 
-def feedback_kind(needs: tuple[str, ...] | list[str]) -> Literal["preference", "unpaired", "listwise"]:
-    """The data kind an objective consumes, from what it declares it needs."""
-    return "unpaired" if "unpaired" in needs else "listwise" if "listwise" in needs else "preference"
+DATA_KINDS: dict[str | None, Literal["preference", "unpaired", "listwise"]] = {
+    "pairs": "preference", "unpaired": "unpaired", "lists": "listwise", None: "preference",
+}  # fmt: skip
+
+
+def feedback_kind(fn: Any) -> Literal["preference", "unpaired", "listwise"]:
+    """The rows an objective trains on (preference pairs, unpaired labelled completions, scored lists), from what
+    its inputs say it consumes (`objectives.registry`)."""
+    return DATA_KINDS[fn.consumes]

@@ -21,9 +21,6 @@ from posttrain.config.sections import TrainSection as _TrainSection
 from posttrain.objectives import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from posttrain.objectives.registry import Registry
 
-LOOP_SUPPLIED = frozenset({"group_size", "num_tokens", "num_seqs", "max_len"})
-"""Keyword-only parameters the loop fills itself (from `needs` or step-wide counts), never from *_args."""
-
 
 def check_registered(
     key: str, name: str, registry: Registry, args_key: str | None = None, args: dict[str, Any] | None = None
@@ -34,7 +31,7 @@ def check_registered(
         )
     if args:
         params = inspect.signature(registry[name]).parameters
-        allowed = {p for p, v in params.items() if v.kind is v.KEYWORD_ONLY} - LOOP_SUPPLIED
+        allowed = {p for p, v in params.items() if v.kind is v.KEYWORD_ONLY} - set(registry.inputs)
         unknown = sorted(set(args) - allowed)
         if unknown:
             raise ValueError(
@@ -87,7 +84,7 @@ class SamplingSection(Section):
 
 class KLSection(Section):
     estimator: str = "k3"
-    """A registered KL estimator (k1, k2, k3; `posttrain list kl_estimators`)."""
+    """A registered KL estimator (`posttrain list kl_estimators`)."""
     coef: NonNegativeFloat = 0.0
     """beta. 0 turns the KL off and no reference model is built."""
     in_reward: bool = False
@@ -192,9 +189,9 @@ class RLTrainSection(_TrainSection):
 class RLConfig(RunSection):
     """Online RL from verifiable or learned rewards (PPO / GRPO family)."""
 
-    model: ModelSection
+    model: ModelSection = ModelSection()
     """The policy to train (and, frozen, the reference when a KL term is used)."""
-    data: DataSection
+    data: DataSection = DataSection()
     """Prompt rows (`prompt` plus columns such as `answer`), or data.task."""
     train: RLTrainSection = RLTrainSection()
     """Optimisation (train.batch_size is unused: a step is rl.prompts_per_step x rl.group_size)."""
@@ -221,7 +218,6 @@ class RLConfig(RunSection):
 
     @model_validator(mode="after")
     def _checks(self) -> RLConfig:
-        self.data.require_train()
         if not self.rewards:
             raise ValueError("rewards: empty; give at least one reward (e.g. [{fn: numeric_match}])")
         return self

@@ -30,22 +30,27 @@ class LoraSection(Section):
 
 class ModelSection(Section):
     path: str | None = None
-    """A local Hugging Face model directory. Exactly one of path and preset."""
+    """A local Hugging Face model directory. One of path and preset (or a model object passed from Python); an
+    override of either replaces the recipe's other."""
     preset: str | None = None
     """Build a new, randomly initialised model of this preset (see `posttrain list presets`)."""
     tokenizer: str | None = None
-    """A tokenizer directory, or a built-in task name (arithmetic) whose tokenizer is built. Default: model.path."""
+    """A tokenizer directory, or a built-in task name (arithmetic) whose tokenizer is built. Default: model.path's
+    own."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     lora: LoraSection | None = None
     """Train a LoRA adapter (needs the `lora` extra) instead of all weights."""
+    disable_dropout: bool = True
+    """Set every dropout probability of the model to 0 (TRL's default): with dropout on, the policy's log-probs
+    differ from the sampler's and the reference's even before any update. LoRA's own dropout is model.lora.dropout."""
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:
-        if (self.path is None) == (self.preset is None):
-            raise ValueError("set exactly one of model.path (a local model directory) and model.preset")
+        if self.path is not None and self.preset is not None:
+            raise ValueError("set one of model.path (a local model directory) and model.preset, not both")
         if self.preset is not None and self.tokenizer is None:
             raise ValueError("model.preset needs model.tokenizer (a tokenizer directory or a task name)")
         return self
@@ -91,9 +96,6 @@ class DataSection(Section):
     packing: bool = False
     """Pack several examples into one row (no padding compute); otherwise bucket by length."""
 
-    def require_train(self) -> None:
-        if self.train is None and self.task is None:
-            raise ValueError("set data.train (a file or datasets directory) or data.task")
 
 
 class TrainSection(Section):
@@ -166,3 +168,5 @@ class RunSection(Section):
     """cpu, cuda, cuda:N or auto."""
     recipe_dir: str | None = Field(default=None, exclude=True)
     """Set by the loader: the recipe's directory, for relative paths in it."""
+    load_notes: tuple[str, ...] = Field(default=(), exclude=True)
+    """Set by the loader: what an override replaced in the recipe (`config.loading.REPLACES`); runs print it."""

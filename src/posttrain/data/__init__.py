@@ -13,6 +13,7 @@ from posttrain.data.batching import (
     TokenBatch,
     batch_packed_rows,
     bucket_by_length,
+    chunks,
     collate_completions,
     collate_packed,
     collate_preference,
@@ -52,11 +53,13 @@ from posttrain.data.examples import (
 )
 from posttrain.data.readers import Row, read_rows
 from posttrain.data.report import LoadReport
+from posttrain.data.sampler import EpochSampler
 
 __all__ = [
     "ROLES",
     "CompletionTokens",
     "DataError",
+    "EpochSampler",
     "Example",
     "ListwiseExample",
     "LoadReport",
@@ -71,6 +74,7 @@ __all__ = [
     "UnpairedExample",
     "batch_packed_rows",
     "bucket_by_length",
+    "chunks",
     "collate_completions",
     "collate_packed",
     "collate_preference",

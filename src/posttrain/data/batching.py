@@ -16,7 +16,7 @@ follow the one before it.
 
 import bisect
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,3 +191,8 @@ def collate_packed(items: Sequence[SFTTokens], rows: Sequence[Sequence[int]], *,
         position_ids_B_T[b] = torch.cat([torch.arange(n) for n in lengths])
     return TokenBatch(batch.input_ids_B_T, batch.attention_mask_B_T, batch.loss_mask_B_T, position_ids_B_T,
                       batch.num_target_tokens, packed=True)
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

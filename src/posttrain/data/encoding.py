@@ -93,6 +93,8 @@ class PromptTokens:
     prompt_ids: list[int]
     where: str
     extra: dict[str, Any] = field(default_factory=dict)
+    prompt: Content | None = None
+    """The row's prompt as written (text, or a conversation): what reward functions receive, as TRL passes it."""
 
 
 # --- rendering and tokenising -------------------------------------------------------------------------
@@ -328,5 +330,5 @@ def encode_prompts(examples: Sequence[PromptExample], tokenizer: Any, *, max_len
                 continue
             report.truncated += 1
             ids = ids[-max_length:]
-        encoded.append(PromptTokens(ids, example.where, example.extra))
+        encoded.append(PromptTokens(ids, example.where, example.extra, example.prompt))
     return encoded

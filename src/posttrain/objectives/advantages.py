@@ -57,7 +57,7 @@ def _discounted_returns(token_rewards_B_T: Tensor, mask_B_T: Tensor, *, gamma: f
     return torch.stack(returns_T[::-1], dim=1)
 
 
-@advantage("gae", needs=("token_rewards", "critic"))
+@advantage("gae")
 def gae(
     token_rewards_B_T: Tensor,
     values_B_T: Tensor,
@@ -105,7 +105,7 @@ def gae(
     return advantages_B_T
 
 
-@advantage("grpo", needs=("groups",))
+@advantage("grpo")
 def grpo(rewards_PG: Tensor, *, group_size: int, scale_std: bool = True, eps: float = 1e-4) -> Tensor:
     """Group relative advantage (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, Sec. 4.1.2).
 
@@ -131,7 +131,7 @@ def grpo(rewards_PG: Tensor, *, group_size: int, scale_std: bool = True, eps: fl
     return centred_P_G.flatten().to(rewards_PG.dtype)
 
 
-@advantage("rloo", needs=("groups",))
+@advantage("rloo")
 def rloo(rewards_PG: Tensor, *, group_size: int) -> Tensor:
     """REINFORCE leave-one-out (Ahmadian et al. 2024, arXiv:2402.14740).
 
@@ -146,7 +146,7 @@ def rloo(rewards_PG: Tensor, *, group_size: int) -> Tensor:
     return (r_P_G - baseline_P_G).flatten()
 
 
-@advantage("remax", needs=("greedy_rollout", "groups"))
+@advantage("remax")
 def remax(rewards_PG: Tensor, greedy_rewards_P: Tensor, *, group_size: int) -> Tensor:
     """ReMax: REINFORCE with the greedy completion's reward as baseline (Li et al. 2023, arXiv:2310.10505).
 
@@ -161,7 +161,7 @@ def remax(rewards_PG: Tensor, greedy_rewards_P: Tensor, *, group_size: int) -> T
     return (r_P_G - greedy_rewards_P.detach().view(-1, 1)).flatten()
 
 
-@advantage("reinforce_pp", needs=("token_rewards",))
+@advantage("reinforce_pp")
 def reinforce_pp(
     token_rewards_B_T: Tensor, mask_B_T: Tensor, *, gamma: float = 1.0, scale_std: bool = True
 ) -> Tensor:
@@ -180,7 +180,7 @@ def reinforce_pp(
     return _normalise_over_tokens(returns_B_T, mask_B_T, scale_std=scale_std)
 
 
-@advantage("reinforce_pp_baseline", needs=("groups", "token_rewards"))
+@advantage("reinforce_pp_baseline")
 def reinforce_pp_baseline(
     rewards_PG: Tensor,
     token_rewards_B_T: Tensor,
@@ -212,7 +212,7 @@ def reinforce_pp_baseline(
     return _normalise_over_tokens(returns_B_T, mask_B_T, scale_std=scale_std)
 
 
-@advantage("reinforce", needs=("moving_baseline",))
+@advantage("reinforce")
 def reinforce(rewards_PG: Tensor, baseline: Tensor) -> Tensor:
     """REINFORCE with a moving-average baseline (Williams 1992, Machine Learning 8:229-256).
 
@@ -223,3 +223,20 @@ def reinforce(rewards_PG: Tensor, baseline: Tensor) -> Tensor:
     past rewards is the reinforcement-comparison baseline he discusses).
     """
     return rewards_PG.detach() - baseline.detach()
+
+
+# --- sequence values as per-token tensors (not registered: every loop uses them the same way) ---
+
+
+def outcome_at_last_token(rewards_PG: Tensor, mask_B_T: Tensor) -> Tensor:
+    """[B, T] with each completion's scalar reward on its last generated token, 0 elsewhere."""
+    positions_B_T = torch.arange(mask_B_T.shape[1], device=mask_B_T.device).expand_as(mask_B_T)
+    last_B = torch.where(mask_B_T, positions_B_T, -1).max(dim=1).values
+    is_last_B_T = (positions_B_T == last_B[:, None]) & mask_B_T
+    return is_last_B_T.float() * rewards_PG.to(mask_B_T.device)[:, None]
+
+
+def per_token(adv: Tensor, mask_B_T: Tensor) -> Tensor:
+    """An advantage of [P*G] broadcast over each completion's tokens, or a [B, T] one; 0 off the mask."""
+    adv_B_T = adv[:, None].expand(mask_B_T.shape) if adv.dim() == 1 else adv
+    return torch.where(mask_B_T, adv_B_T.to(torch.float32), 0.0).detach()

@@ -1,9 +1,9 @@
 """Per-token estimators of KL(pi || ref) from tokens sampled from pi, and the adaptive KL coefficient.
 
 Estimators are registered with `@kl_estimator(name)`, signature `fn(logp_B_T, ref_logp_B_T) -> [B, T]`:
-logp_B_T are the sampled tokens' log-probs under the policy pi, ref_logp_B_T under the reference. They
-do not mask; the loop masks and aggregates (in the loss) or subtracts coef * KL from the token rewards
-(in the reward).
+logp_B_T are the sampled tokens' log-probs under the policy pi, ref_logp_B_T under the reference; one that
+also names `old_logp_B_T` gets the sampling policy's (the loop passes inputs by name). They do not mask;
+the loop masks and aggregates (in the loss) or subtracts coef * KL from the token rewards (in the reward).
 
 All three follow Schulman 2020, "Approximating KL divergence", http://joschu.net/blog/kl-approx.html,
 with x ~ pi and r = ref(x) / pi(x), so log r = ref_logp - logp:
@@ -13,7 +13,8 @@ with x ~ pi and r = ref(x) / pi(x), so log r = ref_logp - logp:
 
 As *losses* (KL in the loss, on samples from pi = the policy at sampling time) their expected gradients
 differ: k1's is zero, k2's is the gradient of KL(pi || ref), k3's that of KL(ref || pi). k1 belongs in
-the reward; GRPO puts k3 in the loss.
+the reward; GRPO puts k3 in the loss. `k3_bias_corrected` (TRL 1.16's GRPO default) multiplies k3 by the
+importance ratio pi / pi_old, whose gradient makes the loss's expected gradient KL(pi || ref)'s.
 """
 
 from __future__ import annotations
@@ -61,6 +62,24 @@ def k3(logp_B_T: Tensor, ref_logp_B_T: Tensor) -> Tensor:
     return log_r_B_T.exp() - 1.0 - log_r_B_T
 
 
+@kl_estimator("k3_bias_corrected")
+def k3_bias_corrected(logp_B_T: Tensor, ref_logp_B_T: Tensor, old_logp_B_T: Tensor) -> Tensor:
+    """k3 weighted by the importance ratio to the sampling policy: TRL 1.16's default GRPO KL term
+    (`use_bias_correction_kl=True`, trl/trainer/grpo_trainer.py; DeepSeek-V3.2, arXiv:2512.02556).
+
+        rho_t = exp(logp_t - old_logp_t)          (with gradient; old_logp: the sampling policy's log-probs)
+        kl_t  = rho_t * k3_t
+
+    The tokens come from pi_old; rho reweights them to pi, so E_old[rho * k3] = KL(pi || ref), and as a loss
+    its gradient is KL(pi || ref)'s: at rho = 1 it is (logp - ref_logp) * grad logp, where plain k3's is
+    (1 - r) * grad logp, the gradient of KL(ref || pi). Its value at rho = 1 (the KL in the reward, the
+    logged KL) is k3's. Shapes: [B, T] in, [B, T] out.
+    Deviations: k3's log r is clamped at 20 as in `k3` (TRL does not clamp); the ratio is always per token
+    (TRL with importance_sampling_level="sequence" broadcasts the sequence's ratio onto its tokens).
+    """
+    return (logp_B_T - old_logp_B_T).exp() * k3(logp_B_T, ref_logp_B_T)
+
+
 def adaptive_kl_coef(
     coef: float | Tensor, observed_kl: float | Tensor, *, target: float, horizon: float, n_steps: int
 ) -> float | Tensor:
@@ -71,7 +90,7 @@ def adaptive_kl_coef(
 
     coef: the current beta; observed_kl: the step's mean KL per sequence (a float or 0-dim tensor);
     target: KL_target; horizon: the number of samples over which the error should decay; n_steps: the
-    samples in this update (TRL's and OpenRLHF's `AdaptiveKLController` parametrise K_beta this way;
+    samples in this update (OpenRLHF's `AdaptiveKLController`, and TRL's before 1.16, parametrise K_beta this way;
     Ziegler et al. use K_beta = 0.1). Returns the new beta, of the type of the inputs. Pure: the caller
     keeps the coefficient.
     Deviations: none.

@@ -20,7 +20,7 @@ from torch import Tensor
 from posttrain.objectives.registry import preference_loss
 
 
-@preference_loss("sppo", needs=("listwise", "reference", "win_rates"))
+@preference_loss("sppo")
 def sppo(logps_N_K: Tensor, ref_logps_N_K: Tensor, win_rates_N_K: Tensor, *, eta: float = 1000.0) -> Tensor:
     """Self-play preference optimisation (Wu et al. 2024, arXiv:2405.00675, Sec. 3, Alg. 1): regress
     each sample's log-ratio to the previous iterate onto its centred win rate.
@@ -38,7 +38,7 @@ def sppo(logps_N_K: Tensor, ref_logps_N_K: Tensor, win_rates_N_K: Tensor, *, eta
     return ((r_N_K - eta * (win_rates_N_K - 0.5)) ** 2).sum(dim=-1)
 
 
-@preference_loss("xpo", needs=("reference", "reference_samples"))
+@preference_loss("xpo")
 def xpo(
     chosen: Tensor,
     rejected: Tensor,
@@ -57,16 +57,17 @@ def xpo(
         loss = -log sigmoid(beta * h)  +  alpha * sum over the pair's reference samples y~ of log pi(y~|x)
 
     h as in `dpo`; chosen_from_reference, rejected_from_reference: bool [N], which side of each pair the
-    reference sampled. alpha=1e-5 is TRL's XPOConfig default (the paper tunes it). Inputs [N]; returns [N].
+    reference sampled. alpha=1e-5 is the default of TRL's XPOConfig (the paper tunes it), a trainer TRL had
+    in `trl.experimental.xpo` before 1.16 and 1.16 does not have. Inputs [N]; returns [N].
     Deviations from the paper: a pair whose two samples score the same is dropped by the loop, and its
-    reference sample's bonus with it (TRL keeps ties, the policy sample chosen).
+    reference sample's bonus with it (that XPOTrainer kept ties, the policy sample chosen).
     """
     h = (chosen - ref_chosen) - (rejected - ref_rejected)
     bonus = torch.where(chosen_from_reference, chosen, 0.0) + torch.where(rejected_from_reference, rejected, 0.0)
     return -F.logsigmoid(beta * h) + alpha * bonus
 
 
-@preference_loss("nash_md", needs=("listwise", "reference", "win_rates", "mixture_opponents"))
+@preference_loss("nash_md", opponents="mixture")
 def nash_md(logps_N_K: Tensor, ref_logps_N_K: Tensor, win_rates_N_K: Tensor, *, beta: float = 0.1) -> Tensor:
     """Nash mirror descent, policy-gradient form (Munos et al. 2023, arXiv:2312.00886, Nash-MD-PG):
     a policy sample y plays a sample y' of the geometric mixture pi^(1-m) * ref^m (the loop samples it);
@@ -77,17 +78,18 @@ def nash_md(logps_N_K: Tensor, ref_logps_N_K: Tensor, win_rates_N_K: Tensor, *, 
                            - (p_k - 1/2) * log pi(y_k|x) ]
 
     sg = stop-gradient; the samples must come from the current policy (one update per round). Its gradient
-    is that of -E[P(y > y')] + beta * KL(pi || ref). beta=0.1 and m=0.5 are TRL's NashMDConfig defaults.
+    is that of -E[P(y > y')] + beta * KL(pi || ref). beta=0.1 and m=0.5 are the defaults of TRL's
+    NashMDConfig, removed with its NashMDTrainer before TRL 1.16 (huggingface/trl#7255).
     Inputs [N, K]; returns [N] (the mean over the K samples of a prompt).
-    Deviations from the paper: none in the estimator; TRL weights each token's log-prob by its own
-    token-level log-ratio, we weight the sequence log-prob by the sequence log-ratio (the REINFORCE
+    Deviations from the paper: none in the estimator; that NashMDTrainer weighted each token's log-prob by
+    its own token-level log-ratio, we weight the sequence log-prob by the sequence log-ratio (the REINFORCE
     gradient of the sequence-level KL).
     """
     log_ratio_N_K = (logps_N_K - ref_logps_N_K).detach()
     return (beta * log_ratio_N_K * logps_N_K - (win_rates_N_K - 0.5) * logps_N_K).mean(dim=-1)
 
 
-@preference_loss("nll", needs=("unpaired", "lengths"))
+@preference_loss("nll")
 def nll(logps: Tensor, labels: Tensor, lengths: Tensor) -> Tensor:
     """Negative log-likelihood of the desirable completions: supervised fine-tuning on selected samples,
     the update of RAFT (Dong et al. 2023, arXiv:2304.06767, Alg. 1) and rejection-sampling fine-tuning.

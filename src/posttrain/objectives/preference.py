@@ -1,7 +1,7 @@
 """Offline preference losses: the DPO family, reference-free variants, unpaired and listwise losses.
 
-Every loss is a pure function registered with `@preference_loss(name, needs=...)`. The training loop
-calls it with the inputs its signature names and the recipe's `pref.loss_args` as keywords:
+Every loss is a pure function registered with `@preference_loss(name)`, its needs read from its inputs. The training
+loop calls it with the inputs its signature names and the recipe's `pref.loss_args` as keywords:
 
     paired      chosen, rejected [N]            summed completion log-probs under the policy
     reference   ref_chosen, ref_rejected [N]    the same under the reference model
@@ -16,8 +16,8 @@ Every loss returns per-example losses [N]; reduction is the caller's. Notation u
     r_w = chosen - ref_chosen,  r_l = rejected - ref_rejected      (log-ratios, "implicit rewards"/beta)
     h   = r_w - r_l
 
-`TRL_LOSS_TYPES` maps our registered names to TRL 1.16's trainer and `loss_type` where TRL computes
-the same per-example loss (docs/preference.md lists where and why we differ).
+`TRL_LOSS_TYPES` maps our registered names to the TRL 1.16 trainer and `loss_type` that compute the same
+per-example loss (docs/preference.md states every difference).
 """
 
 from __future__ import annotations
@@ -30,27 +30,29 @@ from torch import Tensor
 
 from posttrain.objectives.registry import preference_loss
 
-# Our name -> (TRL 1.16 trainer, loss_type) computing the same loss; None where TRL has no equivalent.
-TRL_LOSS_TYPES: dict[str, tuple[str, str] | None] = {
-    "dpo": ("DPOTrainer", "sigmoid"),  # TRL 1.16's sigmoid has no label smoothing (cDPO); ours does
-    "robust_dpo": ("DPOTrainer", "robust"),
-    "ipo": ("DPOTrainer", "ipo"),
-    "hinge": ("DPOTrainer", "hinge"),
-    "exo": ("DPOTrainer", "exo_pair"),
-    "nca": ("DPOTrainer", "nca_pair"),
-    "bco": ("DPOTrainer", "bco_pair"),  # bco_pair = our bco on both rows of a pair, summed, reward_shift=0
-    "sppo_hard": ("DPOTrainer", "sppo_hard"),  # TRL beta = 1 / eta
-    "aot": ("DPOTrainer", "aot"),
-    "apo_zero": ("DPOTrainer", "apo_zero"),
-    "apo_down": ("DPOTrainer", "apo_down"),
-    "rpo": ("DPOTrainer", "sigmoid+sft"),  # loss_type=["sigmoid", "sft"], loss_weights=[1, alpha]
-    "simpo": ("CPOTrainer", "simpo"),  # with cpo_alpha=0 and simpo_gamma=gamma
-    "cpo": ("CPOTrainer", "sigmoid"),  # cpo_alpha=alpha
-    "orpo": ("ORPOTrainer", "orpo"),  # ORPOTrainer has one loss; its beta is ORPO's lambda
-    "kto": ("KTOTrainer", "kto"),  # desirable_weight = lam_d, undesirable_weight = lam_u
+# Our name -> (TRL 1.16 trainer by import path, its loss_type) computing the same per-example loss, or None where
+# TRL 1.16 has no trainer that does. loss_type None: the trainer has one loss (ORPO); "a+b": loss_type=["a", "b"].
+# docs/preference.md states every difference; TRL 1.16 has no XPO, Nash-MD or BCO trainer.
+TRL_LOSS_TYPES: dict[str, tuple[str, str | None] | None] = {
+    "dpo": ("trl.DPOTrainer", "sigmoid"),  # TRL 1.16's sigmoid has no label smoothing (cDPO); ours does
+    "robust_dpo": ("trl.DPOTrainer", "robust"),
+    "ipo": ("trl.DPOTrainer", "ipo"),
+    "hinge": ("trl.DPOTrainer", "hinge"),
+    "exo": ("trl.DPOTrainer", "exo_pair"),
+    "nca": ("trl.DPOTrainer", "nca_pair"),
+    "bco": ("trl.DPOTrainer", "bco_pair"),  # bco_pair = our bco on both rows of a pair, summed, reward_shift=0
+    "sppo_hard": ("trl.DPOTrainer", "sppo_hard"),  # TRL beta = 1 / eta
+    "aot": ("trl.DPOTrainer", "aot"),
+    "apo_zero": ("trl.DPOTrainer", "apo_zero"),
+    "apo_down": ("trl.DPOTrainer", "apo_down"),
+    "rpo": ("trl.DPOTrainer", "sigmoid+sft"),  # loss_weights=[1, alpha]; sft: a token mean over the batch
+    "simpo": ("trl.experimental.cpo.CPOTrainer", "simpo"),  # with cpo_alpha=0 and simpo_gamma=gamma
+    "cpo": ("trl.experimental.cpo.CPOTrainer", "sigmoid"),  # cpo_alpha=alpha; NLL: a token mean over the batch
+    "orpo": ("trl.experimental.orpo.ORPOTrainer", None),  # beta = lam; its NLL also covers the prompt tokens
+    "kto": ("trl.KTOTrainer", "kto"),  # desirable_weight = lam_d, undesirable_weight = lam_u
     "dpop": None,
-    "xpo": ("XPOTrainer", "sigmoid"),  # identical on the pairs it trains on; see online_preference.xpo
-    "nash_md": None,  # NashMDTrainer weights tokens by token-level log-ratios; ours by the sequence's
+    "xpo": None,  # TRL 1.16 has no XPO trainer
+    "nash_md": None,  # nor a Nash-MD one
     "sppo": None,  # TRL has only sppo_hard
     "nll": None,
     "lipo_lambda": None,
@@ -62,7 +64,7 @@ def _log_ratios(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_reject
     return chosen - ref_chosen, rejected - ref_rejected
 
 
-@preference_loss("dpo", needs=("reference",))
+@preference_loss("dpo")
 def dpo(
     chosen: Tensor,
     rejected: Tensor,
@@ -85,7 +87,7 @@ def dpo(
     return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
 
 
-@preference_loss("robust_dpo", needs=("reference",))
+@preference_loss("robust_dpo")
 def robust_dpo(
     chosen: Tensor,
     rejected: Tensor,
@@ -111,7 +113,7 @@ def robust_dpo(
     return (clean - flipped) / (1 - 2 * epsilon)
 
 
-@preference_loss("ipo", needs=("reference", "lengths"))
+@preference_loss("ipo")
 def ipo(
     chosen: Tensor,
     rejected: Tensor,
@@ -142,7 +144,7 @@ def ipo(
     return (r_w - r_l - 1 / (2 * tau)) ** 2
 
 
-@preference_loss("hinge", needs=("reference",))
+@preference_loss("hinge")
 def hinge(
     chosen: Tensor,
     rejected: Tensor,
@@ -165,7 +167,7 @@ def hinge(
     return torch.relu(1 - beta * h)
 
 
-@preference_loss("simpo", needs=("lengths",))
+@preference_loss("simpo")
 def simpo(
     chosen: Tensor,
     rejected: Tensor,
@@ -197,7 +199,7 @@ def _log1mexp(x: Tensor) -> Tensor:
 _MAX_MEAN_LOGP = -1e-6
 
 
-@preference_loss("orpo", needs=("lengths",))
+@preference_loss("orpo")
 def orpo(
     chosen: Tensor,
     rejected: Tensor,
@@ -212,11 +214,13 @@ def orpo(
         odds(p) = p / (1 - p)
         loss = -log pi(y_w|x) / |y_w|  +  lam * -log sigmoid(log odds(p_w) - log odds(p_l))
 
-    Reference-free. Inputs: summed log-probs and token counts [N]; returns [N]. lam=0.1 is the paper's
-    value for its Phi-2 and Llama-2 runs (TRL calls it beta).
-    Deviations from the paper: the NLL term is each pair's own per-token mean; the paper and TRL average
-    over all chosen tokens of the batch (equal when chosen lengths are equal). The mean log-prob is
-    clamped to <= -1e-6 so that a saturated probability gives finite odds.
+    Reference-free. Inputs: summed completion log-probs and token counts [N]; returns [N]. lam=0.1 is the
+    paper's value for its Phi-2 and Llama-2 runs (TRL calls it beta).
+    Deviations: the NLL term is the chosen completion's per-token mean, pair by pair (the NLL of y_w given
+    x). The authors' code and TRL 1.16 (`trl.experimental.orpo.ORPOTrainer.concatenated_forward`) take
+    the cross-entropy over every token of prompt + chosen after the first, averaged over all such tokens
+    of the batch: with prompts the two NLL terms differ whatever the lengths; the odds-ratio term is the
+    same. The mean log-prob is clamped to <= -1e-6 so that a saturated probability gives finite odds.
     """
     mean_w = (chosen / chosen_len.clamp(min=1.0)).clamp(max=_MAX_MEAN_LOGP)
     mean_l = (rejected / rejected_len.clamp(min=1.0)).clamp(max=_MAX_MEAN_LOGP)
@@ -224,7 +228,7 @@ def orpo(
     return -chosen / chosen_len.clamp(min=1.0) - lam * F.logsigmoid(log_odds)
 
 
-@preference_loss("cpo", needs=("lengths",))
+@preference_loss("cpo")
 def cpo(
     chosen: Tensor,
     rejected: Tensor,
@@ -240,13 +244,14 @@ def cpo(
 
     Inputs: summed log-probs [N] and chosen token counts [N]; returns [N]. alpha=1 is the paper's
     unweighted sum (TRL's cpo_alpha).
-    Deviations from the paper: the NLL is each pair's per-token mean; the paper and TRL average over all
+    Deviations from the paper: the NLL is each pair's per-token mean over the chosen completion; the
+    paper and TRL 1.16 (`trl.experimental.cpo.CPOTrainer`, completion tokens only) average over all
     chosen tokens of the batch (equal when chosen lengths are equal).
     """
     return -F.logsigmoid(beta * (chosen - rejected)) - alpha * chosen / chosen_len.clamp(min=1.0)
 
 
-@preference_loss("kto", needs=("unpaired", "reference", "kl_reference_point"))
+@preference_loss("kto")
 def kto(
     logps: Tensor,
     labels: Tensor,
@@ -275,7 +280,7 @@ def kto(
     return torch.where(labels.bool(), desirable, undesirable)
 
 
-@preference_loss("bco", needs=("unpaired", "reference", "reward_shift"))
+@preference_loss("bco")
 def bco(
     logps: Tensor,
     labels: Tensor,
@@ -296,15 +301,16 @@ def bco(
     earlier steps, desirable and undesirable alike, which the loop maintains; delta is then the paper's
     running mean of r_theta. Inputs [N], labels bool [N]; returns [N].
     Deviations from the paper: the underlying-distribution-matching (UDM) density-ratio weights are not
-    applied (the paper's BCO without UDM); the running mean covers earlier steps only (TRL's BCOTrainer
-    also folds in the current batch; at the first step both are 0, as policy = reference). With
-    reward_shift=0, the losses of the two rows of a pair sum to TRL's bco_pair.
+    applied (the paper's BCO without UDM); the running mean covers earlier steps only (TRL before 1.16,
+    in its BCOTrainer and old bco_pair, folded the current batch in first; at the first step both are 0,
+    as policy = reference). TRL 1.16 has no BCO trainer; with reward_shift=0, the losses of the two rows
+    of a pair sum to TRL 1.16's DPOTrainer bco_pair, which has no shift.
     """
     shifted = beta * (logps - ref_logps - reward_shift)
     return -F.logsigmoid(torch.where(labels.bool(), shifted, -shifted))
 
 
-@preference_loss("nca", needs=("reference",))
+@preference_loss("nca")
 def nca(
     chosen: Tensor,
     rejected: Tensor,
@@ -323,7 +329,7 @@ def nca(
     return -F.logsigmoid(beta * r_w) - 0.5 * F.logsigmoid(-beta * r_w) - 0.5 * F.logsigmoid(-beta * r_l)
 
 
-@preference_loss("exo", needs=("reference",))
+@preference_loss("exo")
 def exo(
     chosen: Tensor,
     rejected: Tensor,
@@ -352,7 +358,7 @@ def exo(
     return kl_w + kl_l
 
 
-@preference_loss("apo_zero", needs=("reference",))
+@preference_loss("apo_zero")
 def apo_zero(
     chosen: Tensor,
     rejected: Tensor,
@@ -372,7 +378,7 @@ def apo_zero(
     return torch.sigmoid(-beta * r_w) + torch.sigmoid(beta * r_l)
 
 
-@preference_loss("apo_down", needs=("reference",))
+@preference_loss("apo_down")
 def apo_down(
     chosen: Tensor,
     rejected: Tensor,
@@ -392,7 +398,7 @@ def apo_down(
     return torch.sigmoid(beta * r_w) + torch.sigmoid(-beta * (r_w - r_l))
 
 
-@preference_loss("aot", needs=("reference", "whole_batch"))
+@preference_loss("aot", whole_batch=True)
 def aot(
     chosen: Tensor,
     rejected: Tensor,
@@ -421,7 +427,7 @@ def aot(
     return -(1 - label_smoothing) * F.logsigmoid(beta * d) - label_smoothing * F.logsigmoid(-beta * d)
 
 
-@preference_loss("sppo_hard", needs=("reference",))
+@preference_loss("sppo_hard")
 def sppo_hard(
     chosen: Tensor,
     rejected: Tensor,
@@ -443,7 +449,7 @@ def sppo_hard(
     return (r_w - eta / 2) ** 2 + (r_l + eta / 2) ** 2
 
 
-@preference_loss("rpo", needs=("reference", "lengths"))
+@preference_loss("rpo")
 def rpo(
     chosen: Tensor,
     rejected: Tensor,
@@ -466,7 +472,7 @@ def rpo(
     return -F.logsigmoid(beta * h) - alpha * chosen / chosen_len.clamp(min=1.0)
 
 
-@preference_loss("dpop", needs=("reference",))
+@preference_loss("dpop")
 def dpop(
     chosen: Tensor,
     rejected: Tensor,
@@ -489,7 +495,7 @@ def dpop(
     return -F.logsigmoid(beta * (h - lam * penalty))
 
 
-@preference_loss("lipo_lambda", needs=("listwise", "reference"))
+@preference_loss("lipo_lambda")
 def lipo_lambda(
     logps_N_K: Tensor,
     scores_N_K: Tensor,
@@ -540,7 +546,7 @@ def _plackett_luce_nll(logits_N_K: Tensor, scores_N_K: Tensor) -> Tensor:
     return (tail_lse_N_K - ranked_N_K).sum(dim=-1)
 
 
-@preference_loss("plackett_luce", needs=("listwise", "reference"))
+@preference_loss("plackett_luce")
 def plackett_luce(
     logps_N_K: Tensor,
     scores_N_K: Tensor,

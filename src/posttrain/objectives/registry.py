@@ -1,10 +1,20 @@
-"""Registries of pure objective functions, and the decorators that fill them.
+"""Registries of pure objective functions, the table of inputs the training loops supply, and the decorators.
 
-Every objective is a plain function of tensors registered under a name, with `needs`: the extra
-inputs the training loop must supply (a reference model's log-probs, group statistics, a critic's
-values, ...). Loops look objectives up by the name in the config and hand over what `needs` asks
-for; they never compare an objective's name to a string. A user registers their own objective with
-the same decorator from their own file; built-ins have no privileges a user function lacks.
+Every objective is a plain function of tensors registered under a name. Its positional parameters are its
+inputs, each named in its registry's supply table (`Registry.inputs`: parameter name -> the need that makes a
+loop supply it, None for what every loop supplies); its keyword-only parameters are hyper-parameters, set from
+the config (`*_args`), or, where the table names them too, supplied by the loop (`group_size`). What an
+objective needs is read from its signature through the table, once, at registration, which refuses a parameter
+nothing supplies:
+
+    @advantage("rloo")                       # needs ("groups",): the table supplies group_size for it
+    def rloo(rewards_PG, *, group_size): ...
+
+Preference losses say what data they consume (pairs, unpaired, lists: `consumes`), which follows from their
+inputs too, and how an online round picks their opponents (`opponents`: "reference" for XPO's reference samples,
+"mixture" for Nash-MD's). Loops look objectives up by the name in the config and hand over what the table says;
+they never compare an objective's name to a string. A user registers their own objective with the same decorator
+from their own file, through the same check; built-ins have no privileges a user function lacks.
 
 This module imports nothing else of posttrain (DESIGN.md: `objectives/` is the bottom of the stack).
 """
@@ -17,22 +27,11 @@ from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-
-def call_with(fn: Callable[..., Any], available: Mapping[str, Any], hyper: Mapping[str, Any] | None = None) -> Any:
-    """Call an objective with the parameters its signature names: from `hyper` first, then `available`.
-
-    This is how every loop calls every objective, so none ever looks at an objective's name. A parameter
-    named by neither keeps its default; keys the function does not name are not passed (configs reject
-    unknown hyper-parameters at load time).
-    """
-    hyper = hyper or {}
-    kwargs = {}
-    for name in inspect.signature(fn).parameters:
-        if name in hyper:
-            kwargs[name] = hyper[name]
-        elif name in available:
-            kwargs[name] = available[name]
-    return fn(**kwargs)
+FLAGS = ("whole_batch",)
+"""Needs that are properties of an objective rather than inputs: `whole_batch`, a loss coupling the step's
+pairs (AOT sorts their margins), is called once over the whole step."""
+OPPONENTS = {"reference": "reference_samples", "mixture": "mixture_opponents"}
+"""How an online round samples a loss's opponents, and the need that names it."""
 
 
 class UnknownObjectiveError(LookupError):
@@ -42,20 +41,38 @@ class UnknownObjectiveError(LookupError):
         return str(self.args[0])
 
 
-class Registry(dict[str, Callable[..., Any]]):
-    """Name -> function. `needs` and `name` are attached to each registered function."""
+class ObjectiveSignatureError(TypeError):
+    """An objective whose signature the supply table cannot serve (checked at registration)."""
 
-    def __init__(self, kind: str, allowed_needs: Iterable[str]):
+
+class Registry(dict[str, Callable[..., Any]]):
+    """Name -> function. `inputs`: the supply table, parameter name -> the need that supplies it (None: always).
+    Each registered function gets `name`, `needs`, `inputs` (its supplied parameters), and for preference losses
+    `consumes` and `opponents`."""
+
+    def __init__(self, kind: str, inputs: Mapping[str, str | None], consumes: Mapping[str, str] | None = None):
         super().__init__()
         self.kind = kind
-        self.allowed_needs = frozenset(allowed_needs)
+        self.inputs = dict(inputs)
+        self.consumes = dict(consumes or {})
+        """Input name -> the data kind an objective with that input consumes (preference: pairs, unpaired, lists)."""
 
-    def register(self, name: str, *, needs: Iterable[str] = ()) -> Callable[[F], F]:
-        needs = tuple(needs)
-        unknown = set(needs) - self.allowed_needs
-        if unknown:
-            allowed = ", ".join(sorted(self.allowed_needs)) or "none"
-            raise ValueError(f"{self.kind} '{name}': unknown needs {sorted(unknown)}; allowed: {allowed}")
+    @property
+    def allowed_needs(self) -> frozenset[str]:
+        return frozenset(n for n in self.inputs.values() if n) | frozenset(FLAGS) | frozenset(OPPONENTS.values())
+
+    def register(
+        self,
+        name: str,
+        *,
+        needs: Iterable[str] = (),
+        whole_batch: bool = False,
+        opponents: str | None = None,
+    ) -> Callable[[F], F]:
+        """Register under `name`. `needs` is read from the signature; a `needs` given anyway (the earlier form) must
+        be exactly what the signature implies, plus the flags. `whole_batch`, `opponents`: see the module."""
+        if opponents is not None and opponents not in OPPONENTS:
+            raise ValueError(f"{self.kind} '{name}': opponents={opponents!r}; allowed: {', '.join(OPPONENTS)}")
 
         def decorate(fn: F) -> F:
             previous = self.get(name)
@@ -64,16 +81,79 @@ class Registry(dict[str, Callable[..., Any]]):
                     f"{self.kind} '{name}' is already registered by {_qualified(previous)}; "
                     f"choose another name for {_qualified(fn)}"
                 )
+            supplied = self._supplied_parameters(name, fn)
+            derived = sorted({self.inputs[p] for p in supplied if self.inputs[p]})
+            flags = ["whole_batch"] if whole_batch else []
+            flags += [OPPONENTS[opponents]] if opponents and OPPONENTS[opponents] not in derived else []
+            self._check_declared(name, tuple(needs), derived, flags)
             fn.name = name  # type: ignore[attr-defined]
-            fn.needs = needs  # type: ignore[attr-defined]
+            fn.needs = tuple(derived + flags)  # type: ignore[attr-defined]
+            fn.inputs = supplied  # type: ignore[attr-defined]
+            kinds = {self.consumes[p] for p in supplied if p in self.consumes}
+            fn.consumes = kinds.pop() if len(kinds) == 1 else None  # type: ignore[attr-defined]
+            fn.opponents = opponents or ("reference" if "reference_samples" in derived else None)  # type: ignore[attr-defined]
             self[name] = fn
             return fn
 
         return decorate
 
+    def _supplied_parameters(self, name: str, fn: Callable[..., Any]) -> tuple[str, ...]:
+        """The parameters the table supplies; every other must be a keyword-only hyper-parameter."""
+        supplied = []
+        for p in inspect.signature(fn).parameters.values():
+            if p.name in self.inputs:
+                supplied.append(p.name)
+            elif p.kind is not p.KEYWORD_ONLY:
+                known = ", ".join(sorted(self.inputs))
+                raise ObjectiveSignatureError(
+                    f"{self.kind} '{name}': parameter '{p.name}' is not an input a loop supplies ({known}); "
+                    "a hyper-parameter must be keyword-only (after *)"
+                )
+        return tuple(supplied)
+
+    def _check_declared(self, name: str, declared: tuple[str, ...], derived: list[str], flags: list[str]) -> None:
+        if not declared:
+            return
+        unknown = sorted(set(declared) - self.allowed_needs)
+        if unknown:
+            raise ValueError(f"{self.kind} '{name}': unknown needs {unknown}; allowed: {sorted(self.allowed_needs)}")
+        implied = set(derived) | set(flags)
+        rest = set(declared) - implied - set(FLAGS) - set(OPPONENTS.values())
+        missing = implied - set(declared) - set(flags)
+        if rest or missing:
+            raise ObjectiveSignatureError(
+                f"{self.kind} '{name}': needs={list(declared)} disagrees with its signature, which needs "
+                f"{sorted(implied)}; leave `needs` out (it is read from the parameters)"
+            )
+
     def __missing__(self, name: str) -> Callable[..., Any]:
         known = ", ".join(sorted(self)) or "none"
         raise UnknownObjectiveError(f"{self.kind} '{name}' is not registered; registered: {known}")
+
+
+def call_with(fn: Callable[..., Any], available: Mapping[str, Any], hyper: Mapping[str, Any] | None = None) -> Any:
+    """Call an objective with its inputs from `available` and its hyper-parameters from `hyper`.
+
+    This is how every loop calls every objective, so none ever looks at an objective's name. A registered input
+    the loop did not supply raises (a loop's bug, never a silent default); so does a hyper-parameter the function
+    does not take (configs reject those at load time already). An unregistered helper (`lambda_returns`) gets the
+    parameters it names from `hyper`, then `available`.
+    """
+    hyper = hyper or {}
+    parameters = inspect.signature(fn).parameters
+    inputs = getattr(fn, "inputs", None)
+    unknown = sorted(set(hyper) - set(parameters))
+    if inputs is not None and unknown:
+        raise TypeError(f"{fn.name}: {unknown} are not parameters of it")
+    kwargs = {}
+    for name, p in parameters.items():
+        if name in hyper:
+            kwargs[name] = hyper[name]
+        elif name in available:
+            kwargs[name] = available[name]
+        elif inputs is not None and name in inputs and p.default is p.empty:
+            raise TypeError(f"{fn.name}: the loop supplied no '{name}' (needs {fn.needs})")
+    return fn(**kwargs)
 
 
 def _qualified(fn: Callable[..., Any]) -> str:
@@ -82,33 +162,46 @@ def _qualified(fn: Callable[..., Any]) -> str:
 
 ADVANTAGES = Registry(
     "advantage",
-    allowed_needs=(
-        "groups",  # group_size=G: rewards are [P*G], each prompt's G completions contiguous
-        "token_rewards",  # token_rewards_B_T (reward at the last completion token, minus any in-reward KL)
-        "critic",  # values_B_T: the critic's value estimates at completion positions
-        "greedy_rollout",  # greedy_rewards_P: reward of each prompt's greedy completion (ReMax)
-        "moving_baseline",  # baseline: the loop's running mean of past batch rewards (0-dim tensor)
-    ),
+    inputs={
+        "rewards_PG": None,  # [P*G] sequence rewards (minus coef * summed KL when the KL is in the reward)
+        "mask_B_T": None,  # [B, T] the tokens the model generated
+        "group_size": "groups",  # G: each prompt's G completions are contiguous
+        "token_rewards_B_T": "token_rewards",  # the reward at the last completion token, minus any in-reward KL
+        "values_B_T": "critic",  # the critic's value estimates at completion positions
+        "greedy_rewards_P": "greedy_rollout",  # the reward of each prompt's greedy completion (ReMax)
+        "baseline": "moving_baseline",  # the loop's running mean of past batch rewards (0-dim)
+    },
 )
-POLICY_LOSSES = Registry("policy loss", allowed_needs=())
-AGGREGATIONS = Registry("loss aggregation", allowed_needs=())
-KL_ESTIMATORS = Registry("kl estimator", allowed_needs=())
+POLICY_LOSSES = Registry(
+    "policy loss", inputs={"logp_B_T": None, "old_logp_B_T": None, "adv_B_T": None, "mask_B_T": None}
+)
+AGGREGATIONS = Registry(
+    "loss aggregation",
+    inputs={"loss_B_T": None, "mask_B_T": None, "num_tokens": None, "num_seqs": None, "max_len": None},
+)
+KL_ESTIMATORS = Registry("kl estimator", inputs={"logp_B_T": None, "ref_logp_B_T": None, "old_logp_B_T": None})
 PREFERENCE_LOSSES = Registry(
     "preference loss",
-    allowed_needs=(
-        "reference",  # ref_chosen, ref_rejected (or ref_logps for unpaired / listwise)
-        "lengths",  # chosen_len, rejected_len: completion token counts (or lengths for unpaired / listwise)
-        "unpaired",  # KTO/BCO-style: logps [N] with labels [N] instead of chosen/rejected pairs
-        "listwise",  # logps [N, K] with scores [N, K] instead of pairs
-        "kl_reference_point",  # KTO's z0: batch estimate of KL(policy || reference) from mismatched pairs
-        "reward_shift",  # BCO's delta / beta: running mean of logps - ref_logps over earlier steps (0-dim)
-        "win_rates",  # listwise: win_rates_N_K, each completion's estimated probability of beating an opponent
-        "reference_samples",  # online: pairs mix policy and reference samples; chosen/rejected_from_reference [N]
-        "mixture_opponents",  # online: win_rates_N_K against samples of the policy/reference geometric mixture
-        "whole_batch",  # the loss couples the step's pairs (AOT sorts their margins): one call over the whole step
-    ),
+    inputs={
+        "chosen": None, "rejected": None,  # pairs: summed completion log-probs [N]
+        "logps": "unpaired", "labels": "unpaired",  # KTO/BCO-style: logps [N] with labels [N]
+        "logps_N_K": "listwise", "scores_N_K": "listwise",  # lists: [N, K] with scores
+        "ref_chosen": "reference", "ref_rejected": "reference", "ref_logps": "reference", "ref_logps_N_K": "reference",
+        "chosen_len": "lengths", "rejected_len": "lengths", "lengths": "lengths", "lengths_N_K": "lengths",
+        "kl_ref_point": "kl_reference_point",  # KTO's z0: batch estimate of KL(policy || reference), 0-dim
+        "reward_shift": "reward_shift",  # BCO's delta / beta: running mean of earlier log-ratios, 0-dim
+        "win_rates_N_K": "win_rates",  # each completion's estimated probability of beating an opponent
+        "chosen_from_reference": "reference_samples", "rejected_from_reference": "reference_samples",  # online XPO
+    },
+    consumes={"chosen": "pairs", "rejected": "pairs", "logps": "unpaired", "labels": "unpaired",
+              "logps_N_K": "lists", "scores_N_K": "lists"},
 )
-REWARD_MODEL_LOSSES = Registry("reward-model loss", allowed_needs=("listwise",))
+REWARD_MODEL_LOSSES = Registry(
+    "reward-model loss",
+    inputs={"chosen_rewards": None, "rejected_rewards": None, "rewards_N_K": "listwise", "scores_N_K": "listwise",
+            "margin": "margin"},
+    consumes={"chosen_rewards": "pairs", "rewards_N_K": "lists"},
+)
 
 advantage = ADVANTAGES.register
 policy_loss = POLICY_LOSSES.register

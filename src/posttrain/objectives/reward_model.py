@@ -43,7 +43,7 @@ def bradley_terry(
     return loss
 
 
-@reward_model_loss("listwise_pl", needs=("listwise",))
+@reward_model_loss("listwise_pl")
 def listwise_pl(rewards_N_K: Tensor, scores_N_K: Tensor) -> Tensor:
     """Plackett-Luce listwise reward-model loss: the negative log-likelihood of the ranking given by
     the labels, with the rewards as PL logits (Plackett 1975; Luce 1959; as the ranking model of

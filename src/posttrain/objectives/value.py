@@ -20,7 +20,7 @@ def clipped_value_loss(
     old values). Returns [B, T], not masked and not reduced: the loop aggregates it over the completion
     mask like a policy loss.
 
-    Default clip_range=0.2 as in Baselines' `ppo2` and TRL's PPO (`cliprange_value`).
+    Default clip_range=0.2 as in Baselines' `ppo2` and TRL's PPOTrainer before 1.16 (`cliprange_value`).
     Deviations: the PPO paper's value loss is the unclipped squared error; the clip is the
     implementation's addition that PPO codebases keep (Engstrom et al. did not find it reliably helpful;
     a large clip_range turns it off).

@@ -179,7 +179,7 @@ def onednn_selected() -> bool:
 
 def kernel_choice() -> str:
     """POSTTRAIN_CPU_MATMUL's value (`auto` when unset). Raises KernelChoiceError naming the variable and the
-    allowed values for any other; every run calls it first (`trainers.run_state.start_run`, evaluation)."""
+    allowed values for any other; every run calls it first (`trainers.lifecycle.Lifecycle`, evaluation)."""
     choice = os.environ.get(ENV_VAR, "auto")
     if choice not in CHOICES:
         raise KernelChoiceError(f"{ENV_VAR}={choice!r} is not one of {', '.join(CHOICES)}")

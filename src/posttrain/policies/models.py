@@ -5,7 +5,7 @@ Nothing here downloads: a path that is not a local model directory is an error t
 
 from __future__ import annotations
 
-import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +19,18 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from posttrain.runtime.model_files import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    MODEL_CONFIG,
+    TOKENIZER_FILES,
+    holds_tokenizer,
+    is_adapter_directory,
+)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-"""A directory holding none of these holds no tokenizer AutoTokenizer could load."""
 
 
 class ModelLoadError(ValueError):
@@ -144,7 +151,13 @@ def load_model(
     device: str | torch.device = "cpu",
     gradient_checkpointing: bool = False,
 ) -> PreTrainedModel:
-    """Any Hugging Face causal LM from a local directory (safetensors or bin weights)."""
+    """Any Hugging Face causal LM from a local directory (safetensors or bin weights); a LoRA adapter directory
+    (a LoRA run's `final/`) gives its base with the adapter merged."""
+    if Path(path).is_dir() and is_adapter_directory(path):
+        model = merged_adapter_model(path, dtype=dtype)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        return model.to(device)
     directory = check_model_directory(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype], local_files_only=True)
@@ -156,9 +169,10 @@ def load_model(
 
 
 def check_model_directory(path: str | Path, key: str = "model.path") -> Path:
-    """The directory, if it can hold a Hugging Face model (it exists and has a config.json)."""
+    """The directory, if it can hold a Hugging Face model (it exists and has a config.json, or is a LoRA adapter
+    directory)."""
     directory = _local_directory(path, key)
-    if not (directory / "config.json").is_file():
+    if not (directory / MODEL_CONFIG).is_file() and not is_adapter_directory(directory):
         raise ModelLoadError(f"{key}: {directory} has no config.json; it is not a Hugging Face model directory")
     return directory
 
@@ -166,7 +180,7 @@ def check_model_directory(path: str | Path, key: str = "model.path") -> Path:
 def load_tokenizer(path: str | Path, key: str = "model.tokenizer") -> PreTrainedTokenizerBase:
     """A tokenizer from a local directory. `key`: the config key named in errors."""
     directory = _local_directory(path, key)
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+    if not holds_tokenizer(directory):
         found = ", ".join(sorted(p.name for p in directory.iterdir())[:8]) or "nothing"
         raise ModelLoadError(
             f"{key}: {directory} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}; found {found})"
@@ -192,9 +206,16 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
 
 
 def apply_lora(
-    model: PreTrainedModel, *, r: int, alpha: int, dropout: float, target_modules: list[str] | str
+    model: PreTrainedModel,
+    *,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: list[str] | str,
+    base_path: str | Path | None = None,
 ) -> PreTrainedModel:
-    """Wrap with a peft LoRA adapter (optional extra `posttrain[lora]`)."""
+    """Wrap with a peft LoRA adapter (optional extra `posttrain[lora]`). `base_path`: the local directory of the
+    base model, written into the adapter's config so that the saved adapter loads on it."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as error:
@@ -202,24 +223,73 @@ def apply_lora(
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
     )
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    if base_path is not None:  # get_peft_model takes the model's name_or_path, which a built model lacks
+        peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path = str(Path(base_path).resolve())
+    return peft_model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability of the model to 0: `nn.Dropout` modules and the float probabilities attention
+    modules read while training (`attention_dropout`), as TRL's `disable_dropout_in_model` does for the first.
+    LoRA layers wrapped later keep their own `lora_dropout`. The model's config is left as it was."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if type(value) is float and "drop" in name:  # attention_dropout, resid_pdrop, layerdrop
+                setattr(module, name, 0.0)
+
+
+def is_lora(model: Any) -> bool:
+    """Whether `model` is a peft model with adapters."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, directory: str | Path) -> Path:
-    """A standard Hugging Face directory (safetensors) that `from_pretrained` loads.
-
-    A peft LoRA model writes its adapter to `directory/adapter` and the merged full model beside it
-    (merged on a copy, because training may go on after a save).
-    """
+    """A standard Hugging Face directory (safetensors): the model, or for a peft LoRA model its trained adapter
+    only (`adapter_config.json`, `adapter_model.safetensors`, the base model's path inside), which transformers'
+    and peft's `from_pretrained` load on that base and `posttrain export --merge` merges into a full model."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "merge_and_unload"):
-        model.save_pretrained(directory / "adapter")
-        model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(directory, safe_serialization=True)
+    if is_lora(model):
+        model.save_pretrained(directory, selected_adapters=[model.active_adapter], safe_serialization=True)
+    else:
+        model.save_pretrained(directory, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory
+
+
+def load_adapter_weights(model: Any, directory: str | Path) -> None:
+    """Load the adapter a `save_pretrained` of a LoRA model wrote into `model`'s active adapter, in place."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(Path(directory) / ADAPTER_WEIGHTS, device=str(model.device))
+    result = set_peft_model_state_dict(model, weights, adapter_name=model.active_adapter)
+    if getattr(result, "unexpected_keys", None):
+        raise ModelLoadError(f"{directory}: adapter weights {result.unexpected_keys[:3]} fit no module of the model")
+
+
+def adapter_base_path(path: str | Path) -> Path:
+    """The base model directory an adapter directory names (`base_model_name_or_path`)."""
+    config = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
+    base = config.get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise ModelLoadError(
+            f"{path} holds a LoRA adapter whose base model ({base!r}) is not a local directory; "
+            "merge it with `posttrain export RUN --merge` where the base is, or fix base_model_name_or_path"
+        )
+    return Path(base)
+
+
+def merged_adapter_model(path: str | Path, *, dtype: str = "float32") -> PreTrainedModel:
+    """The full model of an adapter directory: its base with the adapter merged into the weights."""
+    from peft import PeftModel
+
+    base = load_model(adapter_base_path(path), dtype=dtype)
+    return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
 
 
 def _local_directory(path: str | Path, key: str) -> Path:

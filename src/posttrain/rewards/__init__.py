@@ -17,11 +17,20 @@ from posttrain.rewards.base import (
     completion_text,
 )
 from posttrain.rewards.loading import BUILTIN_REWARDS, default_reward_name, load_reward_fn
-from posttrain.rewards.scoring import LoadedReward, RewardResult, RewardSet, call_within, describe_failure
+from posttrain.rewards.scoring import (
+    LoadedReward,
+    RewardCall,
+    RewardResult,
+    RewardSet,
+    call_within,
+    current_reward_call,
+    describe_failure,
+)
 
 __all__ = [
     "BUILTIN_REWARDS",
     "LoadedReward",
+    "RewardCall",
     "RewardFailureError",
     "RewardFunction",
     "RewardLoadError",
@@ -30,6 +39,7 @@ __all__ = [
     "RewardSpec",
     "call_within",
     "completion_text",
+    "current_reward_call",
     "default_reward_name",
     "describe_failure",
     "load_reward_fn",

@@ -12,9 +12,15 @@ A recipe names a judge as it names a reward (`online.judge: {fn: module:function
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from posttrain.rewards.base import completion_text
+import torch
+from torch import Tensor
+
+from posttrain.data.encoding import PromptTokens
+from posttrain.rewards.base import RewardFailureError, completion_text
+from posttrain.rewards.scoring import call_within, describe_failure
 from posttrain.rewards.verifiers import extract_answer_span, extract_final_number
 
 
@@ -43,3 +49,49 @@ def _distance(completion: Any, target: float | None) -> float:
     if value is None or target is None:
         return float("inf")
     return abs(value - target)
+
+
+def judge_all_pairs(
+    judge: Callable[..., Any],
+    tokenizer: Any,
+    prompts: list[PromptTokens],
+    completions: list[list[list[int]]],
+    timeout_s: float | None = None,
+) -> Tensor:
+    """prefs_P_K_K from one judge call over every unordered pair (i < j) of each prompt's completions:
+    pref[i, j] = the judge's P(i preferred to j), pref[j, i] = 1 - pref[i, j], pref[i, i] = 1/2.
+    A call that raises or runs past `timeout_s` stops the run (`RewardFailureError`)."""
+    k = len(completions[0])
+    upper = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    texts = [tokenizer.batch_decode(group, skip_special_tokens=True) for group in completions]
+    prompt_texts = tokenizer.batch_decode([p.prompt_ids for p in prompts], skip_special_tokens=True)
+    keys = sorted({key for p in prompts for key in p.extra})
+    rows = [(p, i, j) for p in range(len(prompts)) for i, j in upper]
+    kwargs = {
+        "prompts": [prompt_texts[p] for p, _, _ in rows],
+        "completions_a": [texts[p][i] for p, i, _ in rows],
+        "completions_b": [texts[p][j] for p, _, j in rows],
+        **{key: [prompts[p].extra.get(key) for p, _, _ in rows] for key in keys},
+    }
+    verdicts, error = call_within(judge, kwargs, timeout_s)
+    if error is None:
+        try:
+            values = torch.tensor([float(v) for v in verdicts], dtype=torch.float32)
+        except Exception as unreadable:  # a judge is user code: say which call failed, not where inside torch
+            error = unreadable
+    if error is not None:
+        name = getattr(judge, "__name__", repr(judge))
+        raise RewardFailureError(
+            f"online.judge '{name}' failed on a round of {len(rows)} comparisons: {describe_failure(error)}"
+        ) from error
+    if len(values) != len(rows) or not bool(((values >= 0) & (values <= 1)).all()):
+        raise ValueError(
+            f"online.judge returned {len(values)} values for {len(rows)} comparisons; it must return one "
+            "probability in [0, 1] per row (that completions_a is preferred to completions_b)"
+        )
+    prefs_P_K_K = torch.full((len(prompts), k, k), 0.5)
+    if rows:
+        index = torch.tensor(rows)
+        prefs_P_K_K[index[:, 0], index[:, 1], index[:, 2]] = values
+        prefs_P_K_K[index[:, 0], index[:, 2], index[:, 1]] = 1.0 - values
+    return prefs_P_K_K

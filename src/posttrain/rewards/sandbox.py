@@ -1,26 +1,32 @@
 """Run untrusted, model-written Python in a separate, confined process.
 
     run_python(code, stdin=..., limits=SandboxLimits(...)) -> SandboxResult
+    run_linked(Program(a), Program(b), limits=...) -> (SandboxResult, SandboxResult)
 
-The parent writes `code` to `main.py` in a fresh temporary directory and starts this very file as a
-launcher (`python -I -S sandbox.py --launch <config>`, standard library only). The launcher sets up
-the confinement, forks, and the child execs `python -I -S -u main.py`. The layers, strongest first
-(see docs/sandbox.md for what each one does and does not stop):
+Each program is written to `main.py` in a fresh temporary directory and started by
+`sandbox_launcher.py` (`python -I -S`, standard library only), which confines itself and execs
+`python -I -S -u main.py`. The layers, strongest first (docs/sandbox.md says what each one does and
+does not stop):
 
-- kernel namespaces (unshare): a new network namespace (no interfaces but a down loopback), a new
-  PID namespace whose init is the program (when it exits or is killed, every process it started dies
-  with it), and a new mount namespace in which every mount is read-only except the temporary
-  directory. As a normal user these sit inside a new user namespace.
-- an unprivileged, per-run uid when the parent is root (root ignores RLIMIT_NPROC and may write
-  anywhere), so the process limit holds and other runs' processes cannot be signalled.
+- kernel namespaces: a new network namespace (no interfaces but a down loopback); a new PID
+  namespace whose init is the program (when it exits or is killed, everything it started dies with
+  it) with a procfs of its own; a new mount namespace whose root is a fresh tmpfs capped in bytes
+  and inodes, holding read-only binds of the system and interpreter directories, a minimal /dev, a
+  writable /tmp and working directory: no other host path, so no host file, unix socket or process
+  is reachable. As a normal user these sit inside a new user namespace.
+- an unprivileged, per-program uid when the parent is root (root ignores RLIMIT_NPROC), so the
+  process limit holds and programs cannot signal or trace each other.
 - resource limits: CPU seconds, address space, file size, open files, processes, no core files.
-- the parent: a scrubbed environment, a wall-time deadline after which the whole process group is
-  SIGKILLed, and at most `max_output_bytes` read from each of stdout and stderr.
+- the parent: a scrubbed environment, a wall-time deadline (and an optional cancel event) after
+  which everything is SIGKILLed, and at most `max_output_bytes` read from each of stdout and stderr.
+  The launcher dies with the thread that started it, so nothing outlives a killed trainer.
+
+`run_linked` starts two programs at once, each in its own sandbox, joined only by two pipes: each
+reads what the other writes. The code reward uses it to keep the tests out of the process that runs
+the model's code (posttrain.rewards.code).
 
 When the kernel refuses namespaces the launcher falls back to an in-process audit hook that
 refuses sockets; `SandboxResult.isolation` and `probe_isolation()` say which layers were in force.
-
-This module imports only the standard library at the top so that it can run as the launcher.
 """
 
 from __future__ import annotations
@@ -30,23 +36,31 @@ import dataclasses
 import json
 import os
 import random
-import resource
 import selectors
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 
-LAUNCHER_FAILED_EXIT = 125
-"""Exit code of a launcher that could not set up the sandbox (not the program's fault)."""
+from posttrain.rewards.sandbox_launcher import LAUNCHER_FAILED_EXIT
 
+LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_launcher.py")
 MINIMAL_ENV_PATH = "/usr/local/bin:/usr/bin:/bin"
 UNPRIVILEGED_UID_RANGE = (1_500_000_000, 2_000_000_000)
-"""Per-run uids are drawn from here when the parent is root: far above any real account's uid."""
+"""Per-program uids are drawn from here when the parent is root: far above any real account's uid."""
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+"""Host paths a sandboxed program sees (read-only), besides the interpreter's own prefix."""
+POLL_S = 0.05
+"""How often a run checks its cancel event."""
+
+__all__ = ["LAUNCHER_FAILED_EXIT", "Program", "SandboxError", "SandboxLimits", "SandboxResult", "probe_isolation",
+           "run_linked", "run_python"]
 
 
 class SandboxError(RuntimeError):
@@ -55,10 +69,10 @@ class SandboxError(RuntimeError):
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """Limits on one run. Every default is sized for short verifier programs on a laptop CPU."""
+    """Limits on one program. Every default is sized for short verifier programs on a laptop CPU."""
 
     wall_time_s: float = 10.0
-    """Seconds from start until the whole process group is SIGKILLed."""
+    """Seconds from start until everything the run started is SIGKILLed."""
     cpu_time_s: int = 10
     """RLIMIT_CPU per process, in CPU seconds (SIGXCPU, then SIGKILL one second later)."""
     memory_bytes: int = 1 << 30
@@ -66,7 +80,12 @@ class SandboxLimits:
     max_output_bytes: int = 1 << 20
     """Bytes kept from each of stdout and stderr; one more byte kills the run."""
     max_file_bytes: int = 16 << 20
-    """RLIMIT_FSIZE: the largest file the program may write (in its temporary directory)."""
+    """RLIMIT_FSIZE: the largest file the program may write."""
+    max_disk_bytes: int = 64 << 20
+    """Total bytes the program may store: its working directory, /tmp and /dev/shm share one tmpfs of
+    this size (ENOSPC past it). The pages are memory, on top of `memory_bytes`."""
+    max_disk_files: int = 1024
+    """Files and directories the program may create on that tmpfs (its inode cap)."""
     max_processes: int = 16
     """RLIMIT_NPROC for the run's own uid (or user namespace): bounds fork bombs."""
     max_open_files: int = 64
@@ -74,15 +93,23 @@ class SandboxLimits:
 
 
 @dataclass(frozen=True)
+class Program:
+    """One program of a run: Python source, run as main.py, and what it reads on stdin."""
+
+    code: str
+    stdin: str = ""
+
+
+@dataclass(frozen=True)
 class SandboxResult:
-    """What one run did. `stdout`/`stderr` are decoded as UTF-8 with replacement characters."""
+    """What one program did. `stdout`/`stderr` are decoded as UTF-8 with replacement characters."""
 
     exit_code: int | None
     """The program's exit status; None when a signal ended it."""
     stdout: str
     stderr: str
     output_truncated: bool
-    """A stream passed `max_output_bytes`; the run was killed and the stream cut there."""
+    """A stream of the run passed `max_output_bytes`; the run was killed and the stream cut there."""
     timed_out: bool
     """The wall-time deadline passed and the run was killed."""
     killed_by_signal: int | None
@@ -91,26 +118,38 @@ class SandboxResult:
     """Heuristic: the program died with a MemoryError (the address-space limit); the program can fake it."""
     wall_time_s: float
     isolation: tuple[str, ...]
-    """The confinement layers that were in force, e.g. ("netns", "pidns", "readonly-fs", "uid")."""
+    """The confinement layers that were in force, e.g. ("netns", "pidns", "mountns", "private-root", ...)."""
+    cancelled: bool = False
+    """The caller's cancel event was set and the run was killed."""
 
     @property
     def ok(self) -> bool:
         """Exited with status 0, within every limit."""
-        return self.exit_code == 0 and not (self.timed_out or self.output_truncated)
+        return self.exit_code == 0 and not (self.timed_out or self.output_truncated or self.cancelled)
 
 
-def run_python(code: str, *, stdin: str = "", limits: SandboxLimits) -> SandboxResult:
+def run_python(
+    code: str, *, stdin: str = "", limits: SandboxLimits, cancel: threading.Event | None = None
+) -> SandboxResult:
     """Run `code` as `python -I -S -u main.py` inside the sandbox and return what happened.
 
+    cancel: when set (polled every 50 ms), the run is killed and reported `cancelled`.
     Never raises for anything the program does; raises SandboxError when the sandbox cannot start.
     """
-    workdir = tempfile.mkdtemp(prefix="posttrain-sandbox-")
-    try:
-        uid = _pick_unprivileged_uid() if os.geteuid() == 0 else None
-        _prepare_workdir(workdir, code, uid)
-        return _run_launcher(workdir, stdin.encode(), limits, uid)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    return _run([Program(code, stdin)], limits, cancel, linked=False)[0]
+
+
+def run_linked(
+    first: Program, second: Program, *, limits: SandboxLimits, cancel: threading.Event | None = None
+) -> tuple[SandboxResult, SandboxResult]:
+    """Run two programs at once, each in its own sandbox (namespaces, uid, root filesystem), joined by
+    two pipes: each reads on its fd 3 what the other writes on its fd 4.
+
+    The run ends when `first` exits (then `second` is killed), at the wall-time deadline, or on
+    `cancel`. Each program gets `limits`; the deadline is shared. Raises only SandboxError.
+    """
+    results = _run([first, second], limits, cancel, linked=True)
+    return results[0], results[1]
 
 
 @cache
@@ -125,125 +164,219 @@ def probe_isolation() -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parent side
-
-
-def _pick_unprivileged_uid() -> int:
-    # A fresh uid per run keeps RLIMIT_NPROC per run and stops runs from signalling each other.
-    return random.randrange(*UNPRIVILEGED_UID_RANGE)
-
-
-def _prepare_workdir(workdir: str, code: str, uid: int | None) -> None:
-    os.chmod(workdir, 0o700)
-    main = os.path.join(workdir, "main.py")
-    with open(main, "w", encoding="utf-8") as f:
-        f.write(code)
-    os.chmod(main, 0o644)
-    if uid is not None:
-        os.chown(workdir, uid, uid)
-
-
-def _minimal_env(workdir: str) -> dict[str, str]:
-    # Nothing is inherited: API keys and tokens in the trainer's environment must not leak.
-    return {"PATH": MINIMAL_ENV_PATH, "LANG": "C.UTF-8", "HOME": workdir}
-
-
-def _run_launcher(workdir: str, stdin: bytes, limits: SandboxLimits, uid: int | None) -> SandboxResult:
-    status_r, status_w = os.pipe()
-    config = {
-        "limits": dataclasses.asdict(limits),
-        "uid": uid,
-        "workdir": workdir,
-        "python": os.path.realpath(sys.executable),
-        "python_prefix": os.path.realpath(sys.base_prefix),
-        "status_fd": status_w,
-        "env": _minimal_env(workdir),
-    }
-    start = time.monotonic()
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", os.path.abspath(__file__), "--launch", json.dumps(config)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=workdir,
-            env=_minimal_env(workdir),
-            start_new_session=True,
-            pass_fds=(status_w,),
-            close_fds=True,
-        )
-    finally:
-        os.close(status_w)
-    try:
-        streams = _pump(proc, stdin, limits, deadline=start + limits.wall_time_s)
-    finally:
-        _kill_everything(proc, uid)
-    wall = time.monotonic() - start
-    status = _read_status(status_r)
-    return _build_result(proc.returncode, streams, status, wall)
+# One launcher per program
 
 
 @dataclass
 class _Streams:
     stdout: bytearray = dataclasses.field(default_factory=bytearray)
     stderr: bytearray = dataclasses.field(default_factory=bytearray)
+
+
+@dataclass
+class _Launch:
+    proc: subprocess.Popen
+    uid: int | None
+    status_r: int
+    stdin: memoryview
+    streams: _Streams = dataclasses.field(default_factory=_Streams)
+    open_streams: int = 2
+    status: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclass
+class _Ending:
     truncated: bool = False
     timed_out: bool = False
+    cancelled: bool = False
 
 
-def _pump(proc: subprocess.Popen, stdin: bytes, limits: SandboxLimits, deadline: float) -> _Streams:
-    """Feed stdin and read stdout/stderr until both close, a limit trips, or the deadline passes."""
-    streams = _Streams()
+def _run(programs: Sequence[Program], limits: SandboxLimits, cancel: threading.Event | None,
+         *, linked: bool) -> list[SandboxResult]:
+    uids = _pick_uids(len(programs)) if os.geteuid() == 0 else [None] * len(programs)
+    dirs: list[str] = []
+    launches: list[_Launch] = []
+    links = _make_links() if linked else [[] for _ in programs]
+    start = time.monotonic()
+    try:
+        for program, uid, link in zip(programs, uids, links):
+            dirs.append(tempfile.mkdtemp(prefix="posttrain-sandbox-"))
+            _prepare_dir(dirs[-1], program.code, uid)
+            launches.append(_start_launcher(dirs[-1], program.stdin, uid, link, limits))
+        _close_all(fd for link in links for fd in link)
+        links = []
+        ending = _pump(launches, limits, deadline=start + limits.wall_time_s, cancel=cancel, linked=linked)
+    finally:
+        _close_all(fd for link in links for fd in link)
+        for launch in launches:
+            _kill_everything(launch)
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+    wall = time.monotonic() - start
+    return [_build_result(launch, ending, wall) for launch in launches]
+
+
+def _pick_uids(n: int) -> list[int]:
+    # A fresh uid per program keeps RLIMIT_NPROC per program and stops programs from signalling each other.
+    uids: list[int] = []
+    while len(uids) < n:
+        uid = random.randrange(*UNPRIVILEGED_UID_RANGE)
+        if uid not in uids:
+            uids.append(uid)
+    return uids
+
+
+def _make_links() -> list[list[int]]:
+    """[first's (read, write), second's (read, write)]: what one writes, the other reads."""
+    a_read, b_write = os.pipe()  # second -> first
+    b_read, a_write = os.pipe()  # first -> second
+    return [[a_read, a_write], [b_read, b_write]]
+
+
+def _close_all(fds) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _prepare_dir(host_dir: str, code: str, uid: int | None) -> None:
+    """host_dir/sandbox/main.py, and host_dir/root: the mount point of the private root."""
+    os.chmod(host_dir, 0o755)
+    workdir = os.path.join(host_dir, "sandbox")
+    os.mkdir(workdir, 0o700)
+    os.mkdir(os.path.join(host_dir, "root"), 0o755)
+    main = os.path.join(workdir, "main.py")
+    # surrogatepass: a lone surrogate is written as is, and Python then refuses the file (SyntaxError).
+    with open(main, "wb") as f:
+        f.write(code.encode("utf-8", errors="surrogatepass"))
+    os.chmod(main, 0o644)
+    if uid is not None:
+        os.chown(workdir, uid, uid)
+
+
+def _minimal_env() -> dict[str, str]:
+    # Nothing is inherited: API keys and tokens in the trainer's environment must not leak.
+    return {"PATH": MINIMAL_ENV_PATH, "LANG": "C.UTF-8"}
+
+
+@cache
+def _exposed_paths() -> tuple[tuple[str, str | None], ...]:
+    """(path, symlink target or None for a read-only bind) for the private root, parents first."""
+    exposed: list[tuple[str, str | None]] = []
+    for path in SYSTEM_PATHS:
+        if os.path.islink(path):
+            exposed.append((path, os.readlink(path)))
+        elif os.path.isdir(path):
+            exposed.append((path, None))
+    binds = [p for p, link in exposed if link is None]
+    interpreter = os.path.dirname(os.path.realpath(sys.executable))
+    for path in (os.path.realpath(sys.base_prefix), interpreter):
+        if not any(path == b or path.startswith(b + "/") for b in binds):
+            exposed.append((path, None))
+            binds.append(path)
+    return tuple(exposed)
+
+
+def _start_launcher(host_dir: str, stdin: str, uid: int | None, link: list[int], limits: SandboxLimits) -> _Launch:
+    status_r, status_w = os.pipe()
+    config = {
+        "limits": dataclasses.asdict(limits),
+        "uid": uid,
+        "host_dir": host_dir,
+        "python": os.path.realpath(sys.executable),
+        "python_prefix": os.path.realpath(sys.base_prefix),
+        "exposed": _exposed_paths(),
+        "status_fd": status_w,
+        "link_fds": link,
+        "parent_pid": os.getpid(),
+        "env": _minimal_env(),
+    }
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", LAUNCHER, json.dumps(config)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=host_dir,
+            env=_minimal_env(),
+            start_new_session=True,
+            pass_fds=(status_w, *link),
+            close_fds=True,
+        )
+    except BaseException:
+        os.close(status_r)
+        raise
+    finally:
+        os.close(status_w)
+    return _Launch(proc, uid, status_r, memoryview(stdin.encode("utf-8", errors="surrogatepass")))
+
+
+def _pump(launches: list[_Launch], limits: SandboxLimits, *, deadline: float, cancel: threading.Event | None,
+          linked: bool) -> _Ending:
+    """Feed stdin, read stdout/stderr until they close, a limit trips, the deadline passes or `cancel` is set.
+    Linked: the run also ends when the first program has closed its streams (it exited)."""
+    ending = _Ending()
     sel = selectors.DefaultSelector()
-    assert proc.stdin and proc.stdout and proc.stderr
-    for pipe in (proc.stdin, proc.stdout, proc.stderr):
-        os.set_blocking(pipe.fileno(), False)
-    sel.register(proc.stdout, selectors.EVENT_READ, streams.stdout)
-    sel.register(proc.stderr, selectors.EVENT_READ, streams.stderr)
-    pending = memoryview(stdin)
-    if pending:
-        sel.register(proc.stdin, selectors.EVENT_WRITE, None)
-    else:
-        proc.stdin.close()
-    while sel.get_map():
+    for launch in launches:
+        proc = launch.proc
+        assert proc.stdin and proc.stdout and proc.stderr
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            os.set_blocking(pipe.fileno(), False)
+        sel.register(proc.stdout, selectors.EVENT_READ, (launch, launch.streams.stdout))
+        sel.register(proc.stderr, selectors.EVENT_READ, (launch, launch.streams.stderr))
+        if launch.stdin:
+            sel.register(proc.stdin, selectors.EVENT_WRITE, (launch, None))
+        else:
+            proc.stdin.close()
+    poll = POLL_S if cancel is not None else 0.5
+    while any(launch.open_streams for launch in launches):
+        if linked and not launches[0].open_streams:
+            break
+        if cancel is not None and cancel.is_set():
+            ending.cancelled = True
+            break
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            streams.timed_out = True
+            ending.timed_out = True
             break
-        for key, _ in sel.select(timeout=min(remaining, 0.5)):
-            if key.fileobj is proc.stdin:
-                pending = _write_some(sel, proc, pending)
+        for key, _ in sel.select(timeout=min(remaining, poll)):
+            launch, buf = key.data
+            if buf is None:
+                _write_some(sel, launch)
                 continue
             chunk = _read_some(key.fd)
             if chunk is None:
                 continue
             if not chunk:
                 sel.unregister(key.fileobj)
+                launch.open_streams -= 1
                 continue
-            buf: bytearray = key.data
             buf += chunk
             if len(buf) > limits.max_output_bytes:
                 del buf[limits.max_output_bytes :]
-                streams.truncated = True
-        if streams.truncated:
+                ending.truncated = True
+        if ending.truncated:
             break
     sel.close()
-    for pipe in (proc.stdin, proc.stdout, proc.stderr):
-        pipe.close()
-    return streams
+    for launch in launches:
+        proc = launch.proc
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            with contextlib.suppress(OSError):
+                pipe.close()
+    return ending
 
 
-def _write_some(sel: selectors.BaseSelector, proc: subprocess.Popen, pending: memoryview) -> memoryview:
-    assert proc.stdin
+def _write_some(sel: selectors.BaseSelector, launch: _Launch) -> None:
+    stdin = launch.proc.stdin
+    assert stdin
     try:
-        written = os.write(proc.stdin.fileno(), pending[:65536])
+        written = os.write(stdin.fileno(), launch.stdin[:65536])
     except (BrokenPipeError, BlockingIOError) as err:
-        written = len(pending) if isinstance(err, BrokenPipeError) else 0
-    pending = pending[written:]
-    if not pending:
-        sel.unregister(proc.stdin)
-        proc.stdin.close()
-    return pending
+        written = len(launch.stdin) if isinstance(err, BrokenPipeError) else 0
+    launch.stdin = launch.stdin[written:]
+    if not launch.stdin:
+        sel.unregister(stdin)
+        stdin.close()
 
 
 def _read_some(fd: int) -> bytes | None:
@@ -254,14 +387,17 @@ def _read_some(fd: int) -> bytes | None:
         return None
 
 
-def _kill_everything(proc: subprocess.Popen, uid: int | None) -> None:
-    """SIGKILL the launcher's process group and, as root, every process of the run's uid."""
+def _kill_everything(launch: _Launch) -> None:
+    """SIGKILL the launcher's process group, reap it and read its status; without a PID namespace, as
+    root, also every process of the program's uid."""
+    proc = launch.proc
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    if uid is not None:
-        # Catches processes that left the process group with setsid() when no PID namespace holds them.
-        _kill_processes_of_uid(uid)
     proc.wait()
+    launch.status = _read_status(launch.status_r)
+    if launch.uid is not None and "pidns" not in launch.status["isolation"]:
+        # Catches processes that left the process group with setsid() when no PID namespace holds them.
+        _kill_processes_of_uid(launch.uid)
 
 
 def _kill_processes_of_uid(uid: int) -> None:
@@ -278,283 +414,34 @@ def _kill_processes_of_uid(uid: int) -> None:
 
 
 def _read_status(status_r: int) -> dict:
+    """The launcher's and the child's status lines, merged."""
     with os.fdopen(status_r, "rb") as f:
         raw = f.read()
-    return json.loads(raw) if raw else {}
+    merged: dict = {"isolation": []}
+    for line in raw.splitlines():
+        status = json.loads(line)
+        merged["isolation"] += status.get("isolation", [])
+        if "error" in status:
+            merged["error"] = status["error"]
+    return merged
 
 
-def _build_result(returncode: int, streams: _Streams, status: dict, wall: float) -> SandboxResult:
+def _build_result(launch: _Launch, ending: _Ending, wall: float) -> SandboxResult:
+    status = launch.status
     if "error" in status:
         raise SandboxError(f"sandbox launcher: {status['error']}")
-    stderr = streams.stderr.decode("utf-8", errors="replace")
+    returncode = launch.proc.returncode
+    stderr = launch.streams.stderr.decode("utf-8", errors="replace")
     signal_number = -returncode if returncode < 0 else None
     return SandboxResult(
         exit_code=None if signal_number else returncode,
-        stdout=streams.stdout.decode("utf-8", errors="replace"),
+        stdout=launch.streams.stdout.decode("utf-8", errors="replace"),
         stderr=stderr,
-        output_truncated=streams.truncated,
-        timed_out=streams.timed_out,
+        output_truncated=ending.truncated,
+        timed_out=ending.timed_out,
         killed_by_signal=signal_number,
         memory_exceeded="MemoryError" in stderr[-2000:],
         wall_time_s=wall,
         isolation=tuple(status.get("isolation", ())),
+        cancelled=ending.cancelled,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Launcher side: runs as `python -I -S sandbox.py --launch <config>` in the new session.
-
-CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x10000000, 0x20000000, 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
-MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = (
-    1024,
-    2048,
-    4096,
-    16384,
-    1 << 18,
-    1 << 21,
-)
-PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
-# statvfs flag -> mount flag that a read-only remount must keep (the kernel refuses to drop locked ones)
-KEPT_MOUNT_FLAGS = (
-    (os.ST_NOSUID, MS_NOSUID),
-    (os.ST_NODEV, MS_NODEV),
-    (os.ST_NOEXEC, MS_NOEXEC),
-    (os.ST_NOATIME, MS_NOATIME),
-    (os.ST_NODIRATIME, MS_NODIRATIME),
-    (os.ST_RELATIME, MS_RELATIME),
-)
-
-NETWORK_GUARD = """
-import runpy, sys
-def _refuse_network(event, args):
-    if event.startswith(("socket.", "ctypes.")):
-        raise PermissionError(f"sandbox: {event} is disabled (no network)")
-sys.addaudithook(_refuse_network)
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-"""Fallback when no network namespace can be made: an audit hook (which Python code cannot remove)
-refuses every socket operation and ctypes, through which a program could call libc directly."""
-
-
-def _launch(config: dict) -> None:
-    status_fd = config["status_fd"]
-    try:
-        isolation = _confine(config)
-        libc = _libc()  # loaded now: after the uid drop the standard library may be out of reach
-        # Orphans (a setsid() grandchild) re-parent to the launcher, which kills them at the end;
-        # this matters when no PID namespace does it.
-        _check(libc.prctl(PR_SET_CHILD_SUBREAPER, 1), "prctl(PR_SET_CHILD_SUBREAPER)")
-        pid = os.fork()
-    except Exception as err:
-        _write_status(status_fd, {"error": f"{type(err).__name__}: {err}"})
-        os._exit(LAUNCHER_FAILED_EXIT)
-    if pid == 0:
-        os.close(status_fd)
-        _exec_program(config, isolation, libc)
-    _write_status(status_fd, {"isolation": isolation})
-    os.close(status_fd)
-    _exit_like_child(pid)
-
-
-def _write_status(fd: int, status: dict) -> None:
-    os.write(fd, json.dumps(status).encode())
-
-
-def _confine(config: dict) -> list[str]:
-    """Enter namespaces and make the filesystem read-only; return the layers that took effect."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    isolation: list[str] = []
-    root = os.geteuid() == 0
-    if _unshare_namespaces(root):
-        isolation += ["netns", "pidns", "mountns"]
-        _make_filesystem_readonly(config)
-        isolation.append("readonly-fs")
-    else:
-        isolation.append("audit-network-guard")
-    if config["uid"] is not None and not _can_drop_uid(isolation, config["python_prefix"]):
-        # Without a mount namespace an unprivileged uid cannot reach an interpreter under /root: run
-        # as root with the other limits rather than not at all (docs/sandbox.md, "Fallbacks").
-        config["uid"] = None
-        isolation.append("root-no-uid-drop")
-    if config["uid"] is not None:
-        isolation.append("uid")
-    return isolation
-
-
-def _can_drop_uid(isolation: list[str], prefix: str) -> bool:
-    return "mountns" in isolation or _first_untraversable_ancestor(prefix) is None
-
-
-def _libc():
-    import ctypes
-
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _check(rc: int, what: str) -> None:
-    if rc != 0:
-        import ctypes
-
-        raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
-
-
-def _unshare_namespaces(root: bool) -> bool:
-    uid, gid = os.getuid(), os.getgid()
-    flags = CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS | (0 if root else CLONE_NEWUSER)
-    if _libc().unshare(flags) != 0:
-        return False
-    if not root:
-        # Map the caller to uid 0 inside, so files it creates belong to the caller outside.
-        _write_file("/proc/self/setgroups", "deny")
-        _write_file("/proc/self/uid_map", f"0 {uid} 1")
-        _write_file("/proc/self/gid_map", f"0 {gid} 1")
-    return True
-
-
-def _write_file(path: str, text: str) -> None:
-    with open(path, "w", encoding="ascii") as f:
-        f.write(text)
-
-
-def _make_filesystem_readonly(config: dict) -> None:
-    libc, workdir = _libc(), config["workdir"]
-    _check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
-    for mount_point in _mount_points():
-        _remount_readonly(libc, mount_point)  # best effort: some mounts are locked by the kernel
-    if config["uid"] is not None:
-        _expose_interpreter(libc, config["python_prefix"])
-    path = workdir.encode()
-    _check(libc.mount(path, path, None, MS_BIND, None), f"bind {workdir}")
-    _check(
-        libc.mount(path, path, None, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV, None),
-        f"make {workdir} writable",
-    )
-    os.chdir(workdir)  # the old cwd still points at the read-only mount underneath
-
-
-def _mount_points() -> list[str]:
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        fields = [line.split() for line in f]
-    # Field 5 is the mount point with spaces etc. escaped as \ooo.
-    return [f[4].encode().decode("unicode_escape") for f in fields if len(f) > 4]
-
-
-def _remount_readonly(libc, mount_point: str) -> bool:
-    try:
-        current = os.statvfs(mount_point).f_flag
-    except OSError:
-        return False
-    kept = sum(ms for st, ms in KEPT_MOUNT_FLAGS if current & st)
-    path = mount_point.encode()
-    return libc.mount(path, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | kept, None) == 0
-
-
-def _expose_interpreter(libc, prefix: str) -> None:
-    """Let an unprivileged uid reach an interpreter installed under a private directory.
-
-    On this project's machines Python lives under /root (mode 0700). The first ancestor that others
-    cannot traverse is covered with an empty read-only tmpfs holding only the interpreter's prefix,
-    bind-mounted back; the rest of that directory (a home with credentials) disappears from view.
-    """
-    blocked = _first_untraversable_ancestor(prefix)
-    if blocked is None:
-        return
-    keep = os.open(prefix, os.O_PATH)
-    _check(
-        libc.mount(b"tmpfs", blocked.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=0755"),
-        f"cover {blocked}",
-    )
-    os.makedirs(prefix, mode=0o755, exist_ok=True)
-    target = prefix.encode()
-    _check(
-        libc.mount(f"/proc/self/fd/{keep}".encode(), target, None, MS_BIND | MS_REC, None), f"bind {prefix}"
-    )
-    os.close(keep)
-    _remount_readonly(libc, prefix)
-    _remount_readonly(libc, blocked)
-
-
-def _first_untraversable_ancestor(path: str) -> str | None:
-    parts = path.strip("/").split("/")
-    for depth in range(1, len(parts) + 1):
-        ancestor = "/" + "/".join(parts[:depth])
-        if not os.stat(ancestor).st_mode & 0o001:
-            return ancestor
-    return None
-
-
-def _exec_program(config: dict, isolation: list[str], libc) -> None:
-    """In the forked child (PID 1 of the new PID namespace when there is one): drop, limit, exec."""
-    try:
-        if config["uid"] is not None:
-            _drop_to_uid(config["uid"])
-        _set_limits(config["limits"], own_uid_namespace="pidns" in isolation or config["uid"] is not None)
-        _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL), "prctl(PR_SET_PDEATHSIG)")
-        argv = [config["python"], "-I", "-S", "-u"]
-        argv += ["-c", NETWORK_GUARD, "main.py"] if "netns" not in isolation else ["main.py"]
-        os.execve(config["python"], argv, config["env"])
-    except BaseException as err:
-        os.write(2, f"sandbox launcher: cannot start the program: {err}\n".encode())
-        os._exit(LAUNCHER_FAILED_EXIT)
-
-
-def _drop_to_uid(uid: int) -> None:
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
-
-
-def _set_limits(limits: dict, *, own_uid_namespace: bool) -> None:
-    cpu = limits["cpu_time_s"]
-    nproc = limits["max_processes"]
-    if not own_uid_namespace:
-        # RLIMIT_NPROC counts every process of the user, so leave room for the ones already running.
-        nproc += _count_processes_of_uid(os.getuid())
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    resource.setrlimit(resource.RLIMIT_AS, (limits["memory_bytes"],) * 2)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits["max_file_bytes"],) * 2)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limits["max_open_files"],) * 2)
-    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-
-
-def _count_processes_of_uid(uid: int) -> int:
-    count = 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                count += os.stat(f"/proc/{entry}").st_uid == uid
-            except OSError:
-                continue
-    return count
-
-
-def _kill_descendants() -> None:
-    """SIGKILL and reap every process left under this (subreaper) launcher."""
-    me = str(os.getpid())
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/status", encoding="ascii", errors="replace") as f:
-                parent = next((line.split()[1] for line in f if line.startswith("PPid:")), None)
-            if parent == me:
-                os.kill(int(entry), signal.SIGKILL)
-                os.waitpid(int(entry), 0)
-        except (OSError, ValueError, ChildProcessError):
-            continue
-
-
-def _exit_like_child(pid: int) -> None:
-    """Wait for the program and end this launcher the same way, so the parent sees its status."""
-    _, status = os.waitpid(pid, 0)
-    _kill_descendants()
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        signal.signal(sig, signal.SIG_DFL) if sig != signal.SIGKILL else None
-        os.kill(os.getpid(), sig)
-        os._exit(128 + sig)
-    os._exit(os.WEXITSTATUS(status))
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--launch"]:
-    _launch(json.loads(sys.argv[2]))

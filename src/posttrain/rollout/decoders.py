@@ -529,7 +529,7 @@ class CudaGraphsChoiceError(ValueError):
 def cuda_graphs_enabled() -> bool:
     """Whether CUDA models decode through `GraphedDecoder`'s captured step: POSTTRAIN_CUDA_GRAPHS=1. Off by default
     until the capture has been measured on a GPU (issue #7). Any value other than 0 or 1 raises
-    CudaGraphsChoiceError; every run checks it first (`trainers.run_state.start_run`, evaluation), so a misspelt
+    CudaGraphsChoiceError; every run checks it first (`trainers.lifecycle.Lifecycle`, evaluation), so a misspelt
     value stops a CPU run too, where nothing decodes through a graph."""
     value = os.environ.get(CUDA_GRAPHS_VARIABLE, "0")
     if value not in ("0", "1"):

@@ -38,11 +38,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from posttrain.policies import Reference
 from posttrain.rollout.decoders import Decoder, build_decoder, positions_from_mask
 from posttrain.rollout.engine import FinishReason, Rollouts, SamplingParams, StopChecker
 from posttrain.rollout.sampling import sample_tokens
 
-__all__ = ["NativeEngine", "decode", "generate_geometric_mixture", "left_pad", "positions_from_mask"]
+__all__ = [
+    "GeometricMixture", "NativeEngine", "decode", "generate_geometric_mixture", "left_pad", "positions_from_mask",
+]  # fmt: skip
 
 
 def left_pad(prompt_ids: list[list[int]], device: torch.device, pad_id: int = 0) -> tuple[Tensor, Tensor]:
@@ -85,10 +88,32 @@ class NativeEngine:
         )  # fmt: skip
 
 
+class DecoderWithin:
+    """A decoder whose every call runs inside `context()`: a LoRA policy's reference decodes with the policy's own
+    weights, its adapters switched off for the call (`policies.AdapterOff`)."""
+
+    def __init__(self, decoder: Decoder, context: Callable[[], Any]) -> None:
+        self.decoder, self.context = decoder, context
+
+    def prefill(self, input_ids_P_T: Tensor, attention_mask_P_T: Tensor) -> Tensor:
+        with self.context():
+            return self.decoder.prefill(input_ids_P_T, attention_mask_P_T)
+
+    def expand(self, n: int) -> None:
+        self.decoder.expand(n)
+
+    def select(self, keep_A: Tensor) -> None:
+        self.decoder.select(keep_A)
+
+    def step(self, tokens_A: Tensor) -> Tensor:
+        with self.context():
+            return self.decoder.step(tokens_A)
+
+
 @torch.inference_mode()
 def generate_geometric_mixture(
     policy: Any,
-    reference: Any,
+    reference: Reference,
     prompt_ids: list[list[int]],
     params: SamplingParams,
     *,
@@ -98,13 +123,15 @@ def generate_geometric_mixture(
     tokenizer: Any = None,
 ) -> Rollouts:
     """Sample n completions per prompt from Nash-MD's regularised policy, token by token
-    (Munos et al. 2023, arXiv:2312.00886; TRL's GeometricMixtureWrapper):
+    (Munos et al. 2023, arXiv:2312.00886; the GeometricMixtureWrapper TRL had before 1.16):
 
         log pi_mix(y_t | x, y_<t) = (1 - m) log pi(y_t | ...) + m log ref(y_t | ...) + const,   m = mixture_coef
 
     then temperature and filters as `params` say. Both models decode over their own KV cache, with the
     shared-prompt prefill and shrinking batch of `NativeEngine.generate`. `logprobs` are the mixture's."""
-    decoders = [build_decoder(m, params.max_new_tokens) for m in (policy, reference)]
+    # the decoders read the modules at each call: a LoRA policy and its adapter-off reference share weights
+    decoders = [build_decoder(policy, params.max_new_tokens),
+                DecoderWithin(build_decoder(reference.model, params.max_new_tokens), reference.active)]  # fmt: skip
 
     def mix(logits: list[Tensor]) -> Tensor:
         policy_A_V, reference_A_V = (x.float().log_softmax(dim=-1) for x in logits)
@@ -112,6 +139,28 @@ def generate_geometric_mixture(
 
     device = policy.device
     return decode(decoders, mix, prompt_ids, params, n=n, device=device, generator=generator, tokenizer=tokenizer)
+
+
+class GeometricMixture:
+    """An engine that samples Nash-MD's regularised policy: `generate(policy, ...)` draws from
+    pi^(1 - m) * ref^m token by token (`generate_geometric_mixture`), so that mixture opponents are sampled
+    through the same episode path as every other sample."""
+
+    def __init__(self, reference: Reference, mixture_coef: float) -> None:
+        self.reference, self.mixture_coef = reference, mixture_coef
+
+    def generate(
+        self,
+        model: Any,
+        prompt_ids: list[list[int]],
+        params: SamplingParams,
+        *,
+        n: int,
+        generator: torch.Generator | None = None,
+        tokenizer: Any = None,
+    ) -> Rollouts:
+        return generate_geometric_mixture(model, self.reference, prompt_ids, params, n=n,
+                                          mixture_coef=self.mixture_coef, generator=generator, tokenizer=tokenizer)
 
 
 def decode(

@@ -89,9 +89,8 @@ def draw_from(probs_B_V: Tensor, generator: torch.Generator | None = None) -> Te
     Token i is drawn when c_{i-1} <= u < c_i, with probability p_i / c_{V-1}; a token with p_i = 0 has
     c_i = c_{i-1} and is never drawn. The sums are float64, so that no token's probability moves (float32 sums
     over a 152k vocabulary would round a tail token's 1e-8 to 0 or 6e-8 beside a sum of 0.5). One draw per row,
-    where the exponential race (argmax_i p_i / E_i) takes one per token: on CPU those draws were most of a decode
-    step's sampling (measured on 2 Xeon cores, a 64 x 373 batch: 0.17 ms for the race, 0.05 ms this way, the check
-    for rows without a distribution included).
+    where the exponential race (argmax_i p_i / E_i) takes one per token, which on CPU were most of a decode step's
+    sampling (bench/RESULTS.md, "sampling").
     Returns tokens_B (int64).
     """
     cdf_B_V = probs_B_V.double().cumsum(dim=-1)
@@ -129,7 +128,7 @@ def sample_tokens(
     """
     scaled_B_V = scale_logits(logits_B_V, params.temperature)
     if params.greedy:
-        # max's indices are argmax's (the first maximum) at a third of its CPU time (37 us against 11 us, [64, 373])
+        # max's indices are argmax's (the first maximum), at a fraction of its CPU time
         tokens_B = scaled_B_V.max(dim=-1).indices
     else:
         probs_B_V = filter_logits(scaled_B_V, params).softmax(dim=-1)

@@ -6,15 +6,47 @@ import os
 
 import torch
 
+from posttrain.errors import PosttrainError
+
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
+_INSTEAD = "use device=cpu or device=auto"
+
+
+class DeviceError(PosttrainError, ValueError):
+    """A `device` that torch does not know, or that this machine does not have."""
+
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present, else CPU; anything else is passed to torch."""
+    """`auto` picks CUDA when present, else CPU; anything else must be a device this machine has.
+
+    Raises DeviceError naming `device`, the value and what would work: an unknown name (`banana`), CUDA or MPS
+    where torch sees none, a GPU index past the last one (`cuda:3` on a one-GPU machine).
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: '{name}' was asked for but CUDA is not available; use device=cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"device: '{name}' is not a device; use one of {DEVICES}") from None
+    if device.type == "cuda":
+        _check_cuda(name, device.index)
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device: '{name}' was asked for but MPS (Apple GPU) is not available here; {_INSTEAD}")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"device: '{name}' is not supported; use one of {DEVICES}")
     return device
+
+
+def _check_cuda(name: str, index: int | None) -> None:
+    if not torch.cuda.is_available():
+        build = "a CPU-only build of torch" if torch.version.cuda is None else "no CUDA device is visible"
+        raise DeviceError(f"device: '{name}' was asked for but CUDA is not available ({build}); {_INSTEAD}")
+    count = torch.cuda.device_count()
+    if index is not None and index >= count:
+        raise DeviceError(
+            f"device: '{name}' asks for GPU {index}, but this machine has {count} CUDA device(s), "
+            f"cuda:0 to cuda:{count - 1}; use one of them, or device=cuda"
+        )
 
 
 def limit_cpu_threads(workers: int = 0) -> int:

@@ -102,9 +102,8 @@ class NonFiniteGuard:
 
 def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of all the gradients together, as `torch.nn.utils.get_total_norm` (0 for none; inf or NaN when
-    an element is). Float32 gradients on CPU take one `torch.dot` of each with itself: MKL's dot is 2-3x faster
-    than the per-tensor norms and sums closer to the float64 norm (`python bench/grad_norm.py`, 2 Xeon cores, the
-    30m model's 25M gradients: 2.8-3.5 ms against 5.3-10.3 ms over two runs; relative error 6e-8 against 6e-6).
+    an element is). Float32 gradients on CPU take one `torch.dot` of each with itself, faster than the per-tensor
+    norms and closer to the float64 norm (`python bench/grad_norm.py`; bench/RESULTS.md, "gradient norm").
     Its float32 squares overflow from elements of about 2e19, as those of torch's norm do; a sum that is not
     finite is taken again by `get_total_norm`, so that the guard skips an update exactly where torch's norm is
     not finite."""
@@ -124,8 +123,8 @@ def clipped_step(
 
     A fused optimizer (torch's fused AdamW, which `runtime.optim.build_adamw` makes on CPU and CUDA) takes the
     scale as `grad_scale`, the attribute torch's GradScaler sets for it, and divides each gradient by it in the
-    kernel that reads them anyway: a pass over every gradient fewer (measured on 2 Xeon cores, 25M parameters:
-    norm, scaling and step 28.5 ms against 33.5 ms). Any other optimizer gets its gradients scaled first."""
+    kernel that reads them anyway: a pass over every gradient fewer. Any other optimizer gets its gradients scaled
+    first."""
     coefficient = 1.0 if max_grad_norm is None else max_grad_norm / (norm + 1e-6)
     if coefficient >= 1.0:
         optimizer.step()

@@ -1,14 +1,19 @@
-"""Run logging: a rich progress bar, metrics as JSONL in the run directory, TensorBoard when installed."""
+"""Run logging: a rich progress bar, metrics as JSONL in the run directory, TensorBoard when installed, and
+`track` / `phase` for the long steps outside the training loop (reference log-probs, evaluation, saving)."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
+from rich.errors import LiveError
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -21,6 +26,11 @@ from rich.progress import (
 console = Console(stderr=True)
 
 METRICS_FILE = "metrics.jsonl"
+
+T = TypeVar("T")
+
+# The open RunLogger's display: its Progress, False when it was opened with progress=False, None when no run logs.
+_run_display: ContextVar[Progress | bool | None] = ContextVar("run_display", default=None)
 
 
 class RunLogger:
@@ -50,6 +60,7 @@ class RunLogger:
         if self._progress is not None:
             self._progress.start()
             self._task = self._progress.add_task("train", total=total_steps, completed=start_step, stats="")
+        self._display = _run_display.set(self._progress if progress else False)
 
     def log(self, step: int, metrics: dict[str, float], *, kind: str = "train") -> None:
         record = {
@@ -72,12 +83,88 @@ class RunLogger:
         (self._progress.console if self._progress is not None else console).print(message)
 
     def close(self) -> None:
+        if self._display is not None:
+            _run_display.reset(self._display)
+            self._display = None
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
         if self._tensorboard is not None:
             self._tensorboard.close()
+            self._tensorboard = None
         self._metrics.close()
+
+
+def track(
+    items: Iterable[T], description: str, *, total: int | None = None, unit: str = "", enabled: bool = True
+) -> Iterator[T]:
+    """Yield `items` under a progress bar (`description`, done/total, elapsed, eta), then print one line:
+    "description: 40 batches in 12.3 s". While a RunLogger is open the bar is a row of its display, and silent
+    when that run has progress=False; otherwise a bar of its own. enabled=False yields the items silently (the
+    trainers pass their `progress` flag for the steps before their RunLogger opens)."""
+    total = len(items) if total is None and hasattr(items, "__len__") else total  # type: ignore[arg-type]
+    if not _shown(enabled) or total == 0:  # nothing to wait for
+        yield from items
+        return
+    count, started = 0, time.perf_counter()
+    with _row(description, total) as advance:
+        for item in items:
+            yield item
+            count += 1
+            advance(count)
+    _say(f"{description}: {count}{f' {unit}' if unit else ''} in {time.perf_counter() - started:.1f} s")
+
+
+@contextmanager
+def phase(description: str, *, enabled: bool = True) -> Iterator[None]:
+    """A long step without a count (saving a model): a row while it runs, then one line "description: 1.2 s".
+    Silent under the same conditions as `track`; nothing is printed when the step raises."""
+    if not _shown(enabled):
+        yield
+        return
+    started = time.perf_counter()
+    with _row(description, None):
+        yield
+    _say(f"{description}: {time.perf_counter() - started:.1f} s")
+
+
+def _shown(enabled: bool) -> bool:
+    return enabled and _run_display.get() is not False
+
+
+@contextmanager
+def _row(description: str, total: int | None) -> Iterator[Any]:
+    """A progress row for the duration of the block, on the open run's display or on a transient one of its own;
+    yields `advance(completed)`. No row of its own off a terminal, or where another live display holds the
+    terminal (rich < 14 nests none)."""
+    display = _run_display.get()
+    bar = display if isinstance(display, Progress) else _make_progress(transient=True)
+    if bar is not display and not _start(bar):
+        yield lambda completed: None
+        return
+    task = bar.add_task(description, total=total, stats="")
+    try:
+        yield lambda completed: bar.update(task, completed=completed)
+    finally:
+        if bar is display:
+            bar.remove_task(task)
+        else:
+            bar.stop()
+
+
+def _start(bar: Progress) -> bool:
+    if not console.is_terminal:  # a log file gets the closing line only
+        return False
+    try:
+        bar.start()
+    except LiveError:
+        return False
+    return True
+
+
+def _say(message: str) -> None:
+    display = _run_display.get()
+    (display.console if isinstance(display, Progress) else console).print(message, markup=False, highlight=False)
 
 
 def _ends_mid_line(path: Path) -> bool:
@@ -104,7 +191,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def _make_progress() -> Progress:
+def _make_progress(*, transient: bool = False) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -114,7 +201,7 @@ def _make_progress() -> Progress:
         TextColumn("eta"),
         TimeRemainingColumn(),
         console=console,
-        transient=False,
+        transient=transient,
     )
 
 

@@ -25,8 +25,8 @@ def build_adamw(
 def fused_adamw_runs_on(params: list[torch.nn.Parameter]) -> bool | None:
     """Whether to take torch's fused AdamW kernel: float parameters all on one CPU or CUDA device type.
 
-    One kernel over every parameter instead of a chain of foreach ops: on this 2-core CPU, a step over 19M
-    float32 parameters took 5.5 ms against 19-42 ms for foreach (2 threads). None leaves torch's default.
+    One kernel over every parameter instead of a chain of foreach ops, several times faster on CPU
+    (bench/RESULTS.md, "optimiser step"). None leaves torch's default.
     """
     device_types = {p.device.type for p in params}
     one_kind = len(device_types) == 1 and device_types <= {"cpu", "cuda"}

@@ -16,14 +16,26 @@ from typing import Any
 
 import torch
 
+from posttrain.config import ConfigError
 from posttrain.config.sections import EvalSection
 from posttrain.data.encoding import PromptTokens
 from posttrain.data.errors import DataError
+from posttrain.envs import sample_episodes
 from posttrain.rewards import load_reward_fn
+from posttrain.rewards.inputs import (
+    RewardLog,
+    reward_completions,
+    reward_prompts,
+    row_columns,
+    trainer_state,
+    trl_reward_kwargs,
+)
 from posttrain.rollout import ENGINES, SamplingParams
 from posttrain.runtime.device import limit_cpu_threads, resolve_device
+from posttrain.runtime.logging import track
 from posttrain.runtime.seeding import seed_everything
-from posttrain.trainers.build import build_policy, check_environment, load_prompts
+from posttrain.trainers.build import build_policy, check_environment
+from posttrain.trainers.splits import load_prompts
 
 RewardFn = Callable[..., list[float]]
 
@@ -37,7 +49,9 @@ class EvalResult:
     """Per prompt: prompt text, answer, greedy completion, correct (None where the reward does not apply)."""
 
     def metrics(self) -> dict[str, float]:
-        return {"accuracy": self.greedy_accuracy, **{f"pass@{k}": v for k, v in self.pass_at_k.items()}}
+        """accuracy, pass@k, and how many prompts they are over (`examples`, for their noise)."""
+        passes = {f"pass@{k}": v for k, v in self.pass_at_k.items()}
+        return {"accuracy": self.greedy_accuracy, **passes, "examples": float(self.num_prompts)}
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
@@ -74,7 +88,8 @@ def evaluate(
     greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=stop)
     sampled = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop_token_ids=stop)
     examples, correct_counts = [], []
-    for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for start in track(starts, f"held-out generation, {len(prompts)} prompts", unit="batches"):
         batch = list(prompts[start : start + batch_size])
         greedy_correct, texts = _generate_and_score(model, tokenizer, batch, reward, greedy, 1, engine, generator)
         examples += [
@@ -137,17 +152,15 @@ def _generate_and_score(
     engine: str,
     generator: torch.Generator | None,
 ) -> tuple[list[bool | None], list[str]]:
-    rollouts = ENGINES[engine].generate(
-        model, [p.prompt_ids for p in batch], params, n=n, generator=generator, tokenizer=tokenizer
-    )
+    rollouts = sample_episodes(ENGINES[engine], model, batch, params, n=n, generator=generator, tokenizer=tokenizer)
     texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
-    prompt_texts = tokenizer.batch_decode([p.prompt_ids for p in batch], skip_special_tokens=True)
-    columns = {key: [p.extra.get(key) for p in batch for _ in range(n)] for key in batch[0].extra}
+    prompts_N = reward_prompts(batch, tokenizer, n)
     scores = reward(
-        prompts=[t for t in prompt_texts for _ in range(n)],
-        completions=texts,
+        prompts=prompts_N,
+        completions=reward_completions(prompts_N, texts),
         completion_ids=rollouts.completion_ids,
-        **columns,
+        **row_columns(batch, n),
+        **trl_reward_kwargs(trainer_state(0, 0), RewardLog()),
     )
     return [None if s is None else s >= 1.0 for s in scores], texts
 
@@ -170,11 +183,15 @@ def run_evaluation(
     limit_cpu_threads()
     generator = seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    if model is None or tokenizer is None:
-        model, tokenizer = build_policy(cfg.model, seed=cfg.seed, device=device, recipe_dir=cfg.recipe_dir)
+    model, tokenizer = build_policy(
+        cfg.model, seed=cfg.seed, device=device, recipe_dir=cfg.recipe_dir, model=model, tokenizer=tokenizer
+    )
     prompts, report = load_prompts(
         cfg.data, tokenizer, "eval", seed=cfg.seed, recipe_dir=cfg.recipe_dir, rows=rows, limit=cfg.eval.limit
     )
+    if report is None:
+        raise ConfigError("data: set data.eval (a file with prompt and answer) or data.task, or pass rows= from "
+                          "Python")  # fmt: skip
     missing = [p.where for p in prompts if "answer" not in p.extra]
     if missing:
         raise DataError(

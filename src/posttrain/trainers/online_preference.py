@@ -18,34 +18,41 @@ Checkpoints and stop requests take effect at round boundaries (a round's samples
 from __future__ import annotations
 
 import time
-from collections import defaultdict
-from pathlib import Path
+from collections.abc import Callable
+from contextlib import closing
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from posttrain.config.pref import SELECTIONS, PrefConfig, feedback_kind
-from posttrain.objectives.registry import PREFERENCE_LOSSES, call_with
-from posttrain.policies import save_pretrained
-from posttrain.rewards import RewardSet, RewardSpec, load_reward_fn
-from posttrain.rollout import ENGINES, SamplingParams
-from posttrain.runtime.guards import NonFiniteGuard
-from posttrain.runtime.logging import RunLogger
-from posttrain.runtime.signals import StopRequest
-from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, chunks, load_prompts
-from posttrain.trainers.evaluation import EvalResult, evaluate_with
-from posttrain.trainers.offline import hyper_default, kl_reference_point, logps_per_item
-from posttrain.trainers.online_parts import Feedback, build_examples, sample_round
-from posttrain.trainers.pref_parts import (
-    RunningMean,
-    add_preference_metrics,
-    build_models,
-    log_ratios,
-    preference_inputs,
+from posttrain.data import CompletionTokens, EpochSampler, PreferenceTokens
+from posttrain.data.encoding import PromptTokens
+from posttrain.envs import sample_episodes
+from posttrain.objectives.pairing import (
+    all_pairs_above_margin,
+    best_vs_worst,
+    preference_matrix,
+    threshold_labels,
+    top_k_labels,
+    win_rates_against,
+    win_rates_within_group,
 )
-from posttrain.trainers.preference import PrefResult
-from posttrain.trainers.run_state import clip_and_step, restore_checkpoint, save_checkpoint, start_run, step_metrics
+from posttrain.objectives.registry import PREFERENCE_LOSSES
+from posttrain.policies import Reference
+from posttrain.rewards import RewardSet, RewardSpec, load_reward_fn
+from posttrain.rewards.inputs import RewardLog, score_completions, trainer_state, trl_reward_kwargs
+from posttrain.rewards.judges import judge_all_pairs
+from posttrain.rewards.metrics import share_correct, verifier_scores
+from posttrain.rollout import ENGINES, SamplingParams
+from posttrain.rollout.native import GeometricMixture
+from posttrain.runtime.logging import phase
+from posttrain.trainers.build import build_optimisation, sampling_params
+from posttrain.trainers.evaluation import EvalResult, evaluate_with
+from posttrain.trainers.lifecycle import Lifecycle, RunResult, sampling_generator
+from posttrain.trainers.preference_step import PreferenceStep, Tokens, build_models, logps_per_item
+from posttrain.trainers.splits import Rows, load_prompts
 
 
 def train_online_pref(
@@ -57,135 +64,225 @@ def train_online_pref(
     eval_rows: Rows | None = None,
     resume: bool = False,
     progress: bool = True,
-) -> PrefResult:
+) -> RunResult:
     """Optimise preferences in rounds on the policy's own samples. Objects passed in replace the config's;
     train_rows / eval_rows are prompt rows with the columns the rewards or judge read (`answer`, ...)."""
-    generator, device, checkpointer, checkpoint = start_run(cfg, resume)
-    online, loss_fn, args, bf16 = cfg.online, PREFERENCE_LOSSES[cfg.pref.loss], cfg.pref.loss_args, cfg.train.bf16
-    needs, kind, length_normalize = set(loss_fn.needs), feedback_kind(loss_fn.needs), cfg.pref.length_normalize
+    life = Lifecycle(cfg, kind="pref-online", resume=resume)
+    if life.complete:
+        return life.finished_result()
+    online, loss_fn, device = cfg.online, PREFERENCE_LOSSES[cfg.pref.loss], life.device
+    kind = feedback_kind(loss_fn)
     select = online.select or SELECTIONS[kind][0]
-    opponent = "reference" if "reference_samples" in needs else "mixture" if "mixture_opponents" in needs else None
-    run_dir = Path(cfg.output_dir)
-    model, tokenizer, reference = build_models(cfg, model, tokenizer, checkpoint, device)
-    pad_id, mb_size = tokenizer.pad_token_id, cfg.train.micro_batch_size or cfg.train.batch_size
+    model, tokenizer, reference = build_models(cfg, model, tokenizer, life.checkpoint, device)
     where = {"seed": cfg.seed, "recipe_dir": cfg.recipe_dir}
-    train_prompts, report = load_prompts(cfg.data, tokenizer, "train", rows=train_rows, **where)
-    eval_split, _ = load_prompts(cfg.data, tokenizer, "eval", rows=eval_rows, limit=cfg.eval.limit, **where)
+    with phase("reading and encoding the prompts", enabled=progress):  # before the log opens: the flag decides
+        train_prompts, report = load_prompts(cfg.data, tokenizer, "train", rows=train_rows, **where)
+        eval_split, _ = load_prompts(cfg.data, tokenizer, "eval", rows=eval_rows, limit=cfg.eval.limit, **where)
     eval_prompts = [p for p in eval_split if "answer" in p.extra]
     eval_reward = load_reward_fn(cfg.eval.reward, base_dir=cfg.recipe_dir) if eval_prompts else None
 
     def held_out() -> EvalResult:
-        # its own generator, so that evaluating never shifts training's
-        generator = torch.Generator().manual_seed(cfg.seed + 1)
-        return evaluate_with(model, tokenizer, eval_prompts, eval_reward, cfg.eval, generator=generator)
+        return evaluate_with(model, tokenizer, eval_prompts, eval_reward, cfg.eval,
+                             generator=sampling_generator(cfg.seed))  # fmt: skip
 
-    feedback = _feedback(cfg)
-    sampler = EpochSampler(len(train_prompts), seed=cfg.seed)
+    def eval_metrics() -> dict[str, float]:
+        return {f"eval_{k}": v for k, v in held_out().metrics().items()}
+
+    feedback = build_feedback(cfg)
+    sampler = EpochSampler(len(train_prompts), seed=cfg.seed, report=report)
     optim = build_optimisation(model, cfg.train)
-    history, start_step = restore_checkpoint(checkpointer, checkpoint, optim, sampler, generator)
-    guard = NonFiniteGuard(cfg.train.max_bad_steps, checkpointer, history)
-    shift = RunningMean.from_history(history)
-    log = RunLogger(run_dir, total_steps=cfg.train.max_steps, start_step=start_step,
-                    headline=("loss", "sample_accuracy"), progress=progress)  # fmt: skip
-    log.print(f"data: {report.summary()}")
-    s = online.sampling
-    params = SamplingParams(
-        max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
-        stop_token_ids=(tokenizer.eos_token_id,), stop_strings=tuple(s.stop_strings),
-    )  # fmt: skip
-    scale = hyper_default(loss_fn, args, "beta") or 1.0
-    initial_eval: dict[str, float] = {}
-    if eval_prompts and start_step == 0:
-        initial_eval = {f"eval_{k}": v for k, v in held_out().metrics().items()}
-        log.log(0, initial_eval, kind="eval")
-        log.print("initial eval: " + "  ".join(f"{k} {v:.4f}" for k, v in initial_eval.items()))
+    life.track(model, tokenizer, optim, sampler)
+    life.open_log(report, headline=("loss", "sample_accuracy"), progress=progress, train_rows=train_rows,
+                  eval_rows=eval_rows)  # fmt: skip
+    update = PreferenceStep.of(cfg, tokenizer.pad_token_id, device, life.history)
+    params, _ = sampling_params(online.sampling, tokenizer.eos_token_id)
+    initial_eval = life.evaluate_before(eval_metrics if eval_prompts else None, say="initial eval")
 
     model.train()
-    spr = online.steps_per_round
-    with StopRequest() as stop:
-        for round_index in range(start_step // spr, cfg.train.max_steps // spr):
+    spr, eval_every = online.steps_per_round, cfg.train.eval_every
+    with life.stop_requests(), closing(feedback):
+        for round_index in range(life.start_step // spr, cfg.train.max_steps // spr):
             if online.reference == "refresh" and reference is not None:
-                reference.load_state_dict(model.state_dict())  # pi_t: the policy that samples this round
+                reference.refresh(model)  # pi_t: the policy that samples this round
             prompts = [train_prompts[i] for i in sampler.take(online.prompts_per_round)]
+            reward_log = RewardLog()
+            reward_kwargs = trl_reward_kwargs(trainer_state(round_index * spr, cfg.train.max_steps), reward_log)
             samples = sample_round(model, reference, tokenizer, prompts, feedback, engine=ENGINES[online.engine],
-                                   params=params, n=online.samples_per_prompt, opponent=opponent,
-                                   mixture_coef=online.mixture_coef, generator=generator)  # fmt: skip
+                                   params=params, n=online.samples_per_prompt, opponent=loss_fn.opponents,
+                                   mixture_coef=online.mixture_coef, generator=life.generator,
+                                   reward_kwargs=reward_kwargs)  # fmt: skip
             items, extras = build_examples(samples, kind, select=select, margin=online.margin,
                                            label_threshold=online.label_threshold, top_k=online.top_k,
                                            min_score=online.min_score, where=f"round {round_index + 1}")  # fmt: skip
             ref_cache = None
-            if "reference" in needs and items:
-                ref_cache = logps_per_item(reference, items, mb_size, pad_id, device, bf16)
+            if "reference" in loss_fn.needs and items:
+                with reference.active():
+                    shown = f"reference log-probs of round {round_index + 1}"
+                    ref_cache = logps_per_item(reference.model, items, update.micro_batch, update.pad_id, device,
+                                               update.bf16, shown=shown)  # fmt: skip
             round_sampler = EpochSampler(len(items), seed=cfg.seed * 100_003 + round_index) if items else None
-            round_metrics = {**samples.metrics, "examples": float(len(items)), "round": float(round_index + 1)}
+            round_metrics = {**samples.metrics, **reward_log.means(), "examples": float(len(items)),
+                             "round": float(round_index + 1)}  # fmt: skip
             for step in range(round_index * spr, (round_index + 1) * spr):
                 started = time.perf_counter()
                 indices = round_sampler.take(min(cfg.train.batch_size, len(items))) if round_sampler else []
-                batch = [items[i] for i in indices]
-                extra: dict[str, Tensor] = {}
-                if "kl_reference_point" in needs and batch:
-                    extra["kl_ref_point"] = kl_reference_point(model, reference, batch, pad_id, device, bf16)
-                if "reward_shift" in needs:
-                    extra["reward_shift"] = torch.tensor(shift.mean, device=device)
-                totals: dict[str, float] = defaultdict(float)
-                for chunk in chunks(indices, mb_size):
-                    mb = [items[i] for i in chunk]
-                    cached = [ref_cache[i] for i in chunk] if ref_cache is not None else None
-                    inputs = preference_inputs(model, None, mb, cached, pad_id, device, bf16, length_normalize)
-                    inputs |= {k: v[torch.tensor(chunk)].to(device) for k, v in extras.items()}
-                    losses_N = call_with(loss_fn, {**inputs, **extra}, args)
-                    (losses_N.sum() / len(batch)).backward()
-                    totals["loss"] += float(losses_N.detach().sum())
-                    add_preference_metrics(totals, inputs, scale)
-                    if "reward_shift" in needs:
-                        shift.add(log_ratios(inputs))
-                grad_norm = clip_and_step(model, optim, cfg.train.max_grad_norm, guard, loss=totals["loss"],
-                                          step=step + 1)  # fmt: skip
-                metrics = (
-                    {k: v / max(1, len(batch)) for k, v in totals.items()}
-                    | round_metrics
-                    | {
-                        "grad_norm": grad_norm,
-                        **step_metrics(optim, guard, time.perf_counter() - started),
-                        **{k: float(v) for k, v in extra.items()},
-                        **(shift.state() if "reward_shift" in needs else {}),
-                    }
-                )
-                history.append({"step": step + 1, **metrics})
-                if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
-                    log.log(step + 1, metrics)
+                cached = [ref_cache[i] for i in indices] if ref_cache is not None else None
+                per_example = {k: v[torch.tensor(indices, dtype=torch.long)] for k, v in extras.items()}
+                totals = update.accumulate(model, reference, [items[i] for i in indices], ref_logps=cached,
+                                           per_example=per_example)  # fmt: skip
+                grad_norm = life.update(model, loss=totals.get("loss", 0.0), step=step + 1)
+                metrics = update.metrics(totals, len(indices)) | round_metrics | {
+                    "grad_norm": grad_norm, **life.step_metrics(time.perf_counter() - started)
+                }  # fmt: skip
+                life.record(step + 1, metrics)
             done = (round_index + 1) * spr
-            if done < cfg.train.max_steps and _crossed(done, spr, cfg.train.eval_every) and eval_prompts:
-                metrics = {f"eval_{k}": v for k, v in held_out().metrics().items()}
-                log.log(done, metrics, kind="eval")
-            saved = None
-            if (done < cfg.train.max_steps and _crossed(done, spr, cfg.train.save_every)) or stop.requested:
-                saved = save_checkpoint(checkpointer, done, model, tokenizer, optim, sampler, generator, history)
-            if stop.requested:
-                log.close()
-                raise stop.interrupted(done, saved)
+            if done < cfg.train.max_steps and crossed(done, spr, eval_every) and eval_prompts:
+                life.log_eval(done, eval_metrics(), say=None)
+            life.end_span(done, spr)
 
-    final_eval, generation = {}, None
-    if eval_prompts:
-        generation = held_out()
-        final_eval = {f"eval_{k}": v for k, v in generation.metrics().items()}
-        log.log(cfg.train.max_steps, final_eval, kind="eval")
-        log.print("eval: " + "  ".join(f"{k} {v:.4f}" for k, v in final_eval.items()))
-    save_checkpoint(checkpointer, cfg.train.max_steps, model, tokenizer, optim, sampler, generator, history)
-    final_dir = save_pretrained(model, tokenizer, run_dir / "final")
-    if feedback.rewards is not None:
-        feedback.rewards.close()
-    log.close()
-    return PrefResult(model, tokenizer, final_dir, history, initial_eval, final_eval, generation,
-                      reference_built=reference is not None)  # fmt: skip
+    generation = held_out() if eval_prompts else None
+    final_eval = {f"eval_{k}": v for k, v in generation.metrics().items()} if generation else {}
+    return life.finish(final_eval, eval=generation, initial_eval=initial_eval, reference_built=reference is not None)
 
 
-def _crossed(done: int, steps: int, every: int) -> bool:
+def crossed(done: int, steps: int, every: int) -> bool:
     """Whether a multiple of `every` (0: never) fell within the `steps` steps that ended at `done`."""
     return bool(every) and done // every > (done - steps) // every
 
 
-def _feedback(cfg: PrefConfig) -> Feedback:
+@dataclass
+class RoundSamples:
+    """One round's completions and what the feedback said about them."""
+
+    prompts: list[PromptTokens]
+    completions: list[list[list[int]]]
+    """[P][K] completion ids: the policy's N samples, then the opponent's N (if any)."""
+    from_reference_P_K: Tensor
+    """bool [P, K]: sampled by the reference model (XPO's exploration samples)."""
+    scores_P_K: Tensor
+    """Summed rewards, or under a judge each completion's win rate among the prompt's K."""
+    win_rates_P_N: Tensor | None
+    """Each policy sample's win rate against its opponents (the mixture's samples, else its group)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Feedback:
+    """Scalar rewards or a pairwise judge `judge(prompts, completions_a, completions_b, **columns)`, with the
+    judge call's time limit."""
+
+    rewards: RewardSet | None = None
+    judge: Callable[..., Any] | None = None
+    judge_timeout_s: float | None = None
+
+    def close(self) -> None:
+        if self.rewards is not None:
+            self.rewards.close()
+
+
+def sample_round(
+    policy: Any,
+    reference: Reference | None,
+    tokenizer: Any,
+    prompts: list[PromptTokens],
+    feedback: Feedback,
+    *,
+    engine: Any,
+    params: SamplingParams,
+    n: int,
+    opponent: str | None,
+    mixture_coef: float,
+    generator: torch.Generator,
+    reward_kwargs: dict[str, Any] | None = None,
+) -> RoundSamples:
+    """Sample N completions per prompt from the policy (and N from `opponent`: "reference" or "mixture"),
+    then score every completion of the round with one reward call, or judge every pair of each prompt."""
+    started = time.perf_counter()
+    sample = dict(n=n, generator=generator, tokenizer=tokenizer)
+    sampled = [sample_episodes(engine, policy, prompts, params, **sample)]
+    if opponent == "reference":
+        with reference.active():
+            sampled.append(sample_episodes(engine, reference.model, prompts, params, **sample))
+    elif opponent == "mixture":
+        sampled.append(sample_episodes(GeometricMixture(reference, mixture_coef), policy, prompts, params, **sample))
+    completions = [[c for r in sampled for c in r.completion_ids[i * n : (i + 1) * n]] for i in range(len(prompts))]
+    generated = time.perf_counter()
+    k = len(completions[0])
+    verdicts_P_K = None
+    if feedback.rewards is not None:
+        ids = [c for group in completions for c in group]
+        scored = score_completions(feedback.rewards, tokenizer, prompts, ids, k, reward_kwargs)
+        scores_P_K = scored.total.view(len(prompts), k)
+        prefs_P_K_K = preference_matrix(scores_P_K)
+        verdicts_N = verifier_scores(scored)
+        verdicts_P_K = None if verdicts_N is None else verdicts_N.view(len(prompts), k)
+    else:
+        prefs_P_K_K = judge_all_pairs(feedback.judge, tokenizer, prompts, completions, feedback.judge_timeout_s)
+        scores_P_K = win_rates_within_group(prefs_P_K_K)
+    win_rates_P_N = None
+    if opponent == "mixture":
+        win_rates_P_N = win_rates_against(prefs_P_K_K[:, :n, n:])
+    elif n >= 2:
+        win_rates_P_N = win_rates_within_group(prefs_P_K_K[:, :n, :n])
+    from_reference_P_K = torch.zeros(len(prompts), k, dtype=torch.bool)
+    from_reference_P_K[:, n:] = opponent == "reference"
+    policy_scores_PN = scores_P_K[:, :n].flatten()
+    lengths = [len(c) for r in sampled[:1] for c in r.completion_ids]
+    metrics = {
+        "sample_score": policy_scores_PN.mean().item(),
+        "completion_length": sum(lengths) / len(lengths),
+        "gen_s": generated - started,
+        "score_s": time.perf_counter() - generated,
+    }
+    if verdicts_P_K is not None:
+        metrics["sample_accuracy"] = share_correct(verdicts_P_K[:, :n].flatten())
+    if opponent is not None:
+        metrics["opponent_score"] = scores_P_K[:, n:].mean().item()
+    return RoundSamples(prompts, completions, from_reference_P_K, scores_P_K, win_rates_P_N, metrics)
+
+
+def build_examples(
+    samples: RoundSamples,
+    kind: str,
+    *,
+    select: str,
+    margin: float,
+    label_threshold: float,
+    top_k: int,
+    min_score: float | None,
+    where: str,
+) -> tuple[list[Tokens], dict[str, Tensor]]:
+    """The round's examples of a loss's data kind, and per-example extras (first axis = example):
+    pairs by `select` (best_vs_worst, all_pairs) with which side the reference sampled; unpaired rows
+    labelled by `select` (threshold, top_k; rows labelled -1 are left out); or each prompt's N policy
+    samples as a list with their scores and win rates."""
+    s, prompts = samples, samples.prompts
+    if kind == "preference":
+        pick = best_vs_worst if select == "best_vs_worst" else all_pairs_above_margin
+        pairs_M_3 = pick(s.scores_P_K, margin=margin)
+        items = [PreferenceTokens(prompts[p].prompt_ids, s.completions[p][i], s.completions[p][j],
+                                  f"{where} {prompts[p].where}") for p, i, j in pairs_M_3.tolist()]  # fmt: skip
+        p, i, j = pairs_M_3.unbind(dim=1)
+        ref_P_K = s.from_reference_P_K
+        extras = {"chosen_from_reference": ref_P_K[p, i], "rejected_from_reference": ref_P_K[p, j]}
+        return items, extras  # type: ignore[return-value]
+    if kind == "unpaired":
+        labels_P_K = (
+            threshold_labels(s.scores_P_K, threshold=label_threshold)
+            if select == "threshold"
+            else top_k_labels(s.scores_P_K, k=top_k, min_score=min_score)
+        )
+        kept = (labels_P_K >= 0).nonzero().tolist()
+        items = [CompletionTokens(prompts[p].prompt_ids, [s.completions[p][i]], f"{where} {prompts[p].where}",
+                                  label=bool(labels_P_K[p, i])) for p, i in kept]  # fmt: skip
+        return items, {}  # type: ignore[return-value]
+    n = len(s.completions[0]) if s.win_rates_P_N is None else s.win_rates_P_N.shape[1]
+    items = [CompletionTokens(prompts[p].prompt_ids, s.completions[p][:n], f"{where} {prompts[p].where}",
+                              scores=s.scores_P_K[p, :n].tolist()) for p in range(len(prompts))]  # fmt: skip
+    return items, ({} if s.win_rates_P_N is None else {"win_rates_N_K": s.win_rates_P_N})  # type: ignore[return-value]
+
+
+def build_feedback(cfg: PrefConfig) -> Feedback:
     online = cfg.online
     if online.judge is not None:
         judge = load_reward_fn(online.judge.fn, online.judge.args, base_dir=cfg.recipe_dir)

@@ -10,53 +10,23 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import AutoModelForSequenceClassification
 
+from posttrain.config import ConfigError
 from posttrain.config.pref import RMConfig, feedback_kind
-from posttrain.config.sections import ModelSection
+from posttrain.data import EpochSampler, chunks
 from posttrain.objectives.registry import REWARD_MODEL_LOSSES, call_with
 from posttrain.objectives.reward_model import pairwise_accuracy
-from posttrain.policies import MODEL_PRESETS, ModelLoadError, save_pretrained
-from posttrain.policies.models import DTYPES, preset_config
+from posttrain.policies import build_reward_model, disable_dropout, scalar_rewards
 from posttrain.runtime.checkpoint import model_dir
-from posttrain.runtime.guards import NonFiniteGuard
-from posttrain.runtime.logging import RunLogger
-from posttrain.runtime.signals import StopRequest
-from posttrain.trainers.build import (
-    EpochSampler,
-    Rows,
-    build_optimisation,
-    build_tokenizer_for,
-    chunks,
-    load_checkpoint_weights,
-    resolve_path,
-)
-from posttrain.trainers.offline import Tokens, collate_feedback, load_feedback
-from posttrain.trainers.run_state import (
-    clip_and_step,
-    eval_due,
-    finish_step,
-    restore_checkpoint,
-    save_checkpoint,
-    start_run,
-    step_metrics,
-)
-
-
-@dataclass
-class RMResult:
-    model: Any
-    tokenizer: Any
-    final_dir: Path
-    history: list[dict[str, float]] = field(default_factory=list)
-    initial_eval: dict[str, float] = field(default_factory=dict)
-    final_eval: dict[str, float] = field(default_factory=dict)
+from posttrain.runtime.logging import phase
+from posttrain.trainers.build import build_optimisation, build_tokenizer_for, load_checkpoint_weights, resolve_path
+from posttrain.trainers.lifecycle import Lifecycle, RunResult
+from posttrain.trainers.preference_step import collate_feedback
+from posttrain.trainers.splits import Rows, Tokens, load_feedback
 
 
 def train_rm(
@@ -68,50 +38,41 @@ def train_rm(
     eval_rows: Rows | None = None,
     resume: bool = False,
     progress: bool = True,
-) -> RMResult:
+) -> RunResult:
     """Train a reward model. Objects passed in (model, tokenizer, rows) replace the config's."""
-    generator, device, checkpointer, checkpoint = start_run(cfg, resume)
-    loss_fn, args, bf16 = REWARD_MODEL_LOSSES[cfg.rm.loss], cfg.rm.loss_args, cfg.train.bf16
-    kind = feedback_kind(loss_fn.needs)
-    run_dir = Path(cfg.output_dir)
-    if model is None or tokenizer is None:
-        tokenizer = build_tokenizer_for(cfg.model, cfg.recipe_dir)
-        override = model_dir(checkpoint) if checkpoint else None
-        model = build_reward_model(
-            cfg.model, tokenizer, seed=cfg.seed, recipe_dir=cfg.recipe_dir, path_override=override
-        ).to(device)
-    elif checkpoint is not None:
-        load_checkpoint_weights(model, checkpoint)
-    pad_id = tokenizer.pad_token_id
+    life = Lifecycle(cfg, kind="rm", resume=resume)
+    if life.complete:
+        return life.finished_result()
+    loss_fn, args, bf16, device = REWARD_MODEL_LOSSES[cfg.rm.loss], cfg.rm.loss_args, cfg.train.bf16, life.device
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer_for(cfg.model, cfg.recipe_dir, model)
+    if model is None:
+        model = reward_model_for(cfg, tokenizer, life.checkpoint).to(device)
+    elif life.checkpoint is not None:
+        load_checkpoint_weights(model, life.checkpoint)
+    if cfg.model.disable_dropout:
+        disable_dropout(model)
+    pad_id, kind = tokenizer.pad_token_id, feedback_kind(loss_fn)
     load = dict(seed=cfg.seed, recipe_dir=cfg.recipe_dir)
-    train = load_feedback(cfg.data, kind, "train", tokenizer, rows=train_rows, **load)
-    held_out = load_feedback(cfg.data, kind, "eval", tokenizer, rows=eval_rows, **load)
+    with phase("reading and encoding the data", enabled=progress):  # before the log opens: the flag decides
+        train = load_feedback(cfg.data, kind, "train", tokenizer, rows=train_rows, **load)
+        held_out = load_feedback(cfg.data, kind, "eval", tokenizer, rows=eval_rows, **load)
     eval_items = held_out.tokens[: cfg.eval.limit] if held_out else []
     margins = {w: f["margin"] for w, f in train.fields.items() if cfg.rm.use_margin and "margin" in f}
     mb_size = cfg.train.micro_batch_size or cfg.train.batch_size
     sampler = EpochSampler(len(train.tokens), seed=cfg.seed, report=train.report)
     optim = build_optimisation(model, cfg.train)
-    history, start_step = restore_checkpoint(checkpointer, checkpoint, optim, sampler, generator)
-    guard = NonFiniteGuard(cfg.train.max_bad_steps, checkpointer, history)
-    log = RunLogger(
-        run_dir,
-        total_steps=cfg.train.max_steps,
-        start_step=start_step,
-        headline=("loss", "accuracy"),
-        progress=progress,
-    )
-    log.print(f"data: {train.report.summary()}")
-    initial_eval = _held_out_accuracy(model, eval_items, mb_size, pad_id, device, bf16) if eval_items else {}
-    if initial_eval:
-        log.log(0, initial_eval, kind="eval")
+    life.track(model, tokenizer, optim, sampler)
+    life.open_log(train.report, headline=("loss", "accuracy"), progress=progress, train_rows=train_rows,
+                  eval_rows=eval_rows)  # fmt: skip
+
+    def held_out_accuracy() -> dict[str, float]:
+        return _held_out_accuracy(model, eval_items, mb_size, pad_id, device, bf16) if eval_items else {}
+
+    initial_eval = life.evaluate_before(held_out_accuracy if eval_items else None)
 
     model.train()
-
-    def save(step: int) -> Path:
-        return save_checkpoint(checkpointer, step, model, tokenizer, optim, sampler, generator, history)
-
-    with StopRequest() as stop:
-        for step in range(start_step, cfg.train.max_steps):
+    with life.stop_requests():
+        for step in life.steps():
             started = time.perf_counter()
             indices = sampler.take(cfg.train.batch_size)
             totals: dict[str, float] = defaultdict(float)
@@ -126,73 +87,31 @@ def train_rm(
                 best_N, worst_N = _best_and_worst(inputs)
                 totals["accuracy"] += float((best_N > worst_N).sum())
                 totals["reward_margin"] += float((best_N - worst_N).sum())
-            grad_norm = clip_and_step(model, optim, cfg.train.max_grad_norm, guard, loss=totals["loss"], step=step + 1)
+            grad_norm = life.update(model, loss=totals["loss"], step=step + 1)
             metrics = {k: v / len(indices) for k, v in totals.items()} | {
-                "grad_norm": grad_norm,
-                **step_metrics(optim, guard, time.perf_counter() - started),
-            }
-            done = step + 1
-            if eval_due(cfg.train, done) and eval_items:
-                metrics |= _held_out_accuracy(model, eval_items, mb_size, pad_id, device, bf16)
-            finish_step(done, metrics, history, log, cfg.train, stop, save)
+                "grad_norm": grad_norm, **life.step_metrics(time.perf_counter() - started)
+            }  # fmt: skip
+            if life.eval_due(step + 1) and eval_items:
+                metrics |= held_out_accuracy()
+            life.end_step(step + 1, metrics)
 
-    final_eval = _held_out_accuracy(model, eval_items, mb_size, pad_id, device, bf16) if eval_items else {}
-    if final_eval:
-        log.log(cfg.train.max_steps, final_eval, kind="eval")
-        log.print("eval: " + "  ".join(f"{k} {v:.4f}" for k, v in final_eval.items()))
-    save_checkpoint(checkpointer, cfg.train.max_steps, model, tokenizer, optim, sampler, generator, history)
-    final_dir = save_pretrained(model, tokenizer, run_dir / "final")
-    log.close()
-    return RMResult(model, tokenizer, final_dir, history, initial_eval, final_eval)
+    return life.finish(held_out_accuracy(), initial_eval=initial_eval)
 
 
-def build_reward_model(
-    section: ModelSection, tokenizer: Any, *, seed: int, recipe_dir: str | None, path_override: str | Path | None = None
-) -> Any:
-    """A sequence classifier with one output (the reward): from model.path (a causal LM's body gets a
-    new, seeded head) or a new model of model.preset. pad_token_id is set: the head reads the last
-    non-padding token."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if path_override is not None or section.path is not None:
-            path = path_override or resolve_path(section.path, recipe_dir)
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=DTYPES[section.dtype], local_files_only=True
-            )
-        else:
-            if section.preset not in MODEL_PRESETS:
-                raise ModelLoadError(
-                    f"model.preset: '{section.preset}' is not a preset; presets: {', '.join(MODEL_PRESETS)}"
-                )
-            config = preset_config(
-                section.preset,
-                vocab_size=len(tokenizer),
-                pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            config.num_labels = 1
-            model = AutoModelForSequenceClassification.from_config(config, dtype=DTYPES[section.dtype])
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model
-
-
-def scalar_rewards(model: Any, items: list[Tokens], pad_id: int, device: torch.device, bf16: bool) -> Tensor:
-    """One reward per row of the items' batch [B] (pairs: chosen rows, then rejected rows)."""
-    batch = collate_feedback(items, pad_id=pad_id)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(
-            input_ids=batch.input_ids_B_T.to(device),
-            attention_mask=batch.attention_mask_B_T.long().to(device),
-            use_cache=False,
-        ).logits
-    return logits.squeeze(-1).float()
+def reward_model_for(cfg: RMConfig, tokenizer: Any, checkpoint: Any) -> Any:
+    """The reward model of model.path or model.preset, or on a resume the checkpoint's."""
+    section = cfg.model
+    if checkpoint is None and section.path is None and section.preset is None:
+        raise ConfigError("model: set model.path (a local model directory) or model.preset, or pass model= from Python")
+    path = model_dir(checkpoint) if checkpoint else section.path and resolve_path(section.path, cfg.recipe_dir)
+    return build_reward_model(path=path, preset=section.preset, tokenizer=tokenizer, seed=cfg.seed,
+                              dtype=section.dtype)  # fmt: skip
 
 
 def _inputs(model: Any, items: list[Tokens], pad_id: int, device: torch.device, bf16: bool) -> dict[str, Tensor]:
     """The inputs reward-model losses name: chosen_rewards/rejected_rewards, or rewards_N_K/scores_N_K."""
-    rewards_B = scalar_rewards(model, items, pad_id, device, bf16)
+    batch = collate_feedback(items, pad_id=pad_id)
+    rewards_B = scalar_rewards(model, batch.input_ids_B_T.to(device), batch.attention_mask_B_T.to(device), bf16=bf16)
     if not hasattr(items[0], "completion_ids"):
         return {"chosen_rewards": rewards_B[0::2], "rejected_rewards": rewards_B[1::2]}
     k = len(items[0].completion_ids)  # type: ignore[union-attr]
@@ -226,4 +145,5 @@ def _held_out_accuracy(
     return {
         "eval_accuracy": float(pairwise_accuracy(best_N, worst_N)),
         "eval_reward_margin": float((best_N - worst_N).mean()),
+        "eval_examples": float(len(best_N)),
     }

@@ -1,51 +1,71 @@
 """Online RL (`posttrain rl`): the PPO / GRPO family in one loop.
 
-A step samples `rl.group_size` (G) completions for each of `rl.prompts_per_step` (P) prompts, scores
-them, turns the scores into advantages over the whole step (supplying what the estimator declares in
-`needs`), then runs `rl.epochs` passes of `rl.minibatches` optimiser updates. Every objective is a
-registered function named in the config; the loop never compares a name to a string. What the run
-builds once lives in `rl_run.py`; sampling in `rl_parts.py`; the update in `rl_update.py`.
+A step samples `rl.group_size` (G) episodes for each of `rl.prompts_per_step` (P) prompts through their
+environment (`envs.sample_and_score`; single-turn by default), scores them, turns the scores into advantages over
+the whole step (supplying the inputs the estimator's signature names: `objectives.registry`), then runs
+`rl.epochs` passes of `rl.minibatches` optimiser updates. Every objective is a registered function named in the
+config; the loop never compares a name to a string. The run's start, resume, guard, logging and saving are the
+one lifecycle every trainer shares (`lifecycle.py`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from contextlib import closing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from posttrain.config.rl import RLConfig
+from posttrain.data import EpochSampler
+from posttrain.data.encoding import PromptTokens
+from posttrain.data.report import LoadReport
+from posttrain.envs import sample_and_score, sample_episodes
 from posttrain.objectives import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+from posttrain.objectives.advantages import outcome_at_last_token, per_token
+from posttrain.objectives.composition import critic_objective, policy_objective
 from posttrain.objectives.kl import adaptive_kl_coef
-from posttrain.policies import save_pretrained
+from posttrain.objectives.registry import call_with
+from posttrain.objectives.value import clipped_value_loss, lambda_returns
+from posttrain.policies import Reference, ValueModel, token_logprobs
+from posttrain.rewards import RewardSet, load_reward_fn
+from posttrain.rewards.inputs import RewardLog, score_completions, trainer_state, trl_reward_kwargs
+from posttrain.rewards.metrics import reward_metrics
 from posttrain.rollout import ENGINES
-from posttrain.runtime.guards import NonFiniteGuard, step_schedule
-from posttrain.runtime.logging import RunLogger
-from posttrain.runtime.signals import StopRequest
-from posttrain.trainers.build import Rows
-from posttrain.trainers.evaluation import EvalResult
-from posttrain.trainers.rl_parts import (
-    Scored,
-    draw_step,
-    reward_metrics,
-    sample_and_score,
-    score_groups,
-)
-from posttrain.trainers.rl_run import RLRun, build_rl_run, evaluate_policy, sampling_params, save_rl_checkpoint
-from posttrain.trainers.rl_update import Objectives, UpdateStats, prepare_step, update_minibatch
-from posttrain.trainers.run_state import eval_due, finish_step, start_run, step_metrics
+from posttrain.rollout.engine import PaddedRollouts
+from posttrain.rollout.groups import Scored, draw_step
+from posttrain.runtime.logging import phase
+from posttrain.runtime.optim import build_adamw
+from posttrain.trainers.build import build_optimisation, build_reward_set, policy_and_reference, sampling_params
+from posttrain.trainers.evaluation import EvalResult, evaluate_with
+from posttrain.trainers.lifecycle import Lifecycle, RunResult, sampling_generator
+from posttrain.trainers.splits import Rows, load_prompts, scorable_prompts
+
+BASELINE_DECAY = 0.9
+"""EMA decay of the moving reward baseline (b <- 0.9 b + 0.1 mean r): about ten steps of memory."""
 
 
 @dataclass
-class RLResult:
+class RLRun:
+    """The parts of one run, built once before its first step (STYLE.md §5: the loop builds nothing)."""
+
     model: Any
     tokenizer: Any
-    final_dir: Path
-    history: list[dict[str, float]] = field(default_factory=list)
-    eval: EvalResult | None = None
+    reference: Reference | None
+    critic: ValueModel | None
+    critic_optimizer: Any | None
+    reward_set: RewardSet
+    train: list[PromptTokens]
+    eval_prompts: list[PromptTokens]
+    eval_reward: Any
+    report: LoadReport
+    optim: Any
+    sampler: EpochSampler
+    baseline: MovingBaseline
+    kl_coef: float
 
 
 def train_rl(
@@ -58,51 +78,44 @@ def train_rl(
     rewards: list[Any] | None = None,
     resume: bool = False,
     progress: bool = True,
-) -> RLResult:
+) -> RunResult:
     """Train a policy on its own samples. `rewards`: callables or RewardSpecs replacing `cfg.rewards`."""
-    generator, device, checkpointer, checkpoint = start_run(cfg, resume)
+    life = Lifecycle(cfg, kind="rl", resume=resume)
+    if life.complete:
+        return life.finished_result()
     rl = cfg.rl
-    run = build_rl_run(
-        cfg, model=model, tokenizer=tokenizer, train_rows=train_rows, eval_rows=eval_rows, rewards=rewards,
-        checkpointer=checkpointer, checkpoint=checkpoint, generator=generator, device=device,
-    )  # fmt: skip
-    model, tokenizer, history = run.model, run.tokenizer, run.history
-    objectives = Objectives(
-        ADVANTAGES[rl.advantage], POLICY_LOSSES[rl.policy_loss], AGGREGATIONS[rl.loss_aggregation],
-        KL_ESTIMATORS[rl.kl.estimator],
-    )  # fmt: skip
-    needs = set(objectives.advantage.needs)
+    run = build_rl_run(cfg, life, model=model, tokenizer=tokenizer, train_rows=train_rows, eval_rows=eval_rows,
+                       rewards=rewards, progress=progress)  # fmt: skip
+    model, tokenizer = run.model, run.tokenizer
+    objectives = Objectives(ADVANTAGES[rl.advantage], POLICY_LOSSES[rl.policy_loss], AGGREGATIONS[rl.loss_aggregation],
+                            KL_ESTIMATORS[rl.kl.estimator])  # fmt: skip
     kl_in_loss = objectives.kl_estimator if run.reference is not None and not rl.kl.in_reward else None
-    guard = NonFiniteGuard(cfg.train.max_bad_steps, run.checkpointer, history)
-    critic_guard = NonFiniteGuard(cfg.train.max_bad_steps, run.checkpointer)
-    log = RunLogger(
-        Path(cfg.output_dir), total_steps=cfg.train.max_steps, start_step=run.start_step,
-        headline=("rewards/total/mean", "accuracy", "kl_per_seq"), progress=progress,
-    )  # fmt: skip
-    log.print(f"data: {run.report.summary()}")
-    if run.checkpoint is not None:
-        log.print(f"resumed from {run.checkpoint} at step {run.start_step}")
-    params, greedy = sampling_params(cfg, tokenizer.eos_token_id)
+    critic_guard = life.guard_for(run.critic_optimizer)
+    log = life.open_log(run.report, headline=("rewards/total/mean", "accuracy", "kl_per_seq"), progress=progress,
+                        train_rows=train_rows, eval_rows=eval_rows)  # fmt: skip
+    params, greedy = sampling_params(rl.sampling, tokenizer.eos_token_id)
     engine = ENGINES[rl.engine]
 
     def draw() -> Scored:
         prompts = [run.train[i] for i in run.sampler.take(rl.prompts_per_step)]
-        return sample_and_score(
-            engine, model, tokenizer, run.reward_set, prompts, params, group_size=rl.group_size, generator=generator
-        )
+        return sample_and_score(engine, model, tokenizer, run.reward_set, prompts, params, group_size=rl.group_size,
+                                generator=life.generator, reward_kwargs=reward_kwargs)  # fmt: skip
 
+    life.evaluate_before((lambda: eval_metrics(evaluate_policy(cfg, run))) if run.eval_prompts else None,
+                         say="before training")  # fmt: skip
     model.train()
-    with StopRequest() as stop, closing(run.reward_set):
-        for step in range(run.start_step, cfg.train.max_steps):
+    with life.stop_requests(), closing(run.reward_set):
+        for step in life.steps():
             started = time.perf_counter()
+            reward_log = RewardLog()
+            reward_kwargs = trl_reward_kwargs(trainer_state(step, cfg.train.max_steps), reward_log)
             scored = draw_step(draw, rl.prompts_per_step, rl.dynamic_sampling_max_batches if rl.dynamic_sampling else 0)
-            padded = scored.rollouts.to_padded(tokenizer.pad_token_id, device)
-            rewards_PG = scored.rewards.total.to(device)  # [P*G]
-            available: dict[str, Any] = {"rewards_PG": rewards_PG, "group_size": scored.rollouts.group_size}
-            if "greedy_rollout" in needs:
-                available["greedy_rewards_P"] = _greedy_rewards(run, engine, scored, greedy, device)
-            if "moving_baseline" in needs:
-                available["baseline"] = torch.tensor(run.baseline.value, device=device)
+            padded = scored.rollouts.to_padded(tokenizer.pad_token_id, life.device)
+            available = {"rewards_PG": scored.rewards.total.to(life.device), "group_size": scored.rollouts.group_size}
+            if "greedy_rollout" in objectives.advantage.needs:
+                available["greedy_rewards_P"] = greedy_rewards(run, engine, scored, greedy, life.device, reward_kwargs)
+            if "moving_baseline" in objectives.advantage.needs:
+                available["baseline"] = torch.tensor(run.baseline.value, device=life.device)
             tensors, kl_B_T = prepare_step(
                 padded, available, objectives, advantage_args=rl.advantage_args, reference=run.reference,
                 critic=run.critic, kl_coef=run.kl_coef, kl_in_reward=rl.kl.in_reward,
@@ -112,66 +125,122 @@ def train_rl(
 
             stats, num_seqs = UpdateStats(), scored.rollouts.num_completions
             for _ in range(rl.epochs):
-                order = torch.randperm(num_seqs, generator=generator) if rl.minibatches > 1 else torch.arange(num_seqs)
+                shuffled = rl.minibatches > 1
+                order = torch.randperm(num_seqs, generator=life.generator) if shuffled else torch.arange(num_seqs)
                 for rows in order.chunk(rl.minibatches):
                     update_minibatch(
-                        model, run.critic, tensors, rows.to(device), policy_loss=objectives.policy_loss,
+                        model, run.critic, tensors, rows.to(life.device), policy_loss=objectives.policy_loss,
                         policy_loss_args=rl.policy_loss_args, aggregation=objectives.aggregation,
-                        kl_estimator=kl_in_loss,
-                        kl_coef_in_loss=run.kl_coef, entropy_coef=rl.entropy_coef, value_coef=rl.value.coef,
-                        value_clip_range=rl.value.clip_range, temperature=params.temperature,
-                        max_len=params.max_new_tokens, micro_batch_size=rl.micro_batch_size, stats=stats,
+                        kl_estimator=kl_in_loss, kl_coef_in_loss=run.kl_coef, entropy_coef=rl.entropy_coef,
+                        value_coef=rl.value.coef, value_clip_range=rl.value.clip_range,
+                        temperature=params.temperature, max_len=params.max_new_tokens,
+                        micro_batch_size=rl.micro_batch_size, stats=stats,
                     )  # fmt: skip
-                    norm = guard.step(model.parameters(), run.optim.optimizer, cfg.train.max_grad_norm, step=step + 1)
-                    stats.add("grad_norm", norm)
+                    stats.add("grad_norm", life.guard.step(model.parameters(), run.optim.optimizer,
+                                                           cfg.train.max_grad_norm, step=step + 1))  # fmt: skip
                     if run.critic is not None:
-                        critic_guard.step(
-                            run.critic.parameters(), run.critic_optimizer, cfg.train.max_grad_norm, step=step + 1
-                        )
-            step_schedule(run.optim.scheduler)
+                        critic_guard.step(run.critic.parameters(), run.critic_optimizer, cfg.train.max_grad_norm,
+                                          step=step + 1)  # fmt: skip
+            life.step_schedule()
             trained = time.perf_counter()
 
             observed_kl = (kl_B_T.sum() / max(1, num_seqs)).item()  # per sequence, at sampling time
             if rl.kl.target is not None and run.reference is not None:
-                run.kl_coef = float(
-                    adaptive_kl_coef(
-                        run.kl_coef, observed_kl, target=rl.kl.target, horizon=rl.kl.horizon, n_steps=num_seqs
-                    )
-                )
-            run.baseline.update(rewards_PG)
+                run.kl_coef = float(adaptive_kl_coef(run.kl_coef, observed_kl, target=rl.kl.target,
+                                                     horizon=rl.kl.horizon, n_steps=num_seqs))  # fmt: skip
+            run.baseline.update(tensors.rewards_PG)
             num_tokens = int(padded.loss_mask_B_T.sum())
             metrics = {
                 **reward_metrics(scored.rewards, verifier=cfg.eval.reward),
                 **stats.means(rl.epochs * rl.minibatches, num_tokens * rl.epochs),
-                **_step_metrics(scored, observed_kl, run.kl_coef, num_tokens * rl.epochs, trained - prepared),
-                **step_metrics(run.optim, guard, trained - started),
+                **step_metrics(scored, observed_kl, run.kl_coef, num_tokens * rl.epochs, trained - prepared),
+                **life.step_metrics(trained - started),
+                **({"rewards/kl_shaped/mean": tensors.rewards_PG.mean().item()} if rl.kl.in_reward else {}),
+                **reward_log.means(),
             }
             done = step + 1
-            if eval_due(cfg.train, done) and run.eval_prompts:
-                evaluated = evaluate_policy(cfg, run).metrics()
-                metrics |= {f"eval_{k}": v for k, v in evaluated.items()}
-            finish_step(done, metrics, history, log, cfg.train, stop, lambda d: save_rl_checkpoint(run, d))
+            if life.eval_due(done) and run.eval_prompts:
+                metrics |= eval_metrics(evaluate_policy(cfg, run))
+            life.end_step(done, metrics)
 
-    final_eval = None
-    if run.eval_prompts:
-        final_eval = evaluate_policy(cfg, run)
-        log.log(cfg.train.max_steps, {f"eval_{k}": v for k, v in final_eval.metrics().items()}, kind="eval")
+    final_eval = evaluate_policy(cfg, run) if run.eval_prompts else None
+    if final_eval is not None:
         log.print(f"eval: greedy accuracy {final_eval.greedy_accuracy:.4f} on {final_eval.num_prompts} prompts")
-    save_rl_checkpoint(run, cfg.train.max_steps)
-    final_dir = save_pretrained(model, tokenizer, Path(cfg.output_dir) / "final")
-    log.close()
-    return RLResult(model, tokenizer, final_dir, history, final_eval)
+    return life.finish(eval_metrics(final_eval) if final_eval else {}, eval=final_eval, initial_eval=life.before,
+                       say=None)  # fmt: skip
 
 
-def _greedy_rewards(run: RLRun, engine: Any, scored: Scored, greedy: Any, device: torch.device) -> torch.Tensor:
-    """ReMax's baseline: the reward of each prompt's greedy completion ([P])."""
-    run.model.eval()
-    rollouts = engine.generate(run.model, scored.rollouts.prompt_ids, greedy, n=1, tokenizer=run.tokenizer)
-    run.model.train()
-    return score_groups(run.reward_set, run.tokenizer, scored.prompts, rollouts.completion_ids, 1).total.to(device)
+def build_rl_run(
+    cfg: RLConfig, life: Lifecycle, *, model: Any, tokenizer: Any, train_rows: Rows | None, eval_rows: Rows | None,
+    rewards: list[Any] | None, progress: bool = True,
+) -> RLRun:  # fmt: skip
+    """The policy, its reference (only when a KL term needs one), the critic (only for an advantage that needs
+    one), the rewards, the encoded prompts, the optimisers; on a resume, the checkpoint's state restored."""
+    rl = cfg.rl
+    model, tokenizer, reference = policy_and_reference(
+        cfg.model, model, tokenizer, life.checkpoint, needs_reference=rl.kl.coef > 0, seed=cfg.seed,
+        device=life.device, recipe_dir=cfg.recipe_dir, run_dir=life.run_dir,
+    )  # fmt: skip
+    critic = ValueModel(model).to(life.device) if "critic" in ADVANTAGES[rl.advantage].needs else None
+    critic_lr = rl.value.lr or cfg.train.lr
+    critic_optimizer = None if critic is None else build_adamw(
+        critic.parameters(), lr=critic_lr, weight_decay=0.0, betas=cfg.train.adam_betas)  # fmt: skip
+    where = {"seed": cfg.seed, "recipe_dir": cfg.recipe_dir, "max_length": rl.max_prompt_length}
+    reward_set = build_reward_set(cfg.rewards, rewards, cfg.recipe_dir, max_failure_fraction=cfg.max_failure_fraction)
+    with phase("reading and encoding the prompts", enabled=progress):
+        train, report = load_prompts(cfg.data, tokenizer, "train", rows=train_rows, **where)
+        train = scorable_prompts(train, reward_set.required_columns(), on_bad_row=cfg.data.on_bad_row, report=report)
+        eval_split, _ = load_prompts(cfg.data, tokenizer, "eval", rows=eval_rows, limit=cfg.eval.limit, **where)
+    run = RLRun(
+        model=model, tokenizer=tokenizer, reference=reference, critic=critic, critic_optimizer=critic_optimizer,
+        reward_set=reward_set, train=train, eval_prompts=[p for p in eval_split if "answer" in p.extra],
+        eval_reward=load_reward_fn(cfg.eval.reward, base_dir=cfg.recipe_dir), report=report,
+        optim=build_optimisation(model, cfg.train), sampler=EpochSampler(len(train), seed=cfg.seed, report=report),
+        baseline=MovingBaseline(), kl_coef=rl.kl.coef,
+    )  # fmt: skip
+
+    def extra_state() -> dict[str, Any]:
+        state: dict[str, Any] = {"baseline": {"value": run.baseline.value, "steps": run.baseline.steps},
+                                 "kl_coef": run.kl_coef}  # fmt: skip
+        if run.critic is not None:
+            state |= {"critic": run.critic.state_dict(), "critic_optimizer": run.critic_optimizer.state_dict()}
+        return state
+
+    def restore_extra(state: dict[str, Any]) -> None:
+        if run.critic is not None:
+            run.critic.load_state_dict(state["critic"])
+            run.critic_optimizer.load_state_dict(state["critic_optimizer"])
+            for group in run.critic_optimizer.param_groups:  # a changed train.lr (or rl.value.lr) applies
+                group["lr"] = critic_lr
+        run.baseline = MovingBaseline(**state["baseline"])
+        run.kl_coef = state["kl_coef"]
+
+    life.track(model, tokenizer, run.optim, run.sampler, extra_state=extra_state, restore_extra=restore_extra)
+    return run
 
 
-def _step_metrics(scored: Scored, kl: float, kl_coef: float, trained_tokens: int, train_s: float) -> dict[str, float]:
+def greedy_rewards(
+    run: RLRun, engine: Any, scored: Scored, greedy: Any, device: torch.device, reward_kwargs: dict[str, Any]
+) -> Tensor:
+    """ReMax's baseline: the reward of each prompt's greedy episode ([P])."""
+    rollouts = sample_episodes(engine, run.model, scored.prompts, greedy, n=1, generator=None,
+                               tokenizer=run.tokenizer)  # fmt: skip
+    scores = score_completions(run.reward_set, run.tokenizer, scored.prompts, rollouts.completion_ids, 1,
+                               reward_kwargs)  # fmt: skip
+    return scores.total.to(device)
+
+
+def evaluate_policy(cfg: RLConfig, run: RLRun) -> EvalResult:
+    """Held-out greedy accuracy (and pass@k), with its own generator so that it never shifts training's."""
+    return evaluate_with(run.model, run.tokenizer, run.eval_prompts, run.eval_reward, cfg.eval,
+                         generator=sampling_generator(cfg.seed))  # fmt: skip
+
+
+def eval_metrics(result: EvalResult) -> dict[str, float]:
+    return {f"eval_{k}": v for k, v in result.metrics().items()}
+
+
+def step_metrics(scored: Scored, kl: float, kl_coef: float, trained_tokens: int, train_s: float) -> dict[str, float]:
     rollouts = scored.rollouts
     lengths = [len(c) for c in rollouts.completion_ids]
     return {
@@ -186,3 +255,172 @@ def _step_metrics(scored: Scored, kl: float, kl_coef: float, trained_tokens: int
         "gen_tokens_per_s": sum(lengths) / max(scored.gen_s, 1e-9),
         "train_tokens_per_s": trained_tokens / max(train_s, 1e-9),
     }
+
+
+# --- the update ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Objectives:
+    """The registered functions a run's config names, looked up once."""
+
+    advantage: Callable[..., Any]
+    policy_loss: Callable[..., Any]
+    aggregation: Callable[..., Any]
+    kl_estimator: Callable[..., Any]
+
+
+@dataclass
+class MovingBaseline:
+    """Exponential moving average of past batch mean rewards (the `moving_baseline` need)."""
+
+    value: float = 0.0
+    steps: int = 0
+
+    def update(self, rewards_PG: Tensor) -> None:
+        mean = rewards_PG.mean().item()
+        self.value = mean if self.steps == 0 else BASELINE_DECAY * self.value + (1 - BASELINE_DECAY) * mean
+        self.steps += 1
+
+
+@dataclass
+class StepTensors:
+    """One step's rollouts as tensors on the training device, plus what the objectives consume."""
+
+    padded: PaddedRollouts
+    adv_B_T: Tensor
+    rewards_PG: Tensor
+    """The sequence rewards the advantage read: the step's, minus coef * summed KL when the KL is in the reward."""
+    ref_logp_B_T: Tensor | None = None
+    old_values_B_T: Tensor | None = None
+    returns_B_T: Tensor | None = None
+
+
+@dataclass
+class UpdateStats:
+    """Sums over a step's updates, turned into per-token means by `means`."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+
+    def add(self, key: str, value: float) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def means(self, num_updates: int, token_visits: int) -> dict[str, float]:
+        """`tok/` sums over `token_visits` (tokens x epochs), the others over `num_updates`."""
+        out = {k.removeprefix("tok/"): v / max(1, token_visits) for k, v in self.sums.items() if k.startswith("tok/")}
+        return out | {k: v / max(1, num_updates) for k, v in self.sums.items() if not k.startswith("tok/")}
+
+
+def prepare_step(
+    padded: PaddedRollouts,
+    available: dict[str, Any],
+    objectives: Objectives,
+    *,
+    advantage_args: Mapping[str, Any],
+    reference: Reference | None,
+    critic: ValueModel | None,
+    kl_coef: float,
+    kl_in_reward: bool,
+    temperature: float,
+    micro_batch_size: int | None,
+) -> tuple[StepTensors, Tensor]:
+    """The step's advantages (and the critic's targets), with the inputs the estimator's signature names.
+
+    `available` holds the step's rewards and whatever else the loop has already supplied (group size,
+    greedy-rollout rewards, the moving baseline). With the KL in the reward, both the token rewards and the
+    sequence rewards are shaped, r - coef * sum_t KL_t for the latter (RLOO, arXiv:2402.14740, and TRL shape the
+    reward before the baseline), so every estimator sees it whichever it reads. Returns the tensors the updates
+    consume and the per-token KL to the reference at sampling time ([B, T], zeros without a reference).
+    """
+    mask_B_T = padded.loss_mask_B_T
+    tensors = StepTensors(padded, adv_B_T=torch.empty(0), rewards_PG=available["rewards_PG"])
+    token_rewards_B_T = outcome_at_last_token(available["rewards_PG"], mask_B_T)
+    kl_B_T = torch.zeros_like(token_rewards_B_T)
+    if reference is not None:
+        with reference.active():
+            tensors.ref_logp_B_T = sequence_forward(
+                reference.model, lambda m, i, a, t: token_logprobs(m, i, a, t, temperature=temperature)[0], padded,
+                micro_batch_size,
+            )  # fmt: skip
+        old, ref = padded.old_logp_B_T, tensors.ref_logp_B_T  # at sampling time pi = pi_old
+        at_sampling = {"logp_B_T": old, "old_logp_B_T": old, "ref_logp_B_T": ref}
+        kl_B_T = torch.where(mask_B_T, call_with(objectives.kl_estimator, at_sampling), 0.0)
+        if kl_in_reward:
+            token_rewards_B_T = token_rewards_B_T - kl_coef * kl_B_T
+            tensors.rewards_PG = available["rewards_PG"] - kl_coef * kl_B_T.sum(dim=1)
+    available = available | {
+        "mask_B_T": mask_B_T, "token_rewards_B_T": token_rewards_B_T, "rewards_PG": tensors.rewards_PG,
+    }  # fmt: skip
+    if critic is not None:
+        values_B_T = sequence_forward(critic, lambda m, i, a, t: m(i, a, t), padded, micro_batch_size)
+        tensors.old_values_B_T = available["values_B_T"] = torch.where(mask_B_T, values_B_T, 0.0)
+        tensors.returns_B_T = call_with(lambda_returns, available, advantage_args)
+    tensors.adv_B_T = per_token(call_with(objectives.advantage, available, advantage_args), mask_B_T)
+    return tensors, kl_B_T
+
+
+def update_minibatch(
+    policy: Any,
+    critic: ValueModel | None,
+    step: StepTensors,
+    rows: Tensor,
+    *,
+    policy_loss: Callable[..., Any],
+    policy_loss_args: Mapping[str, Any],
+    aggregation: Callable[..., Any],
+    kl_estimator: Callable[..., Any] | None,
+    kl_coef_in_loss: float,
+    entropy_coef: float,
+    value_coef: float,
+    value_clip_range: float,
+    temperature: float,
+    max_len: int,
+    micro_batch_size: int | None,
+    stats: UpdateStats,
+) -> None:
+    """Accumulate the gradients of one minibatch (`rows` of the step), micro-batch by micro-batch.
+
+    Aggregation divides by the minibatch's counts (tokens, sequences), so the summed micro-batch losses
+    equal the whole minibatch's loss whatever `micro_batch_size` is."""
+    p = step.padded
+    counts = {"num_tokens": int(p.loss_mask_B_T[rows].sum()), "num_seqs": len(rows), "max_len": max_len}
+    size = micro_batch_size or len(rows)
+    for start in range(0, len(rows), size):
+        mb = rows[start : start + size]
+        ids_B_T, attn_B_T, mask_B_T = p.input_ids_B_T[mb], p.attention_mask_B_T[mb], p.loss_mask_B_T[mb]
+        logp_B_T, entropy_B_T = token_logprobs(policy, ids_B_T, attn_B_T, mask_B_T, temperature=temperature)
+        inputs = {"logp_B_T": logp_B_T, "old_logp_B_T": p.old_logp_B_T[mb], "adv_B_T": step.adv_B_T[mb],
+                  "mask_B_T": mask_B_T}  # fmt: skip
+        surrogate_B_T, clipped_B_T = call_with(policy_loss, inputs, policy_loss_args)
+        kl_B_T = None  # the estimator gets its inputs by name: k3_bias_corrected reads old_logp_B_T too
+        if kl_estimator is not None:
+            kl_B_T = call_with(kl_estimator, {**inputs, "ref_logp_B_T": step.ref_logp_B_T[mb]})
+        loss_B_T = policy_objective(surrogate_B_T, mask_B_T, kl_B_T=kl_B_T, kl_coef=kl_coef_in_loss,
+                                    entropy_B_T=entropy_B_T, entropy_coef=entropy_coef)  # fmt: skip
+        loss = call_with(aggregation, {"loss_B_T": loss_B_T, "mask_B_T": mask_B_T, **counts})
+        loss.backward()
+        stats.add("loss", loss.item())
+        if kl_B_T is not None:
+            stats.add("tok/kl", kl_B_T.detach()[mask_B_T].sum().item())
+        stats.add("tok/clip_fraction", clipped_B_T[mask_B_T].sum().item())
+        stats.add("tok/entropy", entropy_B_T[mask_B_T].detach().sum().item())
+        stats.add("tok/sampler_logp_gap", (logp_B_T - p.old_logp_B_T[mb])[mask_B_T].detach().abs().sum().item())
+        if critic is not None:
+            values_B_T = critic(ids_B_T, attn_B_T, mask_B_T)
+            v_loss_B_T = clipped_value_loss(values_B_T, step.old_values_B_T[mb], step.returns_B_T[mb],
+                                            clip_range=value_clip_range)  # fmt: skip
+            v_loss = critic_objective(call_with(aggregation, {"loss_B_T": v_loss_B_T, "mask_B_T": mask_B_T, **counts}),
+                                      value_coef=value_coef)  # fmt: skip
+            v_loss.backward()
+            stats.add("value_loss", v_loss.item())
+
+
+@torch.no_grad()
+def sequence_forward(
+    net: Any, fn: Callable[..., Tensor], padded: PaddedRollouts, micro_batch_size: int | None
+) -> Tensor:
+    """fn(net, input_ids, attention_mask, loss_mask) over the step's rows, micro-batch by micro-batch (memory only)."""
+    rows = len(padded.loss_mask_B_T)
+    size = micro_batch_size or rows
+    return torch.cat([fn(net, padded.input_ids_B_T[s : s + size], padded.attention_mask_B_T[s : s + size],
+                         padded.loss_mask_B_T[s : s + size]) for s in range(0, rows, size)])  # fmt: skip

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from posttrain.config.sft import SFTConfig
 from posttrain.data import (
+    EpochSampler,
     SFTExample,
     SFTTokens,
     TokenBatch,
+    chunks,
     collate_packed,
     collate_sft,
     encode_prompts,
@@ -28,31 +28,13 @@ from posttrain.data import (
 from posttrain.data.batching import pack_by_length
 from posttrain.data.report import LoadReport
 from posttrain.objectives.aggregation import token_mean
-from posttrain.policies import save_pretrained, token_logprobs
+from posttrain.policies import token_logprobs
 from posttrain.rewards import load_reward_fn
-from posttrain.runtime.guards import NonFiniteGuard
-from posttrain.runtime.logging import RunLogger
-from posttrain.runtime.signals import StopRequest
-from posttrain.trainers.build import EpochSampler, Rows, build_optimisation, chunks, load_split, policy_for_run
+from posttrain.runtime.logging import phase
+from posttrain.trainers.build import build_optimisation, policy_and_reference
 from posttrain.trainers.evaluation import EvalResult, evaluate_with
-from posttrain.trainers.run_state import (
-    clip_and_step,
-    eval_due,
-    finish_step,
-    restore_checkpoint,
-    save_checkpoint,
-    start_run,
-    step_metrics,
-)
-
-
-@dataclass
-class SFTResult:
-    model: Any
-    tokenizer: Any
-    final_dir: Path
-    history: list[dict[str, float]] = field(default_factory=list)
-    eval: EvalResult | None = None
+from posttrain.trainers.lifecycle import Lifecycle, RunResult
+from posttrain.trainers.splits import Rows, load_split
 
 
 def train_sft(
@@ -64,38 +46,33 @@ def train_sft(
     eval_rows: Rows | None = None,
     resume: bool = False,
     progress: bool = True,
-) -> SFTResult:
+) -> RunResult:
     """Fine-tune on demonstrations. Objects passed in (model, tokenizer, rows) replace the config's."""
-    generator, device, checkpointer, checkpoint = start_run(cfg, resume)
-    run_dir = Path(cfg.output_dir)
-    model, tokenizer = policy_for_run(
-        cfg.model, model, tokenizer, checkpoint, seed=cfg.seed, device=device, recipe_dir=cfg.recipe_dir
-    )
-    train, report = _encode_train(cfg, tokenizer, train_rows)
-    eval_prompts, eval_tokens = _encode_eval(cfg, tokenizer, eval_rows)
+    life = Lifecycle(cfg, kind="sft", resume=resume)
+    if life.complete:
+        return life.finished_result()
+    device = life.device
+    model, tokenizer, _ = policy_and_reference(
+        cfg.model, model, tokenizer, life.checkpoint, needs_reference=False, seed=cfg.seed, device=device,
+        recipe_dir=cfg.recipe_dir, run_dir=life.run_dir,
+    )  # fmt: skip
+    with phase("reading and encoding the data", enabled=progress):  # before the log opens: the flag decides
+        train, report = _encode_train(cfg, tokenizer, train_rows)
+        eval_prompts, eval_tokens = _encode_eval(cfg, tokenizer, eval_rows)
     sampler = EpochSampler(len(train), seed=cfg.seed, report=report)
     optim = build_optimisation(model, cfg.train)
-    history, start_step = restore_checkpoint(checkpointer, checkpoint, optim, sampler, generator)
-    guard = NonFiniteGuard(cfg.train.max_bad_steps, checkpointer, history)
-    log = RunLogger(
-        run_dir,
-        total_steps=cfg.train.max_steps,
-        start_step=start_step,
-        headline=("loss", "tokens_per_s"),
-        progress=progress,
-    )
-    log.print(f"data: {report.summary()}")
-    if checkpoint is not None:
-        log.print(f"resumed from {checkpoint} at step {start_step}")
+    life.track(model, tokenizer, optim, sampler)
+    life.open_log(report, headline=("loss", "tokens_per_s"), progress=progress, train_rows=train_rows,
+                  eval_rows=eval_rows)  # fmt: skip
     reward = load_reward_fn(cfg.eval.reward, base_dir=cfg.recipe_dir) if eval_prompts else None
 
+    def evaluate() -> tuple[dict[str, float], EvalResult | None]:
+        return _evaluate_metrics(model, tokenizer, eval_prompts, eval_tokens, reward, cfg, device, life.generator)
+
+    life.evaluate_before((lambda: evaluate()[0]) if eval_prompts or eval_tokens else None, say="before training")
     model.train()
-
-    def save(step: int) -> Path:
-        return save_checkpoint(checkpointer, step, model, tokenizer, optim, sampler, generator, history)
-
-    with StopRequest() as stop:
-        for step in range(start_step, cfg.train.max_steps):
+    with life.stop_requests():
+        for step in life.steps():
             started = time.perf_counter()
             items = [train[i] for i in sampler.take(cfg.train.batch_size)]
             micro_batches = _micro_batches(
@@ -107,33 +84,21 @@ def train_sft(
             )
             num_tokens = sum(mb.num_target_tokens for mb in micro_batches)
             loss = sum(_backward_nll(model, mb, num_tokens, device, bf16=cfg.train.bf16) for mb in micro_batches)
-            grad_norm = clip_and_step(model, optim, cfg.train.max_grad_norm, guard, loss=loss, step=step + 1)
+            grad_norm = life.update(model, loss=loss, step=step + 1)
             elapsed = time.perf_counter() - started
             metrics = {
                 "loss": float(loss),
                 "grad_norm": grad_norm,
                 "tokens": num_tokens,
                 "tokens_per_s": num_tokens / elapsed,
-                **step_metrics(optim, guard, elapsed),
+                **life.step_metrics(elapsed),
             }
-            done = step + 1
-            if eval_due(cfg.train, done):
-                metrics |= _evaluate_metrics(
-                    model, tokenizer, eval_prompts, eval_tokens, reward, cfg, device, generator
-                )[0]
-            finish_step(done, metrics, history, log, cfg.train, stop, save)
+            if life.eval_due(step + 1):
+                metrics |= evaluate()[0]
+            life.end_step(step + 1, metrics)
 
-    final_eval = None
-    if eval_prompts or eval_tokens:
-        eval_metrics, final_eval = _evaluate_metrics(
-            model, tokenizer, eval_prompts, eval_tokens, reward, cfg, device, generator
-        )
-        log.log(cfg.train.max_steps, eval_metrics, kind="eval")
-        log.print("eval: " + "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-    save_checkpoint(checkpointer, cfg.train.max_steps, model, tokenizer, optim, sampler, generator, history)
-    final_dir = save_pretrained(model, tokenizer, run_dir / "final")
-    log.close()
-    return SFTResult(model, tokenizer, final_dir, history, final_eval)
+    eval_metrics, final_eval = evaluate() if eval_prompts or eval_tokens else ({}, None)
+    return life.finish(eval_metrics, eval=final_eval)
 
 
 def _encode_train(cfg: SFTConfig, tokenizer: Any, rows: Rows | None) -> tuple[list[SFTTokens], LoadReport]:

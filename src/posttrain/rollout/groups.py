@@ -1,20 +1,18 @@
-"""The sampling side of the online RL loop (`trainers/rl.py`): sample and score a step's groups, DAPO's
-dynamic sampling, and the reward metrics. The update side is `trainers/rl_update.py`.
+"""A step's sampled groups with their scores, and DAPO's dynamic sampling over them (which groups a step keeps).
+
+Prompt i of a step owns completions i*G .. i*G + G - 1 throughout.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch import Tensor
 
 from posttrain.data.encoding import PromptTokens
-from posttrain.rewards import RewardResult, RewardSet
-from posttrain.rollout import Rollouts, SamplingParams
+from posttrain.rewards import RewardResult
+from posttrain.rollout.engine import Rollouts
 
 
 @dataclass
@@ -27,41 +25,6 @@ class Scored:
     gen_s: float = 0.0
     score_s: float = 0.0
     dropped_groups: int = 0
-
-
-def score_groups(
-    reward_set: RewardSet, tokenizer: Any, prompts: list[PromptTokens], completion_ids: list[list[int]], n: int
-) -> RewardResult:
-    """Decode and score P*n completions, each prompt's n contiguous; each prompt row's columns (`answer`, ...)
-    go to the rewards."""
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    prompt_texts = tokenizer.batch_decode([p.prompt_ids for p in prompts], skip_special_tokens=True)
-    keys = sorted({k for p in prompts for k in p.extra})
-    columns = {k: [p.extra.get(k) for p in prompts for _ in range(n)] for k in keys}
-    return reward_set.score([t for t in prompt_texts for _ in range(n)], texts, completion_ids, columns)
-
-
-def sample_and_score(
-    engine: Any,
-    policy: Any,
-    tokenizer: Any,
-    reward_set: RewardSet,
-    prompts: list[PromptTokens],
-    params: SamplingParams,
-    *,
-    group_size: int,
-    generator: torch.Generator,
-) -> Scored:
-    started = time.perf_counter()
-    was_training = policy.training
-    policy.eval()
-    rollouts = engine.generate(
-        policy, [p.prompt_ids for p in prompts], params, n=group_size, generator=generator, tokenizer=tokenizer
-    )
-    policy.train(was_training)
-    generated = time.perf_counter()
-    rewards = score_groups(reward_set, tokenizer, prompts, rollouts.completion_ids, group_size)
-    return Scored(prompts, rollouts, rewards, generated - started, time.perf_counter() - generated)
 
 
 def draw_step(draw: Callable[[], Scored], num_groups: int, dynamic_max_batches: int) -> Scored:
@@ -136,33 +99,3 @@ def merge_scored(parts: list[Scored]) -> Scored:
         metrics={},
     )
     return Scored([p for s in parts for p in s.prompts], rollouts, rewards)
-
-
-def reward_metrics(rewards: RewardResult, verifier: str | None = None) -> dict[str, float]:
-    """Mean and std (population; not-applicable samples skipped) of each reward and of the total, and
-    `accuracy`: the share of completions that `verifier` (a reward's name, eval.reward) scores at least 1, among
-    those it applies to (`verifier_scores`, `share_correct`); none without such a reward."""
-    metrics: dict[str, float] = {}
-    for name, scores_N in {**rewards.per_reward, "total": rewards.total}.items():
-        applicable = scores_N[~scores_N.isnan()]
-        metrics[f"rewards/{name}/mean"] = applicable.mean().item() if len(applicable) else float("nan")
-        metrics[f"rewards/{name}/std"] = applicable.std(unbiased=False).item() if len(applicable) else float("nan")
-    metrics |= {f"rewards/{name}/failures": float(n) for name, n in rewards.failures.items()}
-    verdicts_N = verifier_scores(rewards, verifier)
-    if verdicts_N is not None:
-        metrics["accuracy"] = share_correct(verdicts_N)
-    return metrics
-
-
-def verifier_scores(rewards: RewardResult, verifier: str | None = None) -> Tensor | None:
-    """The raw scores [N] of the reward named `verifier`, else of the only reward, else None: with several rewards
-    the total is no verifier's verdict (a length penalty pulls it below 1, a format reward pushes it above)."""
-    if verifier in rewards.per_reward:
-        return rewards.per_reward[verifier]
-    return next(iter(rewards.per_reward.values())) if len(rewards.per_reward) == 1 else None
-
-
-def share_correct(scores_N: Tensor) -> float:
-    """The share of scores of at least 1 (a verifier's "correct") among those that apply (not NaN); NaN for none."""
-    applicable_N = scores_N[~scores_N.isnan()]
-    return (applicable_N >= 1.0).float().mean().item() if len(applicable_N) else float("nan")

@@ -1,0 +1,94 @@
+"""What a reward function is called with: the arguments TRL's `GRPOTrainer` passes, built from a step's prompts and
+sampled completions, so that a TRL user's reward function works unchanged.
+
+    prompts         the rows' prompts as written: strings, or conversations (lists of {role, content})
+    completions     strings for text prompts; for a conversation, [{"role": "assistant", "content": text}]
+    completion_ids  the sampled token ids
+    trainer_state   a transformers `TrainerState` (global_step, max_steps, epoch) for schedules in the reward
+    log_metric      log_metric(name, value): a scalar logged with the step's metrics (`rewards/logged/<name>`)
+    log_extra       log_extra(column, values): a column beside the step's sampled completions
+    **columns       every other column of the rows (`answer`, ...), one value per completion
+
+TRL leaves the rows' `prompt`, `completion` and `completion_ids` columns out of the columns; so does posttrain.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from posttrain.data.encoding import PromptTokens
+from posttrain.rewards.scoring import RewardResult, RewardSet
+
+NOT_COLUMNS = frozenset({"prompt", "completion", "completion_ids"})
+
+
+def is_conversation(content: Any) -> bool:
+    return isinstance(content, list) and all(isinstance(m, Mapping) for m in content)
+
+
+def reward_prompts(prompts: Sequence[PromptTokens], tokenizer: Any, n: int) -> list[Any]:
+    """Each prompt as its row wrote it, repeated for its n completions (decoded ids where no row text is kept)."""
+    written = [p.prompt if p.prompt is not None else tokenizer.decode(p.prompt_ids, skip_special_tokens=True)
+               for p in prompts]  # fmt: skip
+    return [prompt for prompt in written for _ in range(n)]
+
+
+def reward_completions(prompts_N: Sequence[Any], texts_N: Sequence[str]) -> list[Any]:
+    """Completions as TRL passes them: the text, or after a conversation one assistant message holding it."""
+    return [[{"role": "assistant", "content": text}] if is_conversation(prompt) else text
+            for prompt, text in zip(prompts_N, texts_N, strict=True)]  # fmt: skip
+
+
+def row_columns(prompts: Sequence[PromptTokens], n: int) -> dict[str, list[Any]]:
+    """The rows' other columns, one value per completion (None where a row lacks the column)."""
+    keys = sorted({key for p in prompts for key in p.extra} - NOT_COLUMNS)
+    return {key: [p.extra.get(key) for p in prompts for _ in range(n)] for key in keys}
+
+
+@dataclass
+class RewardLog:
+    """What reward functions logged through `log_metric` and `log_extra` during one step's scoring."""
+
+    metrics: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    columns: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.metrics[name].append(float(value))
+
+    def log_extra(self, column: str, values: list[Any]) -> None:
+        self.columns[column].extend(values)
+
+    def means(self) -> dict[str, float]:
+        return {f"rewards/logged/{name}": sum(values) / len(values) for name, values in self.metrics.items() if values}
+
+
+def trl_reward_kwargs(trainer_state: Any, log: RewardLog) -> dict[str, Any]:
+    """The keyword arguments TRL passes every reward function beside the samples and columns."""
+    return {"trainer_state": trainer_state, "log_metric": log.log_metric, "log_extra": log.log_extra}
+
+
+def trainer_state(step: int, max_steps: int, epoch: float = 0.0) -> Any:
+    """A transformers `TrainerState` at `step` of `max_steps`, as TRL hands it to reward functions."""
+    from transformers import TrainerState
+
+    return TrainerState(global_step=step, max_steps=max_steps, epoch=epoch)
+
+
+def score_completions(
+    reward_set: RewardSet,
+    tokenizer: Any,
+    prompts: list[PromptTokens],
+    completion_ids: list[list[int]],
+    n: int,
+    extra_kwargs: dict[str, Any] | None = None,
+) -> RewardResult:
+    """Decode and score P*n completions, each prompt's n contiguous, calling the rewards as TRL does
+    (`rewards.inputs`): the prompts as written, conversational completions as messages, each row's columns
+    (`answer`, ...), and `extra_kwargs` (`trainer_state`, `log_metric`, `log_extra`)."""
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    prompts_N = reward_prompts(prompts, tokenizer, n)
+    return reward_set.score(prompts_N, reward_completions(prompts_N, texts), completion_ids,
+                            row_columns(prompts, n), extra_kwargs=extra_kwargs)  # fmt: skip

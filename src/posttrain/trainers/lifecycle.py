@@ -1,0 +1,409 @@
+"""The lifecycle every trainer's run goes through, in one place: start, resume, guard, log, save, finish.
+
+    life = Lifecycle(cfg, kind="sft", resume=resume)     # environment, output_dir, seeds, device, the checkpoint
+    model, tokenizer, _ = policy_and_reference(cfg.model, ..., life.checkpoint, ...)
+    ...                                                    # data, optimiser, sampler: the trainer's own
+    life.track(model, tokenizer, optim, sampler)           # what a checkpoint carries; restored when resuming
+    life.open_log(report, headline=("loss",), progress=progress)
+    with life.stop_requests():
+        for step in life.steps():
+            ...                                            # the loop: the part that differs between trainers
+            grad_norm = life.update(model, loss=loss, step=step + 1)
+            life.end_step(step + 1, metrics)
+    return life.finish(eval_metrics)                        # final evaluation line, checkpoint, final/, close
+
+A loop is copied per trainer; this is not a base class and has no hooks: each method is one thing a loop calls.
+Distributed training plugs in here once (rank-0 logging and saving, gradient reduction in `update`).
+
+Resuming checks the checkpoint against the run (`manifest.json` holds the trainer kind and config): another
+trainer's checkpoint, or a change that would silently alter the run (data, model, seed, batch, objective), is
+refused with what differs; a change in `MAY_CHANGE` (more steps, another learning rate, evaluation settings) is
+applied from the resumed step and said. A damaged newest checkpoint is skipped for the newest intact one, and
+said. A run resumed at its last step only writes `final/` again from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.config import ConfigError
+from posttrain.data import EpochSampler
+from posttrain.policies import load_model, load_tokenizer, save_pretrained
+from posttrain.runtime.checkpoint import Checkpointer, CheckpointError, model_dir, write_atomically
+from posttrain.runtime.device import limit_cpu_threads, resolve_device
+from posttrain.runtime.guards import NonFiniteGuard, step_schedule
+from posttrain.runtime.logging import METRICS_FILE, RunLogger, phase, read_metrics
+from posttrain.runtime.optim import lr_of_last_step
+from posttrain.runtime.seeding import capture_rng_states, restore_rng_states, seed_everything
+from posttrain.runtime.signals import StopRequest
+from posttrain.trainers.build import check_environment
+from posttrain.trainers.splits import data_sources
+
+MAY_CHANGE = (
+    "train.max_steps", "train.lr", "train.warmup_steps", "train.schedule", "train.min_lr_ratio",
+    "train.weight_decay", "train.adam_betas", "train.max_grad_norm", "train.save_every", "train.eval_every",
+    "train.log_every", "train.keep_last", "train.max_bad_steps", "train.micro_batch_size", "rl.micro_batch_size",
+    "eval.", "device",
+)  # fmt: skip
+"""Config keys (or prefixes) a resumed run may change: applied from the resumed step, and said."""
+MOVABLE = ("output_dir",)
+"""Keys a resume does not compare: a run directory may be moved or copied whole."""
+
+
+@dataclass
+class RunResult:
+    """What a training run returns: the trained model and tokenizer, `final/`, the metrics of every step, and the
+    held-out evaluations before (`initial_eval`) and after (`final_eval`, `eval` for generation)."""
+
+    model: Any
+    tokenizer: Any
+    final_dir: Path
+    history: list[dict[str, float]] = field(default_factory=list)
+    eval: Any = None
+    initial_eval: dict[str, float] = field(default_factory=dict)
+    final_eval: dict[str, float] = field(default_factory=dict)
+    reference_built: bool = False
+
+
+class Lifecycle:
+    """One run's start, resume, guard, log, save and finish (see the module docstring)."""
+
+    def __init__(self, cfg: Any, *, kind: str, resume: bool) -> None:
+        check_environment()
+        self.cfg, self.kind, self.run_dir = cfg, kind, make_output_dir(cfg.output_dir, "output_dir")
+        remove_stale_staging(self.run_dir)
+        limit_cpu_threads()
+        self.generator = seed_everything(cfg.seed)
+        self.device = resolve_device(cfg.device)
+        self.checkpointer = Checkpointer(self.run_dir, keep_last=cfg.train.keep_last)
+        self.notes: list[str] = []
+        self.before: dict[str, float] = {}
+        self.checkpoint: Path | None = None
+        self.start_step = 0
+        if resume:
+            self._find_checkpoint()
+        self.history: list[dict[str, float]] = []
+        self.log: RunLogger | None = None
+        self.guard = NonFiniteGuard(cfg.train.max_bad_steps, self.checkpointer)
+        self._stop = StopRequest()
+        self._parts: dict[str, Any] = {}
+
+    @property
+    def complete(self) -> bool:
+        """A resumed run whose checkpoint is at its last step: nothing is left to train."""
+        return self.checkpoint is not None and self.start_step >= self.cfg.train.max_steps
+
+    def _find_checkpoint(self) -> None:
+        found = self.checkpointer.latest_intact()
+        if found is None:
+            return
+        if found.skipped:
+            self.notes.append(f"resume: skipped damaged checkpoints {', '.join(found.skipped)}; "
+                              f"resuming from {found.path.name}")  # fmt: skip
+        self.notes += check_resume(self.cfg, self.kind, found.manifest, found.path)
+        self.checkpoint, self.start_step = found.path, Checkpointer.step_of(found.path)
+
+    def track(
+        self,
+        model: Any,
+        tokenizer: Any,
+        optim: Any,
+        sampler: EpochSampler,
+        *,
+        extra_state: Callable[[], dict[str, Any]] | None = None,
+        restore_extra: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """The parts a checkpoint carries besides the trainer's `extra_state()`; on a resume, restored from the
+        checkpoint (the model's weights are the caller's: `build.policy_and_reference`), with the config's
+        optimiser settings applied over the saved ones (`MAY_CHANGE`)."""
+        self._parts = {"model": model, "tokenizer": tokenizer, "optim": optim, "sampler": sampler,
+                       "extra_state": extra_state}  # fmt: skip
+        if self.checkpoint is None:
+            return
+        state = self.checkpointer.load_state(self.checkpoint)
+        if restore_extra is not None:
+            restore_extra(state)
+        optim.optimizer.load_state_dict(state["optimizer"])
+        optim.scheduler.load_state_dict(state["scheduler"])
+        apply_optimiser_settings(optim, self.cfg.train)
+        sampler.load_state_dict(state["data"])
+        restore_rng_states(state["rng"], {"sampling": self.generator})
+        self.history = state["history"]
+        self.guard = NonFiniteGuard(self.cfg.train.max_bad_steps, self.checkpointer, self.history)
+        rewrite_metrics(self.run_dir, self.history, step=self.start_step)
+
+    def open_log(
+        self,
+        report: Any,
+        *,
+        headline: tuple[str, ...],
+        progress: bool,
+        train_rows: Any = None,
+        eval_rows: Any = None,
+        lines: tuple[str, ...] = (),
+    ) -> RunLogger:
+        """The run's logger, and its first lines: what overrides replaced, where the rows come from and what
+        loading kept, `lines` of the trainer's own (which forward runs), and what a resume found and applied."""
+        self.log = RunLogger(self.run_dir, total_steps=self.cfg.train.max_steps, start_step=self.start_step,
+                             headline=headline, progress=progress)  # fmt: skip
+        for line in (*self.cfg.load_notes, data_sources(self.cfg.data, train_rows is not None, eval_rows is not None),
+                     f"data: {report.summary()}", *lines, *self.notes):  # fmt: skip
+            self.log.print(line)
+        if self.checkpoint is not None:
+            self.log.print(f"resumed from {self.checkpoint} at step {self.start_step}")
+        return self.log
+
+    def steps(self) -> range:
+        return range(self.start_step, self.cfg.train.max_steps)
+
+    @contextmanager
+    def stop_requests(self) -> Iterator[StopRequest]:
+        """SIGINT / SIGTERM while the loop runs end it after its step, with a checkpoint (`end_step`). A loop that
+        raises closes the run's log (its live progress display and files) on the way out."""
+        with self._stop as stop:
+            try:
+                yield stop
+            except BaseException:
+                if self.log is not None:
+                    self.log.close()
+                raise
+
+    def update(self, model: Any, *, loss: float | None, step: int) -> float:
+        """Clip the gradients and step the optimiser, unless the loss or a gradient is non-finite (the guard skips
+        the update and stops the run after train.max_bad_steps in a row); then step the schedule, which advances
+        on a skipped update too. Returns the gradient norm before clipping."""
+        optimizer = self._parts["optim"].optimizer
+        norm = self.guard.step(model.parameters(), optimizer, self.cfg.train.max_grad_norm, loss=loss, step=step)
+        self.step_schedule()
+        return norm
+
+    def step_schedule(self) -> None:
+        """The learning-rate schedule's step, once per training step (a loop of several updates calls it itself)."""
+        step_schedule(self._parts["optim"].scheduler)
+
+    def guard_for(self, optimizer: Any | None) -> NonFiniteGuard | None:
+        """A guard of its own for a second optimiser (the critic's), or None without one."""
+        return None if optimizer is None else NonFiniteGuard(self.cfg.train.max_bad_steps, self.checkpointer)
+
+    def step_metrics(self, step_time_s: float) -> dict[str, float]:
+        """What every trainer logs of its step besides its loss (after the step's `update`)."""
+        return {"lr": lr_of_last_step(self._parts["optim"].scheduler), "step_time_s": step_time_s,
+                "skipped_steps": self.guard.skipped}  # fmt: skip
+
+    def eval_due(self, done: int) -> bool:
+        """Whether step `done` evaluates on `train.eval_every` (0: never); the final evaluation is `finish`'s."""
+        train = self.cfg.train
+        return bool(train.eval_every) and done % train.eval_every == 0 and done < train.max_steps
+
+    def record(self, done: int, metrics: dict[str, float]) -> None:
+        """Keep step `done`'s metrics in the history and log them on `train.log_every` and at the last step."""
+        self.history.append({"step": done, **metrics})
+        if done % self.cfg.train.log_every == 0 or done == self.cfg.train.max_steps:
+            self.log.log(done, metrics)
+
+    def end_step(self, done: int, metrics: dict[str, float]) -> None:
+        """The end of every step: record it, save on `train.save_every`, and honour a stop request (SIGINT or
+        SIGTERM) by saving this step and raising `TrainingInterrupted`."""
+        self.record(done, metrics)
+        self.end_span(done, 1)
+
+    def end_span(self, done: int, steps: int) -> None:
+        """The end of `steps` steps ending at `done` (an online round): save when a multiple of train.save_every
+        fell within them, and honour a stop request."""
+        every, last = self.cfg.train.save_every, self.cfg.train.max_steps
+        crossed = bool(every) and done // every > (done - steps) // every
+        saved = self.save(done) if crossed and done < last else None
+        if self._stop.requested:
+            self.log.close()
+            raise self._stop.interrupted(done, saved or self.save(done))
+
+    def evaluate_before(self, evaluate: Callable[[], dict[str, float]] | None, *, say: str | None = None) -> dict:
+        """The held-out metrics before the first step (`evaluate()`), logged at step 0, so that `finish` can say what
+        the run did to them; a resumed run reads the ones it logged then. {} without held-out rows (None)."""
+        if evaluate is None:
+            self.before = {}
+        elif self.start_step == 0:
+            with self.stop_requests():
+                self.before = evaluate()
+            self.log_eval(0, self.before, say=say)
+        else:
+            logged = [r for r in read_metrics(self.run_dir) if r.get("kind") == "eval" and r.get("step") == 0]
+            self.before = {k: v for r in logged for k, v in r.items() if k.startswith("eval_")}
+        return self.before
+
+    def log_eval(self, step: int, metrics: dict[str, float], *, say: str | None = "eval") -> None:
+        """An evaluation line in metrics.jsonl (kind "eval"), and on the console unless `say` is None."""
+        if not metrics:
+            return
+        self.log.log(step, metrics, kind="eval")
+        if say:
+            self.log.print(f"{say}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def save(self, step: int) -> Path:
+        """A checkpoint of the tracked parts at `step`, with the run's kind and config in its manifest."""
+        parts = self._parts
+        model, tokenizer, optim, sampler = parts["model"], parts["tokenizer"], parts["optim"], parts["sampler"]
+        state = {
+            "optimizer": optim.optimizer.state_dict(),
+            "scheduler": optim.scheduler.state_dict(),
+            "data": sampler.state_dict(),
+            "rng": capture_rng_states({"sampling": self.generator}),
+            "history": self.history,
+            **(parts["extra_state"]() if parts["extra_state"] else {}),
+        }
+        about = {"kind": self.kind, "config": config_fingerprint(self.cfg)}
+        with phase(f"checkpoint of step {step}"):
+            return self.checkpointer.save(step, save_model=lambda d: save_pretrained(model, tokenizer, d),
+                                          state=state, about=about)  # fmt: skip
+
+    def finish(self, eval_metrics: dict[str, float] | None = None, *, say: str | None = "eval",
+               **result: Any) -> RunResult:  # fmt: skip
+        """The end of a run: its final evaluation line (on the console too unless `say` is None), the last
+        checkpoint, `final/` (written whole or not at all), the logger closed. `result`: the RunResult fields the
+        trainer adds (eval, initial_eval, ...)."""
+        last = self.cfg.train.max_steps
+        model, tokenizer = self._parts["model"], self._parts["tokenizer"]
+        try:
+            self.log_eval(last, eval_metrics or {}, say=say)
+            for line in held_out_change(self.before, eval_metrics or {}):
+                self.log.print(line)
+            self.save(last)
+            with phase("final/"):
+                final_dir = write_final(self.run_dir, lambda d: save_pretrained(model, tokenizer, d))
+        finally:
+            self.log.close()
+        return RunResult(model, tokenizer, final_dir, self.history, final_eval=eval_metrics or {}, **result)
+
+    def finished_result(self) -> RunResult:
+        """A resumed run with nothing left to train: `final/` written again from the last checkpoint (a kill while
+        it was written leaves none), and the run's model loaded from it."""
+        source = model_dir(self.checkpoint)
+        final_dir = write_final(self.run_dir, lambda d: shutil.copytree(source, d))
+        history = self.checkpointer.load_state(self.checkpoint)["history"]
+        print(f"--resume: {self.checkpoint.name} is the run's last step (train.max_steps={self.cfg.train.max_steps});"
+              f" final/ written again from it")  # fmt: skip
+        return RunResult(load_model(final_dir, device=self.device), load_tokenizer(final_dir), final_dir, history)
+
+
+PROPORTIONS = {"eval_accuracy": "eval_examples", "eval_pref_accuracy": "eval_pairs", "eval_pass@": "eval_examples"}
+"""Held-out metrics that are shares of examples (by prefix), and the metric counting those examples: their
+before/after change is weighed against their noise."""
+
+
+def held_out_change(before: dict[str, float], after: dict[str, float]) -> list[str]:
+    """What a run did to each held-out share it measured before and after, against the noise of one evaluation
+    over its n examples (two binomial standard errors of the difference, sqrt(p0 (1 - p0) / n + p1 (1 - p1) / n));
+    a drop larger than that is a warning: the run made the model worse on its held-out rows."""
+    lines = []
+    for key in (k for k in after if k.startswith(tuple(PROPORTIONS)) and k in before):
+        count = next(c for prefix, c in PROPORTIONS.items() if key.startswith(prefix))
+        n, p0, p1 = after.get(count) or before.get(count), before[key], after[key]
+        if not n or not (0 <= p0 <= 1 and 0 <= p1 <= 1):
+            continue
+        noise = 2 * math.sqrt(p0 * (1 - p0) / n + p1 * (1 - p1) / n)
+        change = f"{key} {p0:.4f} -> {p1:.4f} ({100 * (p1 - p0):+.1f} points; noise ±{100 * noise:.1f} over {n:.0f})"
+        lines.append(f"held-out change: {change}")
+        if p0 - p1 > noise:
+            lines.append(f"WARNING: held-out {key} fell by {100 * (p0 - p1):.1f} points, more than one evaluation of "
+                         f"{n:.0f} examples varies by: this run made the model worse on its held-out rows")  # fmt: skip
+    return lines
+
+
+def write_final(run_dir: Path, write: Callable[[Path], Any]) -> Path:
+    return write_atomically(run_dir / "final", write)
+
+
+def make_output_dir(path: str | Path, key: str) -> Path:
+    """Create the directory a run or command writes to and check it can be written, or raise ConfigError naming
+    `key` (an existing file on the path, a read-only file system, no permission)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".posttrain-write-test-{id(path)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"{key}: {path} is a file, or lies under one; give a directory") from None
+    except OSError as error:
+        raise ConfigError(f"{key}: cannot write to {path} ({error.strerror})") from None
+    return path
+
+
+def remove_stale_staging(run_dir: Path) -> None:
+    """Staging directories a process killed while writing `final/` (or an export) left behind."""
+    for stale in (*run_dir.glob(".tmp-final-*"), *run_dir.glob(".old-final-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def config_fingerprint(cfg: Any) -> dict[str, Any]:
+    """The run's config as its checkpoints record it: every key, flat and dotted, as JSON values."""
+    return dict(flatten(cfg.model_dump(mode="json")))
+
+
+def flatten(raw: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in raw.items():
+        if isinstance(value, dict) and value:
+            yield from flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def check_resume(cfg: Any, kind: str, manifest: dict[str, Any], checkpoint: Path) -> list[str]:
+    """Notes of what a resume changes (keys in MAY_CHANGE); CheckpointError naming every other difference, and a
+    checkpoint of another trainer. A checkpoint without a manifest (older posttrain) resumes unchecked, said."""
+    if not manifest:
+        return [f"resume: {checkpoint.name} has no manifest (an older posttrain wrote it); its config is not checked"]
+    if manifest.get("kind") != kind:
+        raise CheckpointError(f"--resume: {checkpoint} was written by `posttrain {manifest.get('kind')}`, not "
+                              f"`posttrain {kind}`; give this run another output_dir")  # fmt: skip
+    saved, now = manifest.get("config", {}), config_fingerprint(cfg)
+    changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key) and key not in MOVABLE)
+    refused = [key for key in changed if not key.startswith(MAY_CHANGE)]
+    if refused:
+        shown = "; ".join(f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in refused)
+        raise CheckpointError(
+            f"--resume: the run's config differs from {checkpoint.name}'s in what a resume cannot change ({shown}); "
+            "set them back, or start a new run in another output_dir"
+        )
+    step = Checkpointer.step_of(checkpoint)
+    return [f"resume: {key} {saved.get(key)!r} -> {now.get(key)!r}, applied from step {step}" for key in changed]
+
+
+def apply_optimiser_settings(optim: Any, train: Any) -> None:
+    """The config's lr, weight decay and betas over the ones a loaded optimiser state brought back (the schedule's
+    shape already follows the config: its function is built from it)."""
+    optim.scheduler.base_lrs = [train.lr for _ in optim.scheduler.base_lrs]
+    for group in optim.optimizer.param_groups:
+        group["initial_lr"], group["betas"] = train.lr, tuple(train.adam_betas)
+        if group["weight_decay"]:  # the decayed group (biases and norms keep 0)
+            group["weight_decay"] = train.weight_decay
+    multiplier = optim.scheduler.lr_lambdas[0](optim.scheduler.last_epoch)
+    for group in optim.optimizer.param_groups:  # the next update's rate, as the schedule's step would set it
+        group["lr"] = train.lr * multiplier
+
+
+def rewrite_metrics(run_dir: Path, history: list[dict[str, float]], *, step: int) -> None:
+    """After a resume from the checkpoint of `step`, metrics.jsonl holds exactly the checkpoint's history and the
+    evaluation lines the file had up to that step, each after its step's train line (later lines were lost work).
+    Evaluations are not in the history: the initial one and those of online rounds are logged only."""
+    records = [(h["step"], 0, {"kind": "train", **h}) for h in history]
+    for record in read_metrics(run_dir):
+        at = record.get("step")
+        if record.get("kind") != "train" and isinstance(at, int) and at <= step:
+            records.append((at, 1, record))
+    records.sort(key=lambda r: r[:2])
+    (run_dir / METRICS_FILE).write_text("".join(json.dumps(record) + "\n" for _, _, record in records))
+
+
+def sampling_generator(seed: int) -> torch.Generator:
+    """A generator of its own for held-out evaluation, so that evaluating never shifts training's draws."""
+    return torch.Generator().manual_seed(seed + 1)
