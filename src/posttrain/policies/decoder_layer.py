@@ -217,15 +217,18 @@ def layer_ops(layer: torch.nn.Module, family: Family, config: Any, index: int) -
 
     def attention_inputs(x_X_H: Tensor, rope: Rotary, reads_Q: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         h_X_H = attention_in(x_X_H)
+        # keys and values before queries: the order autograd sums their gradients in, kept from the forwards before
         if len(projections) == 1:
             q_X_F, k_X_F, v_X_F = projections[0](h_X_H).split(widths, dim=-1)
+            k_X_G_D, v_X_G_D = rope.rotate(key_heads(k_X_F)), v_X_F.unflatten(-1, (kv_heads, dim))
             q_Q_F = q_X_F if reads_Q is None else q_X_F.index_select(0, reads_Q)
         else:
             q_proj, k_proj, v_proj = projections
+            k_X_G_D = rope.rotate(key_heads(k_proj(h_X_H)))
+            v_X_G_D = v_proj(h_X_H).unflatten(-1, (kv_heads, dim))
             q_Q_F = q_proj(h_X_H if reads_Q is None else h_X_H.index_select(0, reads_Q))
-            k_X_F, v_X_F = k_proj(h_X_H), v_proj(h_X_H)
         q_rope = rope if reads_Q is None else rope.at(reads_Q)
-        return q_rope.rotate(query_heads(q_Q_F)), rope.rotate(key_heads(k_X_F)), v_X_F.unflatten(-1, (kv_heads, dim))
+        return q_rope.rotate(query_heads(q_Q_F)), k_X_G_D, v_X_G_D
 
     o_proj = linear_op(attn.o_proj)
 
