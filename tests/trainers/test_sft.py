@@ -199,3 +199,9 @@ def test_resuming_a_finished_run_writes_final_again_and_more_steps_go_on(tmp_pat
     loaded = load_model(tmp_path / "final")
     assert all(torch.equal(v, first.model.state_dict()[k]) for k, v in loaded.state_dict().items())
     assert len(run(config(tmp_path, max_steps=3), resume=True).history) == 3  # one more step, after the two
+
+
+def test_the_first_lines_say_which_forward_runs(tmp_path: Path, capsys) -> None:
+    run(config(tmp_path, max_steps=1))
+    said = capsys.readouterr()
+    assert "forward path: posttrain's layer forward (qwen2 adapter)" in said.out + said.err

@@ -39,7 +39,7 @@ import torch
 
 from posttrain.config import ConfigError
 from posttrain.data import EpochSampler
-from posttrain.policies import load_model, load_tokenizer, save_pretrained
+from posttrain.policies import describe_forward_path, load_model, load_tokenizer, save_pretrained
 from posttrain.runtime.checkpoint import Checkpointer, CheckpointError, model_dir, write_atomically
 from posttrain.runtime.device import limit_cpu_threads, rank_device, resolve_device
 from posttrain.runtime.distributed import all_reduce_sum, any_rank, barrier, init_ranks, sum_gradients
@@ -169,8 +169,10 @@ class Lifecycle:
                              headline=headline, progress=progress)  # fmt: skip
         if self.ranks.distributed:
             self.log.print(f"distributed: {self.ranks.world} ranks, data-parallel ({self.device.type})")
+        model = self._parts.get("model")
+        path = (describe_forward_path(model),) if model is not None and hasattr(model, "config") else ()
         for line in (*self.cfg.load_notes, data_sources(self.cfg.data, train_rows is not None, eval_rows is not None),
-                     f"data: {report.summary()}", *lines, *self.notes):  # fmt: skip
+                     f"data: {report.summary()}", *path, *lines, *self.notes):  # fmt: skip
             self.log.print(line)
         if self.checkpoint is not None:
             self.log.print(f"resumed from {self.checkpoint} at step {self.start_step}")
