@@ -64,3 +64,35 @@ def test_checkpoints_of_two_ranks_resume_on_one(tmp_path: Path) -> None:
     assert main(["sft", *RUNS["sft"], f"output_dir={whole}"]) == 0
     assert [x["loss"] for x in train_lines(tmp_path / "run")] == pytest.approx(
         [x["loss"] for x in train_lines(whole)], rel=1e-5)
+
+
+SCRIPT = Path(__file__).parent / "scripts" / "rl_update_ranks.py"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("advantage", ["grpo", "reinforce_pp"])  # group baselines; a batch-wide normalisation
+def test_an_rl_update_on_two_ranks_equals_one_process_on_the_same_global_batch(advantage: str, tmp_path: Path) -> None:
+    one = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "one.pt"), advantage], env=ENV,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(SCRIPT), str(tmp_path / "two.pt"), advantage], env=ENV, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    grads_one, grads_two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert any(g.abs().max() > 1e-4 for g in grads_one.values())  # the update is not nothing
+    for name, grad in grads_one.items():
+        torch.testing.assert_close(grads_two[name], grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_grpo_on_two_ranks_trains_checkpoints_and_resumes_on_one(tmp_path: Path) -> None:
+    overrides = ["model.preset=qwen2-tiny", "model.tokenizer=arithmetic", "data.task.name=arithmetic",
+                 "data.task.train_size=64", "data.task.eval_size=4", "eval.max_new_tokens=2", "rl.prompts_per_step=4",
+                 "rl.group_size=4", "rl.sampling.max_new_tokens=3", "rl.kl.coef=0.05",
+                 "train.save_every=1"]  # fmt: skip
+    done = two_ranks("rl", [*overrides, "train.max_steps=2"], tmp_path / "run")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [x["step"] for x in train_lines(tmp_path / "run")] == [1, 2]
+    assert main(["rl", *overrides, "train.max_steps=3", f"output_dir={tmp_path / 'run'}", "--resume"]) == 0
+    assert [x["step"] for x in train_lines(tmp_path / "run")] == [1, 2, 3]

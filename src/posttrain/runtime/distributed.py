@@ -125,3 +125,33 @@ def all_gather_objects(value: T, ranks: Ranks) -> list[T]:
     gathered: list[Any] = [None] * ranks.world
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def gather_rows(values: dict[str, Any], ranks: Ranks, rows_of: str) -> tuple[dict[str, Any], slice]:
+    """Every rank's rows of each tensor in `values` (first axis: rows; a second axis is padded with zeros to the
+    widest rank's), concatenated in rank order, so that a function of the whole step's batch (an advantage that
+    normalises over the batch) sees what one process would; and the slice of the rows that are this rank's.
+    0-dim tensors and plain values pass unchanged; the slice counts the rows of `values[rows_of]`. For one process:
+    `values` and all its rows."""
+    sizes = {key: len(v) for key, v in values.items() if isinstance(v, Tensor) and v.dim() >= 1}
+    if not ranks.distributed or not sizes:
+        return values, slice(None)
+    import torch.distributed as dist
+
+    counts = all_gather_objects({key: (size, values[key].shape[1:]) for key, size in sizes.items()}, ranks)
+    gathered = dict(values)
+    for key in sizes:
+        local = values[key]
+        rows = [c[key][0] for c in counts]
+        width = max(c[key][1][0] for c in counts) if local.dim() >= 2 else None
+        padded = torch.zeros(max(rows), *((width,) if width else ()), *local.shape[2:], dtype=local.dtype,
+                             device=local.device)  # fmt: skip
+        if width:
+            padded[: len(local), : local.shape[1]] = local
+        else:
+            padded[: len(local)] = local
+        parts = [torch.empty_like(padded) for _ in range(ranks.world)]
+        dist.all_gather(parts, padded)
+        gathered[key] = torch.cat([part[:n] for part, n in zip(parts, rows, strict=True)])
+    before = sum(c[rows_of][0] for c in counts[: ranks.rank])
+    return gathered, slice(before, before + sizes[rows_of])

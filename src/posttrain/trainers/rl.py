@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from posttrain.config import ConfigError
 from posttrain.config.rl import RLConfig
 from posttrain.data import EpochSampler
 from posttrain.data.encoding import PromptTokens, check_positions
@@ -32,12 +33,20 @@ from posttrain.objectives.kl import adaptive_kl_coef
 from posttrain.objectives.registry import call_with
 from posttrain.objectives.value import clipped_value_loss, lambda_returns
 from posttrain.policies import Reference, ValueModel, token_logprobs
-from posttrain.rewards import RewardSet, load_reward_fn
+from posttrain.rewards import RewardResult, RewardSet, load_reward_fn
 from posttrain.rewards.inputs import RewardLog, trainer_state, trl_reward_kwargs
 from posttrain.rewards.metrics import reward_metrics
 from posttrain.rollout import ENGINES
 from posttrain.rollout.engine import PaddedRollouts, Rollouts, SampleLayout
 from posttrain.rollout.groups import Scored, draw_step
+from posttrain.runtime.distributed import (
+    ONE_PROCESS,
+    Ranks,
+    all_gather_objects,
+    all_reduce_sum,
+    gather_rows,
+    sum_gradients,
+)
 from posttrain.runtime.logging import phase
 from posttrain.runtime.optim import build_adamw
 from posttrain.trainers.build import build_optimisation, build_reward_set, policy_and_reference, sampling_params
@@ -101,6 +110,7 @@ def train_rl(
 
     def draw() -> Scored:
         prompts = [run.train[i] for i in run.sampler.take(rl.prompts_per_step)]
+        prompts = prompts[life.ranks.contiguous_share(len(prompts))]  # a group never straddles ranks
         return sample_and_score(engine, model, tokenizer, run.reward_set, prompts, params, group_size=rl.group_size,
                                 generator=life.generator, reward_kwargs=reward_kwargs,
                                 environment=run.environments, limits=run.limits)  # fmt: skip
@@ -125,6 +135,7 @@ def train_rl(
                 critic=run.critic, kl_coef=run.kl_coef, kl_in_reward=rl.kl.in_reward,
                 temperature=params.temperature, micro_batch_size=rl.micro_batch_size,
                 episodes=EpisodeView.of(scored.rollouts, tokenizer.pad_token_id, life.device, layout, padded),
+                ranks=life.ranks,
             )  # fmt: skip
             prepared = time.perf_counter()
 
@@ -139,24 +150,30 @@ def train_rl(
                         kl_estimator=kl_in_loss, kl_coef_in_loss=run.kl_coef, entropy_coef=rl.entropy_coef,
                         value_coef=rl.value.coef, value_clip_range=rl.value.clip_range,
                         temperature=params.temperature, max_len=params.max_new_tokens,
-                        micro_batch_size=rl.micro_batch_size, stats=stats,
+                        micro_batch_size=rl.micro_batch_size, stats=stats, ranks=life.ranks,
                     )  # fmt: skip
+                    sum_gradients(list(model.parameters()), life.ranks)
                     stats.add("grad_norm", life.guard.step(model.parameters(), run.optim.optimizer,
                                                            cfg.train.max_grad_norm, step=step + 1))  # fmt: skip
                     if run.critic is not None:
+                        sum_gradients(list(run.critic.parameters()), life.ranks)
                         critic_guard.step(run.critic.parameters(), run.critic_optimizer, cfg.train.max_grad_norm,
                                           step=step + 1)  # fmt: skip
             life.step_schedule()
             trained = time.perf_counter()
 
-            observed_kl = (kl_B_T.sum() / max(1, num_seqs)).item()  # per sequence, at sampling time
+            all_seqs = int(all_reduce_sum(float(num_seqs), life.ranks))
+            observed_kl = all_reduce_sum(kl_B_T.sum().item(), life.ranks) / max(1, all_seqs)  # per sequence, sampled
             if rl.kl.target is not None and run.reference is not None:
                 run.kl_coef = float(adaptive_kl_coef(run.kl_coef, observed_kl, target=rl.kl.target,
-                                                     horizon=rl.kl.horizon, n_steps=num_seqs))  # fmt: skip
-            run.baseline.update(tensors.rewards_PG)
-            num_tokens = int(padded.loss_mask_B_T.sum())
+                                                     horizon=rl.kl.horizon, n_steps=all_seqs))  # fmt: skip
+            rewards = gather_rewards(scored.rewards, life.ranks)
+            run.baseline.update(gather_rows({"r": tensors.rewards_PG}, life.ranks, rows_of="r")[0]["r"])
+            num_tokens = int(all_reduce_sum(float(padded.loss_mask_B_T.sum()), life.ranks))
+            stats.sums = {key: all_reduce_sum(value, life.ranks) for key, value in sorted(stats.sums.items())}
+            stats.sums["grad_norm"] /= life.ranks.world  # the same norm on every rank, summed above
             metrics = {
-                **reward_metrics(scored.rewards, verifier=cfg.eval.reward),
+                **reward_metrics(rewards, verifier=cfg.eval.reward),
                 **stats.means(rl.epochs * rl.minibatches, num_tokens * rl.epochs),
                 **step_metrics(scored, observed_kl, run.kl_coef, num_tokens * rl.epochs, trained - prepared),
                 **life.step_metrics(trained - started),
@@ -165,14 +182,20 @@ def train_rl(
             }
             done = step + 1
             if life.eval_due(done) and run.eval_prompts:
-                metrics |= eval_metrics(evaluate_policy(cfg, run))
+                metrics |= life.evaluate(lambda: eval_metrics(evaluate_policy(cfg, run)))
             life.end_step(done, metrics)
 
-    final_eval = evaluate_policy(cfg, run) if run.eval_prompts else None
+    final_eval = None
+
+    def evaluate_at_end() -> dict[str, float]:
+        nonlocal final_eval
+        final_eval = evaluate_policy(cfg, run)
+        return eval_metrics(final_eval)
+
+    final_metrics = life.evaluate(evaluate_at_end) if run.eval_prompts else {}
     if final_eval is not None:
         log.print(f"eval: greedy accuracy {final_eval.greedy_accuracy:.4f} on {final_eval.num_prompts} prompts")
-    return life.finish(eval_metrics(final_eval) if final_eval else {}, eval=final_eval, initial_eval=life.before,
-                       say=None)  # fmt: skip
+    return life.finish(final_metrics, eval=final_eval, initial_eval=life.before, say=None)
 
 
 def build_rl_run(
@@ -182,6 +205,9 @@ def build_rl_run(
     """The policy, its reference (only when a KL term needs one), the critic (only for an advantage that needs
     one), the rewards, the encoded prompts, the optimisers; on a resume, the checkpoint's state restored."""
     rl = cfg.rl
+    if rl.prompts_per_step % life.ranks.world:
+        raise ConfigError(f"rl.prompts_per_step={rl.prompts_per_step} does not divide among {life.ranks.world} "
+                          "ranks (each rank samples whole groups of its share of the prompts)")  # fmt: skip
     model, tokenizer, reference = policy_and_reference(
         cfg.model, model, tokenizer, life.checkpoint, needs_reference=rl.kl.coef > 0, seed=cfg.seed,
         device=life.device, recipe_dir=cfg.recipe_dir, run_dir=life.run_dir,
@@ -378,6 +404,7 @@ def prepare_step(
     temperature: float,
     micro_batch_size: int | None,
     episodes: EpisodeView | None = None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> tuple[StepTensors, Tensor]:
     """The step's advantages (and the critic's targets), with the inputs the estimator's signature names.
 
@@ -391,6 +418,9 @@ def prepare_step(
     The forwards (reference, critic) run on the training rows (`padded`); the estimators read whole episodes
     (`episodes`), and their per-token outputs go back to the rows. Returns the tensors the updates consume and the
     per-token KL to the reference at sampling time ([B, T] of the rows, zeros without a reference).
+
+    Data-parallel, each rank's episodes are its own groups; the estimator runs on every rank's inputs together
+    (`gather_rows`), so that one normalising over the batch (REINFORCE++) gives what one process would.
     """
     mask_B_T = padded.loss_mask_B_T
     view = episodes or EpisodeView(mask_B_T, None, torch.where(mask_B_T, 0, -1))
@@ -425,7 +455,9 @@ def prepare_step(
         tensors.old_values_B_T = torch.where(mask_B_T, values_B_T, 0.0)
         available["values_B_T"] = view.to_episodes(tensors.old_values_B_T)
         tensors.returns_B_T = view.to_rows(call_with(lambda_returns, available, advantage_args), mask_B_T.shape)
-    adv_E_T = per_token(call_with(objectives.advantage, available, advantage_args), mask_E_T)
+    everyone, mine = gather_rows(available, ranks, rows_of="rewards_PG")
+    adv = call_with(objectives.advantage, everyone, advantage_args)[mine]
+    adv_E_T = per_token(adv if adv.dim() == 1 else adv[:, : mask_E_T.shape[1]], mask_E_T)
     tensors.adv_B_T = view.to_rows(adv_E_T, mask_B_T.shape)
     return tensors, kl_B_T
 
@@ -448,13 +480,16 @@ def update_minibatch(
     max_len: int,
     micro_batch_size: int | None,
     stats: UpdateStats,
+    ranks: Ranks = ONE_PROCESS,
 ) -> None:
     """Accumulate the gradients of one minibatch (`rows` of the step), micro-batch by micro-batch.
 
     Aggregation divides by the minibatch's counts (tokens, sequences), so the summed micro-batch losses
-    equal the whole minibatch's loss whatever `micro_batch_size` is."""
+    equal the whole minibatch's loss whatever `micro_batch_size` is; data-parallel, the counts are every rank's, so
+    the gradients summed over ranks equal one process's."""
     p = step.padded
-    counts = {"num_tokens": int(p.loss_mask_B_T[rows].sum()), "num_seqs": len(rows), "max_len": max_len}
+    local = {"num_tokens": float(p.loss_mask_B_T[rows].sum()), "num_seqs": float(len(rows))}
+    counts = {key: int(all_reduce_sum(value, ranks)) for key, value in local.items()} | {"max_len": max_len}
     size = micro_batch_size or len(rows)
     for start in range(0, len(rows), size):
         mb = rows[start : start + size]
@@ -495,3 +530,16 @@ def sequence_forward(
     size = micro_batch_size or rows
     return torch.cat([fn(net, padded.input_ids_B_T[s : s + size], padded.attention_mask_B_T[s : s + size],
                          padded.loss_mask_B_T[s : s + size]) for s in range(0, rows, size)])  # fmt: skip
+
+
+def gather_rewards(rewards: RewardResult, ranks: Ranks) -> RewardResult:
+    """Every rank's scores of the step, for the metrics one process would log; the rank's own for one process."""
+    if not ranks.distributed:
+        return rewards
+    parts = all_gather_objects(rewards, ranks)
+    return RewardResult(
+        total=torch.cat([p.total for p in parts]),
+        per_reward={k: torch.cat([p.per_reward[k] for p in parts]) for k in rewards.per_reward},
+        failures={k: sum(p.failures[k] for p in parts) for k in rewards.failures},
+        metrics={},
+    )
