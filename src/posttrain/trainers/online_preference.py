@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from posttrain.config import ConfigError
 from posttrain.config.pref import SELECTIONS, PrefConfig, feedback_kind
 from posttrain.data import CompletionTokens, EpochSampler, PreferenceTokens, check_positions
 from posttrain.data.encoding import PromptTokens
@@ -96,7 +97,10 @@ def train_online_pref(
     life.track(model, tokenizer, optim, sampler)
     life.open_log(report, headline=("loss", "sample_accuracy"), progress=progress, train_rows=train_rows,
                   eval_rows=eval_rows)  # fmt: skip
-    update = PreferenceStep.of(cfg, tokenizer.pad_token_id, device, life.history)
+    if online.prompts_per_round % life.ranks.world:
+        raise ConfigError(f"online.prompts_per_round={online.prompts_per_round} does not divide among "
+                          f"{life.ranks.world} ranks")  # fmt: skip
+    update = PreferenceStep.of(cfg, tokenizer.pad_token_id, device, life.history, life.ranks)
     params, _ = sampling_params(online.sampling, tokenizer.eos_token_id)
     initial_eval = life.evaluate_before(eval_metrics if eval_prompts else None, say="initial eval")
 
@@ -107,6 +111,7 @@ def train_online_pref(
             if online.reference == "refresh" and reference is not None:
                 reference.refresh(model)  # pi_t: the policy that samples this round
             prompts = [train_prompts[i] for i in sampler.take(online.prompts_per_round)]
+            prompts = prompts[life.ranks.contiguous_share(len(prompts))]  # this rank's share of the round
             reward_log = RewardLog()
             reward_kwargs = trl_reward_kwargs(trainer_state(round_index * spr, cfg.train.max_steps), reward_log)
             samples = sample_round(model, reference, tokenizer, prompts, feedback, engine=ENGINES[online.engine],
@@ -133,17 +138,23 @@ def train_online_pref(
                 totals = update.accumulate(model, reference, [items[i] for i in indices], ref_logps=cached,
                                            per_example=per_example)  # fmt: skip
                 grad_norm = life.update(model, loss=totals.get("loss", 0.0), step=step + 1)
-                metrics = update.metrics(totals, len(indices)) | round_metrics | {
+                metrics = update.metrics(totals, int(life.global_sum(len(indices)))) | round_metrics | {
                     "grad_norm": grad_norm, **life.step_metrics(time.perf_counter() - started)
                 }  # fmt: skip
                 life.record(step + 1, metrics)
             done = (round_index + 1) * spr
             if done < cfg.train.max_steps and crossed(done, spr, eval_every) and eval_prompts:
-                life.log_eval(done, eval_metrics(), say=None)
+                life.log_eval(done, life.evaluate(eval_metrics), say=None)
             life.end_span(done, spr)
 
-    generation = held_out() if eval_prompts else None
-    final_eval = {f"eval_{k}": v for k, v in generation.metrics().items()} if generation else {}
+    generation = None
+
+    def evaluate_at_end() -> dict[str, float]:
+        nonlocal generation
+        generation = held_out()
+        return {f"eval_{k}": v for k, v in generation.metrics().items()}
+
+    final_eval = life.evaluate(evaluate_at_end) if eval_prompts else {}
     return life.finish(final_eval, eval=generation, initial_eval=initial_eval, reference_built=reference is not None)
 
 
