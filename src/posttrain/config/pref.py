@@ -3,17 +3,13 @@ with an `online` section) and reward-model config (`posttrain rm`)."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import math
-import sys
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
-from posttrain.config.rl import RewardEntry, SamplingSection
+from posttrain.config.rl import RewardEntry, SamplingSection, import_plugin
 from posttrain.config.sections import (
     DataSection,
     EvalSection,
@@ -238,23 +234,9 @@ class RMConfig(_OfflineConfig):
 
 
 def import_plugins(plugins: list[str], base_dir: str | None) -> None:
-    """Import each plugin (a .py file, relative to the working directory or the recipe, or a module)."""
+    """Import each plugin (a .py file, relative to the recipe or the working directory, or a module)."""
     for plugin in plugins:
-        if not plugin.endswith(".py"):
-            importlib.import_module(plugin)
-            continue
-        path = Path(plugin)
-        if not path.is_file() and base_dir is not None:
-            path = Path(base_dir) / plugin
-        if not path.is_file():
-            raise ValueError(f"plugins: {plugin} is not a file")
-        name = f"posttrain_plugin_{abs(hash(str(path.resolve())))}"
-        if name in sys.modules:
-            continue
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[name] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        import_plugin(plugin, base_dir)
 
 
 DATA_KINDS: dict[str | None, Literal["preference", "unpaired", "listwise"]] = {

@@ -6,12 +6,7 @@ before validation, so an objective a user registers in their own file can be nam
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
 import inspect
-import sys
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
@@ -20,6 +15,7 @@ from posttrain.config.sections import DataSection, EvalSection, Fraction, ModelS
 from posttrain.config.sections import TrainSection as _TrainSection
 from posttrain.objectives import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from posttrain.objectives.registry import Registry
+from posttrain.runtime import user_code
 
 
 def check_registered(
@@ -42,29 +38,7 @@ def check_registered(
 
 def import_plugin(plugin: str, recipe_dir: str | None = None) -> None:
     """Import a plugin: a `.py` file (relative to the recipe's directory, then the working directory) or a module."""
-    if not plugin.endswith(".py"):
-        try:
-            importlib.import_module(plugin)
-        except ImportError as err:
-            raise ValueError(f"plugins: cannot import module '{plugin}': {err}") from None
-        return
-    path = Path(plugin).expanduser()
-    if not path.is_absolute() and not path.exists() and recipe_dir is not None:
-        path = Path(recipe_dir) / path
-    if not path.is_file():
-        raise ValueError(f"plugins: file '{plugin}' does not exist")
-    path = path.resolve()
-    name = "posttrain_plugin_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    if name in sys.modules:  # a recipe loaded twice registers its objectives once
-        return
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception:
-        del sys.modules[name]
-        raise
+    user_code.import_plugin(plugin, recipe_dir, error=ValueError)
 
 
 class SamplingSection(Section):
