@@ -1,4 +1,5 @@
-"""Pure objectives: advantages, policy losses, aggregation, KL, value and preference losses.
+"""Pure objectives: advantages, policy losses, aggregation, KL, value, preference, reward-model, process-reward and
+distillation losses.
 
 Importing this package registers every built-in objective in the registries of `registry.py`.
 """
@@ -6,11 +7,13 @@ Importing this package registers every built-in objective in the registries of `
 from posttrain.objectives import (  # noqa: F401  (imported to register)
     advantages,
     aggregation,
+    distillation,
     kl,
     online_preference,
     pairing,
     policy_losses,
     preference,
+    process_rewards,
     reward_model,
     value,
 )
@@ -18,6 +21,7 @@ from posttrain.objectives.registry import (
     ADVANTAGES,
     AGGREGATIONS,
     ALL_REGISTRIES,
+    DISTILLATION_LOSSES,
     KL_ESTIMATORS,
     POLICY_LOSSES,
     PREFERENCE_LOSSES,
@@ -29,6 +33,7 @@ __all__ = [
     "ADVANTAGES",
     "AGGREGATIONS",
     "ALL_REGISTRIES",
+    "DISTILLATION_LOSSES",
     "KL_ESTIMATORS",
     "POLICY_LOSSES",
     "PREFERENCE_LOSSES",

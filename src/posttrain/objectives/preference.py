@@ -57,6 +57,7 @@ TRL_LOSS_TYPES: dict[str, tuple[str, str | None] | None] = {
     "nll": None,
     "lipo_lambda": None,
     "plackett_luce": None,
+    "implicit_prm": None,  # objectives/process_rewards.py; TRL 1.16 has no implicit PRM
 }
 
 

@@ -27,9 +27,11 @@ from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-FLAGS = ("whole_batch",)
+FLAGS = ("whole_batch", "on_policy")
 """Needs that are properties of an objective rather than inputs: `whole_batch`, a loss coupling the step's
-pairs (AOT sorts their margins), is called once over the whole step."""
+pairs (AOT sorts their margins), is called once over the whole step; `on_policy`, a loss whose estimate holds
+only on the trained model's own samples (a distillation loss read at the sampled tokens), has the loop sample from
+the model for every step."""
 OPPONENTS = {"reference": "reference_samples", "mixture": "mixture_opponents"}
 """How an online round samples a loss's opponents, and the need that names it."""
 
@@ -67,10 +69,12 @@ class Registry(dict[str, Callable[..., Any]]):
         *,
         needs: Iterable[str] = (),
         whole_batch: bool = False,
+        on_policy: bool = False,
         opponents: str | None = None,
     ) -> Callable[[F], F]:
         """Register under `name`. `needs` is read from the signature; a `needs` given anyway (the earlier form) must
-        be exactly what the signature implies, plus the flags. `whole_batch`, `opponents`: see the module."""
+        be exactly what the signature implies, plus the flags. `whole_batch`, `on_policy` (`FLAGS`), `opponents`:
+        see the module."""
         if opponents is not None and opponents not in OPPONENTS:
             raise ValueError(f"{self.kind} '{name}': opponents={opponents!r}; allowed: {', '.join(OPPONENTS)}")
 
@@ -84,6 +88,7 @@ class Registry(dict[str, Callable[..., Any]]):
             supplied = self._supplied_parameters(name, fn)
             derived = sorted({self.inputs[p] for p in supplied if self.inputs[p]})
             flags = ["whole_batch"] if whole_batch else []
+            flags += ["on_policy"] if on_policy else []
             flags += [OPPONENTS[opponents]] if opponents and OPPONENTS[opponents] not in derived else []
             self._check_declared(name, tuple(needs), derived, flags)
             fn.name = name  # type: ignore[attr-defined]
@@ -171,6 +176,8 @@ ADVANTAGES = Registry(
         "greedy_rewards_P": "greedy_rollout",  # the reward of each prompt's greedy completion (ReMax)
         "baseline": "moving_baseline",  # the loop's running mean of past batch rewards (0-dim)
         "turn_ids_B_T": "turns",  # [B, T] int64 the model turn of each generated token, -1 elsewhere
+        "process_rewards_B_T": "process_rewards",  # [B, T] a process reward model's rewards, kept apart from the
+        # outcome (without this need the loop adds them to the token and sequence rewards)
     },
 )
 POLICY_LOSSES = Registry(
@@ -200,8 +207,19 @@ PREFERENCE_LOSSES = Registry(
 REWARD_MODEL_LOSSES = Registry(
     "reward-model loss",
     inputs={"chosen_rewards": None, "rejected_rewards": None, "rewards_N_K": "listwise", "scores_N_K": "listwise",
-            "margin": "margin"},
-    consumes={"chosen_rewards": "pairs", "rewards_N_K": "lists"},
+            "margin": "margin",
+            "step_logits_S": "stepwise", "step_labels_S": "stepwise"},  # [S] a PRM's logit and label at each step
+    consumes={"chosen_rewards": "pairs", "rewards_N_K": "lists", "step_logits_S": "steps"},
+)
+DISTILLATION_LOSSES = Registry(
+    "distillation loss",
+    inputs={
+        # whole next-token distributions, as the hidden states and heads that give them (never [N, V] logits)
+        "student_hidden_N_H": "distributions", "student_head_V_H": "distributions", "student_bias_V": "distributions",
+        "teacher_hidden_N_H": "distributions", "teacher_head_V_H": "distributions", "teacher_bias_V": "distributions",
+        # the log-probs of the tokens in the sequence under each model [N]
+        "logp_N": None, "teacher_logp_N": "token_logprobs",
+    },
 )
 
 advantage = ADVANTAGES.register
@@ -210,6 +228,7 @@ aggregation = AGGREGATIONS.register
 kl_estimator = KL_ESTIMATORS.register
 preference_loss = PREFERENCE_LOSSES.register
 reward_model_loss = REWARD_MODEL_LOSSES.register
+distillation_loss = DISTILLATION_LOSSES.register
 
 ALL_REGISTRIES: dict[str, Registry] = {
     "advantages": ADVANTAGES,
@@ -218,4 +237,5 @@ ALL_REGISTRIES: dict[str, Registry] = {
     "kl_estimators": KL_ESTIMATORS,
     "preference_losses": PREFERENCE_LOSSES,
     "reward_model_losses": REWARD_MODEL_LOSSES,
+    "distillation_losses": DISTILLATION_LOSSES,
 }
