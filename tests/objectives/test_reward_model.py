@@ -15,10 +15,12 @@ from torch import Tensor
 from posttrain.objectives import preference
 from posttrain.objectives.registry import REWARD_MODEL_LOSSES
 from posttrain.objectives.reward_model import (
+    accuracy_by_bucket,
     bradley_terry,
     ensemble_score,
     listwise_pl,
     pairwise_accuracy,
+    preference_strength,
 )
 
 
@@ -128,3 +130,39 @@ def test_pairwise_accuracy_counts_ties_as_wrong():
     assert acc.item() == pytest.approx(0.5)
     assert acc.dim() == 0
     assert math.isfinite(acc.item())
+
+
+def test_bradley_terry_label_smoothing_mixes_in_the_flipped_preference():
+    # d = 1, alpha 0.1: 0.9 * sp(1) + 0.1 * sp(-1) = 0.9 * 0.313262 + 0.1 * 1.313262 = 0.413262
+    # with margin 1: d = 0 -> 0.9 * log 2 + 0.1 * log 2 = 0.693147
+    close(bradley_terry(t([1.0]), t([0.0]), label_smoothing=0.1), [0.413262])
+    close(bradley_terry(t([1.0]), t([0.0]), margin=t([1.0]), label_smoothing=0.1), [0.693147])
+
+
+def test_bradley_terry_label_smoothing_bounds_the_gradient_of_a_confident_pair():
+    # smoothed, the loss has its minimum at a finite margin (sigmoid(d) = 1 - alpha): a pair far past it is pushed back
+    chosen = t([10.0]).requires_grad_()
+    bradley_terry(chosen, t([0.0]), label_smoothing=0.1).sum().backward()
+    assert chosen.grad.item() > 0  # d/d r_c = -(1 - alpha) sigmoid(-d) + alpha sigmoid(d) ~ 0.1 > 0 at d = 10
+
+
+def test_bradley_terry_refuses_label_smoothing_of_a_half_or_more():
+    with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
+        bradley_terry(t([1.0]), t([0.0]), label_smoothing=0.5)
+
+
+def test_preference_strength_is_the_ensembles_mean_and_population_std():
+    # d = chosen - rejected: model 0 [1, 2], model 1 [2, -1] -> mean [1.5, 0.5], std [0.5, 1.5]
+    mean, std = preference_strength(t([[1.0, 2.0], [3.0, 0.0]]), t([[0.0, 0.0], [1.0, 1.0]]))
+    close(mean, [1.5, 0.5])
+    close(std, [0.5, 1.5])
+
+
+def test_accuracy_by_bucket_counts_each_strength_range():
+    # strengths [0, 0.5, 1, 2, 5], edges [0.5, 2]: buckets {0}, {0.5, 1}, {2, 5}; margins [1, -1, 2, 3, -2]
+    # -> accuracy [1/1, 1/2, 1/2], counts [1, 2, 2]; a bucket without pairs is NaN
+    accuracy, counts = accuracy_by_bucket(t([1.0, -1.0, 2.0, 3.0, -2.0]), t([0.0, 0.5, 1.0, 2.0, 5.0]), t([0.5, 2.0]))
+    close(accuracy, [1.0, 0.5, 0.5])
+    close(counts, [1.0, 2.0, 2.0])
+    accuracy, counts = accuracy_by_bucket(t([1.0]), t([0.0]), t([0.5]))
+    assert counts.tolist() == [1.0, 0.0] and math.isnan(accuracy[1].item())

@@ -3,6 +3,8 @@ AutoModelForSequenceClassification loads, and trains listwise from scored comple
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -68,5 +70,41 @@ def test_listwise_reward_model_trains_from_scored_completions(tmp_path):
 
 
 def test_unknown_reward_model_loss_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="registered: bradley_terry, listwise_pl"):
+    with pytest.raises(ConfigError, match="registered: bradley_terry, listwise_pl, process_bce"):
         as_config(RMConfig, config(tmp_path, loss="hinge"))
+
+
+def test_an_ensembles_preference_strength_is_each_pairs_margin(tmp_path):
+    # the ensemble is the run's own initial model (same preset and seed): its strength d_0 on each pair is the
+    # margin, so the first step's loss is -log sigmoid(d_0 - d_0) = log 2 exactly; without it, it is not
+    from posttrain.policies import build_reward_model
+    from posttrain.tasks import build_builtin_tokenizer
+
+    tokenizer = build_builtin_tokenizer("arithmetic")
+    member = build_reward_model(path=None, preset="qwen2-tiny", tokenizer=tokenizer, seed=0)
+    member.save_pretrained(tmp_path / "member")
+    tokenizer.save_pretrained(tmp_path / "member")
+    with_margin = as_config(RMConfig, config(tmp_path, margin_models=[str(tmp_path / "member")]),
+                            ["train.max_steps=1"])  # fmt: skip
+    plain = as_config(RMConfig, config(tmp_path / "plain"), ["train.max_steps=1"])
+    assert train_rm(with_margin, train_rows=PAIRS, progress=False).history[0]["loss"] == pytest.approx(
+        math.log(2), abs=1e-5)
+    assert abs(train_rm(plain, train_rows=PAIRS, progress=False).history[0]["loss"] - math.log(2)) > 1e-3
+
+
+def test_margin_models_need_a_loss_that_takes_a_margin(tmp_path):
+    with pytest.raises(ConfigError, match=r"rm\.margin_models: rm\.loss 'listwise_pl' takes no margin"):
+        as_config(RMConfig, config(tmp_path, loss="listwise_pl", margin_models=["x"]))
+
+
+def test_held_out_accuracy_by_margin_bucket(tmp_path):
+    # the model's own |margin| quartiles (16 pairs each), and the rows' margin column at each of its values
+    rows = [{**p, "margin": float(i % 2)} for i, p in enumerate(PAIRS)]
+    cfg = as_config(RMConfig, config(tmp_path), ["train.max_steps=5"])
+    final = train_rm(cfg, train_rows=rows, eval_rows=rows, progress=False).final_eval
+    quartiles = [final[f"eval_margin_q{i}_accuracy"] for i in range(1, 5)]
+    assert all(0 <= a <= 1 for a in quartiles)
+    assert sum(quartiles) / 4 == pytest.approx(final["eval_accuracy"])  # equal buckets average to the whole
+    assert final["eval_label_margin_0_pairs"] == final["eval_label_margin_1_pairs"] == 32
+    whole = (final["eval_label_margin_0_accuracy"] + final["eval_label_margin_1_accuracy"]) / 2
+    assert whole == pytest.approx(final["eval_accuracy"])

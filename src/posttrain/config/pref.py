@@ -122,9 +122,15 @@ class RMSection(Section):
     loss: str = "bradley_terry"
     """A registered reward-model loss (`posttrain list reward_model_losses`)."""
     loss_args: dict[str, Any] = {}
-    """Keyword hyper-parameters of the loss (bradley_terry: center_coef)."""
+    """Keyword hyper-parameters of the loss (bradley_terry: center_coef, label_smoothing)."""
     use_margin: bool = True
     """Pass a `margin` column of preference rows to the loss when the rows have one."""
+    margin_models: list[str] = []
+    """Reward-model directories (an ensemble: the same data, other seeds) whose mean preference strength on each
+    training pair is its margin (the adaptive margin of Secrets of RLHF II, arXiv:2401.06080); it replaces a margin
+    column. They must share the run's tokenizer."""
+    margin_scale: PositiveFloat = 1.0
+    """The margin is margin_scale times the ensemble's mean preference strength."""
 
 
 class _OfflineConfig(RunSection):
@@ -229,7 +235,10 @@ class RMConfig(_OfflineConfig):
 
     @model_validator(mode="after")
     def _loss_fits(self) -> RMConfig:
-        self._check_loss("rm", REWARD_MODEL_LOSSES, self.rm.loss, self.rm.loss_args)
+        fn = self._check_loss("rm", REWARD_MODEL_LOSSES, self.rm.loss, self.rm.loss_args)
+        if self.rm.margin_models and "margin" not in fn.needs:
+            raise ValueError(f"rm.margin_models: rm.loss '{self.rm.loss}' takes no margin; use bradley_terry, or leave "
+                             "margin_models out")  # fmt: skip
         return self
 
 

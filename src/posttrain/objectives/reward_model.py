@@ -1,8 +1,8 @@
-"""Reward-model objectives, ensemble scoring and pairwise accuracy.
+"""Reward-model objectives, ensemble scoring, preference strength and pairwise accuracy.
 
 Registered losses (`@reward_model_loss`) take the reward model's scalar outputs and return per-example
-losses [N]; reduction is the caller's. `ensemble_score` and `pairwise_accuracy` are plain functions for
-scorers and evaluation; they are not losses.
+losses [N]; reduction is the caller's. `ensemble_score`, `preference_strength`, `pairwise_accuracy` and
+`accuracy_by_bucket` are plain functions for scorers, margins and evaluation; they are not losses.
 """
 
 from __future__ import annotations
@@ -23,21 +23,33 @@ def bradley_terry(
     *,
     margin: Tensor | None = None,
     center_coef: float = 0.0,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """Bradley-Terry pairwise reward-model loss (Ouyang et al. 2022, arXiv:2203.02155, Eq. 1), with the
-    preference-strength margin of Llama 2 (Touvron et al. 2023, arXiv:2307.09288, Eq. 2) and the
+    preference-strength margin of Llama 2 (Touvron et al. 2023, arXiv:2307.09288, Eq. 2) or the adaptive margin
+    and the label smoothing of Secrets of RLHF II (Wang et al. 2024, arXiv:2401.06080, Sec. 3.2), and the
     reward-centering term of Eisenstein et al. 2023 (arXiv:2312.09244, Eq. 2).
 
-        loss = -log sigmoid(r_c - r_r - m) + center_coef * (r_c + r_r)^2
+        d    = r_c - r_r - m
+        loss = -(1 - alpha) log sigmoid(d) - alpha log sigmoid(-d) + center_coef * (r_c + r_r)^2
+        alpha = label_smoothing
 
-    chosen_rewards, rejected_rewards: [N]; margin: [N] or None (m = 0). Returns [N].
-    Deviations from the papers: none. TRL's RewardTrainer adds the same centering term
-    (center_rewards_coefficient * mean((r_c + r_r)^2)); Eisenstein et al. suggest 0.01.
+    chosen_rewards, rejected_rewards: [N]; margin: [N] or None (m = 0): a `margin` column, or the mean preference
+    strength of an ensemble of reward models (`preference_strength`; `rm.margin_models`). Returns [N].
+    Deviations from the papers: none; with both, the smoothing is of the margin-shifted preference (the paper's
+    "Soft Label + Margin" smooths only the pairs of negative strength; here alpha applies to every pair). TRL's
+    RewardTrainer adds the same centering term (center_rewards_coefficient * mean((r_c + r_r)^2)); Eisenstein et
+    al. suggest 0.01.
     """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"reward-model loss 'bradley_terry': label_smoothing={label_smoothing}; it must be in "
+                         "[0, 0.5) (0.5 would make every pair a tie)")  # fmt: skip
     diff = chosen_rewards - rejected_rewards
     if margin is not None:
         diff = diff - margin
     loss = -F.logsigmoid(diff)
+    if label_smoothing:
+        loss = (1 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-diff)
     if center_coef:
         loss = loss + center_coef * (chosen_rewards + rejected_rewards) ** 2
     return loss
@@ -96,3 +108,28 @@ def pairwise_accuracy(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tenso
     Ties count as wrong, as in TRL's RewardTrainer. chosen_rewards, rejected_rewards: [N].
     """
     return (chosen_rewards > rejected_rewards).float().mean()
+
+
+def preference_strength(chosen_K_N: Tensor, rejected_K_N: Tensor) -> tuple[Tensor, Tensor]:
+    """The preference strength of N pairs under an ensemble of K reward models (Wang et al. 2024, Secrets of RLHF
+    II, arXiv:2401.06080, Sec. 2.1): the mean and the standard deviation over the models of d_k = r_k(chosen) -
+    r_k(rejected).
+
+        u = 1/K sum_k d_k,     sigma = sqrt(1/K sum_k (d_k - u)^2)
+
+    A pair of negative mean strength is one the ensemble thinks mislabelled; the mean is the paper's adaptive margin.
+    chosen_K_N, rejected_K_N: [K, N]. Returns (u [N], sigma [N]). Deviations from the paper: none.
+    """
+    d_K_N = chosen_K_N - rejected_K_N
+    return d_K_N.mean(dim=0), d_K_N.std(dim=0, correction=0)
+
+
+def accuracy_by_bucket(margins_N: Tensor, strengths_N: Tensor, edges: Tensor) -> tuple[Tensor, Tensor]:
+    """Pairwise accuracy (margin r_c - r_r > 0, ties wrong) in buckets of a per-pair strength, with each bucket's
+    pair count: bucket i holds edges[i - 1] <= strength < edges[i] (bucket 0: below edges[0]; the last: from
+    edges[-1] on). margins_N, strengths_N: [N]; edges: [E] increasing. Returns (accuracy [E + 1], NaN for an empty
+    bucket; counts [E + 1])."""
+    bucket_N = torch.bucketize(strengths_N, edges, right=True)
+    counts = torch.bincount(bucket_N, minlength=len(edges) + 1).float()
+    right = torch.bincount(bucket_N, weights=(margins_N > 0).float(), minlength=len(edges) + 1)
+    return torch.where(counts > 0, right / counts.clamp(min=1), float("nan")), counts

@@ -19,10 +19,11 @@ from posttrain.config import ConfigError
 from posttrain.config.pref import RMConfig, feedback_kind
 from posttrain.data import EpochSampler, check_positions, chunks
 from posttrain.objectives.registry import REWARD_MODEL_LOSSES, call_with
-from posttrain.objectives.reward_model import pairwise_accuracy
-from posttrain.policies import build_reward_model, disable_dropout, scalar_rewards
+from posttrain.objectives.reward_model import accuracy_by_bucket, pairwise_accuracy, preference_strength
+from posttrain.policies import build_reward_model, disable_dropout, load_tokenizer, scalar_rewards
 from posttrain.runtime.checkpoint import model_dir
 from posttrain.runtime.logging import phase
+from posttrain.runtime.model_files import holds_tokenizer
 from posttrain.trainers.build import build_optimisation, build_tokenizer_for, load_checkpoint_weights, resolve_path
 from posttrain.trainers.lifecycle import Lifecycle, RunResult
 from posttrain.trainers.preference_step import collate_feedback
@@ -60,14 +61,20 @@ def train_rm(
     eval_items = held_out.tokens[: cfg.eval.limit] if held_out else []
     margins = {w: f["margin"] for w, f in train.fields.items() if cfg.rm.use_margin and "margin" in f}
     mb_size = cfg.train.micro_batch_size or cfg.train.batch_size
+    lines: tuple[str, ...] = ()
+    if cfg.rm.margin_models:
+        with phase("preference strength of the training pairs under rm.margin_models", enabled=progress):
+            margins, lines = ensemble_margins(cfg, train.tokens, tokenizer, mb_size, device)
     sampler = EpochSampler(len(train.tokens), seed=cfg.seed, report=train.report)
     optim = build_optimisation(model, cfg.train)
     life.track(model, tokenizer, optim, sampler)
     life.open_log(train.report, headline=("loss", "accuracy"), progress=progress, train_rows=train_rows,
-                  eval_rows=eval_rows)  # fmt: skip
+                  eval_rows=eval_rows, lines=lines)  # fmt: skip
+    labelled = held_out.fields if held_out else {}
+    label_margins = [labelled.get(it.where, {}).get("margin") for it in eval_items]
 
     def held_out_accuracy() -> dict[str, float]:
-        return _held_out_accuracy(model, eval_items, mb_size, pad_id, device, bf16) if eval_items else {}
+        return _held_out_accuracy(model, eval_items, mb_size, pad_id, device, bf16, label_margins) if eval_items else {}
 
     initial_eval = life.evaluate_before(held_out_accuracy if eval_items else None)
 
@@ -110,6 +117,32 @@ def reward_model_for(cfg: RMConfig, tokenizer: Any, checkpoint: Any) -> Any:
                               dtype=section.dtype)  # fmt: skip
 
 
+def ensemble_margins(
+    cfg: RMConfig, items: list[Tokens], tokenizer: Any, size: int, device: torch.device
+) -> tuple[dict[str, float], tuple[str, ...]]:
+    """Each training pair's margin, margin_scale times its mean preference strength under the reward models of
+    rm.margin_models (Secrets of RLHF II, arXiv:2401.06080), by the pair's `where`; and the run's line about them."""
+    chosen, rejected = [], []
+    for path in cfg.rm.margin_models:
+        directory = resolve_path(path, cfg.recipe_dir)
+        if holds_tokenizer(directory) and load_tokenizer(directory).get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"rm.margin_models: {path} has another tokenizer than the run's; the ensemble scores the "
+                              "run's token ids, so its models must share the run's tokenizer")  # fmt: skip
+        member = build_reward_model(path=directory, preset=None, tokenizer=tokenizer, seed=cfg.seed,
+                                    dtype=cfg.model.dtype).to(device).eval()  # fmt: skip
+        with torch.no_grad():
+            scored = [_best_and_worst(_inputs(member, list(c), tokenizer.pad_token_id, device, cfg.train.bf16))
+                      for c in chunks(items, size)]  # fmt: skip
+        chosen.append(torch.cat([c for c, _ in scored]))
+        rejected.append(torch.cat([r for _, r in scored]))
+    mean_N, std_N = preference_strength(torch.stack(chosen), torch.stack(rejected))
+    margins = {it.where: cfg.rm.margin_scale * float(u) for it, u in zip(items, mean_N.tolist(), strict=True)}
+    below = float((mean_N < 0).float().mean())
+    line = (f"rm.margin_models: {len(chosen)} reward models; mean preference strength {mean_N.mean():.3f} (std over "
+            f"the models {std_N.mean():.3f}), {below:.1%} of the pairs below 0")  # fmt: skip
+    return margins, (line,)
+
+
 def _inputs(model: Any, items: list[Tokens], pad_id: int, device: torch.device, bf16: bool) -> dict[str, Tensor]:
     """The inputs reward-model losses name: chosen_rewards/rejected_rewards, or rewards_N_K/scores_N_K."""
     batch = collate_feedback(items, pad_id=pad_id)
@@ -132,9 +165,11 @@ def _best_and_worst(inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def _held_out_accuracy(
-    model: Any, items: list[Tokens], size: int, pad_id: int, device: torch.device, bf16: bool
-) -> dict[str, float]:
-    """Held-out pairwise accuracy (chosen reward > rejected; lists: best > worst) and reward margin."""
+    model: Any, items: list[Tokens], size: int, pad_id: int, device: torch.device, bf16: bool,
+    label_margins: list[Any] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """Held-out pairwise accuracy (chosen reward > rejected; lists: best > worst), reward margin, and accuracy by
+    margin bucket (`margin_buckets`)."""
     was_training = model.training
     model.eval()
     best, worst = [], []
@@ -148,4 +183,29 @@ def _held_out_accuracy(
         "eval_accuracy": float(pairwise_accuracy(best_N, worst_N)),
         "eval_reward_margin": float((best_N - worst_N).mean()),
         "eval_examples": float(len(best_N)),
+        **margin_buckets(best_N - worst_N, label_margins),
     }
+
+
+def margin_buckets(margins_N: Tensor, label_margins: list[Any] | None) -> dict[str, float]:
+    """Accuracy by margin bucket: in the quartiles of the model's own |r_c - r_r| (q1 the least sure pairs, which a
+    model that knows what it knows gets right less often than q4), and, where every held-out row has a `margin`
+    column, at each of its values (up to 8 of them; else in its quartiles) with the pairs counted."""
+    metrics: dict[str, float] = {}
+    if len(margins_N) >= 8:
+        sure_N = margins_N.abs()
+        edges = torch.quantile(sure_N, torch.tensor([0.25, 0.5, 0.75]))
+        accuracy, counts = accuracy_by_bucket(margins_N, sure_N, edges)
+        metrics |= {f"eval_margin_q{i + 1}_accuracy": float(a) for i, (a, n) in enumerate(zip(accuracy, counts)) if n}
+    if label_margins and all(isinstance(m, int | float) and not isinstance(m, bool) for m in label_margins):
+        labels_N = torch.tensor(label_margins, dtype=torch.float32)
+        values = labels_N.unique()
+        if len(values) <= 8:
+            edges, names = values[1:], [f"{v:g}" for v in values.tolist()]
+        else:
+            edges, names = torch.quantile(labels_N, torch.tensor([0.25, 0.5, 0.75])), [f"q{i + 1}" for i in range(4)]
+        accuracy, counts = accuracy_by_bucket(margins_N, labels_N, edges)
+        for name, a, n in zip(names, accuracy.tolist(), counts.tolist(), strict=True):
+            if n:
+                metrics |= {f"eval_label_margin_{name}_accuracy": a, f"eval_label_margin_{name}_pairs": n}
+    return metrics
