@@ -24,7 +24,7 @@ from posttrain.config import PrefConfig, RLConfig, RMConfig, SFTConfig, validate
 from posttrain.config.loading import read_recipe
 from posttrain.config.pref import feedback_kind
 from posttrain.objectives import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, PREFERENCE_LOSSES
-from posttrain.objectives.registry import REWARD_MODEL_LOSSES, Registry
+from posttrain.objectives.registry import DISTILLATION_LOSSES, REWARD_MODEL_LOSSES, Registry
 from posttrain.rewards import BUILTIN_REWARDS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,6 +92,8 @@ SECTIONS: list[tuple[str, Callable[[], list[Method]]]] = [
         PREFERENCE_LOSSES, "pref.loss", lambda cfg, n: _get(cfg, "pref.loss") == n)),
     ("Reward-model losses (`REWARD_MODEL_LOSSES`, `rm.loss`)", lambda: _registered(
         REWARD_MODEL_LOSSES, "rm.loss", lambda cfg, n: _get(cfg, "rm.loss") == n)),
+    ("Distillation losses (`DISTILLATION_LOSSES`; no trainer selects them yet, issue #26.6)", lambda: _registered(
+        DISTILLATION_LOSSES, "none yet: posttrain distill is issue #26.6", lambda cfg, n: False)),
     ("Rewards (`BUILTIN_REWARDS`, `rewards[].fn`, `online.rewards[].fn`)", lambda: [
         Method(name, _attribute(target), "`rewards[].fn`", lambda cfg, n=name: n in _rewards(cfg))
         for name, target in sorted(BUILTIN_REWARDS.items())

@@ -26,7 +26,10 @@ from posttrain.objectives.registry import PREFERENCE_LOSSES, REWARD_MODEL_LOSSES
 class FeedbackTaskSection(TaskSection):
     kind: Literal["preference"] = "preference"
     """Rows built from the task: a correct answer (chosen) against a plausible wrong one (rejected);
-    unpaired and listwise losses get the same pairs as labelled or scored completions."""
+    unpaired and listwise losses get the same pairs as labelled or scored completions, a stepwise loss (a PRM)
+    the worked `<think>` steps, each right or wrong (`tasks/process_data.py`)."""
+    wrong_step_fraction: Fraction = 0.5
+    """Stepwise rows: the share whose worked steps hold a slip (a column's result off by one)."""
 
 
 class FeedbackDataSection(DataSection):
@@ -120,11 +123,17 @@ class OnlineSection(Section):
 
 class RMSection(Section):
     loss: str = "bradley_terry"
-    """A registered reward-model loss (`posttrain list reward_model_losses`)."""
+    """A registered reward-model loss (`posttrain list reward_model_losses`); a stepwise one (process_bce) trains a
+    process reward model on rows of steps and labels, a token classifier."""
     loss_args: dict[str, Any] = {}
     """Keyword hyper-parameters of the loss (bradley_terry: center_coef, label_smoothing)."""
     use_margin: bool = True
     """Pass a `margin` column of preference rows to the loss when the rows have one."""
+    step_separator: str = "\n"
+    """Stepwise rows: the text after each step, where its label is read (TRL's step_separator; the arithmetic
+    task's worked steps: ";")."""
+    train_on_last_step_only: bool = False
+    """Stepwise rows: train on each row's last label only (TRL's option); held-out rows keep every label."""
     margin_models: list[str] = []
     """Reward-model directories (an ensemble: the same data, other seeds) whose mean preference strength on each
     training pair is its margin (the adaptive margin of Secrets of RLHF II, arXiv:2401.06080); it replaces a margin
@@ -248,12 +257,12 @@ def import_plugins(plugins: list[str], base_dir: str | None) -> None:
         import_plugin(plugin, base_dir)
 
 
-DATA_KINDS: dict[str | None, Literal["preference", "unpaired", "listwise"]] = {
-    "pairs": "preference", "unpaired": "unpaired", "lists": "listwise", None: "preference",
+DATA_KINDS: dict[str | None, Literal["preference", "unpaired", "listwise", "stepwise"]] = {
+    "pairs": "preference", "unpaired": "unpaired", "lists": "listwise", "steps": "stepwise", None: "preference",
 }  # fmt: skip
 
 
-def feedback_kind(fn: Any) -> Literal["preference", "unpaired", "listwise"]:
+def feedback_kind(fn: Any) -> Literal["preference", "unpaired", "listwise", "stepwise"]:
     """The rows an objective trains on (preference pairs, unpaired labelled completions, scored lists), from what
     its inputs say it consumes (`objectives.registry`)."""
     return DATA_KINDS[fn.consumes]

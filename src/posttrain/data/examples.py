@@ -8,6 +8,7 @@ Kinds and the fields they read (Hugging Face / TRL names, so TRL data works unch
 | `preference` | `chosen` + `rejected`, optional `prompt`                               |
 | `unpaired`   | `prompt` + `completion` + `label` (bool)                               |
 | `listwise`   | `prompt` + `completions` (>= 2) + `scores` (numbers, one each)         |
+| `stepwise`   | `prompt` + `completions` (the steps, >= 1) + `labels` (bool, one each) |
 | `prompt`     | `prompt`; every other column is kept verbatim in `extra` (`answer`...) |
 
 A field is text (a non-empty string) or conversational (a list of `{"role", "content"}` messages);
@@ -47,7 +48,7 @@ from posttrain.data.report import LoadReport
 Message = dict[str, Any]
 Conversation = list[Message]
 Content = str | Conversation
-Kind = Literal["sft", "preference", "unpaired", "listwise", "prompt"]
+Kind = Literal["sft", "preference", "unpaired", "listwise", "stepwise", "prompt"]
 OnBadRow = Literal["error", "skip"]
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -96,6 +97,17 @@ class ListwiseExample:
 
 
 @dataclass(frozen=True, slots=True)
+class StepwiseExample:
+    """A reasoning trace split into steps, each labelled right (True) or wrong, as a process reward model learns
+    from (TRL's stepwise supervision format). Text only."""
+
+    prompt: str
+    steps: list[str]
+    labels: list[bool]
+    where: str
+
+
+@dataclass(frozen=True, slots=True)
 class PromptExample:
     """A prompt for generation (RL, evaluation), with the row's other columns kept verbatim."""
 
@@ -104,7 +116,7 @@ class PromptExample:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-Example = SFTExample | PreferenceExample | UnpairedExample | ListwiseExample | PromptExample
+Example = SFTExample | PreferenceExample | UnpairedExample | ListwiseExample | StepwiseExample | PromptExample
 
 
 def load_examples(path: str | Path, kind: Kind, *, split: str | None = None,
@@ -214,6 +226,29 @@ def validate_listwise_row(row: Row) -> ListwiseExample:
     return ListwiseExample(prompt, checked, [float(s) for s in scores], row.where)
 
 
+def validate_stepwise_row(row: Row) -> StepwiseExample:
+    _require(row, ("prompt", "completions", "labels"), "'prompt' + 'completions' (the steps) + 'labels'")
+    if not isinstance(row.fields["prompt"], str):
+        raise DataError(f"{row.where}: field 'prompt': stepwise rows are text; found {_describe(row.fields['prompt'])}",
+                        reason="wrong type")  # fmt: skip
+    steps, labels = row.fields["completions"], row.fields["labels"]
+    if not isinstance(steps, list) or not steps:
+        raise DataError(f"{row.where}: field 'completions': expected a non-empty list of steps (text), found "
+                        f"{_describe(steps)}", reason="wrong type")  # fmt: skip
+    for i, step in enumerate(steps):
+        if not isinstance(step, str) or not step.strip():
+            raise DataError(f"{row.where}: field 'completions[{i}]': expected a step's text, found {_describe(step)}",
+                            reason="wrong type")  # fmt: skip
+    if not isinstance(labels, list) or len(labels) != len(steps):
+        raise DataError(f"{row.where}: field 'labels': expected a list of {len(steps)} labels (one per step), found "
+                        f"{_describe(labels)}", reason="bad label")  # fmt: skip
+    for i, label in enumerate(labels):
+        if not isinstance(label, bool):
+            raise DataError(f"{row.where}: field 'labels[{i}]': expected true or false, found {show_value(label)}",
+                            reason="bad label")  # fmt: skip
+    return StepwiseExample(_text(row, "prompt"), list(steps), list(labels), row.where)
+
+
 def validate_prompt_row(row: Row) -> PromptExample:
     _require(row, ("prompt",), "'prompt' (other columns are kept as they are)")
     if isinstance(row.fields["prompt"], str):
@@ -230,6 +265,7 @@ VALIDATORS: dict[str, Callable[[Row], Example]] = {
     "preference": validate_preference_row,
     "unpaired": validate_unpaired_row,
     "listwise": validate_listwise_row,
+    "stepwise": validate_stepwise_row,
     "prompt": validate_prompt_row,
 }
 

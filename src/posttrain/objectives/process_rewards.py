@@ -24,10 +24,10 @@ def process_bce(step_logits_S: Tensor, step_labels_S: Tensor) -> Tensor:
 
     step_logits_S: [S] the logit at the last token (the separator) of each labelled step of the batch;
     step_labels_S: [S] bool, True for a right step. Returns [S]; reduction is the caller's.
-    Deviations: TRL's PRMTrainer (removed after TRL 0.x; trl==1.16 has no PRM trainer) gives the token classifier 2
-    labels and a softmax cross-entropy; one logit with a sigmoid is the same model (a 2-class softmax depends on the
-    difference of its logits only), and its head is then also a one-label sequence classifier that scores a text
-    ending at a step's separator.
+    Deviations: TRL's former PRMTrainer (trl.experimental.prm; the trl==1.16.0 wheel has none) gives the token
+    classifier 2 labels and a softmax cross-entropy; one logit with a sigmoid is the same model (a 2-class softmax
+    depends on the difference of its logits only), and its head is then also a one-label sequence classifier that
+    scores a text ending at a step's separator.
     """
     return F.binary_cross_entropy_with_logits(step_logits_S, step_labels_S.to(step_logits_S.dtype), reduction="none")
 

@@ -2,7 +2,7 @@
 model family (`families/`) for the layer forward that training and decoding share."""
 
 from posttrain.policies.families import describe_forward_path
-from posttrain.policies.heads import ValueModel, build_reward_model, scalar_rewards
+from posttrain.policies.heads import ValueModel, build_reward_model, scalar_rewards, token_scores
 from posttrain.policies.logprobs import gather_logprobs_and_entropy, hidden_states_at, token_logprobs
 from posttrain.policies.models import (
     DTYPES,
@@ -44,4 +44,5 @@ __all__ = [
     "save_pretrained",
     "scalar_rewards",
     "token_logprobs",
+    "token_scores",
 ]

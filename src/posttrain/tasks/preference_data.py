@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from posttrain.tasks.arithmetic import ArithmeticTask, Split
 
-FeedbackKind = Literal["preference", "unpaired", "listwise"]
+FeedbackKind = Literal["preference", "unpaired", "listwise", "stepwise"]
 
 
 def digit_slip(answer: str, rng: random.Random) -> str:

@@ -338,7 +338,8 @@ class Lifecycle:
         return RunResult(load_model(final_dir, device=self.device), load_tokenizer(final_dir), final_dir, history)
 
 
-PROPORTIONS = {"eval_accuracy": "eval_examples", "eval_pref_accuracy": "eval_pairs", "eval_pass@": "eval_examples"}
+PROPORTIONS = {"eval_accuracy": "eval_examples", "eval_pref_accuracy": "eval_pairs", "eval_pass@": "eval_examples",
+               "eval_step_accuracy": "eval_steps"}  # fmt: skip
 """Held-out metrics that are shares of examples (by prefix), and the metric counting those examples: their
 before/after change is weighed against their noise."""
 

@@ -1,9 +1,11 @@
 """Reward models (`posttrain rm`): a scalar head on a transformer, trained on preference pairs
-(Bradley-Terry, with an optional per-row `margin` column) or on scored lists (listwise losses).
+(Bradley-Terry, with an optional per-row `margin` column), on scored lists (listwise losses), or on stepwise rows
+(a process reward model: a head at every token, read at each step's last token).
 
 A step takes `train.batch_size` examples; a pair's chosen and rejected rows go through one forward
-(2N rows); the loss is the mean over the step's examples, so micro-batching never changes the update.
-The saved model loads with `AutoModelForSequenceClassification.from_pretrained(dir)`.
+(2N rows); the loss is the mean over the step's examples (stepwise: over its labelled steps), so micro-batching
+never changes the update. The saved model loads with `AutoModelForSequenceClassification.from_pretrained(dir)`;
+a process reward model with `AutoModelForTokenClassification` too.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from torch import Tensor
 from posttrain.config import ConfigError
 from posttrain.config.pref import RMConfig, feedback_kind
 from posttrain.data import EpochSampler, check_positions, chunks
+from posttrain.data.stepwise import StepwiseTokens, collate_stepwise
 from posttrain.objectives.registry import REWARD_MODEL_LOSSES, call_with
 from posttrain.objectives.reward_model import accuracy_by_bucket, pairwise_accuracy, preference_strength
-from posttrain.policies import build_reward_model, disable_dropout, load_tokenizer, scalar_rewards
+from posttrain.policies import build_reward_model, disable_dropout, load_tokenizer, scalar_rewards, token_scores
 from posttrain.runtime.checkpoint import model_dir
 from posttrain.runtime.logging import phase
 from posttrain.runtime.model_files import holds_tokenizer
@@ -45,19 +48,22 @@ def train_rm(
     if life.complete:
         return life.finished_result()
     loss_fn, args, bf16, device = REWARD_MODEL_LOSSES[cfg.rm.loss], cfg.rm.loss_args, cfg.train.bf16, life.device
+    kind = feedback_kind(loss_fn)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer_for(cfg.model, cfg.recipe_dir, model)
     if model is None:
-        model = reward_model_for(cfg, tokenizer, life.checkpoint).to(device)
+        model = reward_model_for(cfg, tokenizer, life.checkpoint, per_token=kind == "stepwise").to(device)
     elif life.checkpoint is not None:
         load_checkpoint_weights(model, life.checkpoint)
     if cfg.model.disable_dropout:
         disable_dropout(model)
     check_positions(model, {"data.max_length": cfg.data.max_length})
-    pad_id, kind = tokenizer.pad_token_id, feedback_kind(loss_fn)
+    pad_id = tokenizer.pad_token_id
     load = dict(seed=cfg.seed, recipe_dir=cfg.recipe_dir)
+    steps = {"separator": cfg.rm.step_separator} if kind == "stepwise" else None
     with phase("reading and encoding the data", enabled=progress):  # before the log opens: the flag decides
-        train = load_feedback(cfg.data, kind, "train", tokenizer, rows=train_rows, **load)
-        held_out = load_feedback(cfg.data, kind, "eval", tokenizer, rows=eval_rows, **load)
+        train = load_feedback(cfg.data, kind, "train", tokenizer, rows=train_rows, **load,
+                              encode_args=steps and {**steps, "last_step_only": cfg.rm.train_on_last_step_only})
+        held_out = load_feedback(cfg.data, kind, "eval", tokenizer, rows=eval_rows, **load, encode_args=steps)
     eval_items = held_out.tokens[: cfg.eval.limit] if held_out else []
     margins = {w: f["margin"] for w, f in train.fields.items() if cfg.rm.use_margin and "margin" in f}
     mb_size = cfg.train.micro_batch_size or cfg.train.batch_size
@@ -74,6 +80,8 @@ def train_rm(
     label_margins = [labelled.get(it.where, {}).get("margin") for it in eval_items]
 
     def held_out_accuracy() -> dict[str, float]:
+        if kind == "stepwise":
+            return _held_out_step_accuracy(model, eval_items, mb_size, pad_id, device, bf16) if eval_items else {}
         return _held_out_accuracy(model, eval_items, mb_size, pad_id, device, bf16, label_margins) if eval_items else {}
 
     initial_eval = life.evaluate_before(held_out_accuracy if eval_items else None)
@@ -83,6 +91,7 @@ def train_rm(
         for step in life.steps():
             started = time.perf_counter()
             indices = life.share(sampler.take(cfg.train.batch_size))  # this rank's share of the step
+            terms = life.global_sum(sum(_loss_terms(train.tokens[i]) for i in indices))  # examples, or labelled steps
             totals: dict[str, float] = defaultdict(float)
             for chunk in chunks(indices, mb_size):
                 items = [train.tokens[i] for i in chunk]
@@ -90,14 +99,13 @@ def train_rm(
                 if margins:
                     inputs["margin"] = torch.tensor([float(margins.get(it.where, 0.0)) for it in items], device=device)
                 losses_N = call_with(loss_fn, inputs, args)
-                (losses_N.sum() / cfg.train.batch_size).backward()
+                (losses_N.sum() / terms).backward()
                 totals["loss"] += float(losses_N.detach().sum())
-                best_N, worst_N = _best_and_worst(inputs)
-                totals["accuracy"] += float((best_N > worst_N).sum())
-                totals["reward_margin"] += float((best_N - worst_N).sum())
+                for key, value in _ranking_sums(inputs).items():
+                    totals[key] += value
             totals = {key: life.global_sum(value) for key, value in sorted(totals.items())}
             grad_norm = life.update(model, loss=totals["loss"], step=step + 1)
-            metrics = {k: v / cfg.train.batch_size for k, v in totals.items()} | {
+            metrics = {k: v / terms for k, v in totals.items()} | {
                 "grad_norm": grad_norm, **life.step_metrics(time.perf_counter() - started)
             }  # fmt: skip
             if life.eval_due(step + 1) and eval_items:
@@ -107,14 +115,15 @@ def train_rm(
     return life.finish(life.evaluate(held_out_accuracy), initial_eval=initial_eval)
 
 
-def reward_model_for(cfg: RMConfig, tokenizer: Any, checkpoint: Any) -> Any:
-    """The reward model of model.path or model.preset, or on a resume the checkpoint's."""
+def reward_model_for(cfg: RMConfig, tokenizer: Any, checkpoint: Any, *, per_token: bool = False) -> Any:
+    """The reward model of model.path or model.preset, or on a resume the checkpoint's; `per_token`: a process
+    reward model (a token classifier)."""
     section = cfg.model
     if checkpoint is None and section.path is None and section.preset is None:
         raise ConfigError("model: set model.path (a local model directory) or model.preset, or pass model= from Python")
     path = model_dir(checkpoint) if checkpoint else section.path and resolve_path(section.path, cfg.recipe_dir)
     return build_reward_model(path=path, preset=section.preset, tokenizer=tokenizer, seed=cfg.seed,
-                              dtype=section.dtype)  # fmt: skip
+                              dtype=section.dtype, per_token=per_token)  # fmt: skip
 
 
 def ensemble_margins(
@@ -143,8 +152,19 @@ def ensemble_margins(
     return margins, (line,)
 
 
+def _loss_terms(item: Tokens) -> int:
+    """How many terms an example adds to the loss's mean: one, or a stepwise row's labelled steps."""
+    return len(item.labels) if isinstance(item, StepwiseTokens) else 1
+
+
 def _inputs(model: Any, items: list[Tokens], pad_id: int, device: torch.device, bf16: bool) -> dict[str, Tensor]:
-    """The inputs reward-model losses name: chosen_rewards/rejected_rewards, or rewards_N_K/scores_N_K."""
+    """The inputs reward-model losses name: chosen_rewards/rejected_rewards, rewards_N_K/scores_N_K, or
+    step_logits_S/step_labels_S."""
+    if isinstance(items[0], StepwiseTokens):
+        steps = collate_stepwise(items, pad_id=pad_id)  # type: ignore[arg-type]
+        logits_S = token_scores(model, steps.input_ids_B_T.to(device), steps.attention_mask_B_T.to(device),
+                                steps.step_at_B_T.to(device), bf16=bf16)  # fmt: skip
+        return {"step_logits_S": logits_S, "step_labels_S": steps.labels_S.to(device)}
     batch = collate_feedback(items, pad_id=pad_id)
     rewards_B = scalar_rewards(model, batch.input_ids_B_T.to(device), batch.attention_mask_B_T.to(device), bf16=bf16)
     if not hasattr(items[0], "completion_ids"):
@@ -154,6 +174,16 @@ def _inputs(model: Any, items: list[Tokens], pad_id: int, device: torch.device, 
     return {"rewards_N_K": rewards_B.view(-1, k), "scores_N_K": scores}
 
 
+def _ranking_sums(inputs: dict[str, Tensor]) -> dict[str, float]:
+    """A micro-batch's sums of the metrics a step logs per loss term: pairs (lists: best and worst) ranked right and
+    their reward margins, or steps whose label the PRM predicts (p >= 1/2 for a right step)."""
+    if "step_logits_S" in inputs:
+        predicted_S = inputs["step_logits_S"].detach() >= 0
+        return {"accuracy": float((predicted_S == inputs["step_labels_S"]).sum())}
+    best_N, worst_N = _best_and_worst(inputs)
+    return {"accuracy": float((best_N > worst_N).sum()), "reward_margin": float((best_N - worst_N).sum())}
+
+
 def _best_and_worst(inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """Rewards of the preferred and the dispreferred completion of each example (lists: best, worst)."""
     if "chosen_rewards" in inputs:
@@ -161,6 +191,30 @@ def _best_and_worst(inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     r_N_K, s_N_K = inputs["rewards_N_K"].detach(), inputs["scores_N_K"]
     rows = torch.arange(len(r_N_K))
     return r_N_K[rows, s_N_K.argmax(dim=1)], r_N_K[rows, s_N_K.argmin(dim=1)]
+
+
+@torch.no_grad()
+def _held_out_step_accuracy(
+    model: Any, items: list[Tokens], size: int, pad_id: int, device: torch.device, bf16: bool
+) -> dict[str, float]:
+    """A process reward model's held-out step accuracy (p >= 1/2 predicts a right step), and its recall of the right
+    and of the wrong steps (the share of each it predicts), which a majority-class guess cannot both keep high."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for chunk in chunks(items, size):
+        inputs = _inputs(model, list(chunk), pad_id, device, bf16)
+        logits.append(inputs["step_logits_S"])
+        labels.append(inputs["step_labels_S"])
+    model.train(was_training)
+    predicted_S, labels_S = torch.cat(logits) >= 0, torch.cat(labels)
+    right, wrong = labels_S, ~labels_S
+    metrics = {"eval_step_accuracy": float((predicted_S == labels_S).float().mean())}
+    if right.any():
+        metrics["eval_right_step_recall"] = float(predicted_S[right].float().mean())
+    if wrong.any():
+        metrics["eval_wrong_step_recall"] = float((~predicted_S[wrong]).float().mean())
+    return metrics | {"eval_steps": float(len(labels_S))}
 
 
 @torch.no_grad()

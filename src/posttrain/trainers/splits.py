@@ -26,13 +26,16 @@ from posttrain.data.encoding import CompletionTokens, PreferenceTokens, PromptTo
 from posttrain.data.errors import DataError
 from posttrain.data.examples import Kind, load_examples
 from posttrain.data.readers import Row
+from posttrain.data.stepwise import StepwiseTokens, encode_stepwise
 from posttrain.tasks import TASKS, ArithmeticTask
 from posttrain.tasks.preference_data import FeedbackKind, feedback_rows
+from posttrain.tasks.process_data import stepwise_rows
 from posttrain.trainers.build import resolve_path
 
 Rows = Sequence[dict[str, Any]] | Any  # a list of dicts or a `datasets.Dataset`
-Tokens = PreferenceTokens | CompletionTokens
-ENCODERS = {"preference": encode_preference, "unpaired": encode_unpaired, "listwise": encode_listwise}
+Tokens = PreferenceTokens | CompletionTokens | StepwiseTokens
+ENCODERS = {"preference": encode_preference, "unpaired": encode_unpaired, "listwise": encode_listwise,
+            "stepwise": encode_stepwise}  # fmt: skip
 
 
 def build_task(section: TaskSection) -> ArithmeticTask:
@@ -138,8 +141,10 @@ def load_feedback(
     seed: int,
     recipe_dir: str | None,
     rows: Rows | None = None,
+    encode_args: dict[str, Any] | None = None,
 ) -> FeedbackSplit | None:
-    """Rows (Python, a file or data.task) -> validated examples of `kind` -> tokens; None if absent."""
+    """Rows (Python, a file or data.task) -> validated examples of `kind` -> tokens; None if absent. `encode_args`:
+    more keyword arguments of the kind's encoder (stepwise rows: the step separator)."""
     report = LoadReport()
     path = data.train if split == "train" else data.eval
     if rows is not None:
@@ -148,14 +153,17 @@ def load_feedback(
         raw = read_rows(resolve_path(path, recipe_dir), on_bad_row=data.on_bad_row, report=report)
     elif data.task is not None:
         task, size = build_task(data.task), data.task.train_size if split == "train" else data.task.eval_size
-        generated = feedback_rows(task, size, seed=seed, split=split, kind=kind)  # type: ignore[arg-type]
+        if kind == "stepwise":
+            generated = stepwise_rows(task, size, seed=seed, split=split, wrong_fraction=data.task.wrong_step_fraction)
+        else:
+            generated = feedback_rows(task, size, seed=seed, split=split, kind=kind)  # type: ignore[arg-type]
         raw = [Row(fields=r, where=f"task {data.task.name} ({split}) row {i + 1}") for i, r in enumerate(generated)]
     else:
         return require_train_data(split)
     report.rows = report.rows or len(raw)
     examples = validate_rows(raw, kind, on_bad_row=data.on_bad_row, report=report)
     fit = dict(max_length=data.max_length, truncation=data.truncation, on_bad_row=data.on_bad_row)
-    tokens = ENCODERS[kind](examples, tokenizer, **fit, report=report)
+    tokens = ENCODERS[kind](examples, tokenizer, **fit, **(encode_args or {}), report=report)
     answered = [r for r in raw if "answer" in r.fields and "prompt" in r.fields]
     prompts = (
         encode_prompts(validate_rows(answered, "prompt", on_bad_row="skip"), tokenizer, max_length=data.max_length)
