@@ -134,6 +134,11 @@ class TrainSection(Section):
     """Checkpoints to keep."""
     log_every: PositiveInt = 1
     """Log metrics every N steps."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Data parallelism over ranks (`--nproc`, torchrun): ddp keeps the whole model on every rank and sums the
+    gradients; fsdp shards parameters, gradients and optimiser state over the ranks (FSDP2, `fully_shard`), for a
+    model that does not fit one device; its checkpoints (torch.distributed.checkpoint) resume on any number of
+    ranks. SFT, offline preference and reward models (docs/distributed.md)."""
     max_bad_steps: PositiveInt = 5
     """An optimiser update whose loss or gradient norm is NaN/inf is skipped (counted as skipped_steps);
     this many in a row stop the run, keeping the checkpoints already written."""

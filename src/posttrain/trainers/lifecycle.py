@@ -39,14 +39,16 @@ import torch
 
 from posttrain.config import ConfigError
 from posttrain.data import EpochSampler
-from posttrain.policies import describe_forward_path, load_model, load_tokenizer, save_pretrained
+from posttrain.policies import describe_forward_path, is_lora, load_model, load_tokenizer, save_pretrained
+from posttrain.policies.families import decoder_of
 from posttrain.runtime.checkpoint import Checkpointer, CheckpointError, model_dir, write_atomically
 from posttrain.runtime.device import limit_cpu_threads, rank_device, resolve_device
-from posttrain.runtime.distributed import all_reduce_sum, any_rank, barrier, init_ranks, sum_gradients
-from posttrain.runtime.guards import NonFiniteGuard, step_schedule
+from posttrain.runtime.distributed import all_reduce_sum, any_rank, barrier, init_ranks, scale_gradients, sum_gradients
+from posttrain.runtime.guards import NonFiniteGuard, is_sharded, step_schedule
 from posttrain.runtime.logging import METRICS_FILE, RunLogger, phase, read_metrics
 from posttrain.runtime.optim import lr_of_last_step
 from posttrain.runtime.seeding import capture_rng_states, restore_rng_states, seed_everything
+from posttrain.runtime.sharding import SHARDS_DIR, gathered_weights, load_shards, save_shards
 from posttrain.runtime.signals import StopRequest, TrainingInterrupted
 from posttrain.trainers.build import check_environment
 from posttrain.trainers.splits import data_sources
@@ -87,7 +89,8 @@ class Lifecycle:
         limit_cpu_threads()
         self.generator = seed_everything(cfg.seed)  # every rank: the same initial model and data order
         self.device = resolve_device(cfg.device)
-        self.ranks = init_ranks(self.device.type)
+        self.sharded = cfg.train.parallel == "fsdp"
+        self.ranks = init_ranks(self.device.type, group=self.sharded)
         if self.ranks.distributed:
             self.device = rank_device(self.device, self.ranks)
             self.generator.manual_seed(cfg.seed + 1_000_003 * self.ranks.rank)  # each rank's own samples
@@ -139,7 +142,10 @@ class Lifecycle:
         state = self.checkpointer.load_state(self.checkpoint)
         if restore_extra is not None:
             restore_extra(state)
-        optim.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            load_shards(model, optim.optimizer, self.checkpoint / SHARDS_DIR)
+        else:
+            optim.optimizer.load_state_dict(state["optimizer"])
         optim.scheduler.load_state_dict(state["scheduler"])
         apply_optimiser_settings(optim, self.cfg.train)
         sampler.load_state_dict(state["data"])
@@ -198,7 +204,9 @@ class Lifecycle:
         the update and stops the run after train.max_bad_steps in a row); then step the schedule, which advances
         on a skipped update too. Returns the gradient norm before clipping."""
         optimizer = self._parts["optim"].optimizer
-        sum_gradients(list(model.parameters()), self.ranks)
+        sharded = [p for p in model.parameters() if is_sharded(p)]
+        scale_gradients(sharded, self.ranks.world)  # FSDP2 averaged them over ranks; the losses want the sum
+        sum_gradients([p for p in model.parameters() if not is_sharded(p)], self.ranks)
         norm = self.guard.step(model.parameters(), optimizer, self.cfg.train.max_grad_norm, loss=loss, step=step)
         self.step_schedule()
         return norm
@@ -258,10 +266,26 @@ class Lifecycle:
         return self.before
 
     def evaluate(self, evaluate: Callable[[], dict[str, float]]) -> dict[str, float]:
-        """`evaluate()` on the main rank, {} on the others (the model is the same on every rank)."""
-        metrics = evaluate() if self.ranks.main else {}
+        """`evaluate()` on the main rank, {} on the others (the model is the same on every rank); sharded (FSDP2),
+        on every rank in step, each forward gathering the shards, and the main rank's result kept."""
+        metrics = evaluate() if self.ranks.main or self.sharded else {}
         barrier(self.ranks)
-        return metrics
+        return metrics if self.ranks.main else {}
+
+    def shard(self, model: Any) -> Any:
+        """The model's decoder layers sharded over the ranks with FSDP2 (`train.parallel: fsdp`), the model itself
+        otherwise. The embeddings, final norm and head stay whole on every rank (posttrain's log-probs read the head
+        in vocabulary chunks, outside any module's forward) and their gradients are summed as ddp's are. Call it
+        after the model is built and before its optimiser."""
+        if not self.sharded:
+            return model
+        if is_lora(model):
+            raise ConfigError("train.parallel: fsdp does not shard a LoRA model; use ddp (an adapter is small)")
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in decoder_of(model).layers:
+            fully_shard(layer)
+        return model
 
     def global_sum(self, value: Any) -> Any:
         """The sum of a count or tensor over the ranks (the global token count that divides every rank's loss)."""
@@ -288,7 +312,7 @@ class Lifecycle:
         parts = self._parts
         model, tokenizer, optim, sampler = parts["model"], parts["tokenizer"], parts["optim"], parts["sampler"]
         state = {
-            "optimizer": optim.optimizer.state_dict(),
+            "optimizer": SHARDS_DIR if self.sharded else optim.optimizer.state_dict(),
             "scheduler": optim.scheduler.state_dict(),
             "data": sampler.state_dict(),
             "rng": capture_rng_states({"sampling": self.generator}),
@@ -296,11 +320,15 @@ class Lifecycle:
             **(parts["extra_state"]() if parts["extra_state"] else {}),
         }
         about = {"kind": self.kind, "config": config_fingerprint(self.cfg), "world_size": self.ranks.world}
-        path = self.checkpointer.root / f"step-{step:08d}"
+        path, staging, whole = self.checkpointer.root / f"step-{step:08d}", None, None
+        if self.sharded:  # every rank writes its shards of the model and optimiser, then the main rank the rest
+            staging = self.checkpointer.collective_staging(step, main=self.ranks.main)
+            barrier(self.ranks)
+            whole = save_shards(model, optim.optimizer, staging / SHARDS_DIR)
         if self.ranks.main:  # the model and optimiser are the same on every rank: one writes them
             with phase(f"checkpoint of step {step}"):
-                path = self.checkpointer.save(step, save_model=lambda d: save_pretrained(model, tokenizer, d),
-                                              state=state, about=about)  # fmt: skip
+                path = self.checkpointer.save(step, save_model=lambda d: save_pretrained(model, tokenizer, d, whole),
+                                              state=state, about=about, staging=staging)  # fmt: skip
         barrier(self.ranks)
         return path
 
@@ -317,9 +345,10 @@ class Lifecycle:
                 self.log.print(line)
             self.save(last)
             final_dir = self.run_dir / "final"
+            whole = gathered_weights(model) if self.sharded else None
             if self.ranks.main:
                 with phase("final/"):
-                    write_final(self.run_dir, lambda d: save_pretrained(model, tokenizer, d))
+                    write_final(self.run_dir, lambda d: save_pretrained(model, tokenizer, d, whole))
             barrier(self.ranks)
         finally:
             self.log.close()

@@ -97,6 +97,9 @@ def train_online_pref(
     life.track(model, tokenizer, optim, sampler)
     life.open_log(report, headline=("loss", "sample_accuracy"), progress=progress, train_rows=train_rows,
                   eval_rows=eval_rows)  # fmt: skip
+    if life.sharded:
+        raise ConfigError("train.parallel: fsdp is for sft, offline pref and rm; online rounds sample on each rank "
+                          "apart, which sharded weights cannot (use ddp)")  # fmt: skip
     if online.prompts_per_round % life.ranks.world:
         raise ConfigError(f"online.prompts_per_round={online.prompts_per_round} does not divide among "
                           f"{life.ranks.world} ranks")  # fmt: skip

@@ -62,6 +62,7 @@ def train_pref(
         held_out = load_feedback(cfg.data, kind, "eval", tokenizer, rows=eval_rows, **load)
     eval_items = held_out.tokens[: cfg.eval.limit] if held_out else []
     sampler = EpochSampler(len(train.tokens), seed=cfg.seed, report=train.report)
+    model = life.shard(model)
     optim = build_optimisation(model, cfg.train)
     life.track(model, tokenizer, optim, sampler)
     log = life.open_log(train.report, headline=("loss", "pref_accuracy"), progress=progress, train_rows=train_rows,

@@ -61,6 +61,7 @@ def train_rm(
     margins = {w: f["margin"] for w, f in train.fields.items() if cfg.rm.use_margin and "margin" in f}
     mb_size = cfg.train.micro_batch_size or cfg.train.batch_size
     sampler = EpochSampler(len(train.tokens), seed=cfg.seed, report=train.report)
+    model = life.shard(model)
     optim = build_optimisation(model, cfg.train)
     life.track(model, tokenizer, optim, sampler)
     life.open_log(train.report, headline=("loss", "accuracy"), progress=progress, train_rows=train_rows,

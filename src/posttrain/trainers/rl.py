@@ -205,6 +205,9 @@ def build_rl_run(
     """The policy, its reference (only when a KL term needs one), the critic (only for an advantage that needs
     one), the rewards, the encoded prompts, the optimisers; on a resume, the checkpoint's state restored."""
     rl = cfg.rl
+    if life.sharded:
+        raise ConfigError("train.parallel: fsdp is for sft, offline pref and rm; RL samples on each rank apart, "
+                          "which sharded weights cannot (use ddp)")  # fmt: skip
     if rl.prompts_per_step % life.ranks.world:
         raise ConfigError(f"rl.prompts_per_step={rl.prompts_per_step} does not divide among {life.ranks.world} "
                           "ranks (each rank samples whole groups of its share of the prompts)")  # fmt: skip

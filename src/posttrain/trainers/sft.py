@@ -62,6 +62,7 @@ def train_sft(
         train, report = _encode_train(cfg, tokenizer, train_rows)
         eval_prompts, eval_tokens = _encode_eval(cfg, tokenizer, eval_rows)
     sampler = EpochSampler(len(train), seed=cfg.seed, report=report)
+    model = life.shard(model)
     optim = build_optimisation(model, cfg.train)
     life.track(model, tokenizer, optim, sampler)
     life.open_log(report, headline=("loss", "tokens_per_s"), progress=progress, train_rows=train_rows,
