@@ -28,6 +28,10 @@ PRESETS = [
     "cispo",
     "topr",
     "r1",
+    "grpo-k2",
+    "grpo-trl",
+    "ppo-adaptive_kl",
+    "reinforce_pp_baseline",
 ]
 TASK = {"name": "arithmetic", "digits": 1, "operators": "+-", "train_size": 2000, "eval_size": 32}
 
@@ -178,6 +182,31 @@ def test_preset_recipes_load_and_run(name: str, sft_model: str, tmp_path: Path) 
     ]
     cfg = load_config(RLConfig, RECIPES / f"arith-{name}.yaml", overrides)
     assert len(rl(cfg, progress=False).history) == 2
+
+
+PRESET_SMOKE = ["data.task.digits=1", "data.task.train_size=200", "data.task.eval_size=8", "train.max_steps=2",
+                "rl.prompts_per_step=2", "rl.group_size=2", "rl.sampling.max_new_tokens=4", "eval.max_new_tokens=4"]
+
+
+def test_the_ensemble_preset_scores_with_its_reward_models(sft_model: str, tmp_path: Path) -> None:
+    # the recipe's three reward-model members, each pointed at one briefly trained reward model (the recipe's own
+    # paths are runs of arith-rm.yaml); the step's reward is the ensemble's mean - lam * variance over the members
+    from posttrain.api import rm
+    from posttrain.config.loading import read_recipe
+
+    rm_dir = rm({"model": {"preset": "qwen2-tiny", "tokenizer": "arithmetic"},
+                 "data": {"task": {"name": "arithmetic", "kind": "preference", "digits": 1, "train_size": 32,
+                                   "eval_size": 8}},
+                 "train": {"max_steps": 2, "batch_size": 8}, "output_dir": str(tmp_path / "rm")},
+                progress=False).final_dir  # fmt: skip
+    raw = read_recipe(RECIPES / "arith-grpo-ensemble.yaml")
+    ensemble = raw["rewards"][0]
+    assert ensemble["fn"] == "ensemble" and [m["fn"] for m in ensemble["args"]["members"]] == ["reward_model"] * 3
+    for member in ensemble["args"]["members"]:
+        member["args"]["path"] = str(rm_dir)
+    cfg = load_config(RLConfig, raw, [f"model.path={sft_model}", *PRESET_SMOKE, f"output_dir={tmp_path / 'rl'}"])
+    history = rl(cfg, progress=False).history
+    assert len(history) == 2 and "rewards/ensemble/mean" in history[0]
 
 
 def test_sigterm_finishes_the_step_saves_it_and_the_run_resumes(sft_model: str, tmp_path: Path) -> None:
