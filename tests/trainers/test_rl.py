@@ -32,6 +32,10 @@ PRESETS = [
     "grpo-trl",
     "ppo-adaptive_kl",
     "reinforce_pp_baseline",
+    "gmpo",
+    "sapo",
+    "bnpo",
+    "nft",
 ]
 TASK = {"name": "arithmetic", "digits": 1, "operators": "+-", "train_size": 2000, "eval_size": 32}
 

@@ -25,7 +25,7 @@ from posttrain.data.encoding import PromptTokens
 from posttrain.data.report import LoadReport
 from posttrain.envs import sample_and_score, sample_episodes
 from posttrain.objectives import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
-from posttrain.objectives.advantages import outcome_at_last_token, per_token
+from posttrain.objectives.advantages import group_reward_inputs, outcome_at_last_token, per_token
 from posttrain.objectives.composition import critic_objective, policy_objective
 from posttrain.objectives.kl import adaptive_kl_coef
 from posttrain.objectives.registry import call_with
@@ -286,6 +286,8 @@ class StepTensors:
     ref_logp_B_T: Tensor | None = None
     old_values_B_T: Tensor | None = None
     returns_B_T: Tensor | None = None
+    row_inputs: dict[str, Tensor] = field(default_factory=dict)
+    """Per-row [B] inputs the policy loss's signature names beyond the common four (`group_rewards`: NFT)."""
 
 
 @dataclass
@@ -326,6 +328,8 @@ def prepare_step(
     """
     mask_B_T = padded.loss_mask_B_T
     tensors = StepTensors(padded, adv_B_T=torch.empty(0), rewards_PG=available["rewards_PG"])
+    if "group_rewards" in objectives.policy_loss.needs:
+        tensors.row_inputs = group_reward_inputs(available["rewards_PG"], available["group_size"])
     token_rewards_B_T = outcome_at_last_token(available["rewards_PG"], mask_B_T)
     kl_B_T = torch.zeros_like(token_rewards_B_T)
     if reference is not None:
@@ -382,7 +386,7 @@ def update_minibatch(
         ids_B_T, attn_B_T, mask_B_T = p.input_ids_B_T[mb], p.attention_mask_B_T[mb], p.loss_mask_B_T[mb]
         logp_B_T, entropy_B_T = token_logprobs(policy, ids_B_T, attn_B_T, mask_B_T, temperature=temperature)
         inputs = {"logp_B_T": logp_B_T, "old_logp_B_T": p.old_logp_B_T[mb], "adv_B_T": step.adv_B_T[mb],
-                  "mask_B_T": mask_B_T}  # fmt: skip
+                  "mask_B_T": mask_B_T, **{key: value[mb] for key, value in step.row_inputs.items()}}  # fmt: skip
         surrogate_B_T, clipped_B_T = call_with(policy_loss, inputs, policy_loss_args)
         kl_B_T = None  # the estimator gets its inputs by name: k3_bias_corrected reads old_logp_B_T too
         if kl_estimator is not None:
