@@ -48,12 +48,13 @@ ROOT = Path(__file__).resolve().parent.parent
 TASK = {"name": "arithmetic", "digits": 2, "operators": "+-", "train_size": 20000, "eval_size": 1000}
 """The recipes' task: its held-out split's first 300 problems are the SFT run's held-out set."""
 PAIRED = ("dpo", "ipo", "simpo", "robust_dpo", "hinge", "nca", "exo", "apo_zero", "apo_down", "aot", "sppo_hard", "rpo",
-          "dpop", "cpo", "orpo")
+          "dpop", "cpo", "orpo", "cpl")
 METHODS = {
     **{name: (f"recipes/arith-self-{name}.yaml", "pairs.jsonl") for name in PAIRED},
     **{name: (f"recipes/arith-self-{name}.yaml", "unpaired.jsonl") for name in ("kto", "bco")},
     **{name: (f"recipes/arith-self-{name}.yaml", "lists.jsonl") for name in ("lipo_lambda", "plackett_luce")},
     "online_dpo": ("recipes/arith-online_dpo.yaml", None),
+    "selm": ("recipes/arith-selm.yaml", None),
 }
 DEFAULT_METHODS = ("dpo", "ipo", "simpo", "kto", "online_dpo")
 LIST_SIZE = 4

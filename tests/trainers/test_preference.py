@@ -236,7 +236,7 @@ def test_kto_reference_point_pairs_each_prompt_with_the_previous_completion(monk
 
 
 OFFLINE_PRESETS = ["dpo", "ipo", "simpo", "kto", "robust_dpo", "hinge", "nca", "exo", "apo_zero", "apo_down", "aot",
-                   "sppo_hard", "rpo", "dpop", "bco", "cpo", "orpo", "lipo_lambda", "plackett_luce"]  # fmt: skip
+                   "sppo_hard", "rpo", "dpop", "bco", "cpo", "orpo", "lipo_lambda", "plackett_luce", "cpl"]  # fmt: skip
 PRESET_SMOKE = ["model.preset=qwen2-tiny", "model.tokenizer=arithmetic", "data.train=null", "data.task.digits=1",
                 "data.task.train_size=32", "data.task.eval_size=8", "train.max_steps=2", "train.batch_size=8",
                 "train.warmup_steps=0", "eval.limit=8"]  # fmt: skip
