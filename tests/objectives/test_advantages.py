@@ -17,6 +17,7 @@ from posttrain.objectives.advantages import (
     reinforce_pp_baseline,
     remax,
     rloo,
+    spo,
 )
 from posttrain.objectives.registry import ADVANTAGES
 
@@ -38,6 +39,7 @@ def test_registered_names_and_needs_read_from_the_signatures():
     assert set(ADVANTAGES["reinforce_pp_baseline"].needs) == {"groups", "token_rewards"}
     assert ADVANTAGES["reinforce"].needs == ("moving_baseline",)
     assert ADVANTAGES["bnpo"].needs == ("groups",)
+    assert ADVANTAGES["spo"].needs == ("groups",)
 
 
 # ---------------------------------------------------------------- gae
@@ -272,6 +274,21 @@ def test_group_reward_inputs_give_each_row_its_reward_and_its_groups_mean():
     torch.testing.assert_close(inputs["group_mean_rewards_B"], t([1 / 3] * 3 + [2 / 3] * 3))
 
 
+# ---------------------------------------------------------------- spo
+
+
+def test_spo_advantage_is_the_win_rate_against_the_group_minus_a_half():
+    # group [1, 0, 0, 1]: each 1 beats two 0s and ties the other 1: (2 + 0.5) / 3 = 0.833333 -> +0.333333;
+    #                     each 0 ties the other 0 and loses twice: 0.5 / 3 = 0.166667 -> -0.333333
+    # group [3, 2, 1, 0]: win rates 1, 2/3, 1/3, 0 -> 0.5, 0.166667, -0.166667, -0.5 (only the order counts)
+    adv = spo(t([1.0, 0.0, 0.0, 1.0, 3.0, 2.0, 1.0, 0.0]), group_size=4)
+    torch.testing.assert_close(adv, t([1 / 3, -1 / 3, -1 / 3, 1 / 3, 0.5, 1 / 6, -1 / 6, -0.5]))
+    # a group of equal scores: every win rate 1/2, advantage 0; a monotone transform of the scores changes nothing
+    torch.testing.assert_close(spo(t([0.7, 0.7]), group_size=2), torch.zeros(2))
+    scores = t([0.1, 5.0, -2.0])
+    torch.testing.assert_close(spo(scores, group_size=3), spo(scores.exp(), group_size=3))
+
+
 # ---------------------------------------------------------------- the calling contract
 
 ALWAYS_SUPPLIED = {"rewards_PG", "mask_B_T"}
@@ -282,7 +299,7 @@ SUPPLIED_BY_NEED = {
     "greedy_rollout": "greedy_rewards_P",
     "moving_baseline": "baseline",
 }
-BUILT_IN = ["gae", "grpo", "rloo", "remax", "reinforce_pp", "reinforce_pp_baseline", "reinforce", "bnpo"]
+BUILT_IN = ["gae", "grpo", "rloo", "remax", "reinforce_pp", "reinforce_pp_baseline", "reinforce", "bnpo", "spo"]
 
 
 @pytest.mark.parametrize("name", BUILT_IN)

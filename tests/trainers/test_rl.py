@@ -36,6 +36,7 @@ PRESETS = [
     "sapo",
     "bnpo",
     "nft",
+    "spo",
 ]
 TASK = {"name": "arithmetic", "digits": 1, "operators": "+-", "train_size": 2000, "eval_size": 32}
 

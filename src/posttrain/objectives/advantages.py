@@ -278,6 +278,31 @@ def bnpo(
     return (weight_P[:, None] * (r_P_G - p_P[:, None])).flatten().to(rewards_PG.dtype)
 
 
+@advantage("spo")
+def spo(rewards_PG: Tensor, *, group_size: int) -> Tensor:
+    """Self-play preference optimisation, the minimaximalist approach (Swamy et al. 2024, arXiv:2401.04056): each
+    completion's reward is the share of the other completions of its prompt it is preferred to, a win rate against
+    the policy itself, with no reward model; the group's mean win rate, 1/2, is the baseline.
+
+        pref(i, j) = 1 if r_i > r_j,  1/2 if r_i = r_j,  0 if r_i < r_j      (hard preferences from the scores)
+        w_i        = 1/(G-1) * sum_{j != i} pref(i, j)
+        A_i        = w_i - 1/2                                              (the mean of w over a group is 1/2)
+
+    rewards_PG: [P*G] scores, each prompt's G completions contiguous; only their order within a group matters.
+    Returns [P*G] in [-1/2, 1/2].
+    Deviations: the paper queries a preference function for every pair (which may be intransitive); the RL loop scores
+    completions one by one, so here the preference is read off the scores (a verifier's right > wrong). The paper
+    feeds the win rate to PPO or SAC as the reward; here it is the advantage directly, with the exact group mean
+    1/2 as baseline.
+    """
+    _require_groups("spo", group_size, 2)
+    r_P_G = rewards_PG.detach().view(-1, group_size)
+    diff_P_G_G = r_P_G[:, :, None] - r_P_G[:, None, :]
+    prefs_P_G_G = (diff_P_G_G > 0).to(r_P_G.dtype) + 0.5 * (diff_P_G_G == 0).to(r_P_G.dtype)
+    win_P_G = (prefs_P_G_G.sum(dim=2) - 0.5) / (group_size - 1)  # the diagonal (i vs i) is a tie, 1/2
+    return (win_P_G - 0.5).flatten()
+
+
 # --- sequence values as per-token tensors (not registered: every loop uses them the same way) ---
 
 
