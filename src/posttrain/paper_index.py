@@ -113,6 +113,8 @@ PLAIN: list[tuple[str, str, Callable[[Any], bool]]] = [
      lambda cfg: _get(cfg, "rl") is not None and "critic" in ADVANTAGES[cfg.rl.advantage].needs),
     ("posttrain.rollout.groups:keep_informative_groups", "`rl.dynamic_sampling: true`",
      lambda cfg: bool(_get(cfg, "rl.dynamic_sampling"))),
+    ("posttrain.rollout.groups:filtration_weights", "`rl.filtration`",
+     lambda cfg: _get(cfg, "rl.filtration") is not None),
     ("posttrain.objectives.pairing:preference_matrix", "`online.rewards`",
      lambda cfg: bool(_get(cfg, "online.rewards"))),
     ("posttrain.objectives.pairing:win_rates_within_group", "`online:` with a loss that needs `win_rates`, or a judge",

@@ -36,7 +36,7 @@ from posttrain.rewards.inputs import RewardLog, score_completions, trainer_state
 from posttrain.rewards.metrics import reward_metrics
 from posttrain.rollout import ENGINES
 from posttrain.rollout.engine import PaddedRollouts
-from posttrain.rollout.groups import Scored, draw_step
+from posttrain.rollout.groups import Scored, draw_step, filtered_rows
 from posttrain.runtime.optim import build_adamw
 from posttrain.trainers.build import build_optimisation, build_reward_set, policy_and_reference, sampling_params
 from posttrain.trainers.evaluation import EvalResult, evaluate_with
@@ -121,9 +121,11 @@ def train_rl(
             prepared = time.perf_counter()
 
             stats, num_seqs = UpdateStats(), scored.rollouts.num_completions
+            trained_rows = torch.arange(num_seqs) if rl.filtration is None else filtered_rows(
+                scored.rewards.total, **rl.filtration.model_dump(), generator=life.generator)  # fmt: skip
             for _ in range(rl.epochs):
                 shuffled = rl.minibatches > 1
-                order = torch.randperm(num_seqs, generator=life.generator) if shuffled else torch.arange(num_seqs)
+                order = trained_rows[torch.randperm(num_seqs, generator=life.generator)] if shuffled else trained_rows
                 for rows in order.chunk(rl.minibatches):
                     update_minibatch(
                         model, run.critic, tensors, rows.to(life.device), policy_loss=objectives.policy_loss,
