@@ -126,6 +126,8 @@ PLAIN: list[tuple[str, str, Callable[[Any], bool]]] = [
      lambda cfg: _online_select(cfg) == "best_vs_worst"),
     ("posttrain.objectives.pairing:all_pairs_above_margin", "`online.select: all_pairs`",
      lambda cfg: _online_select(cfg) == "all_pairs"),
+    ("posttrain.objectives.pairing:statistical_rejection_sample", "`online.select: rso`",
+     lambda cfg: _online_select(cfg) == "rso"),
     ("posttrain.objectives.pairing:top_k_labels", "`online.select: top_k`",
      lambda cfg: _online_select(cfg) == "top_k"),
     ("posttrain.objectives.pairing:threshold_labels", "`online.select: threshold`",

@@ -252,7 +252,7 @@ def test_online_config_errors_name_the_key(tmp_path, change, message):
 
 PRESETS = ["arith-self-dpo", "arith-self-ipo", "arith-self-simpo", "arith-self-kto", "arith-online_dpo",
            "arith-iterative_dpo", "arith-raft", "arith-sppo", "arith-xpo", "arith-nash_md", "arith-dno",
-           "arith-selm"]  # fmt: skip
+           "arith-selm", "arith-rso", "arith-rso_hinge"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", PRESETS)
