@@ -55,6 +55,8 @@ METHODS = {
     **{name: (f"recipes/arith-self-{name}.yaml", "lists.jsonl") for name in ("lipo_lambda", "plackett_luce")},
     "online_dpo": ("recipes/arith-online_dpo.yaml", None),
     "selm": ("recipes/arith-selm.yaml", None),
+    "rso": ("recipes/arith-rso.yaml", None),
+    "rso_hinge": ("recipes/arith-rso_hinge.yaml", None),
 }
 DEFAULT_METHODS = ("dpo", "ipo", "simpo", "kto", "online_dpo")
 LIST_SIZE = 4
