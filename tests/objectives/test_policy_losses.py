@@ -366,5 +366,7 @@ def test_nft_with_no_negative_weight_is_rejection_sampling_fine_tuning():
     assert (loss[0] == 0).all() and loss[1, 1] == 0
     seq_mean_token_sum_norm(loss, m([[1, 1], [1, 0]]), num_seqs=2, max_len=2).backward()
     assert (logp.grad[0] == 0).all() and logp.grad[1, 0] < 0 and logp.grad[1, 1] == 0
+    with pytest.raises(ValueError, match=r"rewards outside \[0, 1\]"):
+        nft(logp, logp.detach(), torch.zeros(2, 2), m([[1, 1]] * 2), t([0.0, 2.0]), t([0.5, 0.5]))
     with pytest.raises(ValueError, match="prompt_weight='dr'"):
         nft(logp, logp.detach(), torch.zeros(2, 2), m([[1, 1]] * 2), t([0.0, 1.0]), t([0.5, 0.5]), prompt_weight="dr")

@@ -333,14 +333,17 @@ def nft(
     (`rl.dynamic_sampling`), as the authors filter them (r_q = 0 or 1 is only clamped here).
 
     rewards_B, group_mean_rewards_B: [B], the rows' rewards as scored (no KL shaping) and their group's mean; rewards
-    must be in [0, 1]. adv_B_T is accepted for the common signature and not read. Returns (loss_B_T, clipped_B_T);
-    clipped marks the tokens whose clamp replaced the value (the gradient is kept).
+    outside [0, 1] are an error. adv_B_T is accepted for the common signature and not read. Returns (loss_B_T,
+    clipped_B_T); clipped marks the tokens whose clamp replaced the value (the gradient is kept).
     Deviations: none in the loss; the ratio's log is clamped at 10 (the authors' value).
     """
     del adv_B_T
     if prompt_weight not in NFT_PROMPT_WEIGHTS:
         allowed = ", ".join(NFT_PROMPT_WEIGHTS)
         raise ValueError(f"policy loss 'nft': prompt_weight={prompt_weight!r}; allowed: {allowed}")
+    if bool(((rewards_B < 0) | (rewards_B > 1)).any()):
+        raise ValueError("policy loss 'nft': rewards outside [0, 1]; NFT reads a 0/1 verdict (1: right) as each "
+                         "sample's weight on the positive side (the authors' correct_mask)")  # fmt: skip
     ratio_B_T = (logp_B_T - old_logp_B_T).clamp(max=_NFT_LOG_RATIO_MAX).exp()
     rate_B = group_mean_rewards_B.detach().to(logp_B_T.dtype).clamp(_NFT_RATE_MIN, _NFT_RATE_MAX)
     right_B = rewards_B.detach().to(logp_B_T.dtype)
