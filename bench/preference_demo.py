@@ -35,6 +35,7 @@ import statistics
 import time
 from pathlib import Path
 
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, or torch starts 2 threads (DESIGN.md)
 import torch
 
 from posttrain.api import evaluate, pref, sft
@@ -154,7 +155,6 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8, help="samples per prompt for the set")
     parser.add_argument("--out", default=str(ROOT / "bench/preference_demo.json"))
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     results = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
     for seed in args.seeds:
         entry = results.setdefault(str(seed), {})
