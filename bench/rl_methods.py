@@ -12,7 +12,8 @@ a markdown table (per seed, mean and the spread over seeds).
 
 Each method's overrides are its preset's values that differ from GRPO (recipes/arith-<method>.yaml), on the demo's
 setting; a method whose paper runs without a KL term (GMPO, BNPO, NFT) runs without it, so it differs from GRPO in
-that too. NFT's dynamic sampling draws more batches when groups tie: it is not equal compute, which the table notes.
+that too (gmpo_kl is GMPO with GRPO's KL term, the policy loss alone changed). NFT's dynamic sampling draws more
+batches when groups tie: it is not equal compute.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 METHODS: dict[str, list[str]] = {
     "grpo": [],
     "gmpo": ["rl.policy_loss=gmpo", "rl.policy_loss_args={clip_low: 0.4, clip_high: 0.4}", "rl.kl.coef=0.0"],
+    "gmpo_kl": ["rl.policy_loss=gmpo", "rl.policy_loss_args={clip_low: 0.4, clip_high: 0.4}"],  # GRPO's KL kept
     "sapo": ["rl.policy_loss=sapo", "rl.policy_loss_args={tau_pos: 1.0, tau_neg: 1.05}"],
     "bnpo": ["rl.advantage=bnpo", "rl.policy_loss_args={clip_low: 0.2, clip_high: 0.28}",
              "rl.loss_aggregation=seq_mean_token_sum_norm", "rl.kl.coef=0.0"],
