@@ -290,6 +290,9 @@ def test_gmpo_on_policy_is_the_sequence_advantage():
     loss, clipped = gmpo(logp, logp, t([[0.5, 0.5], [3.0, 3.0]]), m([[1, 1], [0, 0]]))
     torch.testing.assert_close(loss, t([[-0.5, -0.5], [0.0, 0.0]]))
     assert clipped.sum() == 0
+    # a zero-advantage sequence far off policy: loss 0 and nothing counted as clipped
+    loss, clipped = gmpo(logp + 1.0, logp, torch.zeros(2, 2), m([[1, 1], [1, 1]]))
+    assert (loss == 0).all() and clipped.sum() == 0
 
 
 # ---------------------------------------------------------------- sapo

@@ -233,7 +233,7 @@ def gmpo(
     it (and the reverse for A < 0). Defaults: clip_low = clip_high = 0.4, the paper's range (e^-0.4, e^0.4), the
     `CLIPRANGE=0.4` of its scripts (github.com/callsys/GMPO, scripts/qwen2.5-math-7b-gmpo.sh).
 
-    Shapes: see the module docstring. clipped_B_T marks the tokens whose log-ratio the clip replaced.
+    Shapes: see the module docstring. clipped_B_T marks the tokens whose log-ratio the clip replaced (where A != 0).
     Deviations: the authors' code (train_zero_math_gmpo.py) takes the sign from the sequence's advantage and treats
     A = 0 as positive, verl's `geo_mean` from each token's advantage: the same for a sequence-level advantage, which
     is what this follows per token. The mean log-ratio is clamped to [-20, 20] before exp (verl and the authors do not
@@ -249,7 +249,7 @@ def gmpo(
     seq_ratio_B = mean_log_ratio_B.clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT).exp()
     seq_adv_B = _masked(adv_B_T, mask_B_T).sum(dim=1) / lengths_B
     loss_B_T = (-seq_adv_B * seq_ratio_B)[:, None].expand_as(logp_B_T)
-    clipped_B_T = pessimistic_B_T != log_ratio_B_T
+    clipped_B_T = (pessimistic_B_T != log_ratio_B_T) & (adv_B_T != 0)  # as verl's clip fractions: A = 0 moves nothing
     return _masked(loss_B_T, mask_B_T), _masked(clipped_B_T.to(logp_B_T.dtype), mask_B_T)
 
 
