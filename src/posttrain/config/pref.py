@@ -59,7 +59,7 @@ class JudgeSection(Section):
 
 
 SELECTIONS = {
-    "preference": ("best_vs_worst", "all_pairs"),
+    "preference": ("best_vs_worst", "all_pairs", "rso"),
     "unpaired": ("threshold", "top_k"),
     "listwise": ("all",),
 }
@@ -86,8 +86,9 @@ class OnlineSection(Section):
     """A pairwise judge instead of rewards: scores become win rates from the judge's preferences."""
     max_failure_fraction: Fraction = 0.5
     """Stop when more than this share of one reward call's samples fail."""
-    select: Literal["best_vs_worst", "all_pairs", "threshold", "top_k", "all"] | None = None
-    """How scored samples become examples. Pairs: best_vs_worst, all_pairs (above `margin`); unpaired
+    select: Literal["best_vs_worst", "all_pairs", "rso", "threshold", "top_k", "all"] | None = None
+    """How scored samples become examples. Pairs: best_vs_worst, all_pairs (above `margin`), rso (RSO's statistical
+    rejection sampling, then random pairs); unpaired
     labels: threshold (score >= label_threshold), top_k (RAFT); listwise: all. null: the first for the
     loss's data kind."""
     margin: NonNegativeFloat = 0.0
@@ -98,6 +99,11 @@ class OnlineSection(Section):
     """select: top_k: the k best completions of each prompt are trained on."""
     min_score: float | None = None
     """select: top_k: a selected completion scoring below this is left out (rejection sampling)."""
+    rejection_beta: PositiveFloat = 0.5
+    """select: rso: the beta of the optimal policy pi ~ pi_sample exp(r / beta) the accepted samples follow (RSO,
+    arXiv:2309.06657): smaller accepts fewer low-reward samples."""
+    rejection_accepted: Annotated[int, Field(ge=2)] = 2
+    """select: rso: samples accepted per prompt (paired two by two, so rejection_accepted / 2 pairs at most)."""
     reference: Literal["keep", "refresh"] = "keep"
     """keep: the initial model throughout; refresh: a frozen copy of the policy at the start of each round
     (the previous iterate of iterative DPO, SPPO and DNO)."""

@@ -25,7 +25,9 @@ from typing import Any
 from posttrain.data.encoding import PromptTokens
 from posttrain.rewards.scoring import RewardResult, RewardSet
 
-NOT_COLUMNS = frozenset({"prompt", "completion", "completion_ids"})
+NOT_COLUMNS = frozenset({"prompt", "completion", "completion_ids", "completions"})
+"""Row fields never passed as columns: the samples themselves (a listwise row's `completions` would collide with the
+reward's own `completions`)."""
 
 
 def is_conversation(content: Any) -> bool:

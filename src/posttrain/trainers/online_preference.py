@@ -35,6 +35,7 @@ from posttrain.objectives.pairing import (
     all_pairs_above_margin,
     best_vs_worst,
     preference_matrix,
+    statistical_rejection_pairs,
     threshold_labels,
     top_k_labels,
     win_rates_against,
@@ -123,7 +124,9 @@ def train_online_pref(
                                    reward_kwargs=reward_kwargs)  # fmt: skip
             items, extras = build_examples(samples, kind, select=select, margin=online.margin,
                                            label_threshold=online.label_threshold, top_k=online.top_k,
-                                           min_score=online.min_score, where=f"round {round_index + 1}")  # fmt: skip
+                                           min_score=online.min_score, where=f"round {round_index + 1}",
+                                           rejection=(online.rejection_beta, online.rejection_accepted),
+                                           generator=life.generator)  # fmt: skip
             ref_cache = None
             if "reference" in loss_fn.needs and items:
                 with reference.active():
@@ -267,15 +270,22 @@ def build_examples(
     top_k: int,
     min_score: float | None,
     where: str,
+    rejection: tuple[float, int] = (0.5, 2),
+    generator: torch.Generator | None = None,
 ) -> tuple[list[Tokens], dict[str, Tensor]]:
     """The round's examples of a loss's data kind, and per-example extras (first axis = example):
-    pairs by `select` (best_vs_worst, all_pairs) with which side the reference sampled; unpaired rows
+    pairs by `select` (best_vs_worst, all_pairs; rso with `rejection` = (beta, accepted per prompt) and `generator`)
+    with which side the reference sampled; unpaired rows
     labelled by `select` (threshold, top_k; rows labelled -1 are left out); or each prompt's N policy
     samples as a list with their scores and win rates."""
     s, prompts = samples, samples.prompts
     if kind == "preference":
-        pick = best_vs_worst if select == "best_vs_worst" else all_pairs_above_margin
-        pairs_M_3 = pick(s.scores_P_K, margin=margin)
+        if select == "rso":
+            beta, accepted = rejection
+            pairs_M_3 = statistical_rejection_pairs(s.scores_P_K, beta=beta, num_accepted=accepted, generator=generator)
+        else:
+            pick = best_vs_worst if select == "best_vs_worst" else all_pairs_above_margin
+            pairs_M_3 = pick(s.scores_P_K, margin=margin)
         items = [PreferenceTokens(prompts[p].prompt_ids, s.completions[p][i], s.completions[p][j],
                                   f"{where} {prompts[p].where}") for p, i, j in pairs_M_3.tolist()]  # fmt: skip
         p, i, j = pairs_M_3.unbind(dim=1)
