@@ -18,6 +18,7 @@ from posttrain.config.sections import (
     DataSection,
     EvalSection,
     Fraction,
+    LogSection,
     ModelSection,
     RunSection,
     Section,
@@ -140,6 +141,8 @@ class _OfflineConfig(RunSection):
     """Optimisation."""
     eval: EvalSection = EvalSection()
     """Held-out evaluation."""
+    log: LogSection = LogSection()
+    """Experiment trackers (log.to), and the sampled completions online trainers log."""
     plugins: list[str] = []
     """Python files or modules imported before the run; they register their own losses."""
 

@@ -157,6 +157,24 @@ class EvalSection(Section):
         return self
 
 
+class LogSection(Section):
+    """Where a run's metrics go besides metrics.jsonl, which is always written (`runtime.trackers`)."""
+
+    to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = ["tensorboard"]
+    """Experiment trackers to log to (each in its own extra: pip install 'posttrain[wandb]'). The default TensorBoard
+    is used when installed; a tracker named here that is not installed stops the run at its start. Each tracker's
+    own settings choose its offline or local mode (WANDB_MODE=offline, MLFLOW_TRACKING_URI, TRACKIO_DIR)."""
+    project: str = "posttrain"
+    """The wandb and trackio project, and the MLflow experiment."""
+    run_name: str | None = None
+    """The run's name in the trackers; default: output_dir's last part."""
+    samples_every: NonNegativeInt = 10
+    """Online trainers (rl, pref with online:): log sampled completions with their prompts and each reward's score to
+    samples.jsonl and the trackers' tables at step 1 and every this many steps; 0: never."""
+    samples_per_step: PositiveInt = 16
+    """Most completions logged per logged step (whole groups first: the first prompts' completions)."""
+
+
 class RunSection(Section):
     """Fields every trainer config has at its top level."""
 

@@ -4,10 +4,11 @@
     model, tokenizer, _ = policy_and_reference(cfg.model, ..., life.checkpoint, ...)
     ...                                                    # data, optimiser, sampler: the trainer's own
     life.track(model, tokenizer, optim, sampler)           # what a checkpoint carries; restored when resuming
-    life.open_log(report, headline=("loss",), progress=progress)
+    life.open_log(report, headline=("loss",), progress=progress)  # metrics.jsonl, config.yaml, the trackers (log.to)
     with life.stop_requests():
         for step in life.steps():
             ...                                            # the loop: the part that differs between trainers
+            life.log_samples(step + 1, lambda: rows)       # online trainers: sampled completions, on log.samples_every
             grad_norm = life.update(model, loss=loss, step=step + 1)
             life.end_step(step + 1, metrics)
     return life.finish(eval_metrics)                        # final evaluation line, checkpoint, final/, close
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from posttrain.config import ConfigError
 from posttrain.data import EpochSampler
@@ -40,10 +42,11 @@ from posttrain.policies import load_model, load_tokenizer, save_pretrained
 from posttrain.runtime.checkpoint import Checkpointer, CheckpointError, model_dir, write_atomically
 from posttrain.runtime.device import limit_cpu_threads, resolve_device
 from posttrain.runtime.guards import NonFiniteGuard, step_schedule
-from posttrain.runtime.logging import METRICS_FILE, RunLogger, phase, read_metrics
+from posttrain.runtime.logging import METRICS_FILE, RunLogger, phase, read_metrics, trim_samples
 from posttrain.runtime.optim import lr_of_last_step
 from posttrain.runtime.seeding import capture_rng_states, restore_rng_states, seed_everything
 from posttrain.runtime.signals import StopRequest
+from posttrain.runtime.trackers import open_trackers
 from posttrain.trainers.build import check_environment
 from posttrain.trainers.splits import data_sources
 
@@ -51,9 +54,11 @@ MAY_CHANGE = (
     "train.max_steps", "train.lr", "train.warmup_steps", "train.schedule", "train.min_lr_ratio",
     "train.weight_decay", "train.adam_betas", "train.max_grad_norm", "train.save_every", "train.eval_every",
     "train.log_every", "train.keep_last", "train.max_bad_steps", "train.micro_batch_size", "rl.micro_batch_size",
-    "eval.", "device",
+    "eval.", "log.", "device",
 )  # fmt: skip
 """Config keys (or prefixes) a resumed run may change: applied from the resumed step, and said."""
+CONFIG_FILE = "config.yaml"
+"""The run's whole config, written when its log opens (`posttrain report` shows it)."""
 MOVABLE = ("output_dir",)
 """Keys a resume does not compare: a run directory may be moved or copied whole."""
 
@@ -138,6 +143,7 @@ class Lifecycle:
         self.history = state["history"]
         self.guard = NonFiniteGuard(self.cfg.train.max_bad_steps, self.checkpointer, self.history)
         rewrite_metrics(self.run_dir, self.history, step=self.start_step)
+        trim_samples(self.run_dir, step=self.start_step)
 
     def open_log(
         self,
@@ -150,15 +156,31 @@ class Lifecycle:
         lines: tuple[str, ...] = (),
     ) -> RunLogger:
         """The run's logger, and its first lines: what overrides replaced, where the rows come from and what
-        loading kept, `lines` of the trainer's own (which forward runs), and what a resume found and applied."""
-        self.log = RunLogger(self.run_dir, total_steps=self.cfg.train.max_steps, start_step=self.start_step,
-                             headline=headline, progress=progress)  # fmt: skip
+        loading kept, `lines` of the trainer's own (which forward runs), and what a resume found and applied. The run's
+        config is written to RUN/config.yaml, and the trackers of `log.to` are opened (`runtime.trackers`)."""
+        cfg = self.cfg
+        config = cfg.model_dump(mode="json")
+        (self.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        explicit = "to" in cfg.log.model_fields_set
+        trackers = open_trackers(cfg.log.to, self.run_dir, project=cfg.log.project, config=config,
+                                 run_name=cfg.log.run_name or self.run_dir.resolve().name,
+                                 skip_missing=() if explicit else ("tensorboard",))  # fmt: skip
+        self.log = RunLogger(self.run_dir, total_steps=cfg.train.max_steps, start_step=self.start_step,
+                             headline=headline, progress=progress, trackers=trackers)  # fmt: skip
         for line in (*self.cfg.load_notes, data_sources(self.cfg.data, train_rows is not None, eval_rows is not None),
                      f"data: {report.summary()}", *lines, *self.notes):  # fmt: skip
             self.log.print(line)
         if self.checkpoint is not None:
             self.log.print(f"resumed from {self.checkpoint} at step {self.start_step}")
         return self.log
+
+    def log_samples(self, done: int, rows: Callable[[], list[dict[str, Any]]], *, steps: int = 1) -> None:
+        """The sampled completions of the `steps` steps ending at `done` (an online round's), logged when they hold
+        step 1 or a multiple of log.samples_every (0: never); `rows()` builds them (`rewards.inputs.sample_table`)
+        only then."""
+        every = self.cfg.log.samples_every
+        if every and (done - steps == 0 or done // every > (done - steps) // every):
+            self.log.log_samples(done, rows()[: self.cfg.log.samples_per_step])
 
     def steps(self) -> range:
         return range(self.start_step, self.cfg.train.max_steps)

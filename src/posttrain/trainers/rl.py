@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import closing
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ from posttrain.objectives.registry import call_with
 from posttrain.objectives.value import clipped_value_loss, lambda_returns
 from posttrain.policies import Reference, ValueModel, token_logprobs
 from posttrain.rewards import RewardSet, load_reward_fn
-from posttrain.rewards.inputs import RewardLog, score_completions, trainer_state, trl_reward_kwargs
+from posttrain.rewards.inputs import RewardLog, sample_table, score_completions, trainer_state, trl_reward_kwargs
 from posttrain.rewards.metrics import reward_metrics
 from posttrain.rollout import ENGINES
 from posttrain.rollout.engine import PaddedRollouts
@@ -107,6 +108,9 @@ def train_rl(
             reward_log = RewardLog()
             reward_kwargs = trl_reward_kwargs(trainer_state(step, cfg.train.max_steps), reward_log)
             scored = draw_step(draw, rl.prompts_per_step, rl.dynamic_sampling_max_batches if rl.dynamic_sampling else 0)
+            rollouts = scored.rollouts
+            life.log_samples(step + 1, partial(sample_table, tokenizer, scored.prompts, rollouts.completion_ids,
+                                               rollouts.group_size, scored.rewards, reward_log.columns))  # fmt: skip
             padded = scored.rollouts.to_padded(tokenizer.pad_token_id, life.device)
             available = {"rewards_PG": scored.rewards.total.to(life.device), "group_size": scored.rollouts.group_size}
             if "greedy_rollout" in objectives.advantage.needs:
