@@ -9,7 +9,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = ("sft", "rl", "pref", "rm", "evaluate", "generate", "export", "write_task", "registered", "summarise_run",
-        "report")
+        "report", "compare")
 
 
 def __getattr__(name: str) -> Any:

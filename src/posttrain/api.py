@@ -307,6 +307,19 @@ def report(
     return runs, write_report(runs, make_output_dir(out, "--output"), smoothing=smoothing)
 
 
+def compare(
+    runs_a: str | Sequence[str | Path], runs_b: str | Sequence[str | Path], *, metric: str, reduce: str = "last",
+    higher_is_better: bool = True, n: int = 5, K: int = 5, alpha: float = 0.05, seed: int = 0,
+) -> Any:  # fmt: skip
+    """Whether runs A beat runs B on `metric`, by AdaStop over their seeds (`posttrain compare`; `report.compare`).
+    `runs_a` / `runs_b`: run directories, or one spec string (a directory of runs, a glob, comma-separated parts)."""
+    from posttrain.report.compare import compare_runs, expand_runs
+
+    arms = [expand_runs(runs) if isinstance(runs, str) else [Path(p) for p in runs] for runs in (runs_a, runs_b)]
+    return compare_runs(*arms, metric=metric, reduce=reduce, higher_is_better=higher_is_better, n=n, K=K,
+                        alpha=alpha, seed=seed)  # type: ignore[arg-type]  # fmt: skip
+
+
 def summarise_run(run_dir: str | Path) -> dict[str, Any]:
     """Last and best values of a run's logged metrics (`posttrain report`)."""
     records = read_metrics(run_dir)
