@@ -31,7 +31,10 @@ class ConfigError(PosttrainError, ValueError):
     """A recipe or override that does not fit the config: names the key, the value and what is allowed."""
 
 
-REPLACES: dict[str, tuple[str, ...]] = {"model.path": ("model.preset",), "model.preset": ("model.path",)}
+REPLACES: dict[str, tuple[str, ...]] = {
+    "model.path": ("model.preset",), "model.preset": ("model.path",),
+    "train.epochs": ("train.max_steps",), "train.max_steps": ("train.epochs",),
+}  # fmt: skip
 """Keys that name one thing two ways (exactly one may be set): setting one replaces the other."""
 
 

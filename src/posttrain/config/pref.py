@@ -208,7 +208,7 @@ class PrefConfig(_OfflineConfig):
 
     def _online_fits(self, fn: Any) -> None:
         online, kind = self.online, feedback_kind(fn)
-        if self.train.max_steps % online.steps_per_round:
+        if self.train.epochs is None and self.train.max_steps % online.steps_per_round:
             raise ValueError(
                 f"train.max_steps={self.train.max_steps} is not a multiple of online.steps_per_round="
                 f"{online.steps_per_round} (a round trains steps_per_round steps)"

@@ -100,7 +100,12 @@ class DataSection(Section):
 
 class TrainSection(Section):
     max_steps: PositiveInt = 200
-    """Optimiser steps."""
+    """Optimiser steps. Or train.epochs (setting one replaces the recipe's other)."""
+    epochs: PositiveFloat | None = None
+    """Passes over the training data instead of max_steps (TRL's num_train_epochs), over the rows that loading kept:
+    max_steps = ceil(epochs * examples / batch_size) for sft, pref and rm; ceil(epochs * prompts / prompts_per_step)
+    for rl (rl.epochs is another thing: passes over each step's rollouts); ceil(epochs * prompts / prompts_per_round)
+    rounds of steps_per_round steps for online pref. A run's first lines say the steps it makes."""
     lr: PositiveFloat = 1e-3
     """Peak learning rate (AdamW)."""
     batch_size: PositiveInt = 32
@@ -132,6 +137,13 @@ class TrainSection(Section):
     max_bad_steps: PositiveInt = 5
     """An optimiser update whose loss or gradient norm is NaN/inf is skipped (counted as skipped_steps);
     this many in a row stop the run, keeping the checkpoints already written."""
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainSection:
+        if self.epochs is not None and "max_steps" in self.model_fields_set:
+            raise ValueError(f"set one of train.max_steps ({self.max_steps}) and train.epochs ({self.epochs}), not "
+                             "both")
+        return self
 
 
 class EvalSection(Section):

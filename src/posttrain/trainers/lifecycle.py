@@ -26,6 +26,7 @@ said. A run resumed at its last step only writes `final/` again from its checkpo
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -51,7 +52,7 @@ from posttrain.trainers.build import check_environment
 from posttrain.trainers.splits import data_sources
 
 MAY_CHANGE = (
-    "train.max_steps", "train.lr", "train.warmup_steps", "train.schedule", "train.min_lr_ratio",
+    "train.max_steps", "train.epochs", "train.lr", "train.warmup_steps", "train.schedule", "train.min_lr_ratio",
     "train.weight_decay", "train.adam_betas", "train.max_grad_norm", "train.save_every", "train.eval_every",
     "train.log_every", "train.keep_last", "train.max_bad_steps", "train.micro_batch_size", "rl.micro_batch_size",
     "eval.", "log.", "device",
@@ -92,6 +93,7 @@ class Lifecycle:
         self.notes: list[str] = []
         self.checkpoint: Path | None = None
         self.start_step = 0
+        self.recount = False
         if resume:
             self._find_checkpoint()
         self.history: list[dict[str, float]] = []
@@ -103,7 +105,7 @@ class Lifecycle:
     @property
     def complete(self) -> bool:
         """A resumed run whose checkpoint is at its last step: nothing is left to train."""
-        return self.checkpoint is not None and self.start_step >= self.cfg.train.max_steps
+        return self.checkpoint is not None and self.start_step >= self.cfg.train.max_steps and not self.recount
 
     def _find_checkpoint(self) -> None:
         found = self.checkpointer.latest_intact()
@@ -112,8 +114,36 @@ class Lifecycle:
         if found.skipped:
             self.notes.append(f"resume: skipped damaged checkpoints {', '.join(found.skipped)}; "
                               f"resuming from {found.path.name}")  # fmt: skip
+        saved = found.manifest.get("config", {})
+        planned = saved.get("train.max_steps")
+        if self.cfg.train.epochs is not None and isinstance(planned, int):
+            self.cfg = with_max_steps(self.cfg, planned)  # the checkpoint's, until `fit_epochs` counts the data
+            self.recount = saved.get("train.epochs") != self.cfg.train.epochs  # other epochs: not complete yet
         self.notes += check_resume(self.cfg, self.kind, found.manifest, found.path)
         self.checkpoint, self.start_step = found.path, Checkpointer.step_of(found.path)
+
+    def fit_epochs(self, examples: int, per_step: int, *, round_steps: int = 1) -> Any:
+        """With train.epochs set, the run's train.max_steps from the data: ceil(epochs * examples / per_step) steps,
+        or for online rounds of `per_step` prompts that many rounds of `round_steps` steps; said in the run's first
+        lines. Returns the config the run goes on with (the same without train.epochs); call it before building the
+        optimiser, whose schedule spans max_steps."""
+        epochs = self.cfg.train.epochs
+        if epochs is None:
+            return self.cfg
+        if examples < 1:
+            raise ConfigError("train.epochs: the training data holds no example to make epochs of")
+        steps = math.ceil(epochs * examples / per_step) * round_steps
+        unit = f"rounds of {per_step} prompts x {round_steps} steps" if round_steps > 1 else f"{per_step} per step"
+        planned = self.cfg.train.max_steps if self.checkpoint is not None else None
+        if steps < self.start_step:
+            raise ConfigError(f"train.epochs={epochs:g} makes {steps} steps of these {examples} examples, but the run "
+                              f"resumes at step {self.start_step}; give more epochs or another output_dir")  # fmt: skip
+        self.cfg = with_max_steps(self.cfg, steps)
+        line = f"train.epochs={epochs:g}: {examples} examples, {unit} -> train.max_steps={steps}"
+        if planned is not None and planned != steps:
+            line += f" (the checkpoint's run planned {planned}: its data changed, or train.epochs did)"
+        self.notes.append(line)
+        return self.cfg
 
     def track(
         self,
@@ -287,6 +317,11 @@ class Lifecycle:
         print(f"--resume: {self.checkpoint.name} is the run's last step (train.max_steps={self.cfg.train.max_steps});"
               f" final/ written again from it")  # fmt: skip
         return RunResult(load_model(final_dir, device=self.device), load_tokenizer(final_dir), final_dir, history)
+
+
+def with_max_steps(cfg: Any, steps: int) -> Any:
+    """The config with train.max_steps = steps (train.epochs resolved; pydantic's copy, not validated again)."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": steps})})
 
 
 def write_final(run_dir: Path, write: Callable[[Path], Any]) -> Path:

@@ -78,6 +78,7 @@ def train_online_pref(
     train_prompts, report = load_prompts(cfg.data, tokenizer, "train", rows=train_rows, **where)
     eval_split, _ = load_prompts(cfg.data, tokenizer, "eval", rows=eval_rows, limit=cfg.eval.limit, **where)
     eval_prompts = [p for p in eval_split if "answer" in p.extra]
+    cfg = life.fit_epochs(len(train_prompts), online.prompts_per_round, round_steps=online.steps_per_round)
     eval_reward = load_reward_fn(cfg.eval.reward, base_dir=cfg.recipe_dir) if eval_prompts else None
 
     def held_out() -> EvalResult:

@@ -55,6 +55,7 @@ def train_pref(
         train = load_feedback(cfg.data, kind, "train", tokenizer, rows=train_rows, **load)
         held_out = load_feedback(cfg.data, kind, "eval", tokenizer, rows=eval_rows, **load)
     eval_items = held_out.tokens[: cfg.eval.limit] if held_out else []
+    cfg = life.fit_epochs(len(train.tokens), cfg.train.batch_size)
     sampler = EpochSampler(len(train.tokens), seed=cfg.seed, report=train.report)
     optim = build_optimisation(model, cfg.train)
     life.track(model, tokenizer, optim, sampler)

@@ -55,6 +55,7 @@ def train_rm(
     train = load_feedback(cfg.data, kind, "train", tokenizer, rows=train_rows, **load)
     held_out = load_feedback(cfg.data, kind, "eval", tokenizer, rows=eval_rows, **load)
     eval_items = held_out.tokens[: cfg.eval.limit] if held_out else []
+    cfg = life.fit_epochs(len(train.tokens), cfg.train.batch_size)
     margins = {w: f["margin"] for w, f in train.fields.items() if cfg.rm.use_margin and "margin" in f}
     mb_size = cfg.train.micro_batch_size or cfg.train.batch_size
     sampler = EpochSampler(len(train.tokens), seed=cfg.seed, report=train.report)

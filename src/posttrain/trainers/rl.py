@@ -86,7 +86,7 @@ def train_rl(
     rl = cfg.rl
     run = build_rl_run(cfg, life, model=model, tokenizer=tokenizer, train_rows=train_rows, eval_rows=eval_rows,
                        rewards=rewards)  # fmt: skip
-    model, tokenizer = run.model, run.tokenizer
+    model, tokenizer, cfg = run.model, run.tokenizer, life.cfg  # life.cfg: train.epochs resolved to max_steps
     objectives = Objectives(ADVANTAGES[rl.advantage], POLICY_LOSSES[rl.policy_loss], AGGREGATIONS[rl.loss_aggregation],
                             KL_ESTIMATORS[rl.kl.estimator])  # fmt: skip
     kl_in_loss = objectives.kl_estimator if run.reference is not None and not rl.kl.in_reward else None
@@ -191,6 +191,7 @@ def build_rl_run(
     train, report = load_prompts(cfg.data, tokenizer, "train", rows=train_rows, **where)
     train = scorable_prompts(train, reward_set.required_columns(), on_bad_row=cfg.data.on_bad_row, report=report)
     eval_split, _ = load_prompts(cfg.data, tokenizer, "eval", rows=eval_rows, limit=cfg.eval.limit, **where)
+    cfg = life.fit_epochs(len(train), rl.prompts_per_step)
     run = RLRun(
         model=model, tokenizer=tokenizer, reference=reference, critic=critic, critic_optimizer=critic_optimizer,
         reward_set=reward_set, train=train, eval_prompts=[p for p in eval_split if "answer" in p.extra],

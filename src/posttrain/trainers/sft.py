@@ -56,6 +56,7 @@ def train_sft(
         recipe_dir=cfg.recipe_dir, run_dir=life.run_dir,
     )  # fmt: skip
     train, report = _encode_train(cfg, tokenizer, train_rows)
+    cfg = life.fit_epochs(len(train), cfg.train.batch_size)
     eval_prompts, eval_tokens = _encode_eval(cfg, tokenizer, eval_rows)
     sampler = EpochSampler(len(train), seed=cfg.seed, report=report)
     optim = build_optimisation(model, cfg.train)
