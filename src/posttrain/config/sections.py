@@ -37,6 +37,10 @@ class ModelSection(Section):
     tokenizer: str | None = None
     """A tokenizer directory, or a built-in task name (arithmetic) whose tokenizer is built. Default: model.path's
     own."""
+    chat_template: str | None = None
+    """A chat template replacing the tokenizer's own (TRL's chat_template_path): the Jinja text itself, or a file
+    holding it (relative to the working directory, else to the recipe). Conversational rows are rendered with it,
+    and final/ saves it with the tokenizer."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype."""
     gradient_checkpointing: bool = False

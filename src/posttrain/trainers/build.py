@@ -77,6 +77,7 @@ def build_policy(
     if model is None and section.path is None and section.preset is None:
         raise ConfigError("model: set model.path (a local model directory) or model.preset, or pass model= from Python")
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer_for(section, recipe_dir, model)
+    set_chat_template(tokenizer, section.chat_template, recipe_dir)
     if model is not None:
         model = model.to(device)
     elif section.path is not None:
@@ -93,6 +94,22 @@ def build_policy(
         model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                            target_modules=lora.target_modules, base_path=base)  # fmt: skip
     return model, tokenizer
+
+
+def set_chat_template(tokenizer: Any, template: str | None, recipe_dir: str | None) -> None:
+    """model.chat_template on the tokenizer: the Jinja text itself when it holds a Jinja tag, else a file's text."""
+    if template is None:
+        return
+    if "{%" not in template and "{{" not in template:
+        path = resolve_path(template, recipe_dir)
+        if not path.is_file():
+            raise ConfigError(f"model.chat_template: {template!r} is no file (looked in the working directory"
+                              f"{' and beside the recipe' if recipe_dir else ''}) and holds no Jinja tag ({{% or {{{{)")
+        try:
+            template = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"model.chat_template: {path} is not UTF-8 text") from None
+    tokenizer.chat_template = template
 
 
 BASE_MODEL_DIR = "base"

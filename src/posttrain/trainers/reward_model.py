@@ -22,7 +22,13 @@ from posttrain.objectives.registry import REWARD_MODEL_LOSSES, call_with
 from posttrain.objectives.reward_model import pairwise_accuracy
 from posttrain.policies import build_reward_model, disable_dropout, scalar_rewards
 from posttrain.runtime.checkpoint import model_dir
-from posttrain.trainers.build import build_optimisation, build_tokenizer_for, load_checkpoint_weights, resolve_path
+from posttrain.trainers.build import (
+    build_optimisation,
+    build_tokenizer_for,
+    load_checkpoint_weights,
+    resolve_path,
+    set_chat_template,
+)
 from posttrain.trainers.lifecycle import Lifecycle, RunResult
 from posttrain.trainers.preference_step import collate_feedback
 from posttrain.trainers.splits import Rows, Tokens, load_feedback
@@ -44,6 +50,7 @@ def train_rm(
         return life.finished_result()
     loss_fn, args, bf16, device = REWARD_MODEL_LOSSES[cfg.rm.loss], cfg.rm.loss_args, cfg.train.bf16, life.device
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer_for(cfg.model, cfg.recipe_dir, model)
+    set_chat_template(tokenizer, cfg.model.chat_template, cfg.recipe_dir)
     if model is None:
         model = reward_model_for(cfg, tokenizer, life.checkpoint).to(device)
     elif life.checkpoint is not None:
