@@ -47,6 +47,10 @@ class ModelSection(Section):
     """Recompute activations in the backward pass to save memory."""
     lora: LoraSection | None = None
     """Train a LoRA adapter (needs the `lora` extra) instead of all weights."""
+    quantization: Literal["4bit", "8bit"] | None = None
+    """Load model.path's weights quantized through bitsandbytes (the `quantization` extra; a CUDA GPU): 4bit is
+    QLoRA's NF4 with double quantisation and bfloat16 compute (Dettmers et al. 2023, arXiv:2305.14314), 8bit is
+    LLM.int8() (arXiv:2208.07339). The quantized weights stay frozen, so it needs model.lora."""
     disable_dropout: bool = True
     """Set every dropout probability of the model to 0 (TRL's default): with dropout on, the policy's log-probs
     differ from the sampler's and the reference's even before any update. LoRA's own dropout is model.lora.dropout."""
@@ -57,6 +61,9 @@ class ModelSection(Section):
             raise ValueError("set one of model.path (a local model directory) and model.preset, not both")
         if self.preset is not None and self.tokenizer is None:
             raise ValueError("model.preset needs model.tokenizer (a tokenizer directory or a task name)")
+        if self.quantization is not None and (self.path is None or self.lora is None):
+            raise ValueError(f"model.quantization: {self.quantization} loads model.path's weights frozen, for a LoRA "
+                             "adapter to train: set model.path and model.lora (e.g. model.lora.r=16)")  # fmt: skip
         return self
 
 
