@@ -62,11 +62,11 @@ def group_batch(vocab: int, group: int, prompt: int, completion: int, seed: int 
     return ids_G_T, torch.ones_like(target_G_T), target_G_T
 
 
-def autograd_ops(llama_forward: Any) -> dict[str, Any]:
-    """`llama_forward`'s MLP and norm makers with autograd's own ops where the functions would apply."""
+def autograd_ops(decoder_layer: Any) -> dict[str, Any]:
+    """`decoder_layer`'s MLP and norm makers with autograd's own ops where the functions would apply."""
 
     def gated_down_op(act_fn: Any, down_proj: Any) -> Any:
-        act, down = llama_forward.activation_op(act_fn), llama_forward.linear_op(down_proj)
+        act, down = decoder_layer.activation_op(act_fn), decoder_layer.linear_op(down_proj)
         return lambda gate, up: down(act(gate) * up)
 
     return {"gated_down_op": gated_down_op, "norm_op": composite_norm_op}
@@ -75,7 +75,7 @@ def autograd_ops(llama_forward: Any) -> dict[str, Any]:
 def measure(size: str, dtype: str, group: int, prompt: int, completion: int) -> dict[str, int | None]:
     import torch
 
-    from posttrain.policies import llama_forward, token_logprobs
+    from posttrain.policies import decoder_layer, token_logprobs, unpadded
 
     tokenizer = harness.build_tokenizer()
     model = harness.build_model(size, tokenizer, dtype=dtype).train()
@@ -84,16 +84,18 @@ def measure(size: str, dtype: str, group: int, prompt: int, completion: int) -> 
     results: dict[str, int | None] = {}
     with autocast:
         results["posttrain"] = kept_bytes(model, lambda: token_logprobs(model, ids_G_T, mask_G_T, target_G_T))
-        own = {name: getattr(llama_forward, name) for name in ("gated_down_op", "norm_op")}
+        own = {name: getattr(decoder_layer, name) for name in ("gated_down_op", "norm_op")}
         try:
-            for name, op in autograd_ops(llama_forward).items():
-                setattr(llama_forward, name, op)
+            for name, op in autograd_ops(decoder_layer).items():
+                setattr(decoder_layer, name, op)
+            unpadded.norm_op = decoder_layer.norm_op
             results["posttrain, autograd's ops"] = kept_bytes(
                 model, lambda: token_logprobs(model, ids_G_T, mask_G_T, target_G_T)
             )
         finally:
             for name, op in own.items():
-                setattr(llama_forward, name, op)
+                setattr(decoder_layer, name, op)
+            unpadded.norm_op = decoder_layer.norm_op
         try:
             from trl.trainer.utils import selective_log_softmax
         except ImportError:

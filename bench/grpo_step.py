@@ -9,9 +9,12 @@ token-mean loss). TRL runs its default non-vLLM path (`model.generate`) with the
 picks on a CPU: gradient_checkpointing=False and bf16=False (TRL defaults both to True).
 
 A step is timed end to end (generation, scoring, reference log-probs, forward, backward, optimiser,
-logging): from the end of one step to the end of the next.
+logging): from the end of one step to the end of the next. `--families` runs the tiny step once per model family
+(its `<family>-small` preset, the demo model's shape), each side by side with TRL, and reports which forward
+posttrain ran (`describe_forward_path`).
 
     python bench/grpo_step.py --sizes tiny,30m
+    python bench/grpo_step.py --families llama,mistral,qwen2,qwen3,gemma,gemma2,gemma3,phi3,olmo2
     python bench/grpo_step.py --quick
 """
 
@@ -31,13 +34,14 @@ DEFAULTS = {"tiny": {"steps": 6}, "30m": {"steps": 3}, "0.5b": {"steps": 3}}
 
 def grpo_case(size: str, *, prompts: int = 8, group: int = 8, completion: int = 32, beta: float = 0.04,
               steps: int = 5, warmup: int = 1, device: str = "cpu", dtype: str = "float32",
-              prompt_tokens: int = 0, micro_batch: int | None = None, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+              prompt_tokens: int = 0, micro_batch: int | None = None, seed: int = 0,
+              family: str | None = None) -> dict[str, Any]:  # fmt: skip
     if micro_batch is not None and (prompts * group) % micro_batch:
         raise SystemExit(f"--micro-batch {micro_batch} must divide the step's {prompts * group} sequences")
     return {
         "size": size, "prompts": prompts, "group": group, "completion": completion, "beta": beta, "lr": 1e-5,
         "temperature": 1.0, "steps": steps, "warmup": warmup, "device": device, "dtype": dtype,
-        "prompt_tokens": prompt_tokens, "micro_batch": micro_batch, "seed": seed,
+        "prompt_tokens": prompt_tokens, "micro_batch": micro_batch, "seed": seed, "family": family,
     }  # fmt: skip
 
 
@@ -58,9 +62,11 @@ def step_flops(
 
 def run_posttrain(case: dict[str, Any]) -> dict[str, Any]:
     from posttrain import api
+    from posttrain.policies import describe_forward_path
 
     tokenizer = harness.build_tokenizer()
     model = harness.case_model(case, tokenizer)
+    path = describe_forward_path(model)
     rows = harness.arithmetic_rows(4096, seed=case["seed"], prompt_tokens=case.get("prompt_tokens", 0))
     base = harness.base_memory_mb(case["device"])
     clock = harness.StepClock()
@@ -68,7 +74,8 @@ def run_posttrain(case: dict[str, Any]) -> dict[str, Any]:
     weights, autocast = harness.precision(case)
     with tempfile.TemporaryDirectory() as out:
         config = {
-            "model": {"preset": harness.SIZES[case["size"]], "tokenizer": "arithmetic", **weights},
+            "model": {"preset": harness.preset_of(case["size"], case.get("family")), "tokenizer": "arithmetic",
+                      **weights},
             "data": {"train": api.IN_MEMORY},
             "train": {"max_steps": case["warmup"] + case["steps"], "lr": case["lr"], "max_grad_norm": 1.0,
                       **autocast},
@@ -95,6 +102,7 @@ def run_posttrain(case: dict[str, Any]) -> dict[str, Any]:
         "gen_s": statistics.median(h["gen_s"] for h in measured),
         "train_s": statistics.median(h["train_s"] for h in measured),
         "params": harness.param_count(model),
+        "path": path,
     }
 
 
@@ -107,7 +115,8 @@ def run_trl(case: dict[str, Any]) -> dict[str, Any]:
     clock = harness.StepClock()
 
     with tempfile.TemporaryDirectory() as out:
-        path = harness.save_model(case["size"], tokenizer, Path(out) / "model", seed=case["seed"])
+        path = harness.save_model(case["size"], tokenizer, Path(out) / "model", seed=case["seed"],
+                                  family=case.get("family"))  # fmt: skip
         sequences = rows_per_step(case)
         micro_batch = case.get("micro_batch") or sequences
         args = GRPOConfig(
@@ -150,6 +159,8 @@ def main() -> None:
     p.add_argument("--completion", type=int, default=32, help="max completion tokens (L)")
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (> 0: both sides run a reference)")
     p.add_argument("--prompt-tokens", type=int, default=0, help="lengthen every prompt to about this many tokens")
+    p.add_argument("--families", default=None,
+                   help="comma-separated model families: the tiny step once per family's preset (<family>-small)")
     p.add_argument("--micro-batch", type=int, default=None,
                    help="sequences per forward + backward on both sides (posttrain rl.micro_batch_size; TRL "
                         "per_device_train_batch_size with gradient accumulation); None: the whole step")  # fmt: skip
@@ -158,18 +169,23 @@ def main() -> None:
         return harness.worker_main(args.worker, SIDES)
     rounds = 1 if args.quick else args.rounds
     cases = []
-    for size in harness.sizes_of(args):
+    runs = [(size, None) for size in harness.sizes_of(args)] if args.families is None else [
+        ("tiny", family.strip()) for family in args.families.split(",") if family.strip()
+    ]  # fmt: skip
+    for size, family in runs:
         steps = 2 if args.quick else args.steps or DEFAULTS[size]["steps"]
         case = grpo_case(size, prompts=args.prompts, group=args.group, completion=args.completion, beta=args.beta,
                          steps=steps, warmup=args.warmup, device=args.device, dtype=harness.dtype_of(args),
-                         prompt_tokens=args.prompt_tokens, micro_batch=args.micro_batch)  # fmt: skip
+                         prompt_tokens=args.prompt_tokens, micro_batch=args.micro_batch, family=family)  # fmt: skip
         print(f"GRPO step, {size}: {case}", flush=True)
         sides = harness.alternate(__file__, case, ["posttrain", "trl"], rounds=rounds, threads=args.threads)
+        ours = sides["posttrain"].extra
         cases.append(
             harness.CaseResult(
-                "GRPO step", size, case, "s", sides,
-                notes=[f"completion tokens per step: posttrain {sides['posttrain'].extra['completion_tokens']:.0f}, "
-                       f"TRL {sides['trl'].extra['completion_tokens']:.0f} (sampling stops at EOS on both sides)"],
+                "GRPO step" if family is None else f"GRPO step, {family}", size, case, "s", sides,
+                notes=[f"completion tokens per step: posttrain {ours['completion_tokens']:.0f}, "
+                       f"TRL {sides['trl'].extra['completion_tokens']:.0f} (sampling stops at EOS on both sides); "
+                       f"{ours['path']}"],
             )
         )  # fmt: skip
     harness.print_cases(cases)

@@ -311,21 +311,32 @@ def build_tokenizer() -> Any:
     return build_builtin_tokenizer("arithmetic")
 
 
-def build_model(size: str, tokenizer: Any, *, seed: int = 0, device: str = "cpu", dtype: str = "float32") -> Any:
+def preset_of(size: str, family: str | None = None) -> str:
+    """The posttrain preset of a size, or of the tiny size in another model family (`<family>-small`, the demo
+    model's shape in that family; qwen2's is the default)."""
+    if family is None:
+        return SIZES[size]
+    if size != "tiny":
+        raise SystemExit(f"--families: only the tiny size has a preset per family, not {size}")
+    return f"{family}-small"
+
+
+def build_model(size: str, tokenizer: Any, *, seed: int = 0, device: str = "cpu", dtype: str = "float32",
+                family: str | None = None) -> Any:  # fmt: skip
     """A randomly initialised model of the size's preset (same seed -> same weights on both sides), float32 weights
-    rounded to `dtype`, with the size's vocabulary (`VOCAB_SIZES`)."""
+    rounded to `dtype`, with the size's vocabulary (`VOCAB_SIZES`); `family`: that family's tiny preset."""
     import torch
 
     from posttrain.policies import build_model as build
 
-    model = build(SIZES[size], tokenizer, seed=seed, vocab_size=VOCAB_SIZES.get(size))
+    model = build(preset_of(size, family), tokenizer, seed=seed, vocab_size=VOCAB_SIZES.get(size))
     return model.to(device=device, dtype=getattr(torch, dtype))
 
 
 def case_model(case: dict[str, Any], tokenizer: Any) -> Any:
-    """`build_model` for a case: its size, seed, device and dtype."""
+    """`build_model` for a case: its size, family, seed, device and dtype."""
     return build_model(case["size"], tokenizer, seed=case["seed"], device=case["device"],
-                       dtype=case.get("dtype", "float32"))  # fmt: skip
+                       dtype=case.get("dtype", "float32"), family=case.get("family"))  # fmt: skip
 
 
 def precision(case: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -352,12 +363,12 @@ def trl_args(case: dict[str, Any], output_dir: str, *, lr: float) -> dict[str, A
     }  # fmt: skip
 
 
-def save_model(size: str, tokenizer: Any, directory: str | Path, *, seed: int = 0) -> str:
+def save_model(size: str, tokenizer: Any, directory: str | Path, *, seed: int = 0, family: str | None = None) -> str:
     """The same model saved as a Hugging Face directory, for trainers that load their reference from a path
     (TRL builds its reference model from the policy's path)."""
     from posttrain.policies import save_pretrained
 
-    save_pretrained(build_model(size, tokenizer, seed=seed), tokenizer, directory)
+    save_pretrained(build_model(size, tokenizer, seed=seed, family=family), tokenizer, directory)
     return str(directory)
 
 

@@ -1,7 +1,7 @@
 """RMSNorm as one autograd function against PyTorch's composite `rms_norm`, in the training forward (issue #7).
 
-Forward + backward of `token_logprobs` (the unpadded Llama-family forward) on the batches the trainers build,
-with `llama_forward.norm_op` making the `RMSNorm` function (posttrain's) or calling `F.rms_norm` (PyTorch's),
+Forward + backward of `token_logprobs` (the unpadded training forward) on the batches the trainers build,
+with `decoder_layer.norm_op` making the `RMSNorm` function (posttrain's) or calling `F.rms_norm` (PyTorch's),
 alternating in one process; prints each side's median and their ratio. The batches are `unpadded_forward.py`'s
 (SFT, packed SFT, DPO) and a GRPO-like one: 8 prompts x 8 completions of 12 numbers.
 
@@ -21,17 +21,20 @@ import harness
 from unpadded_forward import alternating_medians, batches
 
 
-def composite_norm_op(module: Any) -> Any:
-    """`llama_forward.norm_op` with PyTorch's `rms_norm` (autograd through its composite) for float32 input."""
+def composite_norm_op(module: Any, norm: Any) -> Any:
+    """`decoder_layer.norm_op` with PyTorch's `rms_norm` (autograd through its composite) for float32 input."""
     import torch
     import torch.nn.functional as F
 
-    from posttrain.policies import llama_forward
-
-    if type(module).__name__ not in llama_forward.RMS_NORMS:
-        return module
-    shape, weight, eps = module.weight.shape, module.weight, module.variance_epsilon
+    shape, weight, eps = module.weight.shape, module.weight + norm.offset, getattr(module, norm.eps)
     return lambda x: F.rms_norm(x, shape, weight, eps) if x.dtype == torch.float32 else module(x)
+
+
+def set_norm_op(op: Any) -> None:
+    """Make every norm of the training forward through `op` (the layers' and the final one)."""
+    from posttrain.policies import decoder_layer, unpadded
+
+    decoder_layer.norm_op = unpadded.norm_op = op
 
 
 def grpo_batch(tokenizer: Any) -> Any:
@@ -56,19 +59,17 @@ def main() -> None:
 
     import torch
 
-    from posttrain.policies import llama_forward
+    from posttrain.policies import decoder_layer
 
     torch.set_num_threads(args.threads)
-    sides = {"function": llama_forward.norm_op, "composite": composite_norm_op}
+    sides = {"function": decoder_layer.norm_op, "composite": composite_norm_op}
     tokenizer = harness.build_tokenizer()
-    print(f"threads {args.threads}, {args.rounds} rounds; median seconds per forward + backward")
+    print(f"threads {args.threads}, {args.rounds} rounds; median CPU seconds per forward + backward")
     for size in [s.strip() for s in args.sizes.split(",")]:
         model = harness.build_model(size, tokenizer).train()
         for name, batch in {**batches(tokenizer, 64, 128, seed=0), "grpo": grpo_batch(tokenizer)}.items():
-            medians = alternating_medians(
-                model, batch, sides, lambda op: setattr(llama_forward, "norm_op", op), args.rounds
-            )
-            llama_forward.norm_op = sides["function"]
+            medians = alternating_medians(model, batch, sides, set_norm_op, args.rounds)
+            set_norm_op(sides["function"])
             ours, composite = medians["function"], medians["composite"]
             shape = "x".join(map(str, batch.input_ids_B_T.shape))
             print(f"{size:>5} {name:<11} [{shape}]: function {ours * 1e3:7.1f} ms, composite {composite * 1e3:7.1f} "

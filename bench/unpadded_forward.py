@@ -1,7 +1,7 @@
-"""The unpadded Llama-family training forward against the padded one, in one process (issue #7).
+"""The unpadded training forward against the padded one, in one process (issue #7).
 
 Forward + backward of `token_logprobs` (the summed target log-probs) with the unpadded forward
-(`posttrain.policies.llama_forward`) on and off, alternating, on the batches the trainers build:
+(`posttrain.policies.unpadded`) on and off, alternating, on the batches the trainers build:
 
 - sft: B arithmetic demonstrations as `bench/sft.py` draws them, completion-only targets, one micro-batch
   padded to its longest row (`collate_sft`);
@@ -9,7 +9,7 @@ Forward + backward of `token_logprobs` (the summed target log-probs) with the un
 - dpo: B/2 arithmetic pairs as `bench/dpo_step.py` draws them, chosen and rejected rows padded together
   (`collate_preference`).
 
-Reports the median seconds of each side and their ratio, and the share of token slots that are padding.
+Reports the median CPU seconds of each side and their ratio, and the share of token slots that are padding.
 
     python bench/unpadded_forward.py --sizes tiny,30m --rounds 15
 """
@@ -60,7 +60,7 @@ def batches(tokenizer: Any, size: int, max_length: int, seed: int) -> dict[str, 
 def forward_backward(model: Any, batch: Any) -> float:
     from posttrain.policies import token_logprobs
 
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: steadier than wall time on a shared machine
     logp_B_T, _ = token_logprobs(
         model,
         batch.input_ids_B_T,
@@ -70,13 +70,13 @@ def forward_backward(model: Any, batch: Any) -> float:
     )
     logp_B_T.sum().backward()
     model.zero_grad(set_to_none=True)
-    return time.perf_counter() - started
+    return time.process_time() - started
 
 
 def alternating_medians(
     model: Any, batch: Any, sides: dict[str, Any], install: Callable[[Any], None], rounds: int
 ) -> dict[str, float]:
-    """Median seconds of `forward_backward` for each side, the sides alternating from round to round after one
+    """Median CPU seconds of `forward_backward` for each side, the sides alternating from round to round after one
     warm-up round; `install(value)` puts a side's value in place before its run."""
     times: dict[str, list[float]] = {side: [] for side in sides}
     for round_ in range(rounds + 1):

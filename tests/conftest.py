@@ -3,12 +3,12 @@
 import pytest
 
 import posttrain.policies.logprobs as logprobs_module
-from posttrain.policies import cpu_matmul, llama_forward
+from posttrain.policies import cpu_matmul, unpadded
 
 
 @pytest.fixture
 def unpadded_calls(monkeypatch):
-    """How many times the unpadded training forward ran (`llama_forward.unpadded_hidden_states`)."""
+    """How many times the unpadded training forward ran (`unpadded.unpadded_hidden_states`)."""
     count = {"n": 0}
     original = logprobs_module.unpadded_hidden_states
 
@@ -23,7 +23,7 @@ def unpadded_calls(monkeypatch):
 @pytest.fixture(params=["blas", "onednn"])
 def linear_kernel(request, monkeypatch):
     """Runs a test with the float32 CPU linear layers on the default BLAS, then with every product on oneDNN,
-    small ones too, so that the unpadded forward pads its rows (`llama_forward.products_pad_rows`). Yields
+    small ones too, so that the unpadded forward pads its rows (`unpadded.products_pad_rows`). Yields
     {"kernel": the choice, "padded": how many unpadded forwards padded their rows}."""
     if request.param == "onednn":
         if not cpu_matmul.onednn_available():
@@ -34,13 +34,13 @@ def linear_kernel(request, monkeypatch):
     monkeypatch.setenv(cpu_matmul.ENV_VAR, request.param)
     cpu_matmul.onednn_selected.cache_clear()
     seen = {"kernel": request.param, "padded": 0}
-    original = llama_forward.products_pad_rows
+    original = unpadded.products_pad_rows
 
     def counting(*args):
         pads = original(*args)
         seen["padded"] += pads
         return pads
 
-    monkeypatch.setattr(llama_forward, "products_pad_rows", counting)
+    monkeypatch.setattr(unpadded, "products_pad_rows", counting)
     yield seen
     cpu_matmul.onednn_selected.cache_clear()

@@ -105,14 +105,14 @@ def test_unreadable_file(files, tmp_path, capsys, monkeypatch):
     path.write_text(json.dumps(GOOD) + "\n")
     path.chmod(0)
     if os.access(path, os.R_OK):  # root reads anything: make this one file refuse as the OS would
-        real = Path.read_bytes
+        real = Path.open
 
-        def denied(self: Path) -> bytes:
+        def denied(self: Path, *args: object, **kwargs: object) -> object:
             if self == path:
                 raise PermissionError(13, "Permission denied", str(self))
-            return real(self)
+            return real(self, *args, **kwargs)
 
-        monkeypatch.setattr(Path, "read_bytes", denied)
+        monkeypatch.setattr(Path, "open", denied)
     code, err = run_cli(["sft", *TINY, f"data.train={path}", f"output_dir={tmp_path}"], capsys)
     assert_one_line_error(code, err, f"{path}: cannot read it (Permission denied)")
 
@@ -200,3 +200,69 @@ def test_reference_free_loss_without_a_reference_setting_runs(tmp_path, capsys):
         capsys,
     )
     assert code == 0, err
+
+
+# --- inputs that would exhaust memory or the stack, or train silently (issue #21, item 7) -----------------
+
+@pytest.mark.parametrize(
+    ("command", "overrides", "words"),
+    [
+        ("sft", ["data.max_length=4096"], ["data.max_length=4096 tokens is more than the model's 2048 positions",
+                                           "set data.max_length to at most 2048"]),
+        ("rm", ["data.max_length=2049"], ["data.max_length=2049 tokens is more than the model's 2048 positions"]),
+        (
+            "rl",
+            ["rl.sampling.max_new_tokens=2000", "rl.group_size=2"],
+            ["data.max_length=512 + rl.sampling.max_new_tokens=2000 = 2512 tokens is more than the model's 2048"],
+        ),
+    ],
+)
+def test_sequences_longer_than_the_model_positions_are_refused_at_start(command, overrides, words, tmp_path, capsys):
+    # qwen2-tiny has 2048 positions; longer sequences trained silently past them
+    code, err = run_cli([command, *TINY, "data.task.name=arithmetic", f"output_dir={tmp_path}", *overrides], capsys)
+    assert_one_line_error(code, err, *words)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_pair_whose_chosen_equals_rejected_is_named_or_skipped(tmp_path, capsys):
+    # its DPO loss has a zero gradient: it trained silently
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}, {"prompt": "2+2=", "chosen": "4", "rejected": "4"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["pref", *TINY, f"data.train={path}", "train.batch_size=1"]
+    code, err = run_cli([*argv, f"output_dir={tmp_path / 'a'}"], capsys)
+    assert_one_line_error(code, err, f"{path} line 2: 'chosen' and 'rejected' are the same tokens")
+    code, err = run_cli([*argv, "data.on_bad_row=skip", f"output_dir={tmp_path / 'b'}"], capsys)
+    assert code == 0, err
+    assert f"{path}: 2 rows, 1 skipped (identical pair: 1), 0 truncated, 0 dropped" in " ".join(err.split())
+
+
+def test_a_lone_surrogate_is_one_line_naming_the_row_and_field(tmp_path, capsys):
+    # the tokenizer raised TypeError on it
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "1+1=\\ud800", "completion": "2"}\n')
+    code, err = run_cli(["sft", *TINY, f"data.train={path}", f"output_dir={tmp_path}"], capsys)
+    assert_one_line_error(code, err, f"{path} line 2: field 'prompt': lone surrogate U+D800 at character 5")
+
+
+def test_deep_nesting_and_huge_rows_are_skipped_and_counted(tmp_path, capsys):
+    path = tmp_path / "d.jsonl"
+    deep = json.dumps(GOOD)[:-1] + ', "junk": ' + "[" * 100_000 + "]" * 100_000 + "}"  # RecursionError, also skipped
+    huge = json.dumps({"prompt": "1+1=", "completion": "2" * 17 * 2**20})  # over the 16 MiB a row may hold
+    long = json.dumps({"prompt": "1+1=", "completion": "2" * 4 * 2**20})  # cut before tokenising, then truncated
+    path.write_text("\n".join([json.dumps(GOOD), deep, huge, long]) + "\n")
+    argv = ["sft", *TINY, f"data.train={path}", "data.on_bad_row=skip", "data.max_length=32"]
+    code, err = run_cli([*argv, f"output_dir={tmp_path / 'run'}"], capsys)
+    assert code == 0, err
+    counts = "4 rows, 2 skipped (row too large: 1, too deep: 1), 1 truncated, 0 dropped"
+    assert f"data: {path}: {counts}" in " ".join(err.split())
+
+
+def test_a_yaml_bomb_recipe_is_one_short_line(tmp_path, capsys):
+    recipe = tmp_path / "bomb.yaml"
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    recipe.write_text("\n".join([*lines, "train:", "  lr: *a8"]) + "\n")
+    code, err = run_cli(["sft", str(recipe), *TINY, "data.task.name=arithmetic", f"output_dir={tmp_path}"], capsys)
+    assert_one_line_error(code, err, f"recipe {recipe} line 5: aliases expand the document past")
+    assert len(err) < 400

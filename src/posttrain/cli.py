@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 import textwrap
 import types
@@ -60,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     _quiet_libraries()
+    if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_ranks(args.nproc, list(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.handler(args) or 0)
     except TrainingInterrupted as stop:
@@ -175,6 +179,9 @@ def _add_recipe_command(
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a recipe value")
     if resume:
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+        p.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="train data-parallel on N processes of this machine (launches torchrun; see "
+                            "docs/distributed.md)")  # fmt: skip
     p.set_defaults(config_name=config_name)
 
 
@@ -256,6 +263,24 @@ def _allowed_values(annotation: Any, description: str) -> str:
     return ""
 
 
+def launch_ranks(nproc: int, argv: list[str]) -> int:
+    """`posttrain CMD ... --nproc N`: the same command on N processes of this machine through torchrun, each
+    process's torch threads a share of the cores (unless OMP_NUM_THREADS says otherwise)."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
+               "-m", "posttrain", *rest]  # fmt: skip
+    return subprocess.run(command, env=env).returncode
+
+
 def _split_recipe(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     """The first positional is a recipe unless it looks like an override."""
     recipe, overrides = args.recipe, list(args.overrides)
@@ -284,7 +309,8 @@ def _train_with(module: str, function: str) -> Callable[[argparse.Namespace], in
     def run(args: argparse.Namespace) -> int:
         train = getattr(importlib.import_module(f"posttrain.trainers.{module}"), function)
         result = train(_load(args), resume=args.resume)
-        print(f"final model: {result.final_dir}")
+        if os.environ.get("RANK", "0") == "0":  # one line for a run on several ranks
+            print(f"final model: {result.final_dir}")
         return 0
 
     return run

@@ -1,10 +1,11 @@
 """Recipes, dotted overrides, `inherit:` and one-line ConfigErrors that name the key and what is allowed."""
 
+import re
 from pathlib import Path
 
 import pytest
 
-from posttrain.config import ConfigError, EvalConfig, SFTConfig, describe_options, load_config, validate
+from posttrain.config import ConfigError, EvalConfig, RLConfig, SFTConfig, describe_options, load_config, validate
 from posttrain.trainers.evaluation import run_evaluation
 from posttrain.trainers.sft import train_sft
 
@@ -255,3 +256,95 @@ def test_the_python_api_applies_overrides_by_the_same_rule(tmp_path: Path) -> No
     for config in (raw, validate(SFTConfig, raw)):
         cfg = as_config(SFTConfig, config, [f"model.path={mine}"])
         assert cfg.model.path == str(mine) and cfg.model.preset is None and cfg.model.tokenizer is None
+# --- recipes that would exhaust memory or the stack (issue #21, item 7) ------------------------------------
+
+def billion_laughs(levels: int = 9) -> str:
+    """Each level lists the one before 9 times: 9 ** levels strings once expanded (387 million at 9), in a few
+    hundred bytes of YAML."""
+    text = 'a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
+    for i in range(1, levels):
+        text += f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]\n"
+    return text + f"train:\n  lr: *a{levels - 1}\n"
+
+
+def test_a_yaml_bomb_is_refused_in_one_short_line(tmp_path: Path) -> None:
+    # the validation error's repr of the expanded value ran out of memory
+    recipe = write(tmp_path / "r.yaml", billion_laughs())
+    with pytest.raises(ConfigError) as error:
+        load_config(SFTConfig, recipe)
+    message = str(error.value)
+    # a4 (line 5) is the first to expand past the limit: 9 ** 5 = 59,049 strings of 3 characters
+    assert message.startswith(f"recipe {recipe} line 5: aliases expand the document past ") and len(message) < 300
+    with pytest.raises(ConfigError, match=r"^override 'train.lr=.*: aliases expand the document past"):
+        load_config(SFTConfig, None, [*BASE, "train.lr=" + billion_laughs()])
+
+
+def test_aliases_and_merge_keys_within_bounds_still_work(tmp_path: Path) -> None:
+    recipe = write(tmp_path / "r.yaml", """\
+model: {preset: qwen2-tiny, tokenizer: &task arithmetic}
+data:
+  task: {name: *task, train_size: 100}
+train:
+  <<: {max_steps: 7, batch_size: 4}
+  lr: 0.01
+""")
+    cfg = load_config(SFTConfig, recipe)
+    assert cfg.data.task is not None and cfg.data.task.name == "arithmetic"
+    assert (cfg.train.max_steps, cfg.train.batch_size, cfg.train.lr) == (7, 4, 0.01)
+
+
+def test_an_alias_inside_the_node_it_names_is_refused(tmp_path: Path) -> None:
+    recipe = write(tmp_path / "r.yaml", GOOD_RECIPE + "eval: &e {limit: *e}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"recipe {recipe} line 11: an alias inside the node it names")):
+        load_config(SFTConfig, recipe)
+
+
+def test_deep_nesting_is_one_error_naming_the_line(tmp_path: Path) -> None:
+    # PyYAML composes nodes recursively: 100,000 brackets raised RecursionError
+    recipe = write(tmp_path / "r.yaml", GOOD_RECIPE + "seed: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match=re.escape(f"recipe {recipe} line 11: mappings and lists nested more than "
+                                                    "64 deep")):
+        load_config(SFTConfig, recipe)
+    assert "nested more than 64 deep" in error_of([*BASE, "seed=" + "[" * 100_000 + "]" * 100_000])
+    deep_aliases = "".join(f"a{i}: &a{i} [*a{i - 1}]\n" for i in range(1, 70))
+    write(recipe, "a0: &a0 [1]\n" + deep_aliases)  # 70 levels, 2 in each node: deep only through aliases
+    with pytest.raises(ConfigError, match="nested more than 64 deep \\(through aliases\\)"):
+        load_config(SFTConfig, recipe)
+
+
+def test_a_lone_surrogate_in_a_recipe_or_override_is_named(tmp_path: Path) -> None:
+    recipe = write(tmp_path / "r.yaml", GOOD_RECIPE + 'output_dir: "runs/\\ud800"\n')
+    with pytest.raises(ConfigError, match=re.escape(f"recipe {recipe} line 11: lone surrogate U+D800")):
+        load_config(SFTConfig, recipe)
+    assert "lone surrogate U+D800" in error_of([*BASE, 'output_dir="runs/\\ud800"'])  # YAML's escape
+    # a non-UTF-8 byte of a path in argv reaches Python as one too ("surrogateescape"): such a value is not YAML
+    # (its reader refuses it), so the override is its text, the path, which the file system takes back
+    assert load_config(SFTConfig, None, [*BASE, "output_dir=runs/\udcff"]).output_dir == "runs/\udcff"
+    # elsewhere it is a ConfigError; a validator's message that held it raised UnicodeEncodeError (pydantic-core)
+    with pytest.raises(ConfigError, match=re.escape("rl.loss_aggregation: '\\udcff' holds a lone surrogate")):
+        load_config(RLConfig, None, [*BASE, "rl.loss_aggregation=\udcff"])
+
+
+def test_a_huge_value_is_shown_in_a_few_dozen_characters() -> None:
+    message = error_of([*BASE, "train.lr=[" + ", ".join(["12345678"] * 100_000) + "]"])
+    assert message.startswith("train.lr: Input should be a valid number (got [12345678, 12345678,")
+    assert len(message) < 200
+
+
+def test_a_recipe_over_one_mib_or_of_unbuildable_values_is_one_error(tmp_path: Path) -> None:
+    recipe = write(tmp_path / "r.yaml", GOOD_RECIPE + "# " + "x" * 2**20 + "\n")
+    with pytest.raises(ConfigError, match=f"recipe {re.escape(str(recipe))} is larger than 1 MiB"):
+        load_config(SFTConfig, recipe)
+    # a date that is none; an int past Python's 4,300 digits; explicit tags on values that are not of the type
+    for value in ("2020-13-45", "1" * 5000, '!!int ""', "!!bool maybe", "!!timestamp x"):
+        write(recipe, GOOD_RECIPE + f"seed: {value}\n")
+        with pytest.raises(ConfigError, match=f"recipe {re.escape(str(recipe))} line 11: a value cannot be read"):
+            load_config(SFTConfig, recipe)
+        assert error_of([*BASE, f"seed={value}"]).startswith("seed: ")  # an override's value is then its text
+    write(recipe, "seed: !" + "9" * 5000 + " 1\n")  # PyYAML's own error quotes the whole tag
+    with pytest.raises(ConfigError, match=f"recipe {re.escape(str(recipe))} is not valid YAML: ") as error:
+        load_config(SFTConfig, recipe)
+    assert len(str(error.value)) < 800 and "\n" not in str(error.value)
+    write(recipe, "inherit: 5\n")
+    with pytest.raises(ConfigError, match="inherit: expected the path of a recipe, got 5"):
+        load_config(SFTConfig, recipe)

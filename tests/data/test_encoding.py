@@ -2,10 +2,13 @@
 <|bos|>=1, <|im_start|>=3, <|im_end|>=4 (EOS) are one token each."""
 
 import copy
+import re
 import tempfile
 
 import pytest
-from transformers import AutoTokenizer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer, LlamaConfig
 
 from posttrain.data import (
     DataError,
@@ -14,8 +17,10 @@ from posttrain.data import (
     PreferenceExample,
     PreferenceTokens,
     PromptExample,
+    PromptTokens,
     SFTExample,
     UnpairedExample,
+    check_positions,
     collate_completions,
     encode_listwise,
     encode_preference,
@@ -25,6 +30,7 @@ from posttrain.data import (
     encode_sft_example,
     encode_unpaired,
 )
+from posttrain.data.encoding import fit_sft
 
 USER_HI = {"role": "user", "content": "hi"}
 ASSISTANT_YO = {"role": "assistant", "content": "yo"}
@@ -188,3 +194,126 @@ def test_prompts_keep_their_end_and_extra_columns(byte_tokenizer):
     assert report.truncated == 1
     assert encode_prompts(prompts[:1], byte_tokenizer, max_length=4, truncation="drop", report=report) == []
     assert report.dropped == 1
+
+
+# --- a huge text is cut before it is tokenised (issue #21, item 7) -----------------------------------------
+
+class CountingTokenizer:
+    """The tokenizer, recording the length of every text it is given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def __call__(self, text, **options):
+        self.lengths.append(len(text))
+        return self.tokenizer(text, **options)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_huge_text_is_cut_before_it_is_tokenised_and_still_counted(bpe_tokenizer):
+    # a 50 MB row was tokenised whole (19 GB peak) to keep 512 tokens of it
+    huge = "the sky is blue " * 25_000  # 400,000 characters
+    ids = lambda text, specials: bpe_tokenizer(text, add_special_tokens=specials)["input_ids"]  # the whole text
+    counting = CountingTokenizer(bpe_tokenizer)
+    report = LoadReport()
+    sft = encode_sft([SFTExample("what color?", huge, "a"), SFTExample(None, huge, "b")], counting, max_length=32,
+                     report=report)
+    prompts = encode_prompts([PromptExample(huge + "what color?", "c")], counting, max_length=32, report=report)
+    pairs = encode_preference([PreferenceExample("q", huge, " red", "d")], counting, max_length=32, report=report)
+    assert max(counting.lengths) < 10_000
+    assert sft[0].input_ids == (ids("what color?", True) + ids(huge, False))[:32]
+    assert sft[1].input_ids == ids(huge, True)[:32]
+    assert prompts[0].prompt_ids == ids(huge + "what color?", True)[-32:]
+    assert pairs[0].chosen_ids == ids(huge, False)[:32 - len(ids("q", True))]
+    assert report.truncated == 4 and report.dropped == 0
+    report = LoadReport()
+    assert encode_sft([SFTExample(None, huge, "b")], counting, max_length=32, truncation="drop", report=report) == []
+    assert report.dropped == 1
+
+
+def test_a_huge_turn_of_a_conversation_is_cut_before_it_is_tokenised(bpe_tokenizer):
+    huge = {"role": "assistant", "content": "the sky is blue " * 100_000}
+    messages = [USER_HI, huge, USER_OK, ASSISTANT_NO]
+    counting = CountingTokenizer(bpe_tokenizer)
+    whole = encode_sft_example(bpe_tokenizer, SFTExample(None, messages, "r"))  # not cut: the plain encoding
+    cut = encode_sft([SFTExample(None, messages, "r")], counting, max_length=40)[0]
+    assert max(counting.lengths) < 20_000
+    assert (cut.input_ids, cut.loss_mask) == (whole.input_ids[:40], whole.loss_mask[:40])
+
+
+WORD = st.sampled_from(["the", "sky", "is", "blue", "sea", "hello", "world", "aaaa", "2+2=", "?", "\n", "  ", "héllo"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(words=st.lists(WORD, min_size=1, max_size=40), repeat=st.integers(min_value=1, max_value=300),
+       separator=st.sampled_from(["", " ", "\n"]), max_length=st.integers(min_value=1, max_value=80),
+       truncation=st.sampled_from(["truncate", "drop"]))
+def test_cutting_before_tokenising_keeps_the_tokens_of_the_whole_text(bpe_tokenizer, words, repeat, separator,
+                                                                       max_length, truncation):
+    # the plain path: each text tokenised whole (max_length=None), then fitted as before; texts over
+    # CHARS_PER_TOKEN_GUESS * (max_length + CUT_MARGIN_TOKENS) characters (520 to 1152 here) are cut
+    text = separator.join(words * repeat)
+    examples = [SFTExample("q", text, "a"), SFTExample(None, text, "b"),
+                SFTExample(None, [USER_HI, {"role": "assistant", "content": text}], "c")]
+    plain_report, cut_report = LoadReport(), LoadReport()
+    plain = [fit_sft(encode_sft_example(bpe_tokenizer, e), max_length, truncation, plain_report) for e in examples]
+    cut = encode_sft(examples, bpe_tokenizer, max_length=max_length, truncation=truncation, report=cut_report)
+    assert cut == [t for t in plain if t is not None]
+    assert (cut_report.truncated, cut_report.dropped) == (plain_report.truncated, plain_report.dropped)
+    prompt = encode_prompts([PromptExample(text, "p")], bpe_tokenizer, max_length=max_length)
+    assert prompt == [PromptTokens(encode_prompt(bpe_tokenizer, text, where="p")[-max_length:], "p", prompt=text)]
+
+
+# --- equal pairs have no preference to learn (issue #21, item 7) -------------------------------------------
+
+def test_a_pair_whose_chosen_and_rejected_are_equal_is_named_or_skipped(byte_tokenizer):
+    pairs = [PreferenceExample("sky", " blue", " red", "a"), PreferenceExample("sky", " blue", " blue", "b"),
+             PreferenceExample([USER_HI], [ASSISTANT_YO], [dict(ASSISTANT_YO)], "c")]
+    with pytest.raises(DataError, match=r"^b: 'chosen' and 'rejected' are the same tokens; equal completions have "
+                                        r"no preference to learn \(their loss has a zero gradient\)$"):
+        encode_preference(pairs, byte_tokenizer)
+    report = LoadReport()
+    assert [p.where for p in encode_preference(pairs, byte_tokenizer, on_bad_row="skip", report=report)] == ["a"]
+    assert report.skipped == {"identical pair": 2}
+
+
+def test_a_pair_equal_once_truncated_is_named_or_skipped(byte_tokenizer):
+    # prompt <|bos|>sky = 4 tokens; max_length 8 leaves 4: " blu" of " blue" and of " blush"
+    pair = PreferenceExample("sky", " blue", " blush", "r")
+    with pytest.raises(DataError, match=r"^r: 'chosen' and 'rejected' are the same tokens once truncated to "
+                                        r"max_length \(4 tokens each; a larger max_length keeps them apart\)"):
+        encode_preference([pair], byte_tokenizer, max_length=8)
+    report = LoadReport()
+    assert encode_preference([pair], byte_tokenizer, max_length=8, on_bad_row="skip", report=report) == []
+    assert (report.skipped, report.truncated) == ({"identical pair": 1}, 1)
+    assert len(encode_preference([pair], byte_tokenizer, max_length=9)) == 1  # " blue" and " blus" differ
+
+
+def test_a_listwise_row_whose_completions_are_all_equal_is_named(byte_tokenizer):
+    same = ListwiseExample("q", [" a", " a", " a"], [1.0, 0.0, 2.0], "r")
+    with pytest.raises(DataError, match=r"^r: all completions are the same tokens"):
+        encode_listwise([same], byte_tokenizer)
+    two_equal = ListwiseExample("q", [" a", " a", " b"], [1.0, 0.0, 2.0], "s")  # still ranks " b" against " a"
+    assert len(encode_listwise([two_equal], byte_tokenizer)) == 1
+
+
+# --- sequences longer than the model's positions (issue #21, item 7) ---------------------------------------
+
+def test_lengths_past_the_model_positions_are_refused_naming_both():
+    config = LlamaConfig(max_position_embeddings=64)
+    check_positions(config, {"data.max_length": 64})
+    message = ("data.max_length=65 tokens is more than the model's 64 positions (max_position_embeddings in its "
+               "config); a position past them was never trained: set data.max_length to at most 64")
+    with pytest.raises(DataError, match=f"^{re.escape(message)}$"):
+        check_positions(config, {"data.max_length": 65})
+    with pytest.raises(DataError, match=re.escape("rl.max_prompt_length=48 + rl.sampling.max_new_tokens=17 = 65 tokens "
+                                                  "is more than the model's 64 positions")):
+        check_positions(config, {"rl.max_prompt_length": 48, "rl.sampling.max_new_tokens": 17})
+    # a RoPE scaling factor without original_max_position_embeddings extends the 64 positions to 128
+    scaled = LlamaConfig(max_position_embeddings=64, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                      "rope_theta": 10000.0})
+    check_positions(scaled, {"data.max_length": 128})
+    with pytest.raises(DataError, match="129 tokens is more than the model's 128 positions"):
+        check_positions(scaled, {"data.max_length": 129})

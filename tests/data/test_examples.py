@@ -152,3 +152,36 @@ def test_unknown_kind_and_on_bad_row_value():
         validate_rows([row(text="x")], "dpo")
     with pytest.raises(ValueError, match="on_bad_row: 'warn'; allowed: 'error', 'skip'"):
         validate_rows([row(text="x")], "sft", on_bad_row="warn")
+
+
+def test_a_lone_surrogate_is_named_with_its_field_or_skipped(tmp_path: Path):
+    # JSON's "\ud800" escape decodes to a lone surrogate, which no tokenizer can encode (a TypeError there)
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "1+1=", "completion": "2"}\n'
+                    '{"prompt": "caf\\u00e9 \\ud83d\\ude00", "completion": "2"}\n'  # a whole pair: one character
+                    '{"prompt": "1+1=", "completion": "x\\ud800"}\n'
+                    '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\\udfff"}]}\n'
+                    '{"prompt": "1+1=", "completion": "2", "note": {"\\ud800": 1}}\n')
+    message = ("line 3: field 'completion': lone surrogate U+D800 at character 2, which is not Unicode text (half of "
+               "a UTF-16 pair, e.g. a JSON \\ud800 escape without its other half); write the whole character or "
+               "remove it")
+    with pytest.raises(DataError, match=re.escape(f"{path} {message}")):
+        load_examples(path, "sft")
+    examples, report = load_examples(path, "sft", on_bad_row="skip")
+    assert [e.where for e in examples] == [f"{path} line 1", f"{path} line 2"]
+    assert examples[1].prompt == "café 😀"
+    assert report.skipped == {"invalid unicode": 3}
+    with pytest.raises(DataError, match=re.escape("line 4: field 'messages[1].content': lone surrogate U+DFFF")):
+        validate_rows([Row(json.loads(path.read_text().splitlines()[3]), "line 4")], "sft")
+    with pytest.raises(DataError, match=re.escape("line 5: the key '\\ud800' in field 'note': lone surrogate")):
+        validate_rows([Row(json.loads(path.read_text().splitlines()[4]), "line 5")], "sft")
+
+
+def test_error_messages_show_a_huge_value_in_a_few_dozen_characters():
+    huge = ["x" * 10_000_000] * 1000  # its repr would be 10 GB
+    with pytest.raises(DataError) as error:
+        validate_rows([row(prompt=huge, completion="a")], "sft")
+    assert len(str(error.value)) < 300
+    with pytest.raises(DataError) as error:
+        validate_rows([row(**{f"field{i}": "x" for i in range(100_000)})], "sft")
+    assert len(str(error.value)) < 600 and "and 99980 more" in str(error.value)  # 20 of the 100,000 names shown

@@ -128,9 +128,12 @@ def test_sft_rows_encode_collate_and_pack_within_max_length(
 def test_preference_rows_encode_and_collate_within_max_length(byte_tokenizer, fields, max_length, truncation):
     examples = validate_rows(as_rows(fields), "preference", on_bad_row="skip")
     report = LoadReport()
-    pairs = encode_preference(examples, byte_tokenizer, max_length=max_length, truncation=truncation, report=report)
-    assert len(pairs) + report.dropped == len(examples)
+    pairs = encode_preference(
+        examples, byte_tokenizer, max_length=max_length, truncation=truncation, on_bad_row="skip", report=report
+    )
+    assert len(pairs) + report.dropped + report.skipped["identical pair"] == len(examples)
     for p in pairs:
+        assert p.chosen_ids != p.rejected_ids  # an equal pair (a zero gradient) is skipped and counted
         for completion in (p.chosen_ids, p.rejected_ids):
             assert completion and len(p.prompt_ids) + len(completion) <= max_length
     if pairs:

@@ -1,6 +1,7 @@
 import csv
 import json
 import re
+import tracemalloc
 from pathlib import Path
 
 import datasets
@@ -8,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from posttrain.data import DataError, LoadReport, read_rows
+from posttrain.data import DataError, LoadReport, load_examples, read_rows
 
 ROWS = [{"prompt": "two plus two", "completion": " four"}, {"prompt": "sky", "completion": " blue"}]
 MESSAGES = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -164,3 +165,98 @@ def test_arrow_nulls_are_absent_fields(tmp_path: Path):
     for source in (tmp_path / "d.parquet", tmp_path / "saved"):
         expected = [rows[0], {"chosen": "qa", "rejected": "qb", "answer": None}]
         assert [r.fields for r in read_rows(source)] == expected
+
+
+# --- inputs that would exhaust memory or the stack (issue #21, item 7) ------------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000  # json.loads raised RecursionError on it, under on_bad_row: skip too
+
+
+def test_a_deeply_nested_jsonl_row_is_named_or_skipped(tmp_path: Path):
+    lines = [json.dumps(ROWS[0]), '{"prompt": "a", "junk": ' + DEEP + "}", json.dumps(ROWS[1]),
+             json.dumps({"prompt": "b", "junk": json.loads("[" * 65 + "]" * 65)})]  # parsed, but past 64
+    path = write_jsonl(tmp_path / "d.jsonl", lines)
+    with pytest.raises(DataError, match=re.escape(f"{path} line 2: lists and objects nested more than 64 deep")):
+        read_rows(path)
+    report = LoadReport()
+    assert [r.fields for r in read_rows(path, on_bad_row="skip", report=report)] == ROWS
+    assert report.rows == 4 and report.skipped == {"too deep": 2}
+
+
+def test_a_deeply_nested_row_in_a_json_or_csv_file_is_named(tmp_path: Path):
+    (tmp_path / "d.json").write_text("[" + json.dumps(ROWS[0]) + ', {"junk": ' + DEEP + "}]")
+    message = f"{tmp_path / 'd.json'} item 2: lists and objects nested more than 64 deep (the file cannot be read"
+    with pytest.raises(DataError, match=re.escape(message)):
+        read_rows(tmp_path / "d.json", on_bad_row="skip")
+    (tmp_path / "d.csv").write_text(f'prompt,completion\nq,a\n"{DEEP}",a\n')
+    with pytest.raises(DataError, match=re.escape("row 2: field 'prompt': lists and objects nested more than 64")):
+        read_rows(tmp_path / "d.csv")
+    report = LoadReport()
+    assert len(read_rows(tmp_path / "d.csv", on_bad_row="skip", report=report)) == 1
+    assert report.skipped == {"too deep": 1}
+
+
+def test_a_row_over_the_size_limit_is_named_or_skipped(tmp_path: Path):
+    big = json.dumps({"prompt": "x" * 200, "completion": "y"})
+    path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(ROWS[0]), big, json.dumps(ROWS[1])])
+    with pytest.raises(DataError, match=re.escape(f"{path} line 2: the line holds more than 100 bytes")):
+        read_rows(path, max_row_bytes=100)
+    report = LoadReport()
+    assert [r.fields for r in read_rows(path, on_bad_row="skip", report=report, max_row_bytes=100)] == ROWS
+    assert report.skipped == {"row too large": 1}
+    (tmp_path / "d.json").write_text(json.dumps([ROWS[0], json.loads(big)]))
+    with pytest.raises(DataError, match=re.escape("d.json item 2: the item holds more than 100 bytes")):
+        read_rows(tmp_path / "d.json", max_row_bytes=100)
+    (tmp_path / "d.csv").write_text(f"prompt,completion\nq,a\n{'x' * 200},a\n")
+    with pytest.raises(DataError, match=re.escape("d.csv row 2: the record holds more than 100 bytes")):
+        read_rows(tmp_path / "d.csv", max_row_bytes=100)
+
+
+def test_an_over_long_line_is_not_read_into_memory(tmp_path: Path):
+    path = tmp_path / "d.jsonl"
+    with path.open("wb") as handle:  # a 40 MiB line between two good ones; the limit is 16 MiB
+        handle.write(json.dumps(ROWS[0]).encode() + b'\n{"prompt": "')
+        handle.write(b"x" * 40 * 2**20)
+        handle.write(b'"}\n' + json.dumps(ROWS[1]).encode() + b"\n")
+    report = LoadReport()
+    tracemalloc.start()
+    rows = read_rows(path, on_bad_row="skip", report=report)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert [r.fields for r in rows] == ROWS and report.skipped == {"row too large": 1}
+    assert peak < 20 * 2**20  # the 16 MiB kept before the limit, and a block; the whole file was 40 MiB
+
+
+def test_a_csv_cell_over_128_kib_is_read(tmp_path: Path):
+    # the csv module's default field limit (128 KiB) raised _csv.Error, a crash
+    (tmp_path / "d.csv").write_text(f"prompt,completion\n{'x' * 200_000},a\n")
+    assert read_rows(tmp_path / "d.csv")[0].fields == {"prompt": "x" * 200_000, "completion": "a"}
+
+
+def test_a_python_literal_cell_with_too_many_elements_stays_text(tmp_path: Path):
+    # ast.literal_eval spent about 1 KB and 5 us per element: a 4 MB cell took 1.8 GB
+    cell = "[" + ",".join(["1"] * 100_001) + ",'x']"  # not JSON (the quote), so it was handed to literal_eval
+    (tmp_path / "d.csv").write_text(f'prompt,completion\n"{cell}",a\n')
+    assert read_rows(tmp_path / "d.csv")[0].fields["prompt"] == cell
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet"])
+def test_rows_stream_so_loading_holds_little_more_than_the_examples(tmp_path: Path, fmt: str):
+    rows = [{"prompt": f"{i}+{i % 7}=", "completion": str(i + i % 7)} for i in range(50_000)]
+    path = tmp_path / f"d.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "json":
+        path.write_text(json.dumps(rows))
+    elif fmt == "csv":
+        path.write_text("prompt,completion\n" + "".join(f"{r['prompt']},{r['completion']}\n" for r in rows))
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    tracemalloc.start()
+    examples, _ = load_examples(path, "sft")
+    kept, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert [(e.prompt, e.completion) for e in examples[:2]] == [("0+0=", "0"), ("1+1=", "2")]
+    held_text = path.stat().st_size if fmt == "json" else 0  # a JSON list is parsed an item at a time from its text
+    # reading every row first (lines, dicts, rows, then examples) peaked at 2.5 to 3.5 times what was kept
+    assert peak < 1.3 * kept + held_text + 2**21

@@ -258,3 +258,35 @@ def test_signature_names_only_inputs_the_loop_supplies(name):
             )
     assert "arXiv:" in fn.__doc__ or "Williams 1992" in fn.__doc__
     assert "Deviations" in fn.__doc__
+
+
+def test_turn_returns_discounts_per_turn_with_a_group_baseline():
+    from posttrain.objectives.advantages import turn_returns
+
+    # episode 0: turns [0, 0, 0] env [1] turns [1, 1]; reward 1.0 on turn 0, 2.0 on turn 1 (the outcome)
+    # episode 1: one turn of 2 tokens, reward 0.0
+    tokens_B_T = t([[0, 0, 1.0, 0, 0, 2.0], [0, 0.0, 0, 0, 0, 0]])
+    turns_B_T = torch.tensor([[0, 0, 0, -1, 1, 1], [0, 0, -1, -1, -1, -1]])
+    mask_B_T = turns_B_T >= 0
+    # gamma 0.5: episode 0 G_0 = 1 + 0.5 * 2 = 2, G_1 = 2; episode 1 G_0 = 0
+    # baseline: mean G_0 = 1, unbiased std of [2, 0] = sqrt(2) = 1.414214 (+ eps 1e-4)
+    # episode 0 turn 0: (2 - 1) / 1.414314 = 0.707057; turn 1: (2 - 1) / 1.414314; episode 1: -0.707057
+    adv = turn_returns(tokens_B_T, turns_B_T, mask_B_T, group_size=2, gamma=0.5)
+    a = 1 / (2**0.5 + 1e-4)
+    torch.testing.assert_close(adv, t([[a, a, a, 0, a, a], [-a, -a, 0, 0, 0, 0]]))
+    # gamma 0: turn 0 earns its own 1 only: (1 - 0.5) / (std of [1, 0] + eps); turn 1: (2 - 0.5) / the same
+    s = 2**0.5 / 2 + 1e-4
+    adv0 = turn_returns(tokens_B_T, turns_B_T, mask_B_T, group_size=2, gamma=0.0)
+    torch.testing.assert_close(adv0, t([[0.5 / s] * 3 + [0, 1.5 / s, 1.5 / s], [-0.5 / s] * 2 + [0] * 4]))
+
+
+def test_turn_returns_with_gamma_one_and_an_outcome_reward_is_grpo():
+    from posttrain.objectives.advantages import turn_returns
+
+    # only the last turn is rewarded: every turn's return-to-go is the episode's reward
+    tokens_B_T = t([[0, 0, 0, 1.5], [0, 0, 0, 0.0], [0, 0, 0, 3.0], [0.0, 0, 0, 1]])
+    turns_B_T = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0], [0, -1, 1, 1], [0, 0, 0, 0]])
+    mask_B_T = turns_B_T >= 0
+    adv = turn_returns(tokens_B_T, turns_B_T, mask_B_T, group_size=2)
+    expected = grpo(t([1.5, 0.0, 3.0, 1.0]), group_size=2)
+    torch.testing.assert_close(adv, torch.where(mask_B_T, expected[:, None].expand(4, 4), 0.0))

@@ -113,6 +113,8 @@ def step_batch(draw: Any) -> dict[str, Any]:
         "token_rewards_B_T": vector(draw, b * t, ANY).view(b, t),
         "values_B_T": vector(draw, b * t, ANY).view(b, t),
         "mask_B_T": mask_B_T,
+        "turn_ids_B_T": torch.where(mask_B_T, torch.tensor(draw(st.lists(st.integers(0, 2), min_size=b * t,
+                                                                          max_size=b * t))).view(b, t), -1),
         "baseline": torch.tensor(draw(ANY)),
         "group_size": g,
     }

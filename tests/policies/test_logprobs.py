@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from posttrain.policies import build_model, gather_logprobs_and_entropy, token_logprobs
 from posttrain.policies.logprobs import is_right_padded
@@ -201,30 +201,45 @@ def test_token_logprobs_gradient_matches_naive(tokenizer) -> None:
         torch.testing.assert_close(fast[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_plain_head_path_for_softcapped_logits() -> None:
-    # final_logit_softcapping makes token_logprobs take the plain path: logits = cap * tanh(logits / cap)
+def test_chunked_head_soft_caps_logits_with_their_gradients() -> None:
+    # z = cap * tanh(l / cap) / T written out in float64 and differentiated by autograd, against the chunked head
+    # over chunks of 7 of a 20-token vocabulary: log-probs, entropies and the gradients of hidden, weight and bias
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(20, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(20, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 7, 13, 19, 6])
+    z = 2.0 * torch.tanh((hidden @ weight.T + bias) / 2.0) / 0.7
+    logp_V = torch.log_softmax(z, -1)
+    ref_logp, ref_entropy = logp_V.gather(1, targets[:, None]).squeeze(1), -(logp_V.exp() * logp_V).sum(-1)
+    ref_grads = torch.autograd.grad((ref_logp * 1.3 + ref_entropy * 0.4).sum(), (hidden, weight, bias))
+    logp, entropy = gather_logprobs_and_entropy(hidden, weight, targets, bias_V=bias, temperature=0.7, chunk=7,
+                                                softcap=2.0)  # fmt: skip
+    grads = torch.autograd.grad((logp * 1.3 + entropy * 0.4).sum(), (hidden, weight, bias))
+    torch.testing.assert_close(logp.double(), ref_logp, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(entropy.double(), ref_entropy, atol=1e-6, rtol=1e-6)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_a_model_that_soft_caps_its_logits_takes_the_chunked_head_with_its_cap() -> None:
+    # Gemma 2 caps its final logits in its own forward (a Llama given the same config value does not, and neither
+    # does token_logprobs for it)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=20,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=32,
-        initializer_range=0.5,
-    )
-    config.final_logit_softcapping = 2.0
-    model = LlamaForCausalLM(config).eval()
+    shape = dict(vocab_size=20, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                 intermediate_size=32, initializer_range=0.5)  # fmt: skip
+    gemma = Gemma2ForCausalLM(Gemma2Config(**shape, head_dim=8, final_logit_softcapping=2.0)).eval()
+    llama = LlamaForCausalLM(LlamaConfig(**shape, final_logit_softcapping=2.0)).eval()
     ids = torch.randint(0, 20, (1, 5))
     target = torch.ones(1, 5, dtype=torch.bool)
-    with torch.no_grad():
-        logp, _ = token_logprobs(model, ids, torch.ones_like(ids), target)
-        hidden = model.model(input_ids=ids).last_hidden_state
-        logits = model.lm_head(hidden)
-        capped = torch.tanh(logits / 2.0) * 2.0
-        ref = torch.log_softmax(capped, -1)[0, :-1].gather(1, ids[0, 1:, None]).squeeze(1)
-    torch.testing.assert_close(logp[0, 1:], ref, atol=1e-5, rtol=1e-5)
-    assert logp[0, 0] == 0
+    for model in (gemma, llama):
+        with torch.no_grad():
+            logp, _ = token_logprobs(model, ids, torch.ones_like(ids), target, chunk=8)
+            logits = model(input_ids=ids).logits
+            ref = torch.log_softmax(logits, -1)[0, :-1].gather(1, ids[0, 1:, None]).squeeze(1)
+        torch.testing.assert_close(logp[0, 1:], ref, atol=1e-5, rtol=1e-5)
+        assert logp[0, 0] == 0
+    assert gemma(input_ids=ids).logits.abs().max() < 2.0
 
 
 # ---------------------------------------------------------------- right padding: the mask-free path

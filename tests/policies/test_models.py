@@ -11,6 +11,7 @@ from posttrain.policies import (
     ModelLoadError,
     apply_lora,
     build_model,
+    describe_forward_path,
     load_model,
     load_tokenizer,
     save_pretrained,
@@ -36,6 +37,21 @@ def test_preset_is_sized_to_the_tokenizer(tokenizer, preset: str, cls: type) -> 
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
     # tied embeddings: the head is the embedding matrix
     assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def test_every_family_preset_takes_its_adapters_forward(tokenizer) -> None:
+    # each "<family>-small" preset: its family's model class, the demo model's shape, the fast path for training and
+    # decoding (tests/policies/test_families.py holds each adapter equal to transformers' forward)
+    families = {name: p.family for name, p in MODEL_PRESETS.items() if name.endswith("-small")}
+    assert sorted(families.values()) == sorted(["llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3",
+                                                "phi3", "olmo2", "mixtral", "qwen2_moe"])  # fmt: skip
+    for name, family in families.items():
+        model = build_model(name, tokenizer)
+        assert type(model).__name__.lower() == f"{family.replace('_', '')}forcausallm", name
+        config = model.config
+        assert (config.hidden_size, config.num_hidden_layers, config.num_key_value_heads) == (128, 4, 2)
+        assert model.get_output_embeddings().weight.shape == (len(tokenizer), 128)
+        assert describe_forward_path(model).endswith("adapter) for training and decoding"), name
 
 
 def test_build_model_is_seeded_and_leaves_the_global_rng_alone(tokenizer) -> None:

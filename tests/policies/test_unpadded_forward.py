@@ -1,4 +1,6 @@
-"""The unpadded Llama-family forward (`policies/llama_forward.py`) against the model's own forward.
+"""The unpadded training forward (`policies/unpadded.py`) against the model's own forward: documents by hand, and
+the cases beyond tests/policies/test_families.py (attention kernels, oneDNN row padding, LoRA, bfloat16, RoPE
+scaling, a bare decoder, the fallbacks).
 
 Every expectation comes from the Hugging Face forward over the padded batch (`model(...)` with the mask,
 or with packed position ids and no mask) and a full float32 log-softmax: log-probs, entropies and the
@@ -8,18 +10,11 @@ would not reproduce the model.
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from posttrain.policies import build_model, enable_gradient_checkpointing, hidden_states_at, token_logprobs
-from posttrain.policies.llama_forward import (
-    RMSNorm,
-    causal_attention,
-    decoder_of,
-    find_documents,
-    products_pad_rows,
-    runs_unpadded,
-)
+from posttrain.policies.families import decoder_of
+from posttrain.policies.unpadded import find_documents, products_pad_rows, runs_unpadded
 from posttrain.tasks import build_builtin_tokenizer
 
 WIDTH = 14
@@ -101,31 +96,6 @@ def right_padded(lengths: list[int], vocab: int, seed: int) -> tuple[torch.Tenso
 # ---------------------------------------------------------------- documents, by hand
 
 
-def test_rms_norm_and_its_gradients_follow_the_formula() -> None:
-    # y = w * x / sqrt(mean(x^2) + eps) written out, differentiated by autograd, against RMSNorm's own backward;
-    # one row of zeros (r = eps^-1/2) and one of large values
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 16, generator=generator, dtype=torch.float64)
-    x[0, 1] = 0.0
-    x[1, 2] *= 1e3
-    w = 0.5 + torch.rand(16, generator=generator, dtype=torch.float64)
-    grad = torch.randn(2, 3, 16, generator=generator, dtype=torch.float64)
-    eps = 1e-6
-    x.requires_grad_(True)
-    w.requires_grad_(True)
-    expected = w * x / torch.sqrt((x * x).sum(-1, keepdim=True) / 16 + eps)
-    expected_dx, expected_dw = torch.autograd.grad(expected, (x, w), grad)
-    y = RMSNorm.apply(x, w, eps)
-    dx, dw = torch.autograd.grad(y, (x, w), grad)
-    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(dx, expected_dx, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(dw, expected_dw, rtol=1e-10, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda a, b: RMSNorm.apply(a, b, eps), (x[1:], w))
-    # a frozen weight (LoRA) gets no gradient; the input still does
-    dx_only = torch.autograd.grad(RMSNorm.apply(x, w.detach(), eps), x, grad)[0]
-    torch.testing.assert_close(dx_only, expected_dx, rtol=1e-10, atol=1e-12)
-
-
 def test_find_documents_by_hand() -> None:
     # row 0: documents of 3 and 2 tokens, 1 padding; row 1: one document of 4 tokens, 2 padding
     # (row 1's padding continues the positions; the mask, not the positions, says it is padding)
@@ -168,25 +138,6 @@ def test_find_documents_computes_a_repeated_prefix_once() -> None:
     # 1 repeated token of 12 (8%, under MIN_SHARED_FRACTION): copying keys and values would cost more than it saves
     few = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 1, 2, 3, 4, 0]])
     assert find_documents(few, torch.ones(2, 6, dtype=torch.bool), None).kv_source_N is None
-
-
-@pytest.mark.parametrize("heads, kv_heads, width", [(4, 2, 1), (4, 2, 9), (4, 2, 16), (8, 8, 40), (6, 2, 64)])
-def test_short_rows_attention_equals_the_fused_kernel(heads, kv_heads, width, monkeypatch) -> None:
-    # the plain path: PyTorch's fused causal attention in float64, key/value heads shared by enable_gqa; the
-    # inputs are [S, heads, T, D] views of [S, T, heads, D], as document_attention lays them out
-    gen = torch.Generator().manual_seed(21)
-    q, k, v = (torch.randn(3, width, n, 16, generator=gen).transpose(1, 2) for n in (heads, kv_heads, kv_heads))
-    grad_out = torch.randn(3, heads, width, 16, generator=gen)
-    plain = [t.double().requires_grad_() for t in (q, k, v)]
-    expected = F.scaled_dot_product_attention(*plain, is_causal=True, scale=0.3, enable_gqa=heads != kv_heads)
-    expected.backward(grad_out.double())
-    monkeypatch.setattr(F, "scaled_dot_product_attention", None)  # short float32 rows never reach it
-    fast = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = causal_attention(*fast, scale=0.3)
-    out.backward(grad_out)
-    torch.testing.assert_close(out, expected.float(), atol=1e-5, rtol=1e-5)
-    for got, want in zip(fast, plain):
-        torch.testing.assert_close(got.grad, want.grad.float(), atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- equal to the model's forward
@@ -387,12 +338,11 @@ def test_what_the_unpadded_forward_would_not_reproduce_is_refused(tokenizer) -> 
     assert not runs_unpadded(model.train())
     assert runs_unpadded(model.eval())  # no dropout at evaluation
     model.config.attention_dropout = 0.0
-    # a hook on a Linear the compact forward unpadded_calls as plain maths would not run (FSDP gathers weights so)
+    # a hook on a Linear the compact forward calls as plain maths would not run (FSDP gathers weights so)
     handle = model.model.layers[1].mlp.down_proj.register_forward_hook(lambda module, args, out: out)
     assert not runs_unpadded(model)
     handle.remove()
     model.set_attn_implementation("flex_attention")
     assert not runs_unpadded(model)
     model.set_attn_implementation("sdpa")
-    model.config.use_sliding_window = True
-    assert not runs_unpadded(model)
+    assert runs_unpadded(model)

@@ -44,6 +44,7 @@ def test_every_builtin_name_is_registered():
         "reward_model",
         "ensemble",
         "code_tests",
+        "tool_efficiency",
     }
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from posttrain.policies.families import family_of
 from posttrain.rollout import ENGINES, NativeEngine, SamplingParams, decoders
 from posttrain.rollout.decoders import (
     CudaGraphsChoiceError,
@@ -27,7 +28,7 @@ def uncached_logits(model, prompt: list[int], continuation: list[int]) -> torch.
 
 @pytest.fixture(params=["packed", "unpacked"])
 def decode_path(request, monkeypatch) -> str:
-    """Both decode steps of a small float32 CPU model: through `PackedLayer`s (the default) and unpacked."""
+    """Both decode steps of a small float32 CPU model: through packed layer ops (the default) and unpacked."""
     if request.param == "unpacked":
         monkeypatch.setattr(decoders, "PACK_MAX_VALUES", 0)
     return request.param
@@ -90,7 +91,6 @@ def test_the_packed_step_equals_the_models_forward_with_norm_weights_and_biases(
     model = with_random_norms(LlamaForCausalLM(config).eval(), seed=3)
     decoder = StaticCacheDecoder(model, max_new_tokens=3)
     assert decoder.packed is not None
-    assert (decoder.packed[0].o_bias is not None) == biases and (decoder.packed[0].gate_up_bias is not None) == biases
     gen = torch.Generator().manual_seed(4)
     with torch.no_grad():
         decoder.prefill(*left_pad(prompts, torch.device("cpu")))
@@ -104,16 +104,17 @@ def test_the_packed_step_equals_the_models_forward_with_norm_weights_and_biases(
 
 
 def test_packing_applies_to_small_float32_cpu_models_with_plain_layers_only(qwen2_model, monkeypatch):
-    assert decoders.packed_layers(qwen2_model, list(qwen2_model.model.layers)) is not None
-    half = copy.deepcopy(qwen2_model).to(torch.bfloat16)
-    assert decoders.packed_layers(half, list(half.model.layers)) is None
+    def packed(model):
+        return decoders.packed_layers(model, family_of(model), list(model.model.layers))
+
+    assert packed(qwen2_model) is not None
+    assert packed(copy.deepcopy(qwen2_model).to(torch.bfloat16)) is None
     monkeypatch.setattr(decoders, "PACK_MAX_VALUES", sum(p.numel() for p in qwen2_model.parameters()) // 2)
-    assert decoders.packed_layers(qwen2_model, list(qwen2_model.model.layers)) is None  # over the size limit
+    assert packed(qwen2_model) is None  # over the size limit
     monkeypatch.undo()
     peft = pytest.importorskip("peft")
     wrapped = peft.get_peft_model(copy.deepcopy(qwen2_model), peft.LoraConfig(r=2, target_modules=["v_proj"]))
-    body = wrapped.get_base_model()
-    assert decoders.packed_layers(body, list(body.model.layers)) is None  # a LoRA layer runs as its module
+    assert packed(wrapped.get_base_model()) is None  # a LoRA layer runs as its module
 
 
 def test_static_path_samples_what_the_generic_path_samples(tiny_model, prompts):
@@ -132,6 +133,7 @@ def test_static_path_samples_what_the_generic_path_samples(tiny_model, prompts):
 
 
 def test_other_architectures_take_the_generic_path():
+    # families without an adapter; sliding windows have one (tests/policies/test_families.py)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2))
     assert not supports_static(gpt2)
     assert isinstance(build_decoder(gpt2, 4), HFCacheDecoder)
@@ -139,7 +141,7 @@ def test_other_architectures_take_the_generic_path():
         Qwen2Config(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                     intermediate_size=32, use_sliding_window=True, sliding_window=4, max_window_layers=0)
     )  # fmt: skip
-    assert not supports_static(sliding)
+    assert supports_static(sliding)
 
 
 @pytest.mark.parametrize("rope", ["dynamic", "longrope", "linear"])

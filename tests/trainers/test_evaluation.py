@@ -68,7 +68,7 @@ def test_reward_that_accepts_everything_gives_accuracy_one(model, tokenizer, pro
     reward = always(1.0)
     result = evaluate(model, tokenizer, prompts, reward, max_new_tokens=3)
     assert result.num_prompts == 3 and result.greedy_accuracy == 1.0
-    assert result.metrics() == {"accuracy": 1.0}
+    assert result.metrics() == {"accuracy": 1.0, "examples": 3.0}
     assert all(e["correct"] for e in result.examples)
     # the reward sees the prompt text and the rows' other columns, one entry per completion
     (call,) = reward.calls
@@ -102,7 +102,8 @@ def test_pass_at_k_from_a_reward_with_known_verdicts(model, tokenizer, prompts) 
     result = evaluate(model, tokenizer, prompts, every_fourth, max_new_tokens=2, samples=4, k=3)
     assert result.greedy_accuracy == pytest.approx(1 / 3)
     assert result.pass_at_k == pytest.approx({1: 0.25, 2: 0.5, 3: 0.75})
-    assert result.metrics() == pytest.approx({"accuracy": 1 / 3, "pass@1": 0.25, "pass@2": 0.5, "pass@3": 0.75})
+    assert result.metrics() == pytest.approx({"accuracy": 1 / 3, "pass@1": 0.25, "pass@2": 0.5, "pass@3": 0.75,
+                                             "examples": 3.0})
 
 
 def test_examples_hold_the_generated_completion(model, tokenizer, prompts) -> None:
@@ -130,7 +131,7 @@ def test_api_evaluate_writes_eval_json(model, tokenizer, tmp_path: Path) -> None
     result = api.evaluate(config, model=model, tokenizer=tokenizer, rows=rows, reward=always(1.0))
     assert result.greedy_accuracy == 1.0
     written = json.loads((tmp_path / "eval.json").read_text())
-    assert written["metrics"] == {"accuracy": 1.0} and written["num_prompts"] == 2
+    assert written["metrics"] == {"accuracy": 1.0, "examples": 2.0} and written["num_prompts"] == 2
     with pytest.raises(DataError, match="answer"):
         api.evaluate(config, model=model, tokenizer=tokenizer, rows=[{"prompt": "1+1="}], reward=always(1.0))
 

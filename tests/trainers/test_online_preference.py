@@ -212,7 +212,7 @@ def test_resume_at_a_round_boundary_reproduces_the_uninterrupted_run(tmp_path):
 
 def test_online_run_evaluates_greedy_accuracy_before_and_after(tmp_path):
     result = run(tmp_path, overrides=["train.max_steps=1"], eval_rows=PROMPTS[:8])
-    assert set(result.initial_eval) == set(result.final_eval) == {"eval_accuracy"}
+    assert set(result.initial_eval) == set(result.final_eval) == {"eval_accuracy", "eval_examples"}
 
 
 def test_bco_reward_shift_is_the_running_mean_of_earlier_steps(tmp_path):

@@ -40,10 +40,13 @@ def sft_config(out: Path, **train: Any) -> dict[str, Any]:
 
 def poison(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, bad_calls: set[int]) -> None:
     """Make `module.name`'s result NaN (with its graph, so that the gradients are NaN too) on the
-    1-based calls in `bad_calls`; each trainer below calls it once per training step."""
+    1-based calls in `bad_calls` that build a graph; each trainer below makes one such call per training step
+    (held-out evaluations, before and after training, run without gradients and are not counted)."""
     real, calls = getattr(module, name), []
 
     def maybe_nan(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return real(*args, **kwargs)
         calls.append(1)
         out = real(*args, **kwargs)
         return out * math.nan if len(calls) in bad_calls else out

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from posttrain.policies import ValueModel, build_model, enable_gradient_checkpointing
-from posttrain.policies.llama_forward import runs_unpadded
+from posttrain.policies.unpadded import runs_unpadded
 from posttrain.tasks import build_builtin_tokenizer
 
 WIDTH = 14

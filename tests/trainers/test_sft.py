@@ -49,7 +49,8 @@ def test_loss_falls_and_the_run_writes_its_outputs(tmp_path: Path) -> None:
     assert [x["step"] for x in lines] == list(range(1, 31))
     assert [x["loss"] for x in lines] == pytest.approx(losses)
     evals = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
-    assert len(evals) == 1 and "eval_accuracy" in evals[0] and "eval_loss" in evals[0]
+    # the held-out evaluation before training (step 0) and after it (step 30)
+    assert [e["step"] for e in evals] == [0, 30] and all("eval_accuracy" in e and "eval_loss" in e for e in evals)
     assert result.eval is not None and result.eval.num_prompts == 20
     # checkpoints at 10, 20 (periodic) and 30 (final); keep_last=2 leaves 20 and 30
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
@@ -198,3 +199,9 @@ def test_resuming_a_finished_run_writes_final_again_and_more_steps_go_on(tmp_pat
     loaded = load_model(tmp_path / "final")
     assert all(torch.equal(v, first.model.state_dict()[k]) for k, v in loaded.state_dict().items())
     assert len(run(config(tmp_path, max_steps=3), resume=True).history) == 3  # one more step, after the two
+
+
+def test_the_first_lines_say_which_forward_runs(tmp_path: Path, capsys) -> None:
+    run(config(tmp_path, max_steps=1))
+    said = capsys.readouterr()
+    assert "forward path: posttrain's layer forward (qwen2 adapter)" in said.out + said.err

@@ -112,6 +112,52 @@ class ValueSection(Section):
     """Critic learning rate; null: train.lr."""
 
 
+class EnvEntry(Section):
+    name: str = "single_turn"
+    """A registered environment (`posttrain list environments`), `package.module:Class` or `path/to/file.py:Class`."""
+    args: dict[str, Any] = {}
+    """Keyword arguments of the environment's constructor (it also gets `tokenizer` and `base_dir` if it takes them)."""
+
+
+class EnvSection(EnvEntry):
+    """Where episodes come from: the environment that plays each prompt (docs/agents.md)."""
+
+    mix: dict[str, dict[str, Any]] = {}
+    """Several environments in one batch: key -> {name, args}; a row whose `column` holds a key plays that entry,
+    the others play `name`."""
+    column: str = "environment"
+    """The row column that picks an entry of `mix` (TRL's `environment` field)."""
+    max_turns: PositiveInt = 8
+    """Most model turns per episode; an episode cut here counts as truncated."""
+    max_total_tokens: PositiveInt | None = None
+    """Most tokens after the prompt (model and environment tokens, every turn); null: no limit but max_turns."""
+    mask_truncated: bool = False
+    """Leave truncated episodes (a limit reached before the environment said done) out of the loss; their rewards
+    still count in the group baselines (TRL's mask_truncated_completions)."""
+    mask_failed: bool = True
+    """Leave episodes whose environment raised out of the loss (they are counted either way)."""
+
+    @property
+    def entries(self) -> dict[str, EnvEntry]:
+        """`mix` as typed entries."""
+        return {key: EnvEntry.model_validate(raw) for key, raw in self.mix.items()}
+
+    @model_validator(mode="after")
+    def _known(self) -> EnvSection:
+        from posttrain.envs.registry import ENVIRONMENTS
+
+        for key, raw in self.mix.items():
+            try:
+                EnvEntry.model_validate(raw)
+            except ValueError as err:
+                raise ValueError(f"env.mix.{key}: {err}") from None
+        for key, entry in [("env.name", self), *((f"env.mix.{k}.name", e) for k, e in self.entries.items())]:
+            if entry.name not in ENVIRONMENTS and ":" not in entry.name:
+                raise ValueError(f"{key}: '{entry.name}' is not a registered environment nor 'module:Class' or "
+                                 f"'file.py:Class'; registered: {', '.join(sorted(ENVIRONMENTS))}")  # fmt: skip
+        return self
+
+
 class RLSection(Section):
     prompts_per_step: PositiveInt = 8
     """Prompts sampled per optimiser step (P)."""
@@ -209,6 +255,8 @@ class RLConfig(RunSection):
     """Experiment trackers (log.to), and the sampled completions online trainers log."""
     rl: RLSection = RLSection()
     """Sampling, advantage, policy loss, KL, critic."""
+    env: EnvSection = EnvSection()
+    """The environment each prompt's episodes are played in (single-turn by default; docs/agents.md)."""
     rewards: list[RewardEntry] = [RewardEntry()]
     """Weighted rewards summed into the total."""
     max_failure_fraction: Fraction = 0.5

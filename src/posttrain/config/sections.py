@@ -82,6 +82,11 @@ class TaskSection(Section):
     """Share of demonstrations that work the problem out column by column in `<think>...</think>` before
     the answer (`37+58=` -> `<think>7+8=15;3+5+1=9</think>95`); the rest state the answer alone. + and - only."""
 
+    tool_fraction: Fraction | None = None
+    """null: text rows. A number: conversational rows for a calculator agent (`tools` column, the calculator's
+    schema), this share of the demonstrations calling the calculator and answering with its result, the rest
+    answering directly (docs/agents.md)."""
+
     @model_validator(mode="after")
     def _working_is_written_for_plus_and_minus(self) -> TaskSection:
         if self.think_fraction > 0 and "*" in self.operators:

@@ -28,6 +28,7 @@ from posttrain.data.encoding import (
     PreferenceTokens,
     PromptTokens,
     SFTTokens,
+    check_positions,
     encode_completion,
     encode_conversation,
     encode_listwise,
@@ -51,7 +52,7 @@ from posttrain.data.examples import (
     load_examples,
     validate_rows,
 )
-from posttrain.data.readers import Row, read_rows
+from posttrain.data.readers import Row, iter_rows, read_rows
 from posttrain.data.report import LoadReport
 from posttrain.data.sampler import EpochSampler
 
@@ -74,6 +75,7 @@ __all__ = [
     "UnpairedExample",
     "batch_packed_rows",
     "bucket_by_length",
+    "check_positions",
     "chunks",
     "collate_completions",
     "collate_packed",
@@ -91,6 +93,7 @@ __all__ = [
     "encode_sft",
     "encode_sft_example",
     "encode_unpaired",
+    "iter_rows",
     "load_examples",
     "pack_by_length",
     "read_rows",

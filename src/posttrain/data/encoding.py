@@ -30,6 +30,16 @@ Truncation (`max_length`, `truncation="truncate" | "drop"`, counted in `LoadRepo
   `max_length - len(prompt_ids)`; when the prompt leaves no room the example is dropped.
 - prompt-only: keep the last `max_length` tokens (the start is cut, as TRL's `max_prompt_length`),
   so the generation prompt at the end survives.
+
+A text far longer than `max_length` is cut before it is tokenised (`tokenize_within`): only a part long
+enough to give `CUT_MARGIN_TOKENS` more tokens than can be kept is tokenised, so that one huge row costs
+memory in proportion to `max_length`, not to its size. The kept tokens are those of the whole text (the
+cut's end, a word split in two, lies in the margin past them), and the row is still counted as truncated
+or dropped; `tests/data/test_encoding.py` holds both equal to tokenising the whole text.
+
+A pair whose chosen and rejected ids are equal (as written, or once truncated) has no preference to learn:
+its loss has a zero gradient. It is a bad row (`on_bad_row`: raised, or skipped and counted under
+"identical pair"), as is a listwise row whose completions are all equal.
 """
 
 from collections.abc import Callable, Iterator, Sequence
@@ -49,9 +59,15 @@ from posttrain.data.examples import (
 from posttrain.data.report import LoadReport
 
 Truncation = Literal["truncate", "drop"]
+OnBadRow = Literal["error", "skip"]
+
+CUT_MARGIN_TOKENS = 64
+"""Tokens past those kept that a cut text must still give, so that its cut end lies beyond every kept token."""
+CHARS_PER_TOKEN_GUESS = 8
+"""The first cut of a long text keeps this many characters per token wanted; each retry keeps 4 times more."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SFTTokens:
     """One SFT sequence: `input_ids` [T] and `loss_mask` [T] (True where the token is a target)."""
 
@@ -64,7 +80,7 @@ class SFTTokens:
         return sum(self.loss_mask)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PreferenceTokens:
     """A pair: the model sees `prompt_ids + chosen_ids` and `prompt_ids + rejected_ids`."""
 
@@ -74,7 +90,7 @@ class PreferenceTokens:
     where: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CompletionTokens:
     """Prompt and completions scored as a whole (unpaired: one completion and its label; listwise:
     several completions and their scores)."""
@@ -86,7 +102,7 @@ class CompletionTokens:
     scores: list[float] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PromptTokens:
     """A prompt for generation, with the row's other columns (`answer`, ...) verbatim."""
 
@@ -99,40 +115,71 @@ class PromptTokens:
 
 # --- rendering and tokenising -------------------------------------------------------------------------
 
-def render_chat(tokenizer: Any, messages: Conversation, *, add_generation_prompt: bool, where: str) -> str:
-    """The chat template's text for `messages`. Raises DataError when the tokenizer has no template."""
+def render_chat(tokenizer: Any, messages: Conversation, *, add_generation_prompt: bool, where: str,
+                tools: list[dict[str, Any]] | None = None) -> str:
+    """The chat template's text for `messages` (with the row's `tools` schemas). Raises DataError when the tokenizer
+    has no template."""
     if not getattr(tokenizer, "chat_template", None):  # None, or an empty template that renders nothing
         raise DataError(f"{where}: the row is conversational but the tokenizer has no chat_template; "
                         "give the tokenizer one (tokenizer.chat_template = ...) or use text fields",
                         reason="no chat template")
-    return tokenizer.apply_chat_template(messages, tokenize=False,
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
 
 
-def tokenize_text(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+def tokenize_text(tokenizer: Any, text: str, *, add_special_tokens: bool, max_tokens: int | None = None,
+                  from_end: bool = False) -> list[int]:
+    """The ids of `text`; with `max_tokens`, of as much of its start (its end, `from_end`) as `tokenize_within` cuts."""
+    encoding = tokenize_within(tokenizer, text, max_tokens=max_tokens, from_end=from_end,
+                               add_special_tokens=add_special_tokens)
+    return list(encoding["input_ids"])
 
 
-def encode_prompt(tokenizer: Any, prompt: Content | None, *, where: str) -> list[int]:
-    """Prompt ids exactly as the generator receives them. None: the tokenizer's leading specials only."""
+def tokenize_within(tokenizer: Any, text: str, *, max_tokens: int | None, from_end: bool = False,
+                    **options: Any) -> Any:
+    """`tokenizer(text, **options)`, or, when a caller keeps only the first (`from_end`: last) `max_tokens` ids,
+    `tokenizer(part, **options)` of the text's start (end) long enough to give more than `max_tokens +
+    CUT_MARGIN_TOKENS` ids. The part grows 4 times at a time, from `CHARS_PER_TOKEN_GUESS` characters per token,
+    up to the whole text; the ids past `max_tokens` of a part are not the text's and are only there to be cut.
+    Character offsets (`return_offsets_mapping`) of a start are those of the whole text."""
+    wanted = None if max_tokens is None else max(max_tokens, 0) + CUT_MARGIN_TOKENS
+    chars = len(text) if wanted is None else CHARS_PER_TOKEN_GUESS * wanted
+    while chars < len(text):
+        encoding = tokenizer(text[-chars:] if from_end else text[:chars], **options)
+        if len(encoding["input_ids"]) > wanted:
+            return encoding
+        chars *= 4
+    return tokenizer(text, **options)
+
+
+def encode_prompt(tokenizer: Any, prompt: Content | None, *, where: str, max_length: int | None = None,
+                  from_end: bool = False, tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Prompt ids exactly as the generator receives them (with the row's `tools` schemas). None: the tokenizer's
+    leading specials only.
+
+    max_length: the caller keeps at most the first (`from_end`: last) `max_length` ids, so of a longer prompt
+    only a part is tokenised (`tokenize_within`) and more than `max_length` ids are returned, to be cut.
+    """
     if prompt is None:
         return tokenize_text(tokenizer, "", add_special_tokens=True)
+    cut = {"max_tokens": max_length, "from_end": from_end}
     if isinstance(prompt, str):
-        return tokenize_text(tokenizer, prompt, add_special_tokens=True)
-    text = render_chat(tokenizer, prompt, add_generation_prompt=True, where=where)
-    return tokenize_text(tokenizer, text, add_special_tokens=False)
+        return tokenize_text(tokenizer, prompt, add_special_tokens=True, **cut)
+    text = render_chat(tokenizer, prompt, add_generation_prompt=True, where=where, tools=tools)
+    return tokenize_text(tokenizer, text, add_special_tokens=False, **cut)
 
 
-def encode_completion(tokenizer: Any, prompt: Content | None, completion: Content, *,
-                      where: str) -> list[int]:
-    """The ids that follow `encode_prompt(prompt)` for this completion, EOS included."""
+def encode_completion(tokenizer: Any, prompt: Content | None, completion: Content, *, where: str,
+                      max_length: int | None = None, tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """The ids that follow `encode_prompt(prompt)` for this completion, EOS included. max_length: the caller
+    keeps at most the first `max_length` ids (as `encode_prompt`)."""
     if isinstance(completion, str):
-        ids = tokenize_text(tokenizer, completion, add_special_tokens=False)
+        ids = tokenize_text(tokenizer, completion, add_special_tokens=False, max_tokens=max_length)
         return _with_eos(ids, tokenizer.eos_token_id)
-    prompt_text = render_chat(tokenizer, prompt, add_generation_prompt=True, where=where)
-    whole_text = render_chat(tokenizer, [*prompt, *completion], add_generation_prompt=False, where=where)
+    prompt_text = render_chat(tokenizer, prompt, add_generation_prompt=True, where=where, tools=tools)
+    whole_text = render_chat(tokenizer, [*prompt, *completion], add_generation_prompt=False, where=where, tools=tools)
     _require_prefix(prompt_text, whole_text, where)
-    ids = tokenize_text(tokenizer, whole_text[len(prompt_text):], add_special_tokens=False)
+    ids = tokenize_text(tokenizer, whole_text[len(prompt_text):], add_special_tokens=False, max_tokens=max_length)
     if tokenizer.eos_token_id not in ids:
         return [*ids, tokenizer.eos_token_id]
     return ids[:ids.index(tokenizer.eos_token_id) + 1]
@@ -151,33 +198,50 @@ def _require_prefix(prefix: str, whole: str, where: str) -> None:
 
 # --- SFT ----------------------------------------------------------------------------------------------
 
-def encode_sft_example(tokenizer: Any, example: SFTExample, *, completion_only: bool = True) -> SFTTokens:
-    """Token ids and loss mask of one demonstration (rules in the module docstring), not truncated."""
+def encode_sft_example(tokenizer: Any, example: SFTExample, *, completion_only: bool = True,
+                       max_length: int | None = None) -> SFTTokens:
+    """Token ids and loss mask of one demonstration (rules in the module docstring), not truncated.
+
+    max_length: the caller keeps at most the first `max_length` tokens, so of a longer example only a part is
+    tokenised and more than `max_length` tokens are returned, to be cut (`tokenize_within`).
+    """
     if isinstance(example.completion, str) and example.prompt is None:
-        ids = _with_eos(tokenize_text(tokenizer, example.completion, add_special_tokens=True),
-                        tokenizer.eos_token_id)
+        ids = tokenize_text(tokenizer, example.completion, add_special_tokens=True, max_tokens=max_length)
+        ids = _with_eos(ids, tokenizer.eos_token_id)
         return SFTTokens(ids, _first_not_target([True] * len(ids)), example.where)
     if isinstance(example.completion, str):
-        prompt_ids = encode_prompt(tokenizer, example.prompt, where=example.where)
-        completion_ids = encode_completion(tokenizer, example.prompt, example.completion, where=example.where)
+        prompt_ids = encode_prompt(tokenizer, example.prompt, where=example.where, max_length=max_length,
+                                   tools=example.tools)
+        room = None if max_length is None else max_length - len(prompt_ids)
+        completion_ids = encode_completion(tokenizer, example.prompt, example.completion, where=example.where,
+                                           max_length=room, tools=example.tools)
         mask = [not completion_only] * len(prompt_ids) + [True] * len(completion_ids)
         return SFTTokens(prompt_ids + completion_ids, _first_not_target(mask), example.where)
     prompt = example.prompt or []
     ids, mask = encode_conversation(tokenizer, [*prompt, *example.completion], first_target_turn=len(prompt),
-                                    where=example.where)
+                                    where=example.where, max_length=max_length, tools=example.tools)
     if not completion_only:
         mask = [True] * len(ids)
     return SFTTokens(ids, _first_not_target(mask), example.where)
 
 
 def encode_conversation(tokenizer: Any, messages: Conversation, *, first_target_turn: int = 0,
-                        where: str) -> tuple[list[int], list[bool]]:
+                        where: str, max_length: int | None = None,
+                        tools: list[dict[str, Any]] | None = None) -> tuple[list[int], list[bool]]:
     """Ids of the rendered conversation [T] and a mask [T], True on the tokens of every assistant turn
-    at index >= first_target_turn (its content and end-of-turn marker), found by rendering prefixes."""
-    text = render_chat(tokenizer, messages, add_generation_prompt=False, where=where)
-    spans = [_assistant_span(tokenizer, messages, i, text, where)
-             for i in range(first_target_turn, len(messages)) if messages[i]["role"] == "assistant"]
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    at index >= first_target_turn (its content and end-of-turn marker), found by rendering prefixes.
+    max_length: the caller keeps at most the first `max_length` tokens (as `encode_sft_example`); the turns
+    that start past the part tokenised are not rendered alone."""
+    text = render_chat(tokenizer, messages, add_generation_prompt=False, where=where, tools=tools)
+    encoding = tokenize_within(tokenizer, text, max_tokens=max_length, add_special_tokens=False,
+                               return_offsets_mapping=True)
+    tokenised = encoding["offset_mapping"][-1][1] if encoding["offset_mapping"] else 0  # characters
+    spans = []
+    for i in range(first_target_turn, len(messages)):
+        if messages[i]["role"] == "assistant":
+            spans.append(_assistant_span(tokenizer, messages, i, text, where, tools))
+            if spans[-1][0] >= tokenised:
+                break  # a cut text: this turn and the later ones start past its last token
     ids = list(encoding["input_ids"])
     mask = [any(start <= begin < end for start, end in spans) for begin, _ in encoding["offset_mapping"]]
     mask = _end_targets_at_eos(ids, mask, tokenizer.eos_token_id)
@@ -186,9 +250,10 @@ def encode_conversation(tokenizer: Any, messages: Conversation, *, first_target_
     return ids, mask
 
 
-def _assistant_span(tokenizer: Any, messages: Conversation, i: int, text: str, where: str) -> tuple[int, int]:
-    before = render_chat(tokenizer, messages[:i], add_generation_prompt=True, where=where) if i else ""
-    through = render_chat(tokenizer, messages[:i + 1], add_generation_prompt=False, where=where)
+def _assistant_span(tokenizer: Any, messages: Conversation, i: int, text: str, where: str,
+                    tools: list[dict[str, Any]] | None = None) -> tuple[int, int]:
+    before = render_chat(tokenizer, messages[:i], add_generation_prompt=True, where=where, tools=tools) if i else ""
+    through = render_chat(tokenizer, messages[:i + 1], add_generation_prompt=False, where=where, tools=tools)
     _require_prefix(before, through, where)
     _require_prefix(through, text, where)
     return len(before), len(through)
@@ -226,7 +291,7 @@ def encode_sft(examples: Sequence[SFTExample], tokenizer: Any, *, max_length: in
     report = report if report is not None else LoadReport()
     encoded = []
     for example in examples:
-        tokens = encode_sft_example(tokenizer, example, completion_only=completion_only)
+        tokens = encode_sft_example(tokenizer, example, completion_only=completion_only, max_length=max_length)
         fitted = fit_sft(tokens, max_length, truncation, report)
         if fitted is not None:
             encoded.append(fitted)
@@ -255,47 +320,72 @@ def _check_truncation(truncation: str) -> None:
 # --- prompt + completions (preference, unpaired, listwise) --------------------------------------------
 
 def encode_preference(examples: Sequence[PreferenceExample], tokenizer: Any, *, max_length: int | None = None,
-                      truncation: Truncation = "truncate", report: LoadReport | None = None
-                      ) -> list[PreferenceTokens]:
-    """Encode pairs; the prompt is kept whole and completions are cut to fit (counted in `report`)."""
+                      truncation: Truncation = "truncate", on_bad_row: OnBadRow = "error",
+                      report: LoadReport | None = None) -> list[PreferenceTokens]:
+    """Encode pairs; the prompt is kept whole and completions are cut to fit (counted in `report`). A pair whose
+    chosen and rejected ids are equal is raised (`on_bad_row="error"`) or skipped and counted."""
+    report = report if report is not None else LoadReport()
     fitted = _fit_each(examples, lambda e: [e.chosen, e.rejected], tokenizer, max_length, truncation, report)
-    return [PreferenceTokens(prompt_ids, chosen, rejected, e.where) for e, prompt_ids, (chosen, rejected) in fitted]
+    return [PreferenceTokens(prompt_ids, chosen, rejected, e.where)
+            for e, prompt_ids, (chosen, rejected), cut in fitted
+            if _differ(chosen, rejected, what="'chosen' and 'rejected'", cut=cut, where=e.where,
+                       on_bad_row=on_bad_row, report=report)]
 
 
 def encode_unpaired(examples: Sequence[UnpairedExample], tokenizer: Any, *, max_length: int | None = None,
-                    truncation: Truncation = "truncate", report: LoadReport | None = None
-                    ) -> list[CompletionTokens]:
-    """Encode labelled completions (one per example), fitted like preference pairs."""
+                    truncation: Truncation = "truncate", on_bad_row: OnBadRow = "error",
+                    report: LoadReport | None = None) -> list[CompletionTokens]:
+    """Encode labelled completions (one per example), fitted like preference pairs. `on_bad_row` is taken for
+    the same arguments as the other encoders; a row with one completion has no pair to compare."""
     fitted = _fit_each(examples, lambda e: [e.completion], tokenizer, max_length, truncation, report)
-    return [CompletionTokens(prompt_ids, ids, e.where, label=e.label) for e, prompt_ids, ids in fitted]
+    return [CompletionTokens(prompt_ids, ids, e.where, label=e.label) for e, prompt_ids, ids, _ in fitted]
 
 
 def encode_listwise(examples: Sequence[ListwiseExample], tokenizer: Any, *, max_length: int | None = None,
-                    truncation: Truncation = "truncate", report: LoadReport | None = None
-                    ) -> list[CompletionTokens]:
-    """Encode scored completion lists, fitted like preference pairs."""
+                    truncation: Truncation = "truncate", on_bad_row: OnBadRow = "error",
+                    report: LoadReport | None = None) -> list[CompletionTokens]:
+    """Encode scored completion lists, fitted like preference pairs; a list whose completions' ids are all equal
+    is raised (`on_bad_row="error"`) or skipped and counted."""
+    report = report if report is not None else LoadReport()
     fitted = _fit_each(examples, lambda e: e.completions, tokenizer, max_length, truncation, report)
-    return [CompletionTokens(prompt_ids, ids, e.where, scores=e.scores) for e, prompt_ids, ids in fitted]
+    return [CompletionTokens(prompt_ids, ids, e.where, scores=e.scores) for e, prompt_ids, ids, cut in fitted
+            if _differ(*ids, what="all completions", cut=cut, where=e.where, on_bad_row=on_bad_row, report=report)]
+
+
+def _differ(*completions: list[int], what: str, cut: bool, where: str, on_bad_row: OnBadRow,
+            report: LoadReport) -> bool:
+    """Whether the completions' ids are not all equal; when they are, raise or count the row as "identical pair"."""
+    if any(ids != completions[0] for ids in completions[1:]):
+        return True
+    how = (f" once truncated to max_length ({len(completions[0])} tokens each; a larger max_length keeps them apart)"
+           if cut else "")
+    error = DataError(f"{where}: {what} are the same tokens{how}; equal completions have no preference to learn "
+                      "(their loss has a zero gradient)", reason="identical pair")
+    if on_bad_row == "error":
+        raise error
+    report.skipped[error.reason] += 1
+    return False
 
 
 def _fit_each(examples: Sequence[Any], completions_of: Callable[[Any], Sequence[Content]], tokenizer: Any,
               max_length: int | None, truncation: Truncation, report: LoadReport | None
-              ) -> Iterator[tuple[Any, list[int], list[list[int]]]]:
-    """(example, prompt ids, fitted completion ids) for each example whose completions fit; the rest are
-    counted in `report` by `fit_completions`."""
+              ) -> Iterator[tuple[Any, list[int], list[list[int]], bool]]:
+    """(example, prompt ids, fitted completion ids, whether they were cut) for each example whose completions
+    fit; the rest are counted in `report` by `fit_completions`."""
     report = report if report is not None else LoadReport()
     for example in examples:
         prompt_ids, completions = _encode_prompt_and_completions(
-            tokenizer, example.prompt, completions_of(example), example.where)
+            tokenizer, example.prompt, completions_of(example), example.where, max_length)
         fitted = fit_completions(prompt_ids, completions, max_length, truncation, report)
         if fitted is not None:
-            yield example, prompt_ids, fitted
+            yield example, prompt_ids, fitted, fitted is not completions
 
 
 def _encode_prompt_and_completions(tokenizer: Any, prompt: Content | None, completions: Sequence[Content],
-                                   where: str) -> tuple[list[int], list[list[int]]]:
-    prompt_ids = encode_prompt(tokenizer, prompt, where=where)
-    return prompt_ids, [encode_completion(tokenizer, prompt, c, where=where) for c in completions]
+                                   where: str, max_length: int | None) -> tuple[list[int], list[list[int]]]:
+    prompt_ids = encode_prompt(tokenizer, prompt, where=where, max_length=max_length)
+    room = None if max_length is None else max_length - len(prompt_ids)
+    return prompt_ids, [encode_completion(tokenizer, prompt, c, where=where, max_length=room) for c in completions]
 
 
 def fit_completions(prompt_ids: list[int], completions: list[list[int]], max_length: int | None,
@@ -312,6 +402,39 @@ def fit_completions(prompt_ids: list[int], completions: list[list[int]], max_len
     return [c[:room] for c in completions]
 
 
+# --- the model's positions ---------------------------------------------------------------------------
+
+def check_positions(model: Any, lengths: dict[str, int]) -> None:
+    """Refuse a run whose longest sequence is longer than the model has positions for: a position past them was
+    never trained, and a RoPE model runs on there silently. `lengths` maps config keys to the tokens they allow
+    in one sequence (`{"data.max_length": 512}`; `{"rl.max_prompt_length": 256, "rl.sampling.max_new_tokens":
+    64}`, summed). The model's positions are `max_position_embeddings` (or GPT-2's `n_positions`) of its config,
+    times the RoPE scaling factor when the config extends them (linear, dynamic, YaRN, LongRoPE) without naming
+    `original_max_position_embeddings`. A model whose config names none is not checked. Raises DataError."""
+    positions = model_positions(getattr(model, "config", model))
+    total = sum(lengths.values())
+    if positions is None or total <= positions:
+        return
+    keys = " + ".join(f"{key}={n}" for key, n in lengths.items()) + (f" = {total}" if len(lengths) > 1 else "")
+    fix = (f"set {next(iter(lengths))} to at most {positions}" if len(lengths) == 1
+           else f"lower {' or '.join(lengths)} so that they sum to at most {positions}")
+    raise DataError(f"{keys} tokens is more than the model's {positions} positions (max_position_embeddings in its "
+                    f"config); a position past them was never trained: {fix}", reason="longer than the model")
+
+
+def model_positions(config: Any) -> int | None:
+    """The longest sequence a model config was trained for (`check_positions`), None when it names none."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    positions = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+    rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+    if not isinstance(positions, int):
+        return None
+    extended = rope.get("rope_type", rope.get("type", "default")) not in ("default", None)
+    if extended and "original_max_position_embeddings" not in rope:
+        positions = int(positions * float(rope.get("factor") or 1.0))
+    return positions
+
+
 # --- prompt-only --------------------------------------------------------------------------------------
 
 def encode_prompts(examples: Sequence[PromptExample], tokenizer: Any, *, max_length: int | None = None,
@@ -323,7 +446,7 @@ def encode_prompts(examples: Sequence[PromptExample], tokenizer: Any, *, max_len
     report = report if report is not None else LoadReport()
     encoded = []
     for example in examples:
-        ids = encode_prompt(tokenizer, example.prompt, where=example.where)
+        ids = encode_prompt(tokenizer, example.prompt, where=example.where, max_length=max_length, from_end=True)
         if max_length is not None and len(ids) > max_length:
             if truncation == "drop":
                 report.dropped += 1

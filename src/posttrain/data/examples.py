@@ -23,20 +23,25 @@ Conversation rules (checked on every conversational field; `Conversation` below)
 - an SFT completion starts and ends with `assistant` (it may hold tool turns in between); a
   preference, unpaired or listwise completion is exactly one `assistant` message.
 
+Every string of a row, nested ones and keys included, must be Unicode text: a lone surrogate (a JSON `\ud800`
+escape without its other half) is a bad row, named with its field, since no tokenizer can encode it.
+
 Preference rows without `prompt` whose `chosen` and `rejected` are conversations sharing a prefix
 ("implicit prompt"): the longest shared prefix of messages becomes the prompt and the rest of each must
 be one assistant message. Text rows without `prompt` are compared as whole sequences (prompt None).
 """
 
 import itertools
+import json
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from posttrain.data.errors import DataError
-from posttrain.data.readers import Row, read_rows
+from posttrain.data.errors import DataError, show_names, show_value
+from posttrain.data.readers import Row, gc_paused, iter_rows
 from posttrain.data.report import LoadReport
 
 Message = dict[str, Any]
@@ -48,7 +53,7 @@ OnBadRow = Literal["error", "skip"]
 ROLES = ("system", "user", "assistant", "tool")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SFTExample:
     """A demonstration. `text` rows: prompt None, completion the text (every token trained).
     `messages` rows: prompt None, completion the conversation (every assistant turn trained)."""
@@ -56,9 +61,11 @@ class SFTExample:
     prompt: Content | None
     completion: Content
     where: str
+    tools: list[dict[str, Any]] | None = None
+    """The row's `tools` column (JSON schemas, TRL's format), given to the chat template as `tools=`."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PreferenceExample:
     """A pair: `chosen` preferred over `rejected` after `prompt` (None: no prompt, text only)."""
 
@@ -68,7 +75,7 @@ class PreferenceExample:
     where: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UnpairedExample:
     """One completion labelled desirable (True) or undesirable (False), as KTO consumes."""
 
@@ -78,7 +85,7 @@ class UnpairedExample:
     where: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ListwiseExample:
     """Several completions of one prompt with a score each (higher is better)."""
 
@@ -88,7 +95,7 @@ class ListwiseExample:
     where: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PromptExample:
     """A prompt for generation (RL, evaluation), with the row's other columns kept verbatim."""
 
@@ -102,13 +109,17 @@ Example = SFTExample | PreferenceExample | UnpairedExample | ListwiseExample | P
 
 def load_examples(path: str | Path, kind: Kind, *, split: str | None = None,
                   on_bad_row: OnBadRow = "error") -> tuple[list[Example], LoadReport]:
-    """Read a dataset and validate every row as `kind`. Returns the examples and the report."""
+    """Read a dataset and validate every row as `kind`. Returns the examples and the report.
+
+    Rows are validated as they are read, so that only the examples stay in memory, not the file's rows too.
+    """
     report = LoadReport(source=str(path))
-    rows = read_rows(path, split=split, on_bad_row=on_bad_row, report=report)
-    return validate_rows(rows, kind, on_bad_row=on_bad_row, report=report), report
+    rows = iter_rows(path, split=split, on_bad_row=on_bad_row, report=report)
+    with gc_paused():
+        return validate_rows(rows, kind, on_bad_row=on_bad_row, report=report), report
 
 
-def validate_rows(rows: list[Row], kind: Kind, *, on_bad_row: OnBadRow = "error",
+def validate_rows(rows: Iterable[Row], kind: Kind, *, on_bad_row: OnBadRow = "error",
                   report: LoadReport | None = None) -> list[Example]:
     """Turn rows into examples of `kind`.
 
@@ -124,6 +135,7 @@ def validate_rows(rows: list[Row], kind: Kind, *, on_bad_row: OnBadRow = "error"
     examples = []
     for row in rows:
         try:
+            check_unicode(row)
             examples.append(validate(row))
         except DataError as error:
             if on_bad_row == "error":
@@ -138,14 +150,30 @@ def validate_sft_row(row: Row) -> SFTExample:
     fields = row.fields
     if "prompt" in fields and "completion" in fields:
         prompt, completion = _content_pair(row, "prompt", "completion", single_turn=False)
-        return SFTExample(prompt, completion, row.where)
+        return SFTExample(prompt, completion, row.where, _tools(row))
     if "messages" in fields:
         messages = _conversation(row, "messages")
         _check_turns(messages, row.where, "messages", first="user", last=("assistant",))
-        return SFTExample(None, messages, row.where)
+        return SFTExample(None, messages, row.where, _tools(row))
     if "text" in fields:
         return SFTExample(None, _text(row, "text"), row.where)
     raise _missing_fields(row, "'prompt' + 'completion', or 'messages', or 'text'")
+
+
+def _tools(row: Row) -> list[dict[str, Any]] | None:
+    """The `tools` column: a list of function schemas (objects), or that list as a JSON string; None when absent."""
+    tools = row.fields.get("tools")
+    if tools is None:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{row.where}: field 'tools': not JSON ({err.msg})", reason="bad tools") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"{row.where}: field 'tools': expected a list of function schemas (objects), found "
+                        f"{type(tools).__name__}", reason="bad tools")  # fmt: skip
+    return tools
 
 
 def validate_preference_row(row: Row) -> PreferenceExample:
@@ -165,7 +193,7 @@ def validate_unpaired_row(row: Row) -> UnpairedExample:
     prompt, completion = _content_pair(row, "prompt", "completion", single_turn=True)
     label = row.fields["label"]
     if not isinstance(label, bool):
-        raise DataError(f"{row.where}: field 'label': expected true or false, found {label!r}",
+        raise DataError(f"{row.where}: field 'label': expected true or false, found {show_value(label)}",
                         reason="bad label")
     return UnpairedExample(prompt, completion, label, row.where)
 
@@ -214,7 +242,7 @@ def _require(row: Row, names: tuple[str, ...], expected: str) -> None:
 
 
 def _missing_fields(row: Row, expected: str) -> DataError:
-    return DataError(f"{row.where}: fields found: {sorted(row.fields)}; expected {expected}",
+    return DataError(f"{row.where}: fields found: {show_names(row.fields)}; expected {expected}",
                      reason="missing field")
 
 
@@ -261,7 +289,7 @@ def _check_completion(completion: Conversation, where: str, name: str, *, single
     if single_turn and (len(completion) != 1 or completion[0]["role"] != "assistant"):
         roles = [m["role"] for m in completion]
         raise DataError(f"{where}: field {name!r}: expected exactly one assistant message, "
-                        f"found roles {roles}", reason="turn order")
+                        f"found roles {show_value(roles, limit=200)}", reason="turn order")
     _check_turns(completion, where, name, first="assistant", last=("assistant",))
 
 
@@ -290,7 +318,7 @@ def _check_scores(scores: Any, count: int, where: str) -> None:
                         f"found {_describe(scores)}", reason="bad scores")
     for i, score in enumerate(scores):
         if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
-            raise DataError(f"{where}: field 'scores[{i}]': expected a finite number, found {score!r}",
+            raise DataError(f"{where}: field 'scores[{i}]': expected a finite number, found {show_value(score)}",
                             reason="bad scores")
 
 
@@ -312,7 +340,7 @@ def _check_message(message: Any, where: str, name: str) -> None:
                         f"found {_describe(message)}", reason="wrong type")
     role, content = message["role"], message["content"]
     if role not in ROLES:
-        raise DataError(f"{where}: field {name!r}: unknown role {role!r}; allowed: {', '.join(ROLES)}",
+        raise DataError(f"{where}: field {name!r}: unknown role {show_value(role)}; allowed: {', '.join(ROLES)}",
                         reason="unknown role")
     if not isinstance(content, str):
         raise DataError(f"{where}: field {name}.content: expected a string, found {_describe(content)}",
@@ -339,9 +367,57 @@ def _check_turns(messages: Conversation, where: str, name: str, *, first: str, l
 
 
 def _turn_error(where: str, name: str, roles: list[str], rule: str) -> DataError:
-    return DataError(f"{where}: field {name!r}: turns {roles}: {rule}", reason="turn order")
+    return DataError(f"{where}: field {name!r}: turns {show_value(roles, limit=200)}: {rule}", reason="turn order")
 
 
 def _describe(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+    return f"{type(value).__name__} {show_value(value)}"
+
+
+# --- Unicode ------------------------------------------------------------------------------------------
+
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_unicode(row: Row) -> None:
+    """Raise DataError naming the first string of the row (a field, a nested value or a key) that holds a lone
+    surrogate. Python strings may hold them (JSON's `\\ud800` escape decodes to one); UTF-8, and so every
+    tokenizer, cannot encode them."""
+    try:  # most rows: text fields of ASCII only, checked in one pass of C
+        if "".join(row.fields.values()).isascii() and "".join(row.fields).isascii():
+            return
+    except TypeError:  # a value that is not text (a conversation, a label): walked below
+        pass
+    if not _holds_surrogate(row.fields):
+        return
+    stack: list[tuple[Any, str, str]] = [(row.fields, "", "")]
+    while stack:
+        value, name, shown = stack.pop()  # shown: how a message names the string
+        if isinstance(value, str) and (found := SURROGATE.search(value)):
+            raise DataError(f"{row.where}: {shown}: lone surrogate U+{ord(found.group()):04X} at character "
+                            f"{found.start() + 1}, which is not Unicode text (half of a UTF-16 pair, e.g. a JSON "
+                            "\\ud800 escape without its other half); write the whole character or remove it",
+                            reason="invalid unicode")
+        if isinstance(value, dict):
+            where = f" in field {name!r}" if name else ""
+            stack += [(key, name, f"the key {show_value(key)}{where}") for key in value]
+            for key, item in value.items():
+                path = f"{name}.{key}" if name else str(key)
+                stack.append((item, path, f"field {path!r}"))
+        elif isinstance(value, list):
+            stack += [(item, f"{name}[{i}]", f"field '{name}[{i}]'") for i, item in enumerate(value)]
+
+
+def _holds_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack += item
+            stack += item.values()
+        elif isinstance(item, list):
+            stack += item
+    return False

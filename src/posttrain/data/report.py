@@ -9,7 +9,8 @@ class LoadReport:
     """Counts for one dataset, filled in by `validate_rows` and the `encode_*` functions.
 
     rows: rows read from the source.
-    skipped: rows left out by `on_bad_row="skip"`, per reason ("missing field", "turn order", ...).
+    skipped: rows left out by `on_bad_row="skip"`, per reason ("missing field", "turn order", ...; "identical
+        pair" is counted by the encoders, once the pair's tokens are known).
     truncated: examples cut to `max_length`.
     dropped: examples left out because they did not fit `max_length` (`truncation="drop"`, or nothing
         trainable was left after truncating).
@@ -23,7 +24,7 @@ class LoadReport:
 
     @property
     def kept(self) -> int:
-        """Rows that became examples (before encoding drops)."""
+        """Rows that became examples (before encoding drops, after the pairs it skipped)."""
         return self.rows - sum(self.skipped.values())
 
     def summary(self) -> str:

@@ -212,6 +212,53 @@ def reinforce_pp_baseline(
     return _normalise_over_tokens(returns_B_T, mask_B_T, scale_std=scale_std)
 
 
+@advantage("turn_returns")
+def turn_returns(
+    token_rewards_B_T: Tensor,
+    turn_ids_B_T: Tensor,
+    mask_B_T: Tensor,
+    *,
+    group_size: int,
+    gamma: float = 1.0,
+    scale_std: bool = True,
+    eps: float = 1e-4,
+) -> Tensor:
+    """Turn-level discounted returns with a group baseline, for multi-turn episodes.
+
+        r_k = sum of the token rewards of turn k        (an environment's reward for the turn; the outcome on the last)
+        G_k = sum_{j >= k} gamma^(j - k) r_j            the return from turn k, discounted per turn, not per token
+        A_t = (G_{k(t)} - mean_i G_0) / (std_i G_0 + eps)  every token of turn k(t); mean, std over the group's episodes
+        scale_std=False:  A_t = G_{k(t)} - mean_i G_0
+
+    The baseline is GRPO's (Shao et al. 2024, arXiv:2402.03300) on the episodes' whole returns G_0: with gamma = 1
+    and only an outcome reward every turn's return is G_0 and this is GRPO exactly. A turn is credited with the
+    rewards from it on, not with earlier turns' (returns-to-go), and gamma < 1 weighs the nearer ones more (per-turn
+    discounting as in multi-turn agent RL, e.g. SkyRL's per-step returns).
+
+    token_rewards_B_T: [B, T] rewards at the turns' last tokens (B = P*G, each prompt's G contiguous);
+    turn_ids_B_T: [B, T] int64, the turn (0, 1, ...) of each model token, -1 elsewhere; mask_B_T: [B, T] bool.
+    Returns [B, T], zero outside the mask. std: unbiased, as `grpo`.
+    Deviations: a token reward outside every turn (turn id -1) is not counted.
+    """
+    _require_groups("turn_returns", group_size, 2)
+    valid_B_T = (turn_ids_B_T >= 0) & mask_B_T
+    turns = int(turn_ids_B_T.max().clamp(min=0).item()) + 1
+    index_B_T = turn_ids_B_T.clamp(min=0)
+    r_B_K = torch.zeros(turn_ids_B_T.shape[0], turns, dtype=torch.float32, device=turn_ids_B_T.device)
+    r_B_K.scatter_add_(1, index_B_T, torch.where(valid_B_T, token_rewards_B_T.detach().float(), 0.0))
+    returns_B_K = torch.zeros_like(r_B_K)
+    running_B = torch.zeros_like(r_B_K[:, 0])
+    for k in reversed(range(turns)):
+        running_B = r_B_K[:, k] + gamma * running_B
+        returns_B_K[:, k] = running_B
+    g0_P_G = returns_B_K[:, 0].view(-1, group_size)
+    mean_B = g0_P_G.mean(dim=1, keepdim=True).expand_as(g0_P_G).flatten()
+    adv_B_T = returns_B_K.gather(1, index_B_T) - mean_B[:, None]
+    if scale_std:
+        adv_B_T = adv_B_T / (g0_P_G.std(dim=1, keepdim=True).expand_as(g0_P_G).flatten()[:, None] + eps)
+    return torch.where(valid_B_T, adv_B_T, 0.0)
+
+
 @advantage("reinforce")
 def reinforce(rewards_PG: Tensor, baseline: Tensor) -> Tensor:
     """REINFORCE with a moving-average baseline (Williams 1992, Machine Learning 8:229-256).

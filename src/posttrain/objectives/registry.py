@@ -170,6 +170,7 @@ ADVANTAGES = Registry(
         "values_B_T": "critic",  # the critic's value estimates at completion positions
         "greedy_rewards_P": "greedy_rollout",  # the reward of each prompt's greedy completion (ReMax)
         "baseline": "moving_baseline",  # the loop's running mean of past batch rewards (0-dim)
+        "turn_ids_B_T": "turns",  # [B, T] int64 the model turn of each generated token, -1 elsewhere
     },
 )
 POLICY_LOSSES = Registry(

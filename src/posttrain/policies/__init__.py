@@ -1,5 +1,7 @@
-"""What is trained: causal LMs from local paths or presets, LoRA, chunked per-token log-probs."""
+"""What is trained: causal LMs from local paths or presets, LoRA, chunked per-token log-probs; one adapter per
+model family (`families/`) for the layer forward that training and decoding share."""
 
+from posttrain.policies.families import describe_forward_path
 from posttrain.policies.heads import ValueModel, build_reward_model, scalar_rewards
 from posttrain.policies.logprobs import gather_logprobs_and_entropy, hidden_states_at, token_logprobs
 from posttrain.policies.models import (
@@ -30,6 +32,7 @@ __all__ = [
     "build_model",
     "build_reference",
     "build_reward_model",
+    "describe_forward_path",
     "disable_dropout",
     "enable_gradient_checkpointing",
     "gather_logprobs_and_entropy",

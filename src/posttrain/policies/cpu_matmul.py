@@ -1,15 +1,14 @@
 """Float32 linear layers on CPU through oneDNN, where that is the faster kernel.
 
-PyTorch's CPU wheels send a float32 `mm` to Intel MKL, which on AMD processors does not use AVX-512: on
-the 2-core Zen 5 machine of bench/RESULTS.md, `torch.mm` reaches about 210 GFLOP/s and oneDNN's matmul
-(shipped inside PyTorch for its mkldnn ops) about 470 GFLOP/s on the same shapes, forward and backward.
-Both are IEEE float32 products and sums; only the order of the additions differs. On Intel processors
-the two run close, so which one to use is measured once per process (`onednn_selected`), and the
+PyTorch's CPU wheels send a float32 `mm` to Intel MKL, which on AMD processors does not use AVX-512, where
+oneDNN's matmul (shipped inside PyTorch for its mkldnn ops) runs about twice as fast (bench/RESULTS.md,
+"Kernels"). Both are IEEE float32 products and sums; only the order of the additions differs. On Intel
+processors the two run close, so which one to use is measured once per process (`onednn_selected`), and the
 environment variable POSTTRAIN_CPU_MATMUL=auto|onednn|blas overrides the measurement.
 
-`linear` is F.linear with that choice made; the model's own modules are left alone, so a forward
-through them (any model outside the Llama family, LoRA layers) runs as before.
-tests/policies/test_cpu_matmul.py holds outputs and gradients equal to F.linear.
+`linear` is F.linear with that choice made; the model's own modules are left alone, so a forward through them
+(a family without an adapter, LoRA layers) runs as before. tests/policies/test_cpu_matmul.py holds outputs and
+gradients equal to F.linear.
 """
 
 from __future__ import annotations
@@ -27,22 +26,13 @@ from torch.autograd.function import once_differentiable
 
 ENV_VAR = "POSTTRAIN_CPU_MATMUL"
 CHOICES = ("auto", "onednn", "blas")
-# oneDNN's products cost more than MKL's where they are small: its set-up and the row padding dominate. Measured
-# on the 2-core Zen 5 machine (MKL's time over oneDNN's, forward): [8, 512] x [512, 1536] 0.96, [16, 512] x
-# [512, 256] 1.15 (2.1M multiply-adds), [64, 128] x [128, 384] 1.11 (3.1M), [256, 128] x [128, 128] 1.24
-# (4.2M), [64, 512] x [512, 1536] 2.08. So oneDNN takes products of at least MIN_ROWS rows and
-# MIN_MULTIPLY_ADDS multiply-adds, with weights of at least MIN_WEIGHT_VALUES values (see below).
+# oneDNN's set-up and row padding cost more than it saves on small products (bench/RESULTS.md, "Kernels"): it
+# takes products of at least MIN_ROWS rows and MIN_MULTIPLY_ADDS multiply-adds, of weights of MIN_WEIGHT_VALUES
 MIN_ROWS = 16
 MIN_MULTIPLY_ADDS = 4 << 20
-# oneDNN builds a kernel for every shape it sees (0.2-2 ms) and caches it, about 0.6 MB apiece; with its
-# default cache of 1,024 entries a GRPO run of the 30m model grew by 570 MB over 40 steps (MKL: 270 MB,
-# flat after 10). The caches are capped at KERNEL_CACHE_ENTRIES unless the environment sets them (with 16
-# the same run stayed flat, 60 MB under MKL's, at the same speed: a layer's products reuse the previous
-# layer's kernels), and rows are padded with zeros to a bucket of 1/32 to 1/16 of their count (a power of
-# two, at least MIN_ROW_BUCKET: 16 under 512 rows, 32 under 1,024, 64 under 2,048, ...), 16 row counts per
-# doubling for 1.5-3% of a product on average. A model as small as the demo's (hidden size 128) gains 7-10%
-# a training step from oneDNN but rebuilds its kernels every step under that cap (a 22 ms step took 30) and
-# grows by 650 MB over 150 steps without it, so its weights, under MIN_WEIGHT_VALUES, stay on MKL.
+# oneDNN builds and caches a kernel for every shape: its caches are capped, rows padded to a bucket of 1/32 to 1/16
+# of their count (`padded_count`) to bound the shapes, and weights as small as the demo model's, which would rebuild
+# their kernels every step under the cap, stay on MKL (RESULTS.md, "Kernels").
 MIN_WEIGHT_VALUES = 1 << 16
 MIN_ROW_BUCKET = 16
 KERNEL_CACHE_ENTRIES = 32
@@ -93,9 +83,7 @@ def rows_best_padded(x_X_K: Tensor, weight_N_K: Tensor) -> bool:
     """Whether products of x with `weight` are better computed over rows padded to `padded_count`: oneDNN, which
     builds a kernel for every row count it sees, runs them. It runs the float32 products that `linear` sends to
     it (`onednn_computes`) and, PyTorch sending them there itself, every bfloat16 product on CPU (bfloat16
-    weights, or bfloat16 autocast). Measured on 2 Xeon cores, torch 2.13, bfloat16 demo-model SFT steps of 64
-    examples (521-535 real tokens, a new count at every step): forward + backward 47-65 ms unpadded, against
-    27 ms for a batch repeated."""
+    weights, or bfloat16 autocast): a new row count at every step costs a kernel build (RESULTS.md, "Kernels")."""
     if x_X_K.device.type != "cpu":
         return False
     autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
@@ -162,9 +150,8 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _onednn_linear(grad_X_N, weight_N_K.t())
         if ctx.needs_input_grad[1]:
-            # the rows are the product's inner dimension here: zero rows on both sides add nothing. With
-            # both operands transposed, oneDNN is faster with the one of fewer rows first (measured: 9.6 ms
-            # against 19 ms for [1536, 1990] x [1990, 512]).
+            # the rows are the product's inner dimension here: zero rows on both sides add nothing. With both
+            # operands transposed, oneDNN is faster with the one of fewer rows first (RESULTS.md, "Kernels")
             x_R_K, grad_R_N = padded_rows(x_X_K.reshape(-1, x_X_K.shape[-1])), padded_rows(grad_M_N)
             if grad_R_N.shape[1] <= x_R_K.shape[1]:
                 grad_weight = onednn_product(grad_R_N.t(), x_R_K.t())
@@ -204,10 +191,8 @@ def bound_kernel_caches() -> None:
     """Caps oneDNN's kernel caches at KERNEL_CACHE_ENTRIES each where the environment does not set them. Both
     libraries read these variables when they first build a kernel, so this only takes effect before that: every
     run calls it first (`trainers.build.check_environment`), and so do the compact forwards (`linear_of`); once
-    per process, as the libraries read the variables once. A
-    bfloat16 GRPO run of the demo model on CPU, whose products PyTorch runs on oneDNN, peaked at 714 MB with the
-    default caches (329 ms a step) and at 514 MB with 32 entries (385 ms); with 128 entries, set in the
-    environment, 604 MB and 329 ms (measured on 2 Xeon cores, 5 steps)."""
+    per process, as the libraries read the variables once. bfloat16 CPU runs, whose products PyTorch sends to
+    oneDNN, are capped too (their peak memory against speed: RESULTS.md, "Kernels")."""
     for name in KERNEL_CACHE_VARIABLES:
         os.environ.setdefault(name, str(KERNEL_CACHE_ENTRIES))
 

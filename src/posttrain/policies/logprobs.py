@@ -5,8 +5,8 @@ again for its gradient. Here the language-model head runs chunk by chunk over th
 online log-sum-exp, only at the positions the caller asks for (completion tokens, not the prompt or
 padding), and the backward pass recomputes each chunk instead of storing it: memory is O(N * chunk).
 
-The backbone runs on real tokens only for the Llama family (`llama_forward.py`: no compute on padding);
-other models run their own forward over the padded batch.
+The backbone runs on real tokens only for the families with an adapter (`unpadded.py`, `families/`: no compute
+on padding); other models run their own forward over the padded batch.
 
 Alignment, used by every caller: `logp_B_T[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`, so a
 mask aligned with `input_ids` (True where a token is a target) selects the right values; t = 0 has no
@@ -21,23 +21,26 @@ import torch
 from torch import Tensor
 
 from posttrain.policies import cpu_matmul
-from posttrain.policies.llama_forward import decoder_of, find_documents, runs_unpadded, unpadded_hidden_states
+from posttrain.policies.decoder_layer import final_softcap
+from posttrain.policies.families import decoder_of
+from posttrain.policies.unpadded import find_documents, runs_unpadded, unpadded_hidden_states
 
 DEFAULT_VOCAB_CHUNK = 8192
 
 
 class _ChunkedLogprobEntropy(torch.autograd.Function):
-    """log p(target) and entropy of softmax(h @ W.T / tau) without materialising the [N, V] matrix.
+    """log p(target) and entropy of softmax(cap(h @ W.T + b) / tau) without materialising the [N, V] matrix;
+    cap(l) = c tanh(l / c) where the model soft-caps its final logits (Gemma 2, arXiv:2408.00118), else l.
 
-    With z = logits / tau, p = softmax(z), lse = logsumexp(z), E[z] = sum_i p_i z_i:
+    With z = cap(logits) / tau, p = softmax(z), lse = logsumexp(z), E[z] = sum_i p_i z_i:
         logp   = z_target - lse          d logp / d z_i = 1[i = target] - p_i
         H      = lse - E[z]              d H    / d z_i = -p_i (z_i - E[z])
     so with upstream gradients g (of logp) and g_H (of H):
         d / d z_i = g 1[i = target] - p_i (g + g_H (z_i - E[z]))
+    and d z_i / d logit_i = (1 - tanh^2(logit_i / c)) / tau.
 
-    Every chunk reuses two [N, chunk] float32 buffers and works on them in place: a fresh 50 MB temporary
-    per elementwise op costs more in page faults than the op itself (measured on CPU: exp(z - m) out of
-    place 52 ms, in place 10 ms, for 1536 x 8192).
+    Every chunk reuses [N, chunk] float32 buffers and works on them in place: a fresh temporary per elementwise
+    op costs more in page faults than the op itself (bench/RESULTS.md, "Kernels").
     """
 
     @staticmethod
@@ -49,6 +52,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         targets_N: Tensor,
         inv_temperature: float,
         chunk: int,
+        softcap: float | None,
     ) -> tuple[Tensor, Tensor]:
         n, vocab = hidden_N_H.shape[0], weight_V_H.shape[0]
         running_max = hidden_N_H.new_full((n,), float("-inf"), dtype=torch.float32)
@@ -57,7 +61,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         target_z = hidden_N_H.new_zeros((n,), dtype=torch.float32)
         z_buffer, e_buffer = _buffers(hidden_N_H, min(chunk, vocab))
         for start in range(0, vocab, chunk):
-            z_N_C = _chunk_logits(z_buffer, hidden_N_H, weight_V_H, bias_V, start, chunk, inv_temperature)
+            z_N_C = _chunk_logits(z_buffer, hidden_N_H, weight_V_H, bias_V, start, chunk, inv_temperature, softcap)
             width = z_N_C.shape[1]
             new_max = torch.maximum(running_max, z_N_C.amax(dim=1))
             rescale = torch.exp(running_max - new_max)
@@ -71,7 +75,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         lse = running_max + torch.log(sum_exp)
         mean_z = sum_exp_z / sum_exp
         ctx.save_for_backward(hidden_N_H, weight_V_H, bias_V, targets_N, lse, mean_z)
-        ctx.inv_temperature, ctx.chunk = inv_temperature, chunk
+        ctx.inv_temperature, ctx.chunk, ctx.softcap = inv_temperature, chunk, softcap
         # an output the loss does not use (usually the entropy) arrives as None, not as zeros to multiply
         ctx.set_materialize_grads(False)
         return target_z - lse, lse - mean_z
@@ -79,17 +83,18 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_logp_N: Tensor | None, grad_entropy_N: Tensor | None):  # type: ignore[override]
         hidden_N_H, weight_V_H, bias_V, targets_N, lse, mean_z = ctx.saved_tensors
-        inv_t, chunk = ctx.inv_temperature, ctx.chunk
+        inv_t, chunk, softcap = ctx.inv_temperature, ctx.chunk, ctx.softcap
         if grad_logp_N is None and grad_entropy_N is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         n, vocab = hidden_N_H.shape[0], weight_V_H.shape[0]
         grad_hidden = torch.zeros_like(hidden_N_H, dtype=torch.float32)
         grad_weight = torch.empty_like(weight_V_H, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         wants_bias = bias_V is not None and ctx.needs_input_grad[2]
         grad_bias = torch.empty_like(bias_V, dtype=torch.float32) if wants_bias else None
         z_buffer, c_buffer = _buffers(hidden_N_H, min(chunk, vocab))
+        slope_buffer = None if softcap is None else z_buffer.new_empty(z_buffer.shape)
         for start in range(0, vocab, chunk):
-            z_N_C = _chunk_logits(z_buffer, hidden_N_H, weight_V_H, bias_V, start, chunk, inv_t)
+            z_N_C = _chunk_logits(z_buffer, hidden_N_H, weight_V_H, bias_V, start, chunk, inv_t, softcap, slope_buffer)
             width = z_N_C.shape[1]
             coef_N_C = None  # g + g_H (z - E[z]), when the entropy has a gradient
             if grad_entropy_N is not None:
@@ -108,6 +113,8 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
                 dz_N_C[rows, targets_N[rows] - start] += grad_logp_N[rows]
             if inv_t != 1.0:
                 dz_N_C.mul_(inv_t)
+            if slope_buffer is not None:
+                dz_N_C.mul_(_view(slope_buffer, n, width))
             dlogits_N_C = dz_N_C.to(weight_V_H.dtype)
             w_C_H = weight_V_H[start : start + width]
             grad_hidden += cpu_matmul.linear(dlogits_N_C, w_C_H.T).float()  # dlogits @ W
@@ -119,6 +126,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
             grad_hidden.to(hidden_N_H.dtype),
             None if grad_weight is None else grad_weight.to(weight_V_H.dtype),
             None if grad_bias is None else grad_bias.to(bias_V.dtype),
+            None,
             None,
             None,
             None,
@@ -144,8 +152,11 @@ def _chunk_logits(
     start: int,
     chunk: int,
     inv_temperature: float,
+    softcap: float | None = None,
+    slope_buffer: Tensor | None = None,
 ) -> Tensor:
-    """float32 logits / tau of vocabulary rows start .. start + chunk, written into `buffer`. [N, C]."""
+    """float32 cap(logits) / tau of vocabulary rows start .. start + chunk, written into `buffer`. [N, C]. With a
+    `slope_buffer`, the cap's derivative 1 - tanh^2(logit / c) goes there too."""
     w_C_H = weight_V_H[start : start + chunk]
     z_N_C = _view(buffer, hidden_N_H.shape[0], w_C_H.shape[0])
     plain_fp32 = hidden_N_H.dtype == w_C_H.dtype == torch.float32
@@ -155,6 +166,11 @@ def _chunk_logits(
         z_N_C.copy_(hidden_N_H @ w_C_H.T)
     if bias_V is not None:
         z_N_C += bias_V[start : start + chunk].float()
+    if softcap is not None:
+        z_N_C.div_(softcap).tanh_()
+        if slope_buffer is not None:
+            torch.mul(z_N_C, z_N_C, out=_view(slope_buffer, *z_N_C.shape)).neg_().add_(1.0)
+        z_N_C.mul_(softcap)
     if inv_temperature != 1.0:
         z_N_C.mul_(inv_temperature)
     return z_N_C
@@ -168,11 +184,13 @@ def gather_logprobs_and_entropy(
     bias_V: Tensor | None = None,
     temperature: float = 1.0,
     chunk: int = DEFAULT_VOCAB_CHUNK,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """log p(target) and entropy, both float32 [N], of softmax((hidden @ weight.T + bias) / temperature)."""
+    """log p(target) and entropy, both float32 [N], of softmax(cap(hidden @ weight.T + bias) / temperature), with
+    cap(l) = softcap * tanh(l / softcap), or l when `softcap` is None."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
-    return _ChunkedLogprobEntropy.apply(hidden_N_H, weight_V_H, bias_V, targets_N, 1.0 / temperature, chunk)
+    return _ChunkedLogprobEntropy.apply(hidden_N_H, weight_V_H, bias_V, targets_N, 1.0 / temperature, chunk, softcap)
 
 
 def token_logprobs(
@@ -194,8 +212,9 @@ def token_logprobs(
     (transformers' rule for packed rows, `masking_utils.find_packed_sequence_indices`).
 
     Only target positions are computed; elsewhere both outputs are 0. See the module docstring for the
-    alignment. Llama-family models run on their real tokens only (`llama_forward.py`); models whose head
-    post-processes logits (soft-capping, logit scale) take the plain head path.
+    alignment. Models of a family with an adapter run on their real tokens only (`unpadded.py`); the chunked
+    head soft-caps logits where the model does (Gemma 2 and 3); a head that scales its logits (`logit_scale`) or is
+    not a plain Linear (LoRA on the head) runs as its module over the [N, V] logits.
     """
     predict_B_T = torch.zeros_like(target_mask_B_T, dtype=torch.bool)
     predict_B_T[:, :-1] = target_mask_B_T[:, 1:]  # the hidden state at t predicts token t + 1
@@ -204,7 +223,7 @@ def token_logprobs(
     head = model.get_output_embeddings()
     # the chunked head reads the weight itself: a head that is not a plain Linear (one LoRA wraps, whose weight is
     # its frozen base's) runs as its module
-    if _head_postprocesses_logits(model.config) or type(head) is not torch.nn.Linear:
+    if getattr(model.config, "logit_scale", None) or type(head) is not torch.nn.Linear:
         logp_N, entropy_N = _plain_logprobs_and_entropy(model, hidden_N_H, targets_N, temperature)
     else:
         logp_N, entropy_N = gather_logprobs_and_entropy(
@@ -214,6 +233,7 @@ def token_logprobs(
             bias_V=getattr(head, "bias", None),
             temperature=temperature,
             chunk=chunk,
+            softcap=final_softcap(model),
         )
     logp_B_T = hidden_N_H.new_zeros(target_mask_B_T.shape, dtype=torch.float32)
     entropy_B_T = torch.zeros_like(logp_B_T)
@@ -272,15 +292,11 @@ def is_right_padded(attention_mask_B_T: Tensor) -> bool:
     return bool((mask_B_T[:, 1:] <= mask_B_T[:, :-1]).all())
 
 
-def _head_postprocesses_logits(config: Any) -> bool:
-    return bool(getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
-
-
 def _plain_logprobs_and_entropy(
     model: torch.nn.Module, hidden_N_H: Tensor, targets_N: Tensor, temperature: float
 ) -> tuple[Tensor, Tensor]:
     logits_N_V = model.get_output_embeddings()(hidden_N_H).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    cap = final_softcap(model)
     if cap:
         logits_N_V = torch.tanh(logits_N_V / cap) * cap
     scale = getattr(model.config, "logit_scale", None)

@@ -15,10 +15,8 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    Qwen2Config,
 )
 
 from posttrain.runtime.model_files import (
@@ -41,13 +39,16 @@ class ModelLoadError(ValueError):
 
 @dataclass(frozen=True)
 class Preset:
-    family: str  # "qwen2" | "llama"
+    family: str
+    """A key of FAMILY_MODEL_TYPES."""
     hidden: int
     layers: int
     heads: int
     kv_heads: int
     intermediate: int
     tie_embeddings: bool = True
+    extra: tuple[tuple[str, Any], ...] = ()
+    """More config values (a mixture of experts' sizes)."""
 
 
 # Parameter counts are for a 378-token vocabulary (the arithmetic tokenizer); embeddings grow with V.
@@ -59,7 +60,26 @@ MODEL_PRESETS: dict[str, Preset] = {
     "qwen2-base": Preset("qwen2", hidden=256, layers=6, heads=8, kv_heads=4, intermediate=768),  # ~4M
     "qwen2-30m": Preset("qwen2", hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1536),  # ~24M
     "qwen2-0.5b-shape": Preset("qwen2", hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864),
-}
+    # the demo model's shape in every other family with an adapter (policies/families/); each family's own defaults
+    # for the rest (windows, soft-caps, norms), head_dim = hidden / heads
+    **{
+        f"{family}-small": Preset(family, hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384)
+        for family in ("mistral", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2")
+    },
+    # 4 experts, 2 per token, each half the dense MLP (Qwen2-MoE: a shared expert of the dense size beside them)
+    "mixtral-small": Preset("mixtral", hidden=128, layers=4, heads=4, kv_heads=2, intermediate=192,
+                            extra=(("num_local_experts", 4), ("num_experts_per_tok", 2))),
+    "qwen2_moe-small": Preset("qwen2_moe", hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384,
+                              extra=(("num_experts", 4), ("num_experts_per_tok", 2), ("moe_intermediate_size", 192),
+                                     ("shared_expert_intermediate_size", 384))),
+}  # fmt: skip
+
+FAMILY_MODEL_TYPES = {
+    "llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "qwen3": "qwen3", "gemma": "gemma",
+    "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3", "olmo2": "olmo2", "mixtral": "mixtral",
+    "qwen2_moe": "qwen2_moe",
+}  # fmt: skip
+"""A preset's family -> the transformers `model_type` of its config."""
 
 
 def preset_config(
@@ -74,8 +94,13 @@ def preset_config(
     if name not in MODEL_PRESETS:
         raise ModelLoadError(f"model.preset: '{name}' is not a preset; presets: {', '.join(MODEL_PRESETS)}")
     p = MODEL_PRESETS[name]
-    config_class = Qwen2Config if p.family == "qwen2" else LlamaConfig
-    return config_class(
+    head_dim = {"head_dim": p.hidden // p.heads} if p.family in ("qwen3", "gemma", "gemma2", "gemma3") else {}
+    if p.family in ("gemma2", "gemma3"):
+        head_dim["query_pre_attn_scalar"] = p.hidden // p.heads  # Gemma's score scale, head_dim^-1/2 as released
+    return AutoConfig.for_model(
+        FAMILY_MODEL_TYPES[p.family],
+        **head_dim,
+        **dict(p.extra),
         vocab_size=vocab_size,
         hidden_size=p.hidden,
         num_hidden_layers=p.layers,

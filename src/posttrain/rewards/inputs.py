@@ -2,11 +2,14 @@
 sampled completions, so that a TRL user's reward function works unchanged.
 
     prompts         the rows' prompts as written: strings, or conversations (lists of {role, content})
-    completions     strings for text prompts; for a conversation, [{"role": "assistant", "content": text}]
+    completions     strings for text prompts; for a conversation, [{"role": "assistant", "content": text}]; for a
+                    multi-turn episode, the messages its environment reports after the prompt (tool calls, tool
+                    results, the final answer), as TRL's tool loop passes them
     completion_ids  the sampled token ids
     trainer_state   a transformers `TrainerState` (global_step, max_steps, epoch) for schedules in the reward
     log_metric      log_metric(name, value): a scalar logged with the step's metrics (`rewards/logged/<name>`)
     log_extra       log_extra(column, values): a column beside the step's sampled completions
+    environments    the episodes' environments, one per completion (only when they are not single-turn)
     **columns       every other column of the rows (`answer`, ...), one value per completion
 
 TRL leaves the rows' `prompt`, `completion` and `completion_ids` columns out of the columns; so does posttrain.
@@ -87,14 +90,19 @@ def score_completions(
     completion_ids: list[list[int]],
     n: int,
     extra_kwargs: dict[str, Any] | None = None,
+    *,
+    completions: list[Any] | None = None,
 ) -> RewardResult:
     """Decode and score P*n completions, each prompt's n contiguous, calling the rewards as TRL does
     (`rewards.inputs`): the prompts as written, conversational completions as messages, each row's columns
-    (`answer`, ...), and `extra_kwargs` (`trainer_state`, `log_metric`, `log_extra`)."""
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    (`answer`, ...), and `extra_kwargs` (`trainer_state`, `log_metric`, `log_extra`, `environments`).
+    `completions`: what the rewards receive instead of the decoded ids (a multi-turn episode's messages)."""
     prompts_N = reward_prompts(prompts, tokenizer, n)
-    return reward_set.score(prompts_N, reward_completions(prompts_N, texts), completion_ids,
-                            row_columns(prompts, n), extra_kwargs=extra_kwargs)  # fmt: skip
+    if completions is None:
+        texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        completions = reward_completions(prompts_N, texts)
+    return reward_set.score(prompts_N, completions, completion_ids, row_columns(prompts, n),
+                            extra_kwargs=extra_kwargs)  # fmt: skip
 
 
 def sample_table(

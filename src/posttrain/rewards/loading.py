@@ -41,6 +41,7 @@ BUILTIN_REWARDS: dict[str, str] = {
     "reward_model": "posttrain.rewards.reward_model:RewardModelScorer",
     "ensemble": "posttrain.rewards.ensemble:EnsembleReward",
     "code_tests": "posttrain.rewards.code:code_tests_reward",
+    "tool_efficiency": "posttrain.rewards.tool_use:tool_efficiency",
 }
 """Built-in reward name -> `module:attribute`, imported on first use."""
 

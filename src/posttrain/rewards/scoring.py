@@ -155,7 +155,7 @@ class RewardSet:
     def required_columns(self) -> dict[str, list[str]]:
         """Dataset column -> the rewards that read it: every parameter of a reward function without a default other
         than what `score` always passes (`answer` for the verifiers, as TRL-style functions name theirs)."""
-        given = {"prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra"}
+        given = {"prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra", "environments"}
         required: dict[str, list[str]] = {}
         for reward in self.rewards:
             try:

@@ -1,17 +1,14 @@
 """The native engine's two ways to run a causal LM incrementally: prefill, expand, select rows, decode.
 
 `HFCacheDecoder` works with any Hugging Face causal LM: it calls the model's own forward with a
-`DynamicCache`. `StaticCacheDecoder` is the fast path for the Llama family (Llama, Qwen2 with full
-attention): it runs the same weights through a compact forward over a KV cache preallocated for the
-whole generation (prompt width + max_new_tokens), so a decode step is a few matmuls per layer with no
-per-step mask building, cache concatenation or module dispatch. It reads the model's own modules
-(embeddings, norms, activation, rotary tables, Linear layers plain or LoRA-wrapped), looked up once per
-generation (`llama_forward.LayerOps`; a decoder lives for one generation), so it follows the weights as
-they train; the layer maths it shares with the unpadded training forward lives
-in `posttrain.policies.llama_forward`. A small float32 model on CPU decodes through `PackedLayer`s instead:
-see there.
-tests/rollout/test_decoders.py holds its logits equal to the model's forward, prompts left-padded and
-rows leaving the batch.
+`DynamicCache`. `StaticCacheDecoder` is the fast path for every family with an adapter (`policies/families/`):
+it runs the layer forward that training shares (`policies/decoder_layer.py`) over a KV cache preallocated for
+the whole generation (prompt width + max_new_tokens), so a decode step is a few matmuls per layer with no
+per-step mask building, cache concatenation or module dispatch. It reads the model's own modules, looked up
+once per generation (a decoder lives for one), so it follows the weights as they train. A small float32 model on
+CPU decodes through packed layer ops (`packed_layers`) instead. tests/rollout/test_decoders.py and
+tests/policies/test_families.py hold its logits equal to the model's forward, prompts left-padded, rows leaving
+the batch, sliding windows shorter than the sequence.
 
 `GraphedDecoder` is the same decoder with one shape and one set of buffers for every decode step, so that
 on a GPU the step is captured once as a CUDA graph and replayed (POSTTRAIN_CUDA_GRAPHS=1; off by default
@@ -19,7 +16,8 @@ until measured on a GPU, issue #7). On CPU its step runs eagerly and is tested e
 
 Both keep rows left-aligned to one prompt width: row a's token at decode step s sits in cache slot
 `width + s`, padding slots are masked out, and positions count real tokens only
-(`positions_from_mask`), so a padded prompt sees what it would see alone.
+(`positions_from_mask`), so a padded prompt sees what it would see alone; a layer's sliding window counts
+slots, which are positions for every real token.
 """
 
 from __future__ import annotations
@@ -27,7 +25,8 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -35,19 +34,20 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache
 
-from posttrain.policies.llama_forward import (
-    RMS_NORMS,
-    SILUS,
-    base_model,
-    decoder_of,
-    has_hooks,
-    has_llama_layers,
+from posttrain.policies.decoder_layer import (
+    LayerOps,
+    Rotary,
+    activation_op,
+    final_softcap,
+    layer_forward,
     layer_ops,
     linear_op,
     norm_op,
-    rotate,
-    signed_half,
+    rotary_tables,
 )
+from posttrain.policies.families import base_model, decoder_of, decoding_refusal, family_of
+from posttrain.policies.families.adapter import Family, Norm
+from posttrain.policies.kernels import grouped_attention, grouped_bias, soft_cap
 
 
 def positions_from_mask(attention_mask_B_T: Tensor) -> Tensor:
@@ -122,38 +122,71 @@ class HFCacheDecoder:
         return out.logits[:, -1].float()
 
 
-POSITION_DEPENDENT_ROPE = frozenset({"dynamic", "longrope"})
-"""RoPE types whose frequencies transformers chooses from the largest position a forward is given
-(`dynamic_rope_update`): the static decoder's one table over every slot of the generation would pick them from
-prompt width + max_new_tokens, not from the positions the model's forward sees at each step."""
-
-
 def supports_static(model: Any) -> bool:
-    """Whether `StaticCacheDecoder` reproduces this model's forward: Llama family, full attention only, RoPE
-    frequencies that do not depend on the positions seen (`POSITION_DEPENDENT_ROPE`), and no forward hooks (it
-    would not run them)."""
-    if not has_llama_layers(model) or has_hooks(model):
-        return False
-    return getattr(decoder_of(model).rotary_emb, "rope_type", "default") not in POSITION_DEPENDENT_ROPE
+    """Whether `StaticCacheDecoder` reproduces this model's forward (`families.decoding_refusal`: a family with an
+    adapter, RoPE frequencies that do not depend on the positions seen, no forward hooks)."""
+    return decoding_refusal(model) is None
 
 
-def _decode_attention(q_A_N_1_D: Tensor, k_A_G_K_D: Tensor, v_A_G_K_D: Tensor, bias_AG_1_K: Tensor,
-                      scale: float) -> Tensor:  # fmt: skip
-    """One query per row over K cached keys, grouped-query heads (N = G x r), as two batched matmuls with
-    the padding mask as an additive bias (0 or -inf, [A*G, 1, K], the same for all layers).
-
-    For a single query, plain batched matmuls beat the fused CPU attention kernel, whose per-call setup is
-    larger than the work. Returns [A, N, 1, D]."""
-    rows, heads, _, dim = q_A_N_1_D.shape
-    groups, keys = k_A_G_K_D.shape[1], k_A_G_K_D.shape[2]
-    q_AG_R_D = q_A_N_1_D.reshape(rows * groups, heads // groups, dim)
-    k_AG_K_D = k_A_G_K_D.reshape(rows * groups, keys, dim)
-    scores_AG_R_K = torch.baddbmm(bias_AG_1_K, q_AG_R_D, k_AG_K_D.transpose(1, 2), alpha=scale)
-    out_AG_R_D = torch.bmm(scores_AG_R_K.softmax(dim=-1), v_A_G_K_D.reshape(rows * groups, keys, dim))
-    return out_AG_R_D.view(rows, heads, 1, dim)
+Store = Callable[[Tensor, Tensor], Tensor]
 
 
-def slots_from(start: int) -> Callable[[Tensor, Tensor], Tensor]:
+@dataclass
+class CacheStep:
+    """What one forward over the static cache needs besides its tokens: `store(cache, new)` writes a layer's new
+    keys or values [A, G, S, D] into its cache and returns the slots to attend to; `masks` holds, per sliding
+    window (None: none), a boolean [A, 1, S, K] mask for a prefill, or an additive bias [A * G, 1, K] for one
+    decoded token per row."""
+
+    rows: int
+    decoding: bool
+    store: Store
+    masks: dict[int | None, Tensor]
+    grouped: dict[int | None, Tensor] = field(default_factory=dict)
+    """Prefill masks as `grouped_attention` biases, made on first use (soft-capped layers)."""
+
+
+def cache_attention(
+    step: CacheStep, keys_A_G_K_D: Tensor, values_A_G_K_D: Tensor, q_X_N_D: Tensor, k_X_G_D: Tensor, v_X_G_D: Tensor,
+    ops: LayerOps,
+) -> Tensor:  # fmt: skip
+    """The static decoder's attention step: the new keys and values of X = A * S rows (S new tokens in each of A
+    rows) go into the layer's cache, and the queries attend over its written slots. [X, N * D]
+
+    One query per row: `grouped_attention` over the cache with the step's bias (plain batched products beat the
+    fused CPU kernel's per-call set-up there); a prefill: PyTorch's fused kernel with the boolean mask, or
+    `grouped_attention` where scores are soft-capped."""
+    rows, heads, kv_heads, dim = step.rows, ops.heads, ops.kv_heads, ops.head_dim
+    new = q_X_N_D.shape[0] // rows
+    keys_A_G_K_D = step.store(keys_A_G_K_D, k_X_G_D.view(rows, new, kv_heads, dim).transpose(1, 2))
+    values_A_G_K_D = step.store(values_A_G_K_D, v_X_G_D.view(rows, new, kv_heads, dim).transpose(1, 2))
+    q_A_N_S_D = q_X_N_D.view(rows, new, heads, dim).transpose(1, 2)
+    mask = step.masks[ops.window]
+    if step.decoding:
+        o_A_N_S_D = grouped_attention(q_A_N_S_D, keys_A_G_K_D, values_A_G_K_D, mask, ops.scaling, ops.softcap)
+    elif ops.softcap is not None:
+        if ops.window not in step.grouped:
+            bias_A_1_S_K = torch.zeros(mask.shape, dtype=q_X_N_D.dtype, device=mask.device)
+            bias_A_1_S_K.masked_fill_(~mask, -torch.inf)
+            step.grouped[ops.window] = grouped_bias(bias_A_1_S_K, kv_heads, heads // kv_heads)
+        bias = step.grouped[ops.window]
+        o_A_N_S_D = grouped_attention(q_A_N_S_D, keys_A_G_K_D, values_A_G_K_D, bias, ops.scaling, ops.softcap)
+    else:
+        o_A_N_S_D = F.scaled_dot_product_attention(
+            q_A_N_S_D, keys_A_G_K_D, values_A_G_K_D, attn_mask=mask, scale=ops.scaling, enable_gqa=heads != kv_heads
+        )
+    return o_A_N_S_D.transpose(1, 2).reshape(rows * new, heads * dim)
+
+
+def windowed(bias_X_1_K: Tensor, slots_K: Tensor, slot: int | Tensor, window: int | None) -> Tensor:
+    """A decode step's bias with the slots at or before `slot - window` hidden (the new token, at `slot`, sees the
+    window - 1 slots before it); the bias itself without a window. `slot` may be a tensor of one element."""
+    if window is None:
+        return bias_X_1_K
+    return bias_X_1_K.masked_fill(slots_K <= slot - window, -torch.inf)
+
+
+def slots_from(start: int) -> Store:
     """The static decoder's cache write: S new entries at slots start .. start + S - 1; attend to the slots
     written so far (< start + S)."""
 
@@ -168,99 +201,103 @@ def slots_from(start: int) -> Callable[[Tensor, Tensor], Tensor]:
 def written_rows(cache_A_G_K_D: Tensor, keep_R: Tensor, written: int) -> Tensor:
     """The rows `keep_R` (increasing, as rows only leave) of a cache whose first `written` slots hold keys or
     values, moved to its first R rows in place: a view of those, no new cache. Only the written slots are copied;
-    every later slot is written before a step reads it. With the demo's SFT model, whose answers end at
-    different lengths, the 8 selections of a generation took 9% of its time when each made a new cache (most of
-    it the first touch of new memory). [R, G, K, D]"""
+    every later slot is written before a step reads it (a new cache per selection costs its first touch of new
+    memory, bench/RESULTS.md "Kernels"). [R, G, K, D]"""
     cache_A_G_K_D[: len(keep_R), :, :written] = cache_A_G_K_D[:, :, :written].index_select(0, keep_R)
     return cache_A_G_K_D[: len(keep_R)]
 
 
 PACK_MAX_VALUES = 1 << 22
-"""`PackedLayer`s are made for a float32 CPU model whose layer and head weights hold at most this many values (16
-MB of copies): its decode step is bound by per-op overhead. Measured on 2 Xeon cores, torch 2.13, 8 prompts x 8
-samples x 32 tokens, packed and unpacked alternating in one process (`python bench/packed_decode.py`): the demo
-model (0.8M weights) generates 7-14% faster packed over six runs (80 -> 71 ms in one); the 30m model (25M) 3%,
-for 100 MB of copies, which would lift its generation's peak memory above transformers `generate`'s."""
-
-
-@dataclass(frozen=True)
-class PackedLayer:
-    """One decoder layer's weights packed for a decode step of a small model on CPU, where the step's time is
-    the number of ops (each some microseconds) more than their arithmetic:
-
-    - q, k and v are one product (their weights stacked), and so are gate and up;
-    - each RMSNorm is moved past the products that read it, which are linear: with x_hat = x r w, where
-      r = (mean(x^2) + eps)^-1/2, x_hat W = (x W') r', with W' = diag(w) W sqrt(H) made once and
-      r' = (|x|^2 + H eps)^-1/2 one dot product per row, applied to the product's output with its bias
-      (`_normed_product`); the final norm likewise into the LM head;
-    - o and down add into the residual stream inside their product (addmm), when they have no bias;
-    - q and k, adjacent in the stacked output, are rotated together.
-
-    Made from the model's weights at the start of a generation (`packed_layers`), in which they do not change;
-    the weights are held transposed, [in, out] (views of [out, in] tensors). Equal to the unpacked step up to
-    float rounding: tests/rollout/test_decoders.py."""
-
-    qkv_weight: Tensor
-    qkv_bias: Tensor | None
-    o_weight: Tensor
-    o_bias: Tensor | None
-    gate_up_weight: Tensor
-    gate_up_bias: Tensor | None
-    down_weight: Tensor
-    down_bias: Tensor | None
-    input_offset: float
-    post_offset: float
-    scaling: float
+"""Packed layer ops are made for a float32 CPU model whose layer and head weights hold at most this many values (16
+MB of copies): its decode step is bound by per-op overhead (`python bench/packed_decode.py`, bench/RESULTS.md
+"Kernels"); above it the copies would lift generation's peak memory above transformers `generate`'s."""
 
 
 @torch.no_grad()
-def packed_layers(model: Any, layers: list[torch.nn.Module]) -> list[PackedLayer] | None:
-    """The model's layers as `PackedLayer`s, or None where packing does not apply: off the CPU, not float32, a
-    layer with other than plain Linear projections (LoRA), RMSNorm and SiLU, or weights over PACK_MAX_VALUES."""
+def packed_layers(model: Any, family: Family, layers: list[torch.nn.Module]) -> list[LayerOps] | None:
+    """`LayerOps` of the model's layers for a decode step of a small model on CPU, where the step's time is the
+    number of ops (each some microseconds) more than their arithmetic:
+
+    - q, k and v are one product (their weights stacked), and so are gate and up;
+    - each RMSNorm before attention or the MLP is moved past the products that read it, which are linear: with
+      x_hat = x r (offset + w), where r = (mean(x^2) + eps)^-1/2, x_hat W = (x W') r', with
+      W' = diag(offset + w) W sqrt(H) made once and r' = (|x|^2 + H eps)^-1/2 one dot product per row, applied to
+      the product's output with its bias (`_normed_product`); the final norm likewise into the LM head;
+    - o and down add into the residual stream inside their product (addmm), when they have no bias.
+
+    None where packing does not apply: off the CPU, not float32, a family with norms after attention or the MLP,
+    with q/k norms or with a mixture of experts, a layer with other than plain Linear projections (LoRA), or weights
+    over PACK_MAX_VALUES. The weights do not
+    change within a generation; they are held transposed, [in, out]. Equal to the unpacked step up to float
+    rounding: tests/rollout/test_decoders.py."""
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.weight.device.type != "cpu" or head.weight.dtype != torch.float32:
         return None
-    values = sum(m.weight.numel() for layer in layers for m in layer.modules() if type(m) is torch.nn.Linear)
-    if values + head.weight.numel() > PACK_MAX_VALUES or not all(_packable(layer) for layer in layers):
+    if family.attention_out_norm or family.mlp_out_norm or not (family.attention_in_norm and family.mlp_in_norm):
         return None
-    return [_pack(layer) for layer in layers]
+    if family.mlp_block or family.qk_norm is not None:  # q/k norms: packing gained 1.5% (RESULTS.md, "Kernels")
+        return None
+    values = sum(m.weight.numel() for layer in layers for m in layer.modules() if type(m) is torch.nn.Linear)
+    if values + head.weight.numel() > PACK_MAX_VALUES or not all(_packable(layer, family) for layer in layers):
+        return None
+    return [_pack(layer, family, model.config, index) for index, layer in enumerate(layers)]
 
 
-def _packable(layer: torch.nn.Module) -> bool:
+def _packable(layer: torch.nn.Module, family: Family) -> bool:
     attn, mlp = layer.self_attn, layer.mlp
-    linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    norms = (layer.input_layernorm, layer.post_attention_layernorm)
-    return (
-        all(type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 for m in linears)
-        and all(type(n).__name__ in RMS_NORMS for n in norms)
-        and type(mlp.act_fn).__name__ in SILUS
+    linears = [getattr(attn, n) for n in (*family.qkv, "o_proj")]
+    linears += [getattr(mlp, n) for n in (*family.gate_up, "down_proj")]
+    norms = (getattr(layer, family.attention_in_norm), getattr(layer, family.mlp_in_norm))
+    return all(type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 for m in linears) and all(
+        n.weight.dtype == torch.float32 for n in norms
     )
 
 
-def _pack(layer: torch.nn.Module) -> PackedLayer:
-    attn, mlp = layer.self_attn, layer.mlp
-    input_norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
-    qkv, gate_up = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
-    return PackedLayer(
-        normed_weight(torch.cat([m.weight for m in qkv]), input_norm), _stacked_bias(qkv),
-        attn.o_proj.weight.T, attn.o_proj.bias,
-        normed_weight(torch.cat([m.weight for m in gate_up]), post_norm), _stacked_bias(gate_up),
-        mlp.down_proj.weight.T, mlp.down_proj.bias,
-        norm_offset(input_norm), norm_offset(post_norm), attn.scaling,
+def _pack(layer: torch.nn.Module, family: Family, config: Any, index: int) -> LayerOps:
+    plain = layer_ops(layer, family, config, index)
+    attn, mlp, norm = layer.self_attn, layer.mlp, family.norm
+    input_norm, post_norm = getattr(layer, family.attention_in_norm), getattr(layer, family.mlp_in_norm)
+    qkv = [getattr(attn, name) for name in family.qkv]
+    gate_up = [getattr(mlp, name) for name in family.gate_up]
+    qkv_weight, qkv_bias = normed_weight(torch.cat([m.weight for m in qkv]), input_norm, norm), _stacked_bias(qkv)
+    gate_up_weight = normed_weight(torch.cat([m.weight for m in gate_up]), post_norm, norm)
+    gate_up_bias = _stacked_bias(gate_up)
+    o_weight, o_bias = attn.o_proj.weight.T, attn.o_proj.bias
+    down_weight, down_bias = mlp.down_proj.weight.T, mlp.down_proj.bias
+    input_offset, post_offset = norm_offset(input_norm, norm), norm_offset(post_norm, norm)
+    heads, kv_heads, dim = plain.heads, plain.kv_heads, plain.head_dim
+    act = activation_op(getattr(mlp, family.activation))
+
+    def attention_inputs(x_A_H: Tensor, rope: Rotary, reads_Q: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        qkv_A_F = _normed_product(x_A_H, _inverse_norm(x_A_H, input_offset), qkv_weight, qkv_bias)
+        v_A_G_D = qkv_A_F[:, (heads + kv_heads) * dim :].view(-1, kv_heads, dim)
+        # q and k, adjacent in the stacked output, rotated together
+        qk_A_NG_D = rope.rotate(qkv_A_F[:, : (heads + kv_heads) * dim].view(-1, heads + kv_heads, dim))
+        return qk_A_NG_D[:, :heads], qk_A_NG_D[:, heads:], v_A_G_D
+
+    def mlp_residual(x_A_H: Tensor) -> Tensor:
+        gate_up_A_F = _normed_product(x_A_H, _inverse_norm(x_A_H, post_offset), gate_up_weight, gate_up_bias)
+        gate_A_I, up_A_I = gate_up_A_F.chunk(2, dim=-1)
+        return _add_product(x_A_H, act(gate_A_I) * up_A_I, down_weight, down_bias)
+
+    return replace(
+        plain, attention_inputs=attention_inputs, mlp_residual=mlp_residual,
+        attention_residual=lambda x_A_H, o_A_F: _add_product(x_A_H, o_A_F, o_weight, o_bias),
     )  # fmt: skip
 
 
-def normed_weight(weight_N_H: Tensor, norm: torch.nn.Module) -> Tensor:
-    """W' = diag(w) W sqrt(H) of the product that reads an RMSNorm (weight w) of H features, transposed. [H, N]"""
-    return (weight_N_H * (norm.weight * norm.weight.shape[0] ** 0.5)).T
+def normed_weight(weight_N_H: Tensor, module: torch.nn.Module, norm: Norm) -> Tensor:
+    """W' = diag(offset + w) W sqrt(H) of the product that reads an RMSNorm (weight w) of H features, transposed.
+    [H, N]"""
+    return (weight_N_H * ((module.weight + norm.offset) * module.weight.shape[0] ** 0.5)).T
 
 
-def norm_offset(norm: torch.nn.Module) -> float:
+def norm_offset(module: torch.nn.Module, norm: Norm) -> float:
     """H eps of an RMSNorm of H features: r' = (|x|^2 + H eps)^-1/2 = r / sqrt(H)."""
-    return norm.weight.shape[0] * norm.variance_epsilon
+    return module.weight.shape[0] * getattr(module, norm.eps)
 
 
-def _stacked_bias(linears: tuple[torch.nn.Linear, ...]) -> Tensor | None:
+def _stacked_bias(linears: list[torch.nn.Linear]) -> Tensor | None:
     if all(m.bias is None for m in linears):
         return None
     return torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
@@ -287,29 +324,32 @@ def _add_product(x_A_N: Tensor, a_A_K: Tensor, weight_K_N: Tensor, bias_N: Tenso
 
 
 class StaticCacheDecoder:
-    """Llama-family decoding over a preallocated KV cache; see the module docstring.
+    """Decoding over a preallocated KV cache through the shared layer forward; see the module docstring.
 
     Cache tensors are [A, kv_heads, slots, head_dim] per layer with slots = prompt width + max_new_tokens;
     `bias_A_G_1_K` is 0 at slots holding real tokens and -inf at the prompt's padding, built once in the
-    prefill (a decoded slot is always real, and a step reads only the slots written so far).
+    prefill (a decoded slot is always real, and a step reads only the slots written so far); a layer with a
+    sliding window also hides the slots before its window (`windowed`).
     """
 
     def __init__(self, model: Any, max_new_tokens: int) -> None:
         self.model = base_model(model)
-        self.body = self.model.get_decoder()
+        self.body = decoder_of(self.model)
         self.head = self.model.get_output_embeddings()
-        # the layers' maths looked up once for the whole generation (`LayerOps`), in which the weights do not change
-        self.layers = [layer_ops(layer) for layer in self.body.layers]
-        self.final_norm, self.lm_head = norm_op(self.body.norm), linear_op(self.head)
-        self.packed = packed_layers(self.model, list(self.body.layers))
+        family = family_of(self.model)
+        self.family, config = family, self.model.config
+        layers = list(self.body.layers[: config.num_hidden_layers])
+        # the layers' maths looked up once for the whole generation, in which the weights do not change
+        self.layers = [layer_ops(layer, family, config, index) for index, layer in enumerate(layers)]
+        self.final_norm, self.lm_head = norm_op(self.body.norm, family.norm), linear_op(self.head)
+        self.softcap = final_softcap(self.model)
+        self.windows = sorted({ops.window for ops in self.layers}, key=lambda w: -1 if w is None else w)
+        self.packed = packed_layers(self.model, family, layers)
         if self.packed is not None:
             with torch.no_grad():
-                self.packed_head_weight = normed_weight(self.head.weight, self.body.norm)
-            self.packed_head_offset = norm_offset(self.body.norm)
-        config = self.model.config
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+                self.packed_head_weight = normed_weight(self.head.weight, self.body.norm, family.norm)
+            self.packed_head_offset = norm_offset(self.body.norm, family.norm)
+        self.num_kv_heads, self.head_dim = self.layers[0].kv_heads, self.layers[0].head_dim
         self.max_new_tokens = max_new_tokens
 
     def prefill(self, input_ids_P_T: Tensor, attention_mask_P_T: Tensor) -> Tensor:
@@ -319,19 +359,24 @@ class StaticCacheDecoder:
         shape = (num_prompts, self.num_kv_heads, slots, self.head_dim)
         self.keys = [weight.new_zeros(shape) for _ in self.layers]
         self.values = [weight.new_zeros(shape) for _ in self.layers]
-        positions = torch.arange(slots, device=weight.device)[None]
-        cos_1_K_D, sin_1_K_D = self.body.rotary_emb(weight.new_zeros(1), positions)
-        self.cos_K_D, self.signed_sin_K_D = cos_1_K_D[0], signed_half(sin_1_K_D[0])
+        positions_1_K = torch.arange(slots, device=weight.device)[None]
+        tables = rotary_tables(self.body, self.family, weight.new_zeros(1), positions_1_K)
+        self.tables = {key: (cos_1_K_D[0], sin_1_K_D[0]) for key, (cos_1_K_D, sin_1_K_D) in tables.items()}
         real_P_T = attention_mask_P_T.bool()
-        self.bias_A_G_1_K = weight.new_zeros(num_prompts, self.num_kv_heads, 1, slots, dtype=self.cos_K_D.dtype)
+        self.bias_A_G_1_K = weight.new_zeros(num_prompts, self.num_kv_heads, 1, slots)
         self.bias_A_G_1_K[..., :width].masked_fill_(~real_P_T[:, None, None], float("-inf"))
         self.slot = width
-        # causal and not padding; a padding query may see itself so that no softmax row is empty
-        causal_T_T = torch.ones(width, width, dtype=torch.bool, device=weight.device).tril()
-        mask_P_1_T_T = (causal_T_T & real_P_T[:, None, :]) | torch.eye(width, dtype=torch.bool, device=weight.device)
+        self.slots_K = positions_1_K[0]
+        # causal, within the window and not padding; a padding query may see itself so that no softmax row is empty
+        i_T_1, j_1_T = self.slots_K[:width, None], self.slots_K[None, :width]
+        eye_T_T = i_T_1 == j_1_T
+        masks = {}
+        for window in self.windows:
+            seen_T_T = (j_1_T <= i_T_1) if window is None else (j_1_T <= i_T_1) & (j_1_T > i_T_1 - window)
+            masks[window] = ((seen_T_T & real_P_T[:, None, :]) | eye_T_T)[:, None]
         positions_P_T = positions_from_mask(attention_mask_P_T)
         self.positions_A = real_P_T.sum(dim=-1)
-        return self._forward(input_ids_P_T, positions_P_T, mask_P_1_T_T[:, None], slots_from(0))
+        return self._forward(input_ids_P_T, positions_P_T, CacheStep(num_prompts, False, slots_from(0), masks))
 
     def expand(self, n: int) -> None:
         self.keys = [k.repeat_interleave(n, dim=0) for k in self.keys]
@@ -346,83 +391,48 @@ class StaticCacheDecoder:
 
     def step(self, tokens_A: Tensor) -> Tensor:
         bias_AG_1_K = self.bias_A_G_1_K[..., : self.slot + 1].flatten(0, 1)  # a view: A and G are contiguous
-        logits_A_V = self._forward(tokens_A[:, None], self.positions_A[:, None], bias_AG_1_K, slots_from(self.slot))
+        slots_K = self.slots_K[: self.slot + 1]
+        masks = {window: windowed(bias_AG_1_K, slots_K, self.slot, window) for window in self.windows}
+        step = CacheStep(len(tokens_A), True, slots_from(self.slot), masks)
+        logits_A_V = self._forward(tokens_A[:, None], self.positions_A[:, None], step)
         self.slot += 1
         self.positions_A = self.positions_A + 1
         return logits_A_V
 
-    def _forward(
-        self, ids_A_S: Tensor, positions_A_S: Tensor, mask: Tensor, store: Callable[[Tensor, Tensor], Tensor]
-    ) -> Tensor:
-        """S new tokens per row, attending to the cache slots `store` returns where `mask` allows: a boolean
-        [A, 1, S, K] for a prefill, an additive bias [A * kv_heads, 1, K] for one decoded token. Returns the last
-        new position's logits_A_V (float32).
-
-        `store(cache, new)` writes a layer's new keys or values into its cache and returns the slots to attend
-        to: `slots_from(start)` here, a slot held in a tensor and all slots in `GraphedDecoder`."""
+    def _forward(self, ids_A_S: Tensor, positions_A_S: Tensor, step: CacheStep) -> Tensor:
+        """S new tokens per row through every layer (`layer_forward`, attending by `cache_attention`). Returns the
+        last new position's logits_A_V (float32)."""
         rows, new = ids_A_S.shape
-        decoding = mask.dtype != torch.bool  # a prefill's mask is boolean, also over prompts of one token
-        if decoding and self.packed is not None:
-            return self._packed_step(ids_A_S[:, 0], positions_A_S[:, 0], mask, store)
-        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-        cos_A_1_S_D = self.cos_K_D[positions_A_S][:, None]
-        signed_sin_A_1_S_D = self.signed_sin_K_D[positions_A_S][:, None]
-        x_A_S_H = self.body.embed_tokens(ids_A_S)
-        for ops, keys, values in zip(self.layers, self.keys, self.values):
-            h_A_S_H = ops.input_norm(x_A_S_H)
-            q_A_N_S_D = ops.q_proj(h_A_S_H).view(rows, new, heads, dim).transpose(1, 2)
-            k_A_G_S_D = ops.k_proj(h_A_S_H).view(rows, new, kv_heads, dim).transpose(1, 2)
-            keys_A_G_K_D = store(keys, rotate(k_A_G_S_D, cos_A_1_S_D, signed_sin_A_1_S_D))
-            v_A_G_S_D = ops.v_proj(h_A_S_H).view(rows, new, kv_heads, dim).transpose(1, 2)
-            values_A_G_K_D = store(values, v_A_G_S_D)
-            q_A_N_S_D = rotate(q_A_N_S_D, cos_A_1_S_D, signed_sin_A_1_S_D)
-            if decoding:
-                o_A_N_S_D = _decode_attention(q_A_N_S_D, keys_A_G_K_D, values_A_G_K_D, mask, ops.scaling)
-            else:
-                o_A_N_S_D = F.scaled_dot_product_attention(
-                    q_A_N_S_D, keys_A_G_K_D, values_A_G_K_D, attn_mask=mask, scale=ops.scaling,
-                    enable_gqa=heads != kv_heads,
-                )  # fmt: skip
-            o_A_S_H = ops.o_proj(o_A_N_S_D.transpose(1, 2).reshape(rows, new, heads * dim))
-            x_A_S_H = ops.mlp_residual(x_A_S_H + o_A_S_H)
-        return self.lm_head(self.final_norm(x_A_S_H[:, -1])).float()
-
-    def _packed_step(
-        self, ids_A: Tensor, positions_A: Tensor, bias_AG_1_K: Tensor, store: Callable[[Tensor, Tensor], Tensor]
-    ) -> Tensor:
-        """`_forward` of one token per row through the `PackedLayer`s, on [A, H] hidden states."""
-        rows, heads, kv_heads, dim = len(ids_A), self.num_heads, self.num_kv_heads, self.head_dim
-        cos_A_1_D, signed_sin_A_1_D = self.cos_K_D[positions_A][:, None], self.signed_sin_K_D[positions_A][:, None]
-        x_A_H = self.body.embed_tokens(ids_A)
-        for layer, keys, values in zip(self.packed, self.keys, self.values):
-            r_A_1 = _inverse_norm(x_A_H, layer.input_offset)
-            qkv_A_X = _normed_product(x_A_H, r_A_1, layer.qkv_weight, layer.qkv_bias)
-            qk_A_NG_D = rotate(qkv_A_X[:, : (heads + kv_heads) * dim].view(rows, -1, dim), cos_A_1_D, signed_sin_A_1_D)
-            keys_A_G_K_D = store(keys, qk_A_NG_D[:, heads:, None])
-            values_A_G_K_D = store(values, qkv_A_X[:, (heads + kv_heads) * dim :].view(rows, kv_heads, 1, dim))
-            o_A_N_1_D = _decode_attention(qk_A_NG_D[:, :heads, None], keys_A_G_K_D, values_A_G_K_D, bias_AG_1_K,
-                                          layer.scaling)  # fmt: skip
-            x_A_H = _add_product(x_A_H, o_A_N_1_D.view(rows, heads * dim), layer.o_weight, layer.o_bias)
-            r_A_1 = _inverse_norm(x_A_H, layer.post_offset)
-            gate_A_I, up_A_I = _normed_product(x_A_H, r_A_1, layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)
-            x_A_H = _add_product(x_A_H, F.silu(gate_A_I) * up_A_I, layer.down_weight, layer.down_bias)
-        r_A_1 = _inverse_norm(x_A_H, self.packed_head_offset)
-        return _normed_product(x_A_H, r_A_1, self.packed_head_weight, self.head.bias)
+        packed = step.decoding and self.packed is not None
+        positions_X = positions_A_S.flatten()
+        ropes = {
+            key: Rotary(cos_K_D[positions_X][:, None], sin_K_D[positions_X][:, None], self.family.rope_keeps_dtype)
+            for key, (cos_K_D, sin_K_D) in self.tables.items()
+        }
+        x_X_H = self.body.embed_tokens(ids_A_S.flatten())
+        for ops, keys, values in zip(self.packed if packed else self.layers, self.keys, self.values):
+            x_X_H = layer_forward(ops, x_X_H, ropes[ops.rope_key], partial(cache_attention, step, keys, values))
+        x_A_H = x_X_H.view(rows, new, -1)[:, -1]
+        if packed:
+            logits_A_V = _normed_product(x_A_H, _inverse_norm(x_A_H, self.packed_head_offset), self.packed_head_weight,
+                                         self.head.bias)  # fmt: skip
+        else:
+            logits_A_V = self.lm_head(self.final_norm(x_A_H))
+        return soft_cap(logits_A_V, self.softcap).float()
 
 
 class GraphedDecoder:
     """The static-cache decoder with one shape and one set of buffers for every decode step, so that on a GPU
     the step is recorded once as a CUDA graph and replayed with one launch.
 
-    A decode step of a model of up to a few billion parameters is launch-bound on a GPU (issue #7: transformers'
-    `generate` reached about 1% of the weight-read bandwidth limit of an H100 for a 0.5B model at batch 64;
-    each layer launches some 40 kernels). A graph needs the same shapes and addresses at every replay, so here:
+    A decode step of a model of up to a few billion parameters is launch-bound on a GPU (some 40 kernels a layer,
+    issue #7). A graph needs the same shapes and addresses at every replay, so here:
 
     - every row stays in the batch to the end; `select` only changes which rows' logits `step` returns, and a
       finished row's last token is fed again (on a GPU a step reads all the weights whatever the batch, so
       dropping rows would save little);
     - attention reads every cache slot, the slots not written yet masked out by an additive bias that each
-      step opens at its slot;
+      step opens at its slot (a sliding window's layers also hide the slots before their window, `windowed`);
     - keys, values, the bias, positions and the slot counter are written in place at indices held in tensors,
       and the logits into a buffer of the decoder's own (a graph must own its static buffers, DESIGN.md).
 
@@ -482,7 +492,10 @@ class GraphedDecoder:
         """One decode step of every row, reading and writing only the static buffers (what a graph replays)."""
         self.bias_RG_1_K.index_fill_(-1, self.slot_1, 0.0)
         tokens_R_1, positions_R_1 = self.tokens_R[:, None], self.positions_R[:, None]
-        logits_R_V = self.inner._forward(tokens_R_1, positions_R_1, self.bias_RG_1_K, self._store)
+        inner = self.inner
+        masks = {w: windowed(self.bias_RG_1_K, inner.slots_K, self.slot_1, w) for w in inner.windows}
+        step = CacheStep(len(self.tokens_R), True, self._store, masks)
+        logits_R_V = inner._forward(tokens_R_1, positions_R_1, step)
         self.logits_R_V.copy_(logits_R_V)
         self.positions_R.add_(1)
         self.slot_1.add_(1)

@@ -4,6 +4,9 @@ An engine implements `Engine.generate`; the registry of engines by name is `post
 Plain values only: nothing here knows about configs or trainers.
 """
 
+from __future__ import annotations
+
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -106,6 +109,19 @@ class Rollouts:
     tokens (tool output). Filled with all-True when not given (single-turn)."""
     infos: list[dict[str, Any]] = field(default_factory=list)
     """P*G dicts the environment returned for each episode (empty for plain engine calls)."""
+    turn_ids: list[Tensor] = field(default_factory=list)
+    """P*G int64 tensors [len(completion)] on CPU: the model turn (0, 1, ...) of each model token, -1 on environment
+    tokens. Empty when not given: every model token is then of turn 0 (single-turn)."""
+    step_rewards: list[list[tuple[int, float]]] = field(default_factory=list)
+    """P*G lists of (completion position, reward): the environment's per-turn rewards, each at the last model token
+    of its turn. Empty when no environment gave one."""
+    segments: list[list[tuple[int, list[int]]]] = field(default_factory=list)
+    """P*G lists of (completion position, context ids): where an episode was split into another training sample
+    because the chat template rendered its history differently from the ids sampled (`envs.chat`). From that
+    position on, the sample's context is the given ids instead of the prompt and the completion before it. Empty
+    when no episode was split."""
+    stats: dict[str, float] = field(default_factory=dict)
+    """Counts and times of the episodes (`episodes/...`, `time/...`) for the step's metrics."""
 
     def __post_init__(self) -> None:
         num = len(self.prompt_ids) * self.group_size
@@ -120,9 +136,50 @@ class Rollouts:
             "model_token_mask": len(self.model_token_mask),
             "infos": len(self.infos),
         }
+        lengths |= {name: len(getattr(self, name)) for name in OPTIONAL_PER_EPISODE if getattr(self, name)}
         for name, length in lengths.items():
             if length != num:
                 raise ValueError(f"Rollouts.{name} has {length} entries; expected P*G = {num}")
+
+    def select(self, rows: list[int], prompts: list[int]) -> Rollouts:
+        """The completions `rows` of the prompts `prompts` (whole groups, in order), with every per-episode field."""
+        optional = {name: [getattr(self, name)[i] for i in rows] for name in OPTIONAL_PER_EPISODE
+                    if getattr(self, name)}  # fmt: skip
+        return Rollouts(
+            prompt_ids=[self.prompt_ids[i] for i in prompts],
+            completion_ids=[self.completion_ids[i] for i in rows],
+            logprobs=[self.logprobs[i] for i in rows],
+            finish_reasons=[self.finish_reasons[i] for i in rows],
+            group_size=self.group_size,
+            model_token_mask=[self.model_token_mask[i] for i in rows],
+            infos=[self.infos[i] for i in rows],
+            stats=dict(self.stats),
+            **optional,
+        )
+
+    @staticmethod
+    def concat(parts: list[Rollouts]) -> Rollouts:
+        """The rollouts of several draws, one after the other (equal group sizes); stats are summed."""
+        def joined(name: str) -> list[Any]:
+            if not any(getattr(p, name) for p in parts):
+                return []
+            return [x for p in parts for x in (getattr(p, name) or _empty_per_episode(name, p))]
+
+        stats: dict[str, float] = {}
+        for part in parts:
+            for key, value in part.stats.items():
+                stats[key] = stats.get(key, 0.0) + value
+        return Rollouts(
+            prompt_ids=[x for p in parts for x in p.prompt_ids],
+            completion_ids=[x for p in parts for x in p.completion_ids],
+            logprobs=[x for p in parts for x in p.logprobs],
+            finish_reasons=[x for p in parts for x in p.finish_reasons],
+            group_size=parts[0].group_size,
+            model_token_mask=[x for p in parts for x in p.model_token_mask],
+            infos=[x for p in parts for x in p.infos],
+            stats=stats,
+            **{name: joined(name) for name in OPTIONAL_PER_EPISODE},
+        )
 
     @property
     def num_completions(self) -> int:
@@ -134,7 +191,7 @@ class Rollouts:
         """Tokens the model generated over all completions (the loss's global token count)."""
         return int(sum(int(m.sum()) for m in self.model_token_mask))
 
-    def repeat_groups(self, n: int) -> "Rollouts":
+    def repeat_groups(self, n: int) -> Rollouts:
         """Rollouts with group size 1 -> each completion copied n times (identical greedy samples)."""
         if self.group_size != 1:
             raise ValueError(f"Rollouts.repeat_groups needs group_size 1, got {self.group_size}")
@@ -146,6 +203,8 @@ class Rollouts:
             group_size=n,
             model_token_mask=[m.clone() for m in self.model_token_mask for _ in range(n)],
             infos=[dict(i) for i in self.infos for _ in range(n)],
+            stats=dict(self.stats),
+            **{name: [x for x in getattr(self, name) for _ in range(n)] for name in OPTIONAL_PER_EPISODE},
         )
 
     def to_padded(self, pad_id: int, device: torch.device | str | None = None) -> PaddedRollouts:
@@ -169,6 +228,126 @@ class Rollouts:
         old_logp_B_T = old_logp_B_T.masked_fill(~loss_mask_B_T, 0.0)
         tensors = (input_ids_B_T, attention_mask_B_T, loss_mask_B_T, old_logp_B_T, prompt_lengths_B)
         return PaddedRollouts(*(t.to(device) if device is not None else t for t in tensors))
+
+    @property
+    def is_split(self) -> bool:
+        """Whether any episode was split into several training samples (`segments`)."""
+        return any(self.segments)
+
+    def turn_ids_B_T(self, padded: PaddedRollouts) -> Tensor:
+        """[B, T] int64 on `padded`'s device, in `to_padded`'s layout: each model token's turn, -1 elsewhere."""
+        mask_B_T = padded.loss_mask_B_T
+        if not self.turn_ids:
+            return torch.where(mask_B_T, 0, -1)
+        turns_B_T = torch.full(mask_B_T.shape, -1, dtype=torch.long)
+        for b, turns in enumerate(self.turn_ids):
+            start = int(padded.prompt_lengths_B[b])
+            turns_B_T[b, start : start + len(turns)] = turns
+        return torch.where(mask_B_T, turns_B_T.to(mask_B_T.device), -1)
+
+    def step_rewards_B_T(self, padded: PaddedRollouts) -> Tensor | None:
+        """[B, T] float32 in `to_padded`'s layout: the environment's per-turn rewards at their positions; None
+        when no environment gave one."""
+        if not any(self.step_rewards):
+            return None
+        rewards_B_T = torch.zeros(padded.loss_mask_B_T.shape, dtype=torch.float32)
+        for b, rewards in enumerate(self.step_rewards):
+            start = int(padded.prompt_lengths_B[b])
+            for position, reward in rewards:
+                rewards_B_T[b, start + position] += reward
+        return rewards_B_T.to(padded.loss_mask_B_T.device)
+
+    def env_rewards(self) -> list[float] | None:
+        """P*G sums of each episode's per-turn environment rewards; None when no environment gave one."""
+        if not any(self.step_rewards):
+            return None
+        return [sum(r for _, r in rewards) for rewards in self.step_rewards]
+
+    def to_training_rows(
+        self, pad_id: int, device: torch.device | str | None = None
+    ) -> tuple[PaddedRollouts, SampleLayout | None]:
+        """The training samples as padded rows and where their tokens sit in `to_padded`'s episode layout.
+
+        Without split episodes the samples are the episodes (`to_padded`, layout None). With them, each segment of
+        an episode is its own row: its context (the prompt, or the re-rendered history it was sampled after) then its
+        part of the completion; the layout maps every model token of a row to its episode row and column."""
+        if not self.is_split:
+            return self.to_padded(pad_id, device), None
+        contexts, completions, logprobs, masks, episode_of, starts = [], [], [], [], [], []
+        for i, completion in enumerate(self.completion_ids):
+            bounds = [(0, self.prompt_ids[i // self.group_size]), *list(self.segments[i] if self.segments else [])]
+            for k, (start, context) in enumerate(bounds):
+                end = bounds[k + 1][0] if k + 1 < len(bounds) else len(completion)
+                contexts.append(list(context))
+                completions.append(completion[start:end])
+                logprobs.append(self.logprobs[i][start:end])
+                masks.append(self.model_token_mask[i][start:end])
+                episode_of.append(i)
+                starts.append(start)
+        rows = Rollouts(contexts, completions, logprobs, ["stop"] * len(completions), group_size=1,
+                        model_token_mask=masks).to_padded(pad_id)  # fmt: skip
+        episodes = self.to_padded(pad_id)
+        row_B, col_B, ep_B, ep_col_B = [], [], [], []
+        for b in range(len(completions)):
+            cols = rows.loss_mask_B_T[b].nonzero().flatten()
+            shift = int(episodes.prompt_lengths_B[episode_of[b]]) + starts[b] - int(rows.prompt_lengths_B[b])
+            row_B.append(torch.full_like(cols, b))
+            col_B.append(cols)
+            ep_B.append(torch.full_like(cols, episode_of[b]))
+            ep_col_B.append(cols + shift)
+        layout = SampleLayout(
+            episode_of_B=torch.tensor(episode_of), rows_N=torch.cat(row_B), cols_N=torch.cat(col_B),
+            episodes_N=torch.cat(ep_B), episode_cols_N=torch.cat(ep_col_B),
+            episode_shape=tuple(episodes.loss_mask_B_T.shape),
+        )  # fmt: skip
+        if device is not None:
+            rows = PaddedRollouts(*(getattr(rows, f.name).to(device) for f in dataclasses.fields(PaddedRollouts)))
+            layout = layout.to(device)
+        return rows, layout
+
+
+OPTIONAL_PER_EPISODE = ("turn_ids", "step_rewards", "segments")
+"""Per-episode fields of `Rollouts` that are empty unless an environment filled them."""
+
+
+def _empty_per_episode(name: str, rollouts: Rollouts) -> list[Any]:
+    if name == "turn_ids":
+        return [torch.where(m, 0, -1) for m in rollouts.model_token_mask]
+    return [[] for _ in rollouts.completion_ids]
+
+
+@dataclass
+class SampleLayout:
+    """Where the model tokens of the training rows of split episodes sit in the episode layout (`to_padded`).
+
+    N is the number of model tokens; token n is at (rows_N[n], cols_N[n]) in the rows and at
+    (episodes_N[n], episode_cols_N[n]) in the episodes. Estimators read whole episodes: their inputs go to the
+    episode layout (`to_episodes`) and their per-token outputs back to the rows (`to_rows`)."""
+
+    episode_of_B: Tensor
+    """[B] int64: the episode (0..P*G-1) each training row belongs to."""
+    rows_N: Tensor
+    cols_N: Tensor
+    episodes_N: Tensor
+    episode_cols_N: Tensor
+    episode_shape: tuple[int, int]
+    """[P*G, T_episode] of the episode layout."""
+
+    def to(self, device: torch.device | str) -> SampleLayout:
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return SampleLayout(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in moved.items()})
+
+    def to_episodes(self, x_B_T: Tensor, fill: float = 0.0) -> Tensor:
+        """[B, T] per-token values of the rows -> [P*G, T_episode], `fill` off the model tokens."""
+        out = torch.full(self.episode_shape, fill, dtype=x_B_T.dtype, device=x_B_T.device)
+        out[self.episodes_N, self.episode_cols_N] = x_B_T[self.rows_N, self.cols_N]
+        return out
+
+    def to_rows(self, x_E_T: Tensor, rows_shape: tuple[int, int], fill: float = 0.0) -> Tensor:
+        """[P*G, T_episode] per-token values -> the rows' [B, T], `fill` off the model tokens."""
+        out = torch.full(rows_shape, fill, dtype=x_E_T.dtype, device=x_E_T.device)
+        out[self.rows_N, self.cols_N] = x_E_T[self.episodes_N, self.episode_cols_N]
+        return out
 
 
 class Engine(Protocol):

@@ -61,16 +61,7 @@ def keep_informative_groups(draw: Callable[[], Scored], *, num_groups: int, max_
 def select_groups(scored: Scored, groups: list[int]) -> Scored:
     g = scored.rollouts.group_size
     rows = [i * g + j for i in groups for j in range(g)]
-    r = scored.rollouts
-    rollouts = Rollouts(
-        prompt_ids=[r.prompt_ids[i] for i in groups],
-        completion_ids=[r.completion_ids[i] for i in rows],
-        logprobs=[r.logprobs[i] for i in rows],
-        finish_reasons=[r.finish_reasons[i] for i in rows],
-        group_size=g,
-        model_token_mask=[r.model_token_mask[i] for i in rows],
-        infos=[r.infos[i] for i in rows],
-    )
+    rollouts = scored.rollouts.select(rows, groups)
     index = torch.tensor(rows)
     rewards = RewardResult(
         total=scored.rewards.total[index],
@@ -83,15 +74,7 @@ def select_groups(scored: Scored, groups: list[int]) -> Scored:
 
 def merge_scored(parts: list[Scored]) -> Scored:
     first = parts[0]
-    rollouts = Rollouts(
-        prompt_ids=[p for s in parts for p in s.rollouts.prompt_ids],
-        completion_ids=[c for s in parts for c in s.rollouts.completion_ids],
-        logprobs=[x for s in parts for x in s.rollouts.logprobs],
-        finish_reasons=[x for s in parts for x in s.rollouts.finish_reasons],
-        group_size=first.rollouts.group_size,
-        model_token_mask=[x for s in parts for x in s.rollouts.model_token_mask],
-        infos=[x for s in parts for x in s.rollouts.infos],
-    )
+    rollouts = Rollouts.concat([s.rollouts for s in parts])
     rewards = RewardResult(
         total=torch.cat([s.rewards.total for s in parts]),
         per_reward={k: torch.cat([s.rewards.per_reward[k] for s in parts]) for k in first.rewards.per_reward},

@@ -14,10 +14,11 @@ Design (DESIGN.md, "Performance principles"):
    rows, mask rows and positions of the still-active rows are selected, so later steps compute only what
    is still running. Finishing is checked on the host once per step (one small device-to-host copy of
    the sampled tokens, as `generate` does for its own stopping test).
-4. The incremental forward (`posttrain.rollout.decoders`): for the Llama family (Llama, Qwen2) a compact
-   forward over a KV cache preallocated for the whole generation, which skips what the model's generic
-   forward redoes at every step (mask building, cache concatenation, module dispatch); for any other
-   model, the model's own forward with a `DynamicCache`. Tests hold the two equal.
+4. The incremental forward (`posttrain.rollout.decoders`): for every family with an adapter
+   (`policies/families/`) the layer forward training shares, over a KV cache preallocated for the whole
+   generation, which skips what the model's generic forward redoes at every step (mask building, cache
+   concatenation, module dispatch); for any other model, the model's own forward with a `DynamicCache`. Tests
+   hold the two equal.
 
 Everything runs under `torch.inference_mode` on the model's device (no CPU-only calls), so the engine
 works on CUDA; a CUDA generator must then be passed for seeded sampling. With POSTTRAIN_CUDA_GRAPHS=1 a CUDA
@@ -62,7 +63,8 @@ class NativeEngine:
     """Batched KV-cache sampler with shared-prompt prefill and finished rows leaving the batch."""
 
     def decoder(self, model: Any, max_new_tokens: int) -> Decoder:
-        """The incremental forward: a static KV cache for the Llama family, the model's own forward otherwise."""
+        """The incremental forward: a static KV cache for a family with an adapter, the model's own forward
+        otherwise."""
         return build_decoder(model, max_new_tokens)
 
     @torch.inference_mode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -57,6 +58,12 @@ def limit_cpu_threads(workers: int = 0) -> int:
     """
     if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()
-    threads = max(1, (os.cpu_count() or 1) - workers)
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this machine share its cores
+    threads = max(1, (os.cpu_count() or 1) // ranks_here - workers)
     torch.set_num_threads(threads)
     return threads
+
+
+def rank_device(device: torch.device, ranks: Any) -> torch.device:
+    """The device of a rank: its own GPU (cuda:LOCAL_RANK) when the run is on CUDA, else the CPU."""
+    return torch.device("cuda", ranks.local_rank) if device.type == "cuda" else device

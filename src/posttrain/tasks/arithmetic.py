@@ -34,6 +34,10 @@ class ArithmeticTask:
     """Share of all problems (per thousand) reserved for the held-out split."""
     think_fraction: float = 0.0
     """Share of rows whose completion works the problem out in `<think>...</think>` before the answer."""
+    tool_fraction: float | None = None
+    """None: text rows. A number: conversational rows for an agent (a user message; `tools` holds the
+    calculator's schema), of which this share of demonstrations calls the calculator on the problem and answers
+    with its result; the rest answer directly (`tool_row`)."""
 
     def __post_init__(self) -> None:
         if self.digits < 1:
@@ -49,6 +53,10 @@ class ArithmeticTask:
             raise ValueError(f"arithmetic.think_fraction must be in [0, 1], got {self.think_fraction}")
         if self.think_fraction > 0 and "*" in self.operators:
             raise ValueError("arithmetic.think_fraction: worked demonstrations cover + and - only, not *")
+        if self.tool_fraction is not None and not 0.0 <= self.tool_fraction <= 1.0:
+            raise ValueError(f"arithmetic.tool_fraction must be in [0, 1], got {self.tool_fraction}")
+        if self.tool_fraction is not None and self.think_fraction > 0:
+            raise ValueError("arithmetic: tool_fraction and think_fraction cannot both be set")
 
     def row(self, a: int, op: str, b: int, *, worked: bool = False) -> dict[str, str]:
         """The problem, its completion (the answer, or `worked_completion` when `worked`) and its answer."""
@@ -68,7 +76,11 @@ class ArithmeticTask:
         while len(rows) < n:
             a, op, b = self._draw_operand(rng), rng.choice(self.operators), self._draw_operand(rng)
             if self.split_of(a, op, b) == split:
-                rows.append(self.row(a, op, b, worked=think.random() < self.think_fraction))
+                chance = think.random()
+                if self.tool_fraction is None:
+                    rows.append(self.row(a, op, b, worked=chance < self.think_fraction))
+                else:
+                    rows.append(tool_row(a, op, b, call=chance < self.tool_fraction))
         return rows
 
     def _draw_operand(self, rng: random.Random) -> int:
@@ -79,6 +91,23 @@ class ArithmeticTask:
     def corpus(self, n: int = 2000) -> list[str]:
         """Text to train the tokenizer on: every character the task's prompts and answers use."""
         return [r["prompt"] + r["completion"] for r in self.sample(n, seed=0)]
+
+
+def tool_row(a: int, op: str, b: int, *, call: bool) -> dict:
+    """A conversational row for a calculator agent: the problem as a user message, the calculator's schema in
+    `tools`, and a demonstration that calls the calculator and answers with its result (`call`), or answers
+    directly. TRL's tool-use format (assistant `tool_calls`, a `tool` message)."""
+    from posttrain.envs.builtin_tools import calculator  # the tool the agent's environment offers
+    from posttrain.envs.tools import Tool
+
+    expression, answer = f"{a}{op}{b}", str(OPERATORS[op](a, b))
+    completion = [{"role": "assistant", "content": answer}]
+    if call:
+        tool_call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}
+        completion = [{"role": "assistant", "content": "", "tool_calls": [tool_call]},
+                      {"role": "tool", "name": "calculator", "content": answer}, *completion]  # fmt: skip
+    return {"prompt": [{"role": "user", "content": f"{expression}="}], "completion": completion, "answer": answer,
+            "tools": [Tool.from_function(calculator).schema]}  # fmt: skip
 
 
 def worked_completion(a: int, op: str, b: int, *, columns: int) -> str:

@@ -28,6 +28,23 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+TOOLS_CHATML_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\ntools:{% for tool in tools %} {{ tool.function.name }}{% endfor %}"
+    "<|im_end|>\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if message.role == 'assistant' %}<|im_start|>assistant\n{{ message.content }}"
+    "{% for call in message.tool_calls or [] %}<tool_call>"
+    "{{ {'name': call.function.name, 'arguments': call.function.arguments} | tojson }}</tool_call>{% endfor %}"
+    "<|im_end|>\n"
+    "{% else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""ChatML with tools, compact enough for a tiny model: the tools' names in a system line, calls as Hermes'
+`<tool_call>{"name": ..., "arguments": ...}</tool_call>` (the `hermes` parser reads them), results as `tool`
+turns. The `arithmetic-tools` tokenizer carries it."""
+TOOL_TOKENS = ("<tool_call>", "</tool_call>")
+
 _BASE_CORPUS = (
     "The quick brown fox jumps over the lazy dog. What is the answer? Let me think step by step.",
     "<think> add the ones, carry the tens </think> <answer> 42 </answer>",

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,14 +41,15 @@ import yaml
 
 from posttrain.config import ConfigError
 from posttrain.data import EpochSampler
-from posttrain.policies import load_model, load_tokenizer, save_pretrained
+from posttrain.policies import describe_forward_path, load_model, load_tokenizer, save_pretrained
 from posttrain.runtime.checkpoint import Checkpointer, CheckpointError, model_dir, write_atomically
-from posttrain.runtime.device import limit_cpu_threads, resolve_device
+from posttrain.runtime.device import limit_cpu_threads, rank_device, resolve_device
+from posttrain.runtime.distributed import all_reduce_sum, any_rank, barrier, init_ranks, sum_gradients
 from posttrain.runtime.guards import NonFiniteGuard, step_schedule
 from posttrain.runtime.logging import METRICS_FILE, RunLogger, phase, read_metrics, trim_samples
 from posttrain.runtime.optim import lr_of_last_step
 from posttrain.runtime.seeding import capture_rng_states, restore_rng_states, seed_everything
-from posttrain.runtime.signals import StopRequest
+from posttrain.runtime.signals import StopRequest, TrainingInterrupted
 from posttrain.runtime.trackers import open_trackers
 from posttrain.trainers.build import check_environment
 from posttrain.trainers.splits import data_sources
@@ -87,10 +90,15 @@ class Lifecycle:
         self.cfg, self.kind, self.run_dir = cfg, kind, make_output_dir(cfg.output_dir, "output_dir")
         remove_stale_staging(self.run_dir)
         limit_cpu_threads()
-        self.generator = seed_everything(cfg.seed)
+        self.generator = seed_everything(cfg.seed)  # every rank: the same initial model and data order
         self.device = resolve_device(cfg.device)
+        self.ranks = init_ranks(self.device.type)
+        if self.ranks.distributed:
+            self.device = rank_device(self.device, self.ranks)
+            self.generator.manual_seed(cfg.seed + 1_000_003 * self.ranks.rank)  # each rank's own samples
         self.checkpointer = Checkpointer(self.run_dir, keep_last=cfg.train.keep_last)
         self.notes: list[str] = []
+        self.before: dict[str, float] = {}
         self.checkpoint: Path | None = None
         self.start_step = 0
         self.recount = False
@@ -172,8 +180,10 @@ class Lifecycle:
         restore_rng_states(state["rng"], {"sampling": self.generator})
         self.history = state["history"]
         self.guard = NonFiniteGuard(self.cfg.train.max_bad_steps, self.checkpointer, self.history)
-        rewrite_metrics(self.run_dir, self.history, step=self.start_step)
-        trim_samples(self.run_dir, step=self.start_step)
+        if self.ranks.main:
+            rewrite_metrics(self.run_dir, self.history, step=self.start_step)
+            trim_samples(self.run_dir, step=self.start_step)
+        barrier(self.ranks)
 
     def open_log(
         self,
@@ -188,6 +198,9 @@ class Lifecycle:
         """The run's logger, and its first lines: what overrides replaced, where the rows come from and what
         loading kept, `lines` of the trainer's own (which forward runs), and what a resume found and applied. The run's
         config is written to RUN/config.yaml, and the trackers of `log.to` are opened (`runtime.trackers`)."""
+        if not self.ranks.main:  # one rank logs, evaluates and writes the run's files
+            self.log = SilentLog()
+            return self.log
         cfg = self.cfg
         config = cfg.model_dump(mode="json")
         (self.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
@@ -197,8 +210,12 @@ class Lifecycle:
                                  skip_missing=() if explicit else ("tensorboard",))  # fmt: skip
         self.log = RunLogger(self.run_dir, total_steps=cfg.train.max_steps, start_step=self.start_step,
                              headline=headline, progress=progress, trackers=trackers)  # fmt: skip
+        if self.ranks.distributed:
+            self.log.print(f"distributed: {self.ranks.world} ranks, data-parallel ({self.device.type})")
+        model = self._parts.get("model")
+        path = (describe_forward_path(model),) if model is not None and hasattr(model, "config") else ()
         for line in (*self.cfg.load_notes, data_sources(self.cfg.data, train_rows is not None, eval_rows is not None),
-                     f"data: {report.summary()}", *lines, *self.notes):  # fmt: skip
+                     f"data: {report.summary()}", *path, *lines, *self.notes):  # fmt: skip
             self.log.print(line)
         if self.checkpoint is not None:
             self.log.print(f"resumed from {self.checkpoint} at step {self.start_step}")
@@ -217,15 +234,22 @@ class Lifecycle:
 
     @contextmanager
     def stop_requests(self) -> Iterator[StopRequest]:
-        """SIGINT / SIGTERM while the loop runs end it after its step, with a checkpoint (`end_step`)."""
+        """SIGINT / SIGTERM while the loop runs end it after its step, with a checkpoint (`end_step`). A loop that
+        raises closes the run's log (its live progress display and files) on the way out."""
         with self._stop as stop:
-            yield stop
+            try:
+                yield stop
+            except BaseException:
+                if self.log is not None:
+                    self.log.close()
+                raise
 
     def update(self, model: Any, *, loss: float | None, step: int) -> float:
         """Clip the gradients and step the optimiser, unless the loss or a gradient is non-finite (the guard skips
         the update and stops the run after train.max_bad_steps in a row); then step the schedule, which advances
         on a skipped update too. Returns the gradient norm before clipping."""
         optimizer = self._parts["optim"].optimizer
+        sum_gradients(list(model.parameters()), self.ranks)
         norm = self.guard.step(model.parameters(), optimizer, self.cfg.train.max_grad_norm, loss=loss, step=step)
         self.step_schedule()
         return norm
@@ -266,9 +290,41 @@ class Lifecycle:
         every, last = self.cfg.train.save_every, self.cfg.train.max_steps
         crossed = bool(every) and done // every > (done - steps) // every
         saved = self.save(done) if crossed and done < last else None
-        if self._stop.requested:
+        if any_rank(self._stop.requested, self.ranks):
             self.log.close()
-            raise self._stop.interrupted(done, saved or self.save(done))
+            raise self.interrupted(done, saved or self.save(done))
+
+    def evaluate_before(self, evaluate: Callable[[], dict[str, float]] | None, *, say: str | None = None) -> dict:
+        """The held-out metrics before the first step (`evaluate()`), logged at step 0, so that `finish` can say what
+        the run did to them; a resumed run reads the ones it logged then. {} without held-out rows (None)."""
+        if evaluate is None:
+            self.before = {}
+        elif self.start_step == 0:
+            with self.stop_requests():
+                self.before = self.evaluate(evaluate)
+            self.log_eval(0, self.before, say=say)
+        else:
+            logged = [r for r in read_metrics(self.run_dir) if r.get("kind") == "eval" and r.get("step") == 0]
+            self.before = {k: v for r in logged for k, v in r.items() if k.startswith("eval_")}
+        return self.before
+
+    def evaluate(self, evaluate: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """`evaluate()` on the main rank, {} on the others (the model is the same on every rank)."""
+        metrics = evaluate() if self.ranks.main else {}
+        barrier(self.ranks)
+        return metrics
+
+    def global_sum(self, value: Any) -> Any:
+        """The sum of a count or tensor over the ranks (the global token count that divides every rank's loss)."""
+        return all_reduce_sum(value, self.ranks)
+
+    def share(self, items: list[Any]) -> list[Any]:
+        """This rank's share of a step's global batch."""
+        return self.ranks.share(items)
+
+    def interrupted(self, done: int, checkpoint: Path) -> Exception:
+        signal_number = self._stop.signal_number or signal.SIGTERM  # another rank got it
+        return TrainingInterrupted(signal_number, done, checkpoint)
 
     def log_eval(self, step: int, metrics: dict[str, float], *, say: str | None = "eval") -> None:
         """An evaluation line in metrics.jsonl (kind "eval"), and on the console unless `say` is None."""
@@ -290,10 +346,14 @@ class Lifecycle:
             "history": self.history,
             **(parts["extra_state"]() if parts["extra_state"] else {}),
         }
-        about = {"kind": self.kind, "config": config_fingerprint(self.cfg)}
-        with phase(f"checkpoint of step {step}"):
-            return self.checkpointer.save(step, save_model=lambda d: save_pretrained(model, tokenizer, d),
-                                          state=state, about=about)  # fmt: skip
+        about = {"kind": self.kind, "config": config_fingerprint(self.cfg), "world_size": self.ranks.world}
+        path = self.checkpointer.root / f"step-{step:08d}"
+        if self.ranks.main:  # the model and optimiser are the same on every rank: one writes them
+            with phase(f"checkpoint of step {step}"):
+                path = self.checkpointer.save(step, save_model=lambda d: save_pretrained(model, tokenizer, d),
+                                              state=state, about=about)  # fmt: skip
+        barrier(self.ranks)
+        return path
 
     def finish(self, eval_metrics: dict[str, float] | None = None, *, say: str | None = "eval",
                **result: Any) -> RunResult:  # fmt: skip
@@ -301,18 +361,28 @@ class Lifecycle:
         checkpoint, `final/` (written whole or not at all), the logger closed. `result`: the RunResult fields the
         trainer adds (eval, initial_eval, ...)."""
         last = self.cfg.train.max_steps
-        self.log_eval(last, eval_metrics or {}, say=say)
-        self.save(last)
         model, tokenizer = self._parts["model"], self._parts["tokenizer"]
-        final_dir = write_final(self.run_dir, lambda d: save_pretrained(model, tokenizer, d))
-        self.log.close()
+        try:
+            self.log_eval(last, eval_metrics or {}, say=say)
+            for line in held_out_change(self.before, eval_metrics or {}):
+                self.log.print(line)
+            self.save(last)
+            final_dir = self.run_dir / "final"
+            if self.ranks.main:
+                with phase("final/"):
+                    write_final(self.run_dir, lambda d: save_pretrained(model, tokenizer, d))
+            barrier(self.ranks)
+        finally:
+            self.log.close()
         return RunResult(model, tokenizer, final_dir, self.history, final_eval=eval_metrics or {}, **result)
 
     def finished_result(self) -> RunResult:
         """A resumed run with nothing left to train: `final/` written again from the last checkpoint (a kill while
         it was written leaves none), and the run's model loaded from it."""
-        source = model_dir(self.checkpoint)
-        final_dir = write_final(self.run_dir, lambda d: shutil.copytree(source, d))
+        source, final_dir = model_dir(self.checkpoint), self.run_dir / "final"
+        if self.ranks.main:
+            write_final(self.run_dir, lambda d: shutil.copytree(source, d))
+        barrier(self.ranks)
         history = self.checkpointer.load_state(self.checkpoint)["history"]
         print(f"--resume: {self.checkpoint.name} is the run's last step (train.max_steps={self.cfg.train.max_steps});"
               f" final/ written again from it")  # fmt: skip
@@ -322,6 +392,46 @@ class Lifecycle:
 def with_max_steps(cfg: Any, steps: int) -> Any:
     """The config with train.max_steps = steps (train.epochs resolved; pydantic's copy, not validated again)."""
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": steps})})
+
+
+PROPORTIONS = {"eval_accuracy": "eval_examples", "eval_pref_accuracy": "eval_pairs", "eval_pass@": "eval_examples"}
+"""Held-out metrics that are shares of examples (by prefix), and the metric counting those examples: their
+before/after change is weighed against their noise."""
+
+
+def held_out_change(before: dict[str, float], after: dict[str, float]) -> list[str]:
+    """What a run did to each held-out share it measured before and after, against the noise of one evaluation
+    over its n examples (two binomial standard errors of the difference, sqrt(p0 (1 - p0) / n + p1 (1 - p1) / n));
+    a drop larger than that is a warning: the run made the model worse on its held-out rows."""
+    lines = []
+    for key in (k for k in after if k.startswith(tuple(PROPORTIONS)) and k in before):
+        count = next(c for prefix, c in PROPORTIONS.items() if key.startswith(prefix))
+        n, p0, p1 = after.get(count) or before.get(count), before[key], after[key]
+        if not n or not (0 <= p0 <= 1 and 0 <= p1 <= 1):
+            continue
+        noise = 2 * math.sqrt(p0 * (1 - p0) / n + p1 * (1 - p1) / n)
+        change = f"{key} {p0:.4f} -> {p1:.4f} ({100 * (p1 - p0):+.1f} points; noise ±{100 * noise:.1f} over {n:.0f})"
+        lines.append(f"held-out change: {change}")
+        if p0 - p1 > noise:
+            lines.append(f"WARNING: held-out {key} fell by {100 * (p0 - p1):.1f} points, more than one evaluation of "
+                         f"{n:.0f} examples varies by: this run made the model worse on its held-out rows")  # fmt: skip
+    return lines
+
+
+class SilentLog:
+    """The logger of a rank that is not the main one: it logs nothing (the main rank writes metrics.jsonl)."""
+
+    def log(self, step: int, metrics: dict[str, float], *, kind: str = "train") -> None:
+        pass
+
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        pass
+
+    def print(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def write_final(run_dir: Path, write: Callable[[Path], Any]) -> Path:
@@ -334,7 +444,7 @@ def make_output_dir(path: str | Path, key: str) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".posttrain-write-test-{id(path)}"
+        probe = path / f".posttrain-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except (FileExistsError, NotADirectoryError):

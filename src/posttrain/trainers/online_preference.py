@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from posttrain.config.pref import SELECTIONS, PrefConfig, feedback_kind
-from posttrain.data import CompletionTokens, EpochSampler, PreferenceTokens
+from posttrain.data import CompletionTokens, EpochSampler, PreferenceTokens, check_positions
 from posttrain.data.encoding import PromptTokens
 from posttrain.envs import sample_episodes
 from posttrain.objectives.pairing import (
@@ -48,6 +48,7 @@ from posttrain.rewards.judges import judge_all_pairs
 from posttrain.rewards.metrics import share_correct, verifier_scores
 from posttrain.rollout import ENGINES, SamplingParams
 from posttrain.rollout.native import GeometricMixture
+from posttrain.runtime.logging import phase
 from posttrain.trainers.build import build_optimisation, sampling_params
 from posttrain.trainers.evaluation import EvalResult, evaluate_with
 from posttrain.trainers.lifecycle import Lifecycle, RunResult, sampling_generator
@@ -74,9 +75,12 @@ def train_online_pref(
     kind = feedback_kind(loss_fn)
     select = online.select or SELECTIONS[kind][0]
     model, tokenizer, reference = build_models(cfg, model, tokenizer, life.checkpoint, device)
+    new_tokens = {"online.sampling.max_new_tokens": online.sampling.max_new_tokens}
+    check_positions(model, {"data.max_length": cfg.data.max_length, **new_tokens})
     where = {"seed": cfg.seed, "recipe_dir": cfg.recipe_dir}
-    train_prompts, report = load_prompts(cfg.data, tokenizer, "train", rows=train_rows, **where)
-    eval_split, _ = load_prompts(cfg.data, tokenizer, "eval", rows=eval_rows, limit=cfg.eval.limit, **where)
+    with phase("reading and encoding the prompts", enabled=progress):  # before the log opens: the flag decides
+        train_prompts, report = load_prompts(cfg.data, tokenizer, "train", rows=train_rows, **where)
+        eval_split, _ = load_prompts(cfg.data, tokenizer, "eval", rows=eval_rows, limit=cfg.eval.limit, **where)
     eval_prompts = [p for p in eval_split if "answer" in p.extra]
     cfg = life.fit_epochs(len(train_prompts), online.prompts_per_round, round_steps=online.steps_per_round)
     eval_reward = load_reward_fn(cfg.eval.reward, base_dir=cfg.recipe_dir) if eval_prompts else None
@@ -96,8 +100,7 @@ def train_online_pref(
                   eval_rows=eval_rows)  # fmt: skip
     update = PreferenceStep.of(cfg, tokenizer.pad_token_id, device, life.history)
     params, _ = sampling_params(online.sampling, tokenizer.eos_token_id)
-    initial_eval = eval_metrics() if eval_prompts and life.start_step == 0 else {}
-    life.log_eval(0, initial_eval, say="initial eval")
+    initial_eval = life.evaluate_before(eval_metrics if eval_prompts else None, say="initial eval")
 
     model.train()
     spr, eval_every = online.steps_per_round, cfg.train.eval_every
@@ -120,8 +123,9 @@ def train_online_pref(
             ref_cache = None
             if "reference" in loss_fn.needs and items:
                 with reference.active():
+                    shown = f"reference log-probs of round {round_index + 1}"
                     ref_cache = logps_per_item(reference.model, items, update.micro_batch, update.pad_id, device,
-                                               update.bf16)  # fmt: skip
+                                               update.bf16, shown=shown)  # fmt: skip
             round_sampler = EpochSampler(len(items), seed=cfg.seed * 100_003 + round_index) if items else None
             round_metrics = {**samples.metrics, **reward_log.means(), "examples": float(len(items)),
                              "round": float(round_index + 1)}  # fmt: skip

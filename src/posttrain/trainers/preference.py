@@ -16,14 +16,16 @@ from typing import Any
 
 from torch import Tensor
 
+from posttrain.config import ConfigError
 from posttrain.config.pref import PrefConfig, feedback_kind
-from posttrain.data import EpochSampler
+from posttrain.data import EpochSampler, check_positions
 from posttrain.objectives.registry import PREFERENCE_LOSSES
 from posttrain.rewards import load_reward_fn
+from posttrain.runtime.distributed import all_gather_objects
 from posttrain.runtime.logging import phase
 from posttrain.trainers.build import build_optimisation
 from posttrain.trainers.evaluation import evaluate_with
-from posttrain.trainers.lifecycle import Lifecycle, RunResult
+from posttrain.trainers.lifecycle import Lifecycle, RunResult, sampling_generator
 from posttrain.trainers.online_preference import train_online_pref
 from posttrain.trainers.preference_step import PreferenceStep, build_models, evaluate_pairs, logps_per_item
 from posttrain.trainers.splits import Rows, load_feedback
@@ -48,7 +50,11 @@ def train_pref(
     if life.complete:
         return life.finished_result()
     device, loss_fn = life.device, PREFERENCE_LOSSES[cfg.pref.loss]
+    if "whole_batch" in loss_fn.needs and life.ranks.distributed:
+        raise ConfigError(f"pref.loss '{cfg.pref.loss}' couples the step's pairs, which data-parallel ranks would "
+                          "split; run it on one process")  # fmt: skip
     model, tokenizer, reference = build_models(cfg, model, tokenizer, life.checkpoint, device)
+    check_positions(model, {"data.max_length": cfg.data.max_length})
     pad_id, kind = tokenizer.pad_token_id, feedback_kind(loss_fn)
     load = dict(seed=cfg.seed, recipe_dir=cfg.recipe_dir)
     with phase("reading and encoding the data", enabled=progress):  # before the log opens: the flag decides
@@ -61,16 +67,15 @@ def train_pref(
     life.track(model, tokenizer, optim, sampler)
     log = life.open_log(train.report, headline=("loss", "pref_accuracy"), progress=progress, train_rows=train_rows,
                         eval_rows=eval_rows)  # fmt: skip
-    update = PreferenceStep.of(cfg, pad_id, device, life.history)
+    update = PreferenceStep.of(cfg, pad_id, device, life.history, life.ranks)
     ref_cache: dict[str, list[Tensor]] = {}
     reference_built = reference is not None
     if reference is not None and cfg.pref.reference == "precomputed":
         log.print(f"reference: log-probs of {len(train.tokens)} training and {len(eval_items)} held-out examples, "
                   "computed once")  # fmt: skip
         with reference.active():
-            ref_cache = {s: logps_per_item(reference.model, items, update.micro_batch, pad_id, device, update.bf16,
-                                           shown=f"reference log-probs of the {s} examples")
-                         for s, items in (("train", train.tokens), ("eval", eval_items))}  # fmt: skip
+            ref_cache = {s: shared_logps(reference.model, items, update, shown=f"reference log-probs of the {s} "
+                                         "examples") for s, items in (("train", train.tokens), ("eval", eval_items))}
         if "kl_reference_point" not in loss_fn.needs:
             reference = None  # every reference log-prob is cached: free the copy
 
@@ -78,30 +83,52 @@ def train_pref(
         return evaluate_pairs(model, reference, eval_items, ref_cache.get("eval"), update.scale, update.micro_batch,
                               pad_id, device, update.bf16, update.length_normalize)  # fmt: skip
 
-    initial_eval = held_out_metrics() if eval_items and life.start_step == 0 else {}
-    life.log_eval(0, initial_eval, say=None)
+    answer_prompts = held_out.answer_prompts[: cfg.eval.limit] if held_out else []
+    reward = load_reward_fn(cfg.eval.reward, base_dir=cfg.recipe_dir) if answer_prompts else None
+
+    def generation() -> Any:
+        return evaluate_with(model, tokenizer, answer_prompts, reward, cfg.eval, generator=sampling_generator(cfg.seed))
+
+    def held_out_all() -> dict[str, float]:
+        metrics = held_out_metrics() if eval_items else {}
+        return metrics | ({f"eval_{k}": v for k, v in generation().metrics().items()} if answer_prompts else {})
+
+    initial_eval = life.evaluate_before(held_out_all if eval_items or answer_prompts else None)
 
     model.train()
     with life.stop_requests():
         for step in life.steps():
             started = time.perf_counter()
-            indices = sampler.take(cfg.train.batch_size)
+            indices = life.share(sampler.take(cfg.train.batch_size))  # this rank's share of the step
             items = [train.tokens[i] for i in indices]
             cached = [ref_cache["train"][i] for i in indices] if ref_cache else None
             totals = update.accumulate(model, reference, items, ref_logps=cached)
             grad_norm = life.update(model, loss=totals["loss"], step=step + 1)
-            metrics = update.metrics(totals, len(items)) | {
+            metrics = update.metrics(totals, cfg.train.batch_size) | {
                 "grad_norm": grad_norm, **life.step_metrics(time.perf_counter() - started)
             }
             if life.eval_due(step + 1) and eval_items:
-                metrics |= held_out_metrics()
+                metrics |= life.evaluate(held_out_metrics)
             life.end_step(step + 1, metrics)
 
-    final_eval, generation = held_out_metrics() if eval_items else {}, None
-    if held_out and held_out.answer_prompts:
-        e = cfg.eval
-        reward = load_reward_fn(e.reward, base_dir=cfg.recipe_dir)
-        generation = evaluate_with(model, tokenizer, held_out.answer_prompts[: e.limit], reward, e,
-                                   generator=life.generator)  # fmt: skip
-        final_eval |= {f"eval_{k}": v for k, v in generation.metrics().items()}
-    return life.finish(final_eval, eval=generation, initial_eval=initial_eval, reference_built=reference_built)
+    generated = None
+
+    def held_out_at_end() -> dict[str, float]:
+        nonlocal generated
+        generated = generation() if answer_prompts else None
+        pairs = held_out_metrics() if eval_items else {}
+        return pairs | ({f"eval_{k}": v for k, v in generated.metrics().items()} if generated else {})
+
+    final_eval = life.evaluate(held_out_at_end)
+    return life.finish(final_eval, eval=generated, initial_eval=initial_eval, reference_built=reference_built)
+
+
+def shared_logps(model: Any, items: list[Any], update: PreferenceStep, *, shown: str) -> list[Tensor]:
+    """Every item's summed log-probs, each rank computing its share and all of them gathered on every rank."""
+    ranks = update.ranks
+    mine = logps_per_item(model, update.ranks.share(items), update.micro_batch, update.pad_id, update.device,
+                          update.bf16, shown=shown if ranks.main else "")  # fmt: skip
+    if not ranks.distributed:
+        return mine
+    shares = all_gather_objects(mine, ranks)
+    return [shares[i % ranks.world][i // ranks.world] for i in range(len(items))]

@@ -30,6 +30,7 @@ from posttrain.data.batching import chunks
 from posttrain.objectives.pairing import preference_matrix, win_rates_within_group
 from posttrain.objectives.registry import PREFERENCE_LOSSES, call_with
 from posttrain.policies import Reference, token_logprobs
+from posttrain.runtime.distributed import ONE_PROCESS, Ranks, all_reduce_sum
 from posttrain.runtime.logging import track
 from posttrain.trainers.build import policy_and_reference
 from posttrain.trainers.splits import Tokens
@@ -119,11 +120,19 @@ def logps_per_item(
 
 @torch.no_grad()
 def kl_reference_point(
-    model: Any, reference: Reference, items: list[Tokens], pad_id: int, device: torch.device, bf16: bool
+    model: Any,
+    reference: Reference,
+    items: list[Tokens],
+    pad_id: int,
+    device: torch.device,
+    bf16: bool,
+    ranks: Ranks = ONE_PROCESS,
 ) -> Tensor:
     """KTO's z0 (Ethayarajh et al. 2024, Sec. 4.1): mean log-ratio of mismatched prompt/completion
     pairs of the step, detached, clamped >= 0. Each prompt takes the previous example's completion (the
-    first takes the last's), as TRL 1.16's KTOTrainer rotates completions by +1 (docs/preference.md, `kto`)."""
+    first takes the last's), as TRL 1.16's KTOTrainer rotates completions by +1 (docs/preference.md, `kto`).
+    Data-parallel, each rank pairs within its share (as TRL pairs within each device's batch) and the mean is
+    over every rank's pairs."""
     shifted = [
         CompletionTokens(it.prompt_ids, items[i - 1].completion_ids, it.where)  # type: ignore[union-attr]
         for i, it in enumerate(items)
@@ -132,7 +141,8 @@ def kl_reference_point(
     logp_B = sequence_logps(model, batch, device, bf16=bf16)[0]
     with reference.active():
         ref_B = sequence_logps(reference.model, batch, device, bf16=bf16)[0]
-    return (logp_B - ref_B).mean().clamp(min=0.0)
+    total, count = all_reduce_sum((logp_B - ref_B).sum(), ranks), all_reduce_sum(float(len(items)), ranks)
+    return (total / count).clamp(min=0.0)
 
 
 def build_models(
@@ -189,9 +199,10 @@ class RunningMean:
     total: float = 0.0
     count: int = 0
 
-    def add(self, values: Tensor) -> None:
-        self.total += float(values.sum())
-        self.count += values.numel()
+    def add(self, values: Tensor, ranks: Ranks = ONE_PROCESS) -> None:
+        """Add a micro-batch's values, every rank's (data-parallel ranks keep the same running mean)."""
+        self.total += float(all_reduce_sum(float(values.sum()), ranks))
+        self.count += int(all_reduce_sum(float(values.numel()), ranks))
 
     @property
     def mean(self) -> float:
@@ -252,7 +263,7 @@ def evaluate_pairs(
         inputs = preference_inputs(model, reference, mb, mb_cached, pad_id, device, bf16, length_normalize)
         add_preference_metrics(totals, inputs, scale)
     model.train(was_training)
-    return {f"eval_{k}": v / len(items) for k, v in totals.items()}
+    return {f"eval_{k}": v / len(items) for k, v in totals.items()} | {"eval_pairs": float(len(items))}
 
 
 @dataclass
@@ -269,14 +280,22 @@ class PreferenceStep:
     bf16: bool
     length_normalize: bool
     shift: RunningMean = field(default_factory=RunningMean)
+    ranks: Ranks = ONE_PROCESS
 
     @classmethod
-    def of(cls, cfg: PrefConfig, pad_id: int, device: torch.device, history: list[dict[str, float]]) -> PreferenceStep:
+    def of(
+        cls,
+        cfg: PrefConfig,
+        pad_id: int,
+        device: torch.device,
+        history: list[dict[str, float]],
+        ranks: Ranks = ONE_PROCESS,
+    ) -> PreferenceStep:
         loss_fn = PREFERENCE_LOSSES[cfg.pref.loss]
         return cls(
             loss_fn, cfg.pref.loss_args, hyper_default(loss_fn, cfg.pref.loss_args, "beta") or 1.0,
             cfg.train.micro_batch_size or cfg.train.batch_size, pad_id, device, cfg.train.bf16,
-            cfg.pref.length_normalize, RunningMean.from_history(history),
+            cfg.pref.length_normalize, RunningMean.from_history(history), ranks,
         )  # fmt: skip
 
     def accumulate(
@@ -288,16 +307,17 @@ class PreferenceStep:
         ref_logps: Sequence[Tensor] | None = None,
         per_example: dict[str, Tensor] | None = None,
     ) -> dict[str, float]:
-        """Gradients of the mean loss over `items`, micro-batch by micro-batch (the sum over examples divided by
-        their count, so micro-batching never changes it). Reference log-probs come from `ref_logps` (one per item,
-        computed once) when given, else from a forward of `reference`. `per_example`: tensors whose first axis is
-        the items (which side of a pair the reference sampled). Returns sums over the items, and the step-wide
-        values the loss was given (KTO's reference point, BCO's shift)."""
-        needs = self.loss_fn.needs
+        """Gradients of the mean loss over the step's examples, micro-batch by micro-batch (the sum over `items`,
+        this rank's share, divided by the count over every rank, so neither micro-batching nor the number of ranks
+        changes it). Reference log-probs come from `ref_logps` (one per item, computed once) when given, else from
+        a forward of `reference`. `per_example`: tensors whose first axis is the items (which side of a pair the
+        reference sampled). Returns sums over every rank's items, and the step-wide values the loss was given
+        (KTO's reference point, BCO's shift)."""
+        needs, count = self.loss_fn.needs, all_reduce_sum(float(len(items)), self.ranks)
         step_values: dict[str, Tensor] = {}
         if "kl_reference_point" in needs and items:
             step_values["kl_ref_point"] = kl_reference_point(model, reference, list(items), self.pad_id, self.device,
-                                                             self.bf16)  # fmt: skip
+                                                             self.bf16, self.ranks)  # fmt: skip
         if "reward_shift" in needs:
             step_values["reward_shift"] = torch.tensor(self.shift.mean, device=self.device)
         totals: dict[str, float] = defaultdict(float, loss=0.0)
@@ -308,12 +328,13 @@ class PreferenceStep:
                                        self.pad_id, self.device, self.bf16, self.length_normalize)  # fmt: skip
             inputs |= {key: value[rows].to(self.device) for key, value in (per_example or {}).items()}
             losses_N = call_with(self.loss_fn, {**inputs, **step_values}, self.loss_args)
-            (losses_N.sum() / len(items)).backward()
+            (losses_N.sum() / count).backward()
             totals["loss"] += float(losses_N.detach().sum())
             add_preference_metrics(totals, inputs, self.scale)
             if "reward_shift" in needs:
-                self.shift.add(log_ratios(inputs))
-        return dict(totals) | {key: float(value) for key, value in step_values.items()}
+                self.shift.add(log_ratios(inputs), self.ranks)
+        summed = {key: all_reduce_sum(value, self.ranks) for key, value in sorted(totals.items())}
+        return summed | {key: float(value) for key, value in step_values.items()}
 
     def metrics(self, totals: dict[str, float], count: int) -> dict[str, float]:
         """Per-example means of `accumulate`'s sums, the step-wide values as they were, BCO's shift state."""

@@ -17,11 +17,12 @@ from torch import Tensor
 
 from posttrain.config import ConfigError
 from posttrain.config.pref import RMConfig, feedback_kind
-from posttrain.data import EpochSampler, chunks
+from posttrain.data import EpochSampler, check_positions, chunks
 from posttrain.objectives.registry import REWARD_MODEL_LOSSES, call_with
 from posttrain.objectives.reward_model import pairwise_accuracy
 from posttrain.policies import build_reward_model, disable_dropout, scalar_rewards
 from posttrain.runtime.checkpoint import model_dir
+from posttrain.runtime.logging import phase
 from posttrain.trainers.build import (
     build_optimisation,
     build_tokenizer_for,
@@ -57,10 +58,12 @@ def train_rm(
         load_checkpoint_weights(model, life.checkpoint)
     if cfg.model.disable_dropout:
         disable_dropout(model)
+    check_positions(model, {"data.max_length": cfg.data.max_length})
     pad_id, kind = tokenizer.pad_token_id, feedback_kind(loss_fn)
     load = dict(seed=cfg.seed, recipe_dir=cfg.recipe_dir)
-    train = load_feedback(cfg.data, kind, "train", tokenizer, rows=train_rows, **load)
-    held_out = load_feedback(cfg.data, kind, "eval", tokenizer, rows=eval_rows, **load)
+    with phase("reading and encoding the data", enabled=progress):  # before the log opens: the flag decides
+        train = load_feedback(cfg.data, kind, "train", tokenizer, rows=train_rows, **load)
+        held_out = load_feedback(cfg.data, kind, "eval", tokenizer, rows=eval_rows, **load)
     eval_items = held_out.tokens[: cfg.eval.limit] if held_out else []
     cfg = life.fit_epochs(len(train.tokens), cfg.train.batch_size)
     margins = {w: f["margin"] for w, f in train.fields.items() if cfg.rm.use_margin and "margin" in f}
@@ -74,14 +77,13 @@ def train_rm(
     def held_out_accuracy() -> dict[str, float]:
         return _held_out_accuracy(model, eval_items, mb_size, pad_id, device, bf16) if eval_items else {}
 
-    initial_eval = held_out_accuracy() if life.start_step == 0 else {}
-    life.log_eval(0, initial_eval, say=None)
+    initial_eval = life.evaluate_before(held_out_accuracy if eval_items else None)
 
     model.train()
     with life.stop_requests():
         for step in life.steps():
             started = time.perf_counter()
-            indices = sampler.take(cfg.train.batch_size)
+            indices = life.share(sampler.take(cfg.train.batch_size))  # this rank's share of the step
             totals: dict[str, float] = defaultdict(float)
             for chunk in chunks(indices, mb_size):
                 items = [train.tokens[i] for i in chunk]
@@ -89,20 +91,21 @@ def train_rm(
                 if margins:
                     inputs["margin"] = torch.tensor([float(margins.get(it.where, 0.0)) for it in items], device=device)
                 losses_N = call_with(loss_fn, inputs, args)
-                (losses_N.sum() / len(indices)).backward()
+                (losses_N.sum() / cfg.train.batch_size).backward()
                 totals["loss"] += float(losses_N.detach().sum())
                 best_N, worst_N = _best_and_worst(inputs)
                 totals["accuracy"] += float((best_N > worst_N).sum())
                 totals["reward_margin"] += float((best_N - worst_N).sum())
+            totals = {key: life.global_sum(value) for key, value in sorted(totals.items())}
             grad_norm = life.update(model, loss=totals["loss"], step=step + 1)
-            metrics = {k: v / len(indices) for k, v in totals.items()} | {
+            metrics = {k: v / cfg.train.batch_size for k, v in totals.items()} | {
                 "grad_norm": grad_norm, **life.step_metrics(time.perf_counter() - started)
             }  # fmt: skip
             if life.eval_due(step + 1) and eval_items:
-                metrics |= held_out_accuracy()
+                metrics |= life.evaluate(held_out_accuracy)
             life.end_step(step + 1, metrics)
 
-    return life.finish(held_out_accuracy(), initial_eval=initial_eval)
+    return life.finish(life.evaluate(held_out_accuracy), initial_eval=initial_eval)
 
 
 def reward_model_for(cfg: RMConfig, tokenizer: Any, checkpoint: Any) -> Any:
@@ -152,4 +155,5 @@ def _held_out_accuracy(
     return {
         "eval_accuracy": float(pairwise_accuracy(best_N, worst_N)),
         "eval_reward_margin": float((best_N - worst_N).mean()),
+        "eval_examples": float(len(best_N)),
     }

@@ -22,9 +22,10 @@ from torch import Tensor
 
 from posttrain.config.rl import RLConfig
 from posttrain.data import EpochSampler
-from posttrain.data.encoding import PromptTokens
+from posttrain.data.encoding import PromptTokens, check_positions
 from posttrain.data.report import LoadReport
-from posttrain.envs import sample_and_score, sample_episodes
+from posttrain.envs import EnvironmentMix, EpisodeLimits, build_environments, sample_and_score, sample_episodes
+from posttrain.envs.sampling import score_episodes
 from posttrain.objectives import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from posttrain.objectives.advantages import outcome_at_last_token, per_token
 from posttrain.objectives.composition import critic_objective, policy_objective
@@ -33,11 +34,12 @@ from posttrain.objectives.registry import call_with
 from posttrain.objectives.value import clipped_value_loss, lambda_returns
 from posttrain.policies import Reference, ValueModel, token_logprobs
 from posttrain.rewards import RewardSet, load_reward_fn
-from posttrain.rewards.inputs import RewardLog, sample_table, score_completions, trainer_state, trl_reward_kwargs
+from posttrain.rewards.inputs import RewardLog, sample_table, trainer_state, trl_reward_kwargs
 from posttrain.rewards.metrics import reward_metrics
 from posttrain.rollout import ENGINES
-from posttrain.rollout.engine import PaddedRollouts
+from posttrain.rollout.engine import PaddedRollouts, Rollouts, SampleLayout
 from posttrain.rollout.groups import Scored, draw_step
+from posttrain.runtime.logging import phase
 from posttrain.runtime.optim import build_adamw
 from posttrain.trainers.build import build_optimisation, build_reward_set, policy_and_reference, sampling_params
 from posttrain.trainers.evaluation import EvalResult, evaluate_with
@@ -66,6 +68,8 @@ class RLRun:
     sampler: EpochSampler
     baseline: MovingBaseline
     kl_coef: float
+    environments: EnvironmentMix
+    limits: EpisodeLimits
 
 
 def train_rl(
@@ -85,7 +89,7 @@ def train_rl(
         return life.finished_result()
     rl = cfg.rl
     run = build_rl_run(cfg, life, model=model, tokenizer=tokenizer, train_rows=train_rows, eval_rows=eval_rows,
-                       rewards=rewards)  # fmt: skip
+                       rewards=rewards, progress=progress)  # fmt: skip
     model, tokenizer, cfg = run.model, run.tokenizer, life.cfg  # life.cfg: train.epochs resolved to max_steps
     objectives = Objectives(ADVANTAGES[rl.advantage], POLICY_LOSSES[rl.policy_loss], AGGREGATIONS[rl.loss_aggregation],
                             KL_ESTIMATORS[rl.kl.estimator])  # fmt: skip
@@ -99,8 +103,11 @@ def train_rl(
     def draw() -> Scored:
         prompts = [run.train[i] for i in run.sampler.take(rl.prompts_per_step)]
         return sample_and_score(engine, model, tokenizer, run.reward_set, prompts, params, group_size=rl.group_size,
-                                generator=life.generator, reward_kwargs=reward_kwargs)  # fmt: skip
+                                generator=life.generator, reward_kwargs=reward_kwargs,
+                                environment=run.environments, limits=run.limits)  # fmt: skip
 
+    life.evaluate_before((lambda: eval_metrics(evaluate_policy(cfg, run))) if run.eval_prompts else None,
+                         say="before training")  # fmt: skip
     model.train()
     with life.stop_requests(), closing(run.reward_set):
         for step in life.steps():
@@ -111,7 +118,7 @@ def train_rl(
             rollouts = scored.rollouts
             life.log_samples(step + 1, partial(sample_table, tokenizer, scored.prompts, rollouts.completion_ids,
                                                rollouts.group_size, scored.rewards, reward_log.columns))  # fmt: skip
-            padded = scored.rollouts.to_padded(tokenizer.pad_token_id, life.device)
+            padded, layout = scored.rollouts.to_training_rows(tokenizer.pad_token_id, life.device)
             available = {"rewards_PG": scored.rewards.total.to(life.device), "group_size": scored.rollouts.group_size}
             if "greedy_rollout" in objectives.advantage.needs:
                 available["greedy_rewards_P"] = greedy_rewards(run, engine, scored, greedy, life.device, reward_kwargs)
@@ -121,10 +128,11 @@ def train_rl(
                 padded, available, objectives, advantage_args=rl.advantage_args, reference=run.reference,
                 critic=run.critic, kl_coef=run.kl_coef, kl_in_reward=rl.kl.in_reward,
                 temperature=params.temperature, micro_batch_size=rl.micro_batch_size,
+                episodes=EpisodeView.of(scored.rollouts, tokenizer.pad_token_id, life.device, layout, padded),
             )  # fmt: skip
             prepared = time.perf_counter()
 
-            stats, num_seqs = UpdateStats(), scored.rollouts.num_completions
+            stats, num_seqs = UpdateStats(), len(padded.loss_mask_B_T)
             for _ in range(rl.epochs):
                 shuffled = rl.minibatches > 1
                 order = torch.randperm(num_seqs, generator=life.generator) if shuffled else torch.arange(num_seqs)
@@ -161,19 +169,19 @@ def train_rl(
             }
             done = step + 1
             if life.eval_due(done) and run.eval_prompts:
-                metrics |= {f"eval_{k}": v for k, v in evaluate_policy(cfg, run).metrics().items()}
+                metrics |= eval_metrics(evaluate_policy(cfg, run))
             life.end_step(done, metrics)
 
     final_eval = evaluate_policy(cfg, run) if run.eval_prompts else None
     if final_eval is not None:
         log.print(f"eval: greedy accuracy {final_eval.greedy_accuracy:.4f} on {final_eval.num_prompts} prompts")
-    eval_metrics = {f"eval_{k}": v for k, v in final_eval.metrics().items()} if final_eval else {}
-    return life.finish(eval_metrics, eval=final_eval, say=None)
+    return life.finish(eval_metrics(final_eval) if final_eval else {}, eval=final_eval, initial_eval=life.before,
+                       say=None)  # fmt: skip
 
 
 def build_rl_run(
     cfg: RLConfig, life: Lifecycle, *, model: Any, tokenizer: Any, train_rows: Rows | None, eval_rows: Rows | None,
-    rewards: list[Any] | None,
+    rewards: list[Any] | None, progress: bool = True,
 ) -> RLRun:  # fmt: skip
     """The policy, its reference (only when a KL term needs one), the critic (only for an advantage that needs
     one), the rewards, the encoded prompts, the optimisers; on a resume, the checkpoint's state restored."""
@@ -182,15 +190,19 @@ def build_rl_run(
         cfg.model, model, tokenizer, life.checkpoint, needs_reference=rl.kl.coef > 0, seed=cfg.seed,
         device=life.device, recipe_dir=cfg.recipe_dir, run_dir=life.run_dir,
     )  # fmt: skip
+    prompt_key = "rl.max_prompt_length" if rl.max_prompt_length else "data.max_length"
+    new_tokens = {"rl.sampling.max_new_tokens": rl.sampling.max_new_tokens}
+    check_positions(model, {prompt_key: rl.max_prompt_length or cfg.data.max_length, **new_tokens})
     critic = ValueModel(model).to(life.device) if "critic" in ADVANTAGES[rl.advantage].needs else None
     critic_lr = rl.value.lr or cfg.train.lr
     critic_optimizer = None if critic is None else build_adamw(
         critic.parameters(), lr=critic_lr, weight_decay=0.0, betas=cfg.train.adam_betas)  # fmt: skip
     where = {"seed": cfg.seed, "recipe_dir": cfg.recipe_dir, "max_length": rl.max_prompt_length}
     reward_set = build_reward_set(cfg.rewards, rewards, cfg.recipe_dir, max_failure_fraction=cfg.max_failure_fraction)
-    train, report = load_prompts(cfg.data, tokenizer, "train", rows=train_rows, **where)
-    train = scorable_prompts(train, reward_set.required_columns(), on_bad_row=cfg.data.on_bad_row, report=report)
-    eval_split, _ = load_prompts(cfg.data, tokenizer, "eval", rows=eval_rows, limit=cfg.eval.limit, **where)
+    with phase("reading and encoding the prompts", enabled=progress):
+        train, report = load_prompts(cfg.data, tokenizer, "train", rows=train_rows, **where)
+        train = scorable_prompts(train, reward_set.required_columns(), on_bad_row=cfg.data.on_bad_row, report=report)
+        eval_split, _ = load_prompts(cfg.data, tokenizer, "eval", rows=eval_rows, limit=cfg.eval.limit, **where)
     cfg = life.fit_epochs(len(train), rl.prompts_per_step)
     run = RLRun(
         model=model, tokenizer=tokenizer, reference=reference, critic=critic, critic_optimizer=critic_optimizer,
@@ -198,6 +210,8 @@ def build_rl_run(
         eval_reward=load_reward_fn(cfg.eval.reward, base_dir=cfg.recipe_dir), report=report,
         optim=build_optimisation(model, cfg.train), sampler=EpochSampler(len(train), seed=cfg.seed, report=report),
         baseline=MovingBaseline(), kl_coef=rl.kl.coef,
+        environments=build_environments(cfg.env, tokenizer=tokenizer, base_dir=cfg.recipe_dir),
+        limits=episode_limits(cfg.env),
     )  # fmt: skip
 
     def extra_state() -> dict[str, Any]:
@@ -224,17 +238,28 @@ def greedy_rewards(
     run: RLRun, engine: Any, scored: Scored, greedy: Any, device: torch.device, reward_kwargs: dict[str, Any]
 ) -> Tensor:
     """ReMax's baseline: the reward of each prompt's greedy episode ([P])."""
-    rollouts = sample_episodes(engine, run.model, scored.prompts, greedy, n=1, generator=None,
-                               tokenizer=run.tokenizer)  # fmt: skip
-    scores = score_completions(run.reward_set, run.tokenizer, scored.prompts, rollouts.completion_ids, 1,
-                               reward_kwargs)  # fmt: skip
+    envs: list[Any] = []
+    rollouts = sample_episodes(engine, run.model, scored.prompts, greedy, n=1, generator=None, tokenizer=run.tokenizer,
+                               environment=run.environments, limits=run.limits, envs_out=envs)  # fmt: skip
+    scores = score_episodes(run.reward_set, run.tokenizer, scored.prompts, rollouts, 1, reward_kwargs,
+                            environments=None if run.environments.single_turn else envs)  # fmt: skip
     return scores.total.to(device)
+
+
+def episode_limits(section: Any) -> EpisodeLimits:
+    return EpisodeLimits(max_turns=section.max_turns, max_total_tokens=section.max_total_tokens,
+                         mask_truncated=section.mask_truncated, mask_failed=section.mask_failed)  # fmt: skip
 
 
 def evaluate_policy(cfg: RLConfig, run: RLRun) -> EvalResult:
     """Held-out greedy accuracy (and pass@k), with its own generator so that it never shifts training's."""
     return evaluate_with(run.model, run.tokenizer, run.eval_prompts, run.eval_reward, cfg.eval,
-                         generator=sampling_generator(cfg.seed))  # fmt: skip
+                         generator=sampling_generator(cfg.seed), environment=run.environments,
+                         limits=run.limits)  # fmt: skip
+
+
+def eval_metrics(result: EvalResult) -> dict[str, float]:
+    return {f"eval_{k}": v for k, v in result.metrics().items()}
 
 
 def step_metrics(scored: Scored, kl: float, kl_coef: float, trained_tokens: int, train_s: float) -> dict[str, float]:
@@ -251,7 +276,16 @@ def step_metrics(scored: Scored, kl: float, kl_coef: float, trained_tokens: int,
         "train_s": train_s,
         "gen_tokens_per_s": sum(lengths) / max(scored.gen_s, 1e-9),
         "train_tokens_per_s": trained_tokens / max(train_s, 1e-9),
+        **episode_metrics(rollouts.stats),
     }
+
+
+def episode_metrics(stats: Mapping[str, float]) -> dict[str, float]:
+    """Per-episode means of the episodes' counts (turns, tool calls, ...), the shares truncated, failed and split,
+    and the time split between the engine (`time/gen_s`) and the environments and their tools (`time/env_s`)."""
+    count = max(1.0, stats.get("episodes/count", 0.0))
+    return {key: value if key.startswith("time/") or key == "episodes/count" else value / count
+            for key, value in stats.items()}  # fmt: skip
 
 
 # --- the update ---------------------------------------------------------------------------------------------------
@@ -308,6 +342,34 @@ class UpdateStats:
         return out | {k: v / max(1, num_updates) for k, v in self.sums.items() if not k.startswith("tok/")}
 
 
+@dataclass
+class EpisodeView:
+    """The step's episodes as the estimators read them: one row per episode (`Rollouts.to_padded`), whatever
+    training rows a split episode became (`Rollouts.to_training_rows`); `layout` maps between the two (None: the
+    rows are the episodes)."""
+
+    mask_E_T: Tensor
+    """[P*G, T_e] the model tokens of each episode, in training (after masked episodes were taken out)."""
+    step_rewards_E_T: Tensor | None
+    """[P*G, T_e] the environments' per-turn rewards at their turns' last tokens; None without any."""
+    turn_ids_E_T: Tensor
+    """[P*G, T_e] int64 each model token's turn, -1 elsewhere."""
+    layout: SampleLayout | None = None
+
+    @staticmethod
+    def of(rollouts: Rollouts, pad_id: int, device: torch.device, layout: SampleLayout | None,
+           rows: PaddedRollouts) -> EpisodeView:  # fmt: skip
+        episodes = rows if layout is None else rollouts.to_padded(pad_id, device)
+        mask_E_T = episodes.loss_mask_B_T
+        return EpisodeView(mask_E_T, rollouts.step_rewards_B_T(episodes), rollouts.turn_ids_B_T(episodes), layout)
+
+    def to_episodes(self, x_B_T: Tensor) -> Tensor:
+        return x_B_T if self.layout is None else self.layout.to_episodes(x_B_T)
+
+    def to_rows(self, x_E_T: Tensor, rows_shape: tuple[int, ...]) -> Tensor:
+        return x_E_T if self.layout is None else self.layout.to_rows(x_E_T, (rows_shape[0], rows_shape[1]))
+
+
 def prepare_step(
     padded: PaddedRollouts,
     available: dict[str, Any],
@@ -320,19 +382,32 @@ def prepare_step(
     kl_in_reward: bool,
     temperature: float,
     micro_batch_size: int | None,
+    episodes: EpisodeView | None = None,
 ) -> tuple[StepTensors, Tensor]:
     """The step's advantages (and the critic's targets), with the inputs the estimator's signature names.
 
     `available` holds the step's rewards and whatever else the loop has already supplied (group size,
     greedy-rollout rewards, the moving baseline). With the KL in the reward, both the token rewards and the
     sequence rewards are shaped, r - coef * sum_t KL_t for the latter (RLOO, arXiv:2402.14740, and TRL shape the
-    reward before the baseline), so every estimator sees it whichever it reads. Returns the tensors the updates
-    consume and the per-token KL to the reference at sampling time ([B, T], zeros without a reference).
+    reward before the baseline), so every estimator sees it whichever it reads. The token rewards are the
+    episode's outcome (its rewards but the environment's) on its last model token plus the environment's per-turn
+    rewards on their turns' last tokens, so that their sum is the sequence reward.
+
+    The forwards (reference, critic) run on the training rows (`padded`); the estimators read whole episodes
+    (`episodes`), and their per-token outputs go back to the rows. Returns the tensors the updates consume and the
+    per-token KL to the reference at sampling time ([B, T] of the rows, zeros without a reference).
     """
     mask_B_T = padded.loss_mask_B_T
+    view = episodes or EpisodeView(mask_B_T, None, torch.where(mask_B_T, 0, -1))
+    mask_E_T = view.mask_E_T
     tensors = StepTensors(padded, adv_B_T=torch.empty(0), rewards_PG=available["rewards_PG"])
-    token_rewards_B_T = outcome_at_last_token(available["rewards_PG"], mask_B_T)
-    kl_B_T = torch.zeros_like(token_rewards_B_T)
+    outcome_PG = available["rewards_PG"]
+    if view.step_rewards_E_T is not None:
+        outcome_PG = outcome_PG - view.step_rewards_E_T.sum(dim=1)
+    token_rewards_E_T = outcome_at_last_token(outcome_PG, mask_E_T)
+    if view.step_rewards_E_T is not None:
+        token_rewards_E_T = token_rewards_E_T + view.step_rewards_E_T
+    kl_B_T = torch.zeros(mask_B_T.shape, device=mask_B_T.device)
     if reference is not None:
         with reference.active():
             tensors.ref_logp_B_T = sequence_forward(
@@ -343,16 +418,20 @@ def prepare_step(
         at_sampling = {"logp_B_T": old, "old_logp_B_T": old, "ref_logp_B_T": ref}
         kl_B_T = torch.where(mask_B_T, call_with(objectives.kl_estimator, at_sampling), 0.0)
         if kl_in_reward:
-            token_rewards_B_T = token_rewards_B_T - kl_coef * kl_B_T
-            tensors.rewards_PG = available["rewards_PG"] - kl_coef * kl_B_T.sum(dim=1)
+            kl_E_T = view.to_episodes(kl_B_T)
+            token_rewards_E_T = token_rewards_E_T - kl_coef * kl_E_T
+            tensors.rewards_PG = available["rewards_PG"] - kl_coef * kl_E_T.sum(dim=1)
     available = available | {
-        "mask_B_T": mask_B_T, "token_rewards_B_T": token_rewards_B_T, "rewards_PG": tensors.rewards_PG,
+        "mask_B_T": mask_E_T, "token_rewards_B_T": token_rewards_E_T, "rewards_PG": tensors.rewards_PG,
+        "turn_ids_B_T": view.turn_ids_E_T,
     }  # fmt: skip
     if critic is not None:
         values_B_T = sequence_forward(critic, lambda m, i, a, t: m(i, a, t), padded, micro_batch_size)
-        tensors.old_values_B_T = available["values_B_T"] = torch.where(mask_B_T, values_B_T, 0.0)
-        tensors.returns_B_T = call_with(lambda_returns, available, advantage_args)
-    tensors.adv_B_T = per_token(call_with(objectives.advantage, available, advantage_args), mask_B_T)
+        tensors.old_values_B_T = torch.where(mask_B_T, values_B_T, 0.0)
+        available["values_B_T"] = view.to_episodes(tensors.old_values_B_T)
+        tensors.returns_B_T = view.to_rows(call_with(lambda_returns, available, advantage_args), mask_B_T.shape)
+    adv_E_T = per_token(call_with(objectives.advantage, available, advantage_args), mask_E_T)
+    tensors.adv_B_T = view.to_rows(adv_E_T, mask_B_T.shape)
     return tensors, kl_B_T
 
 

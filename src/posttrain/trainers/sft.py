@@ -19,6 +19,7 @@ from posttrain.data import (
     SFTExample,
     SFTTokens,
     TokenBatch,
+    check_positions,
     chunks,
     collate_packed,
     collate_sft,
@@ -30,6 +31,7 @@ from posttrain.data.report import LoadReport
 from posttrain.objectives.aggregation import token_mean
 from posttrain.policies import token_logprobs
 from posttrain.rewards import load_reward_fn
+from posttrain.runtime.logging import phase
 from posttrain.trainers.build import build_optimisation, policy_and_reference
 from posttrain.trainers.evaluation import EvalResult, evaluate_with
 from posttrain.trainers.lifecycle import Lifecycle, RunResult
@@ -55,9 +57,11 @@ def train_sft(
         cfg.model, model, tokenizer, life.checkpoint, needs_reference=False, seed=cfg.seed, device=device,
         recipe_dir=cfg.recipe_dir, run_dir=life.run_dir,
     )  # fmt: skip
-    train, report = _encode_train(cfg, tokenizer, train_rows)
-    cfg = life.fit_epochs(len(train), cfg.train.batch_size)
-    eval_prompts, eval_tokens = _encode_eval(cfg, tokenizer, eval_rows)
+    check_positions(model, {"data.max_length": cfg.data.max_length})
+    with phase("reading and encoding the data", enabled=progress):  # before the log opens: the flag decides
+        train, report = _encode_train(cfg, tokenizer, train_rows)
+        cfg = life.fit_epochs(len(train), cfg.train.batch_size)
+        eval_prompts, eval_tokens = _encode_eval(cfg, tokenizer, eval_rows)
     sampler = EpochSampler(len(train), seed=cfg.seed, report=report)
     optim = build_optimisation(model, cfg.train)
     life.track(model, tokenizer, optim, sampler)
@@ -68,11 +72,12 @@ def train_sft(
     def evaluate() -> tuple[dict[str, float], EvalResult | None]:
         return _evaluate_metrics(model, tokenizer, eval_prompts, eval_tokens, reward, cfg, device, life.generator)
 
+    life.evaluate_before((lambda: evaluate()[0]) if eval_prompts or eval_tokens else None, say="before training")
     model.train()
     with life.stop_requests():
         for step in life.steps():
             started = time.perf_counter()
-            items = [train[i] for i in sampler.take(cfg.train.batch_size)]
+            items = life.share([train[i] for i in sampler.take(cfg.train.batch_size)])  # this rank's share
             micro_batches = _micro_batches(
                 items,
                 size=cfg.train.micro_batch_size,
@@ -80,8 +85,9 @@ def train_sft(
                 max_length=cfg.data.max_length,
                 pad_id=tokenizer.pad_token_id,
             )
-            num_tokens = sum(mb.num_target_tokens for mb in micro_batches)
-            loss = sum(_backward_nll(model, mb, num_tokens, device, bf16=cfg.train.bf16) for mb in micro_batches)
+            num_tokens = int(life.global_sum(sum(mb.num_target_tokens for mb in micro_batches)))
+            local = sum(_backward_nll(model, mb, num_tokens, device, bf16=cfg.train.bf16) for mb in micro_batches)
+            loss = life.global_sum(local)
             grad_norm = life.update(model, loss=loss, step=step + 1)
             elapsed = time.perf_counter() - started
             metrics = {
@@ -92,10 +98,17 @@ def train_sft(
                 **life.step_metrics(elapsed),
             }
             if life.eval_due(step + 1):
-                metrics |= evaluate()[0]
+                metrics |= life.evaluate(lambda: evaluate()[0])
             life.end_step(step + 1, metrics)
 
-    eval_metrics, final_eval = evaluate() if eval_prompts or eval_tokens else ({}, None)
+    final_eval = None
+
+    def evaluate_at_end() -> dict[str, float]:
+        nonlocal final_eval
+        metrics, final_eval = evaluate()
+        return metrics
+
+    eval_metrics = life.evaluate(evaluate_at_end) if eval_prompts or eval_tokens else {}
     return life.finish(eval_metrics, eval=final_eval)
 
 
@@ -146,7 +159,7 @@ def _micro_batches(
     items: Sequence[SFTTokens], *, size: int | None, packing: bool, max_length: int, pad_id: int
 ) -> list[TokenBatch]:
     """Similar lengths together (sorting changes no result: the loss is a sum over tokens), or packed rows."""
-    size = size or len(items)
+    size = size or max(1, len(items))
     if packing:
         rows = pack_by_length([len(t.input_ids) for t in items], max_length=max_length)
         return [collate_packed(items, group, pad_id=pad_id) for group in chunks(rows, size)]

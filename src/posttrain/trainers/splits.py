@@ -37,7 +37,8 @@ ENCODERS = {"preference": encode_preference, "unpaired": encode_unpaired, "listw
 
 def build_task(section: TaskSection) -> ArithmeticTask:
     return TASKS[section.name](
-        digits=section.digits, operators=section.operators, think_fraction=section.think_fraction
+        digits=section.digits, operators=section.operators, think_fraction=section.think_fraction,
+        tool_fraction=section.tool_fraction,
     )
 
 
@@ -153,7 +154,8 @@ def load_feedback(
         return require_train_data(split)
     report.rows = report.rows or len(raw)
     examples = validate_rows(raw, kind, on_bad_row=data.on_bad_row, report=report)
-    tokens = ENCODERS[kind](examples, tokenizer, max_length=data.max_length, truncation=data.truncation, report=report)
+    fit = dict(max_length=data.max_length, truncation=data.truncation, on_bad_row=data.on_bad_row)
+    tokens = ENCODERS[kind](examples, tokenizer, **fit, report=report)
     answered = [r for r in raw if "answer" in r.fields and "prompt" in r.fields]
     prompts = (
         encode_prompts(validate_rows(answered, "prompt", on_bad_row="skip"), tokenizer, max_length=data.max_length)

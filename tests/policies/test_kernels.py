@@ -1,13 +1,25 @@
-"""The autograd functions of the training forward that keep fewer activations than autograd's own ops
-(`policies/llama_forward.py`): `SwiGLUDown` and `HalfRMSNorm`, against their formulas written out and the
-modules they stand for, and what they keep for the backward."""
+"""The specialised kernels of the shared layer forward (`policies/kernels.py`) against their formulas written out
+and the modules they stand for: the autograd functions that keep fewer activations than autograd's own ops
+(`RMSNorm`, `HalfRMSNorm`, `SwiGLUDown`, and what they keep for the backward), and the attention kernels (short
+rows, sliding windows, soft-capped scores)."""
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from posttrain.policies import build_model, llama_forward, token_logprobs
-from posttrain.policies.llama_forward import HalfRMSNorm, SwiGLUDown, gated_down_op
+from posttrain.policies import build_model, decoder_layer, token_logprobs
+from posttrain.policies.decoder_layer import gated_down_op
+from posttrain.policies.kernels import (
+    HalfRMSNorm,
+    RMSNorm,
+    SwiGLUDown,
+    causal_attention,
+    causal_bias,
+    grouped_attention,
+    grouped_bias,
+)
 from posttrain.tasks import build_builtin_tokenizer
 
 
@@ -71,7 +83,7 @@ def test_gated_down_takes_the_function_only_where_it_applies(tokenizer, monkeypa
     up = torch.randn(3, mlp.up_proj.out_features)
     gated_down = gated_down_op(mlp.act_fn, mlp.down_proj)
     assert type(gated_down(gate, up).grad_fn).__name__ != "SwiGLUDownBackward"  # [3, 384]: small, autograd's ops
-    monkeypatch.setattr(llama_forward, "SWIGLU_MIN_VALUES", 3 * 384)
+    monkeypatch.setattr(decoder_layer, "SWIGLU_MIN_VALUES", 3 * 384)
     assert type(gated_down(gate, up).grad_fn).__name__ == "SwiGLUDownBackward"
     with torch.no_grad():
         assert gated_down(gate, up).grad_fn is None
@@ -114,7 +126,7 @@ def test_half_rms_norm_equals_the_module_and_keeps_less(tokenizer) -> None:
 def test_the_training_forward_with_both_functions_follows_the_models_gradients(dtype, tokenizer, monkeypatch) -> None:
     # a gradient through every parameter: the unpadded forward with SwiGLUDown at every size (and HalfRMSNorm in
     # bfloat16) against the model's own forward, within what rounding in another order allows
-    monkeypatch.setattr(llama_forward, "SWIGLU_MIN_VALUES", 0)
+    monkeypatch.setattr(decoder_layer, "SWIGLU_MIN_VALUES", 0)
     used = []
     monkeypatch.setattr(SwiGLUDown, "forward", lambda *a, _f=SwiGLUDown.forward: used.append(1) or _f(*a))
     model = build_model("llama-small", tokenizer, seed=3).to(dtype)
@@ -138,3 +150,92 @@ def test_the_training_forward_with_both_functions_follows_the_models_gradients(d
         tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
         torch.testing.assert_close(fast[name], param.grad.float(), atol=tolerance * max(scale, 1e-3),
                                    rtol=tolerance, msg=name)  # fmt: skip
+
+
+def test_rms_norm_and_its_gradients_follow_the_formula() -> None:
+    # y = w * x / sqrt(mean(x^2) + eps) written out, differentiated by autograd, against RMSNorm's own backward;
+    # one row of zeros (r = eps^-1/2) and one of large values
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, generator=generator, dtype=torch.float64)
+    x[0, 1] = 0.0
+    x[1, 2] *= 1e3
+    w = 0.5 + torch.rand(16, generator=generator, dtype=torch.float64)
+    grad = torch.randn(2, 3, 16, generator=generator, dtype=torch.float64)
+    eps = 1e-6
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    expected = w * x / torch.sqrt((x * x).sum(-1, keepdim=True) / 16 + eps)
+    expected_dx, expected_dw = torch.autograd.grad(expected, (x, w), grad)
+    y = RMSNorm.apply(x, w, eps)
+    dx, dw = torch.autograd.grad(y, (x, w), grad)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx, expected_dx, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dw, expected_dw, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b: RMSNorm.apply(a, b, eps), (x[1:], w))
+    # a frozen weight (LoRA) gets no gradient; the input still does
+    dx_only = torch.autograd.grad(RMSNorm.apply(x, w.detach(), eps), x, grad)[0]
+    torch.testing.assert_close(dx_only, expected_dx, rtol=1e-10, atol=1e-12)
+
+
+def test_causal_bias_by_hand() -> None:
+    # 4 queries over 5 keys (the 5th is padding), window 2: query i sees keys i - 1 and i
+    inf = float("-inf")
+    assert causal_bias(4, 5, 2, torch.zeros(1)).tolist() == [
+        [0, inf, inf, inf, inf], [0, 0, inf, inf, inf], [inf, 0, 0, inf, inf], [inf, inf, 0, 0, inf]
+    ]  # fmt: skip
+    assert causal_bias(3, 3, None, torch.zeros(1)).tolist() == [[0, inf, inf], [0, 0, inf], [0, 0, 0]]
+
+
+def plain_attention(q, k, v, scale, softcap, window):
+    """softmax(cap(q k^T scale) + mask) v in float64 with every key/value head repeated, the formula written out:
+    query i sees keys j with i - window < j <= i; cap(s) = c tanh(s / c)."""
+    q, k, v = q.double(), k.double(), v.double()
+    per_kv = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(per_kv, dim=1), v.repeat_interleave(per_kv, dim=1)
+    scores = q @ k.transpose(-1, -2) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    i, j = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2])[None]
+    visible = (j <= i) & ((j > i - window) if window is not None else True)
+    return torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1) @ v
+
+
+ROWS = [(4, 2, 1), (4, 2, 9), (4, 2, 16), (8, 8, 40), (6, 2, 64), (4, 2, 90)]
+
+
+@pytest.mark.parametrize("heads, kv_heads, width", ROWS, ids=["1", "9", "16", "40-mha", "64", "90-fused"])
+@pytest.mark.parametrize("softcap, window", [(None, None), (None, 3), (2.0, None), (2.0, 5)])
+def test_causal_attention_follows_the_formula(heads, kv_heads, width, softcap, window, monkeypatch) -> None:
+    # short float32 rows by batched products (PyTorch's fused kernel never reached), longer ones by the fused kernel
+    # (unless soft-capped): both against the formula in float64, values and gradients; inputs are [S, heads, T, D]
+    # views of [S, T, heads, D], as the unpadded forward lays them out
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(3, width, n, 16, generator=gen).transpose(1, 2) for n in (heads, kv_heads, kv_heads))
+    grad_out = torch.randn(3, heads, width, 16, generator=gen)
+    plain = [t.double().requires_grad_() for t in (q, k, v)]
+    expected = plain_attention(*plain, 0.3, softcap, window)
+    expected.backward(grad_out.double())
+    if width <= 64:
+        monkeypatch.setattr(F, "scaled_dot_product_attention", None)
+    fast = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = causal_attention(*fast, scale=0.3, softcap=softcap, window=window)
+    out.backward(grad_out)
+    torch.testing.assert_close(out, expected.float(), atol=1e-5, rtol=1e-5)
+    for got, want in zip(fast, plain):
+        torch.testing.assert_close(got.grad, want.grad.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_attention_of_one_query_per_row_follows_the_formula() -> None:
+    # a decode step: 3 rows, one query each, over 7 cached keys with a per-row padding bias, soft-capped
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(3, 4, 1, 8, generator=gen), torch.randn(3, 2, 7, 8, generator=gen), torch.randn(3, 2, 7, 8)
+    bias_A_G_1_K = torch.zeros(3, 2, 1, 7)
+    bias_A_G_1_K[1, :, :, :2] = float("-inf")  # row 1's first two slots are padding
+    out = grouped_attention(q, k, v, bias_A_G_1_K.flatten(0, 1), 0.5, softcap=1.5)
+    k_rep, v_rep = k.repeat_interleave(2, dim=1).double(), v.repeat_interleave(2, dim=1).double()
+    scores = 1.5 * torch.tanh(q.double() @ k_rep.transpose(-1, -2) * 0.5 / 1.5) + bias_A_G_1_K.repeat_interleave(2, 1)
+    torch.testing.assert_close(out, (torch.softmax(scores, -1) @ v_rep).float(), atol=1e-6, rtol=1e-6)
+    # a prefill's per-row mask in the grouped layout: [A, 1, T, L] -> [A * G, (N / G) * T, L]
+    mask = torch.arange(6.0).view(2, 1, 1, 3).expand(2, 1, 2, 3)
+    grouped = grouped_bias(mask, groups=2, per_group=3)
+    assert grouped.shape == (4, 6, 3) and torch.equal(grouped[3], mask[1, 0].repeat(3, 1))

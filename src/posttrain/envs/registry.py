@@ -1,0 +1,168 @@
+"""Environments by name, or from a user's `path/to/file.py:Class` or `package.module:Class`, and a step's mix of them.
+
+    env: {name: calculator, args: {max_tool_calls: 2}}            # a recipe's env section
+    env: {name: single_turn, mix: {game: {name: guess_number}}, column: environment}
+
+An environment is a class (or any callable returning one) constructed once per episode with `args` as keyword
+arguments; a constructor that takes `tokenizer` gets the run's tokenizer, one that takes `base_dir` the recipe's
+directory (for relative paths), unless `args` sets them. Built-ins are imported only when named. With `mix`, each
+row's `column` names the entry of `mix` that plays it; a row without the column plays `name` (single-turn by
+default), so several environments share one batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posttrain.envs.base import Environment
+
+ENVIRONMENTS: dict[str, str] = {
+    "single_turn": "posttrain.envs.single_turn:SingleTurnEnv",
+    "tools": "posttrain.envs.tool_env:ToolEnv",
+    "calculator": "posttrain.envs.tool_env:CalculatorEnv",
+    "python": "posttrain.envs.tool_env:PythonEnv",
+    "search": "posttrain.envs.tool_env:SearchEnv",
+    "guess_number": "posttrain.envs.games:GuessNumberEnv",
+}
+"""Built-in environment name -> `module:Class`, imported on first use."""
+
+
+class EnvironmentLoadError(ValueError):
+    """An environment name, file or class that cannot be used; the message says which and what is allowed."""
+
+
+EnvironmentFactory = Callable[[], Environment]
+
+
+def resolve_environment(name: str, base_dir: str | Path | None = None) -> Any:
+    """The class (or factory) that `name` names: a built-in, `package.module:Class` or `path/file.py:Class`."""
+    if name in ENVIRONMENTS:
+        return _import(name, ENVIRONMENTS[name])
+    location, sep, attribute = name.rpartition(":")
+    if not sep or not location or not attribute:
+        raise EnvironmentLoadError(
+            f"env '{name}': not a built-in environment, 'package.module:Class' or 'path/to/file.py:Class'; "
+            f"built-ins: {', '.join(sorted(ENVIRONMENTS))}"
+        )
+    if location.endswith(".py") or "/" in location or "\\" in location:
+        return _attribute(name, _load_file(name, location, base_dir), attribute)
+    return _import(name, name)
+
+
+def environment_factory(
+    name: str, args: Mapping[str, Any] | None = None, *, tokenizer: Any = None, base_dir: str | Path | None = None
+) -> EnvironmentFactory:
+    """A zero-argument factory of fresh environments of `name`, its constructor's arguments checked now."""
+    target = resolve_environment(name, base_dir)
+    if not callable(target):
+        raise EnvironmentLoadError(f"env '{name}': {target!r} is not a class or callable")
+    bound = dict(args or {})
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    for key, value in (("tokenizer", tokenizer), ("base_dir", base_dir)):
+        if key in parameters and key not in bound:
+            bound[key] = value
+    unknown = sorted(set(bound) - set(parameters)) if parameters and not takes_any else []
+    if unknown:
+        named = ", ".join(p for p in parameters if p not in ("tokenizer", "base_dir")) or "none"
+        raise EnvironmentLoadError(f"env '{name}': args {unknown} are not parameters of it; its parameters: {named}")
+
+    def make() -> Environment:
+        return target(**bound)
+
+    make()  # a constructor that fails on its args fails here, at load time, naming the environment
+    return make
+
+
+@dataclass
+class EnvironmentMix:
+    """Which environment plays each row: `factories[row[column]]`, else `default`."""
+
+    default: EnvironmentFactory
+    factories: dict[str, EnvironmentFactory] = field(default_factory=dict)
+    column: str = "environment"
+
+    def make(self, row: Mapping[str, Any]) -> Environment:
+        key = row.get(self.column) if self.factories else None
+        if key is None:
+            return self.default()
+        if key not in self.factories:
+            raise EnvironmentLoadError(
+                f"row column {self.column!r} is {key!r}, which is not an entry of env.mix; "
+                f"entries: {', '.join(sorted(self.factories))}"
+            )
+        return self.factories[key]()
+
+    @property
+    def single_turn(self) -> bool:
+        from posttrain.envs.single_turn import SingleTurnEnv
+
+        return not self.factories and self.default is SingleTurnEnv
+
+
+def build_environments(section: Any, *, tokenizer: Any, base_dir: str | Path | None) -> EnvironmentMix:
+    """The mix a config's `env` section names (`config.rl.EnvSection`)."""
+    from posttrain.envs.single_turn import SingleTurnEnv
+
+    def factory(name: str, args: Mapping[str, Any]) -> EnvironmentFactory:
+        if name == "single_turn" and not args:
+            return SingleTurnEnv
+        return environment_factory(name, args, tokenizer=tokenizer, base_dir=base_dir)
+
+    mix = {key: factory(entry.name, entry.args) for key, entry in section.entries.items()}
+    return EnvironmentMix(factory(section.name, section.args), mix, section.column)
+
+
+def _import(name: str, dotted: str) -> Any:
+    module_name, _, attribute = dotted.rpartition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise EnvironmentLoadError(f"env '{name}': cannot import module '{module_name}': {err}") from err
+    return _attribute(name, module, attribute)
+
+
+def _attribute(name: str, module: Any, attribute: str) -> Any:
+    target = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            public = sorted(n for n in vars(module) if not n.startswith("_"))
+            raise EnvironmentLoadError(
+                f"env '{name}': {module.__name__} has no attribute '{attribute}'; it defines: "
+                f"{', '.join(public) or 'nothing public'}"
+            )
+        target = getattr(target, part)
+    return target
+
+
+def _load_file(name: str, location: str, base_dir: str | Path | None) -> Any:
+    candidate = Path(location).expanduser()
+    tried = [candidate] if candidate.is_absolute() else [*([Path(base_dir) / candidate] if base_dir else []),
+                                                         Path.cwd() / candidate]  # fmt: skip
+    path = next((p.resolve() for p in tried if p.is_file()), None)
+    if path is None:
+        raise EnvironmentLoadError(f"env '{name}': file '{location}' not found (looked at "
+                                   f"{', '.join(str(p) for p in tried)})")  # fmt: skip
+    module_name = f"posttrain_user_envs_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except Exception as err:
+        del sys.modules[module_name]
+        raise EnvironmentLoadError(f"env '{name}': importing {path} failed: {type(err).__name__}: {err}") from err
+    return module
