@@ -49,6 +49,10 @@ class PrefSection(Section):
     """Reference log-probs: once over the train set before training, per batch, or none (reference-free losses)."""
     length_normalize: bool = False
     """Divide each completion's summed log-prob by its token count before the loss sees it."""
+    max_prompt_length: PositiveInt | None = None
+    """Keep a prompt's last this many tokens (TRL's max_prompt_length; the start is cut, so the end that the
+    completion follows survives), counted as truncated; data.max_length still bounds prompt + completion. Online
+    rounds sample from prompts cut the same way. null: prompts are kept whole."""
 
 
 class JudgeSection(Section):

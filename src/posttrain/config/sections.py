@@ -117,13 +117,13 @@ class DataSection(Section):
 class TrainSection(Section):
     max_steps: PositiveInt = 200
     """Optimiser steps. Or train.epochs (setting one replaces the recipe's other)."""
+    lr: PositiveFloat = 1e-3
+    """Peak learning rate (AdamW)."""
     epochs: PositiveFloat | None = None
     """Passes over the training data instead of max_steps (TRL's num_train_epochs), over the rows that loading kept:
     max_steps = ceil(epochs * examples / batch_size) for sft, pref and rm; ceil(epochs * prompts / prompts_per_step)
     for rl (rl.epochs is another thing: passes over each step's rollouts); ceil(epochs * prompts / prompts_per_round)
     rounds of steps_per_round steps for online pref. A run's first lines say the steps it makes."""
-    lr: PositiveFloat = 1e-3
-    """Peak learning rate (AdamW)."""
     batch_size: PositiveInt = 32
     """Examples per optimiser step."""
     micro_batch_size: PositiveInt | None = None

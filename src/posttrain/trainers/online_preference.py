@@ -77,7 +77,7 @@ def train_online_pref(
     model, tokenizer, reference = build_models(cfg, model, tokenizer, life.checkpoint, device)
     new_tokens = {"online.sampling.max_new_tokens": online.sampling.max_new_tokens}
     check_positions(model, {"data.max_length": cfg.data.max_length, **new_tokens})
-    where = {"seed": cfg.seed, "recipe_dir": cfg.recipe_dir}
+    where = {"seed": cfg.seed, "recipe_dir": cfg.recipe_dir, "max_length": cfg.pref.max_prompt_length}
     with phase("reading and encoding the prompts", enabled=progress):  # before the log opens: the flag decides
         train_prompts, report = load_prompts(cfg.data, tokenizer, "train", rows=train_rows, **where)
         eval_split, _ = load_prompts(cfg.data, tokenizer, "eval", rows=eval_rows, limit=cfg.eval.limit, **where)
