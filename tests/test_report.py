@@ -74,7 +74,8 @@ def two_runs(tmp_path: Path) -> list[Path]:
 def test_the_terminal_report_has_a_sparkline_per_metric(two_runs: list[Path], capsys) -> None:
     assert main(["report", *map(str, two_runs), "--no-html"]) == 0
     out = capsys.readouterr().out
-    assert "run a (rl): 30 steps, 29.0 s" in out and "run b (rl)" in out
+    # records at times 1001 .. 1030, the first step took 1 s: 1030 - 1001 + 1 = 30 s in steps
+    assert "run a (rl): 30 steps, 30.0 s" in out and "run b (rl)" in out
     loss_rows = [line for line in out.splitlines() if "│ loss " in line]
     assert len(loss_rows) == 2 and all("█" in row and "▁" in row for row in loss_rows)
     # run a's evaluations 0.2, 0.4, 0.6 at steps 10, 20, 30: levels (v - 0.2) / 0.4 * 8 = 0, 4, 8 -> ▁▅█

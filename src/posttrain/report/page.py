@@ -24,6 +24,8 @@ SAMPLE_STEPS = 4
 """Logged steps whose samples are shown: the first, the last, and ones evenly between."""
 SAMPLE_ROWS = 8
 """Completions shown per run and step."""
+COUNTS = ("_examples", "_pairs")
+"""Evaluation metrics that count what was evaluated: plotted, but not headline columns."""
 HEADLINE = ("loss", "rewards/total/mean", "accuracy", "pref_accuracy", "sample_accuracy", "kl_per_seq")
 
 STYLE = """
@@ -96,8 +98,8 @@ def render(runs: list[RunData], figures: dict[str, list[Path]], *, smoothing: fl
 
 def overview(runs: list[RunData]) -> str:
     headline = [m for m in HEADLINE if any(("train", m) in r.series for r in runs)]
-    evals = sorted({m for r in runs for k, m in r.series if k == "eval"})
-    head = ["run", "trainer", "directory", "steps", "wall time"] + [f"last {m}" for m in headline]
+    evals = sorted({m for r in runs for k, m in r.series if k == "eval" and not m.endswith(COUNTS)})
+    head = ["run", "trainer", "directory", "steps", "time in steps"] + [f"last {m}" for m in headline]
     head += [f"final eval: {m}" for m in evals]
     rows = []
     for run in runs:

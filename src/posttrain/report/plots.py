@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from posttrain.report.runs import RunData, smooth
 from posttrain.report.terminal import display_name
@@ -20,6 +21,13 @@ def figure(width: float = 6.4, height: float = 3.4) -> tuple:
 
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     return fig, fig.subplots()
+
+
+def integer_steps(ax: Any) -> None:
+    """Ticks on whole steps only."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def colour(index: int) -> str:
@@ -53,6 +61,7 @@ def plot_metric(runs: list[RunData], kind: str, metric: str, path: Path, *, smoo
         ax.plot(steps, smooth(values, smoothing), color=c, linestyle=style, linewidth=1.8, label=label)
     ax.set_title(display_name(kind, metric), fontsize=11)
     ax.set_xlabel("step")
+    integer_steps(ax)
     ax.grid(alpha=0.3)
     if len(runs) > 1:
         ax.legend(fontsize=8, loc="best")
@@ -98,6 +107,7 @@ def plot_time_split_over_steps(run: RunData, path: Path) -> Path:
     ax.stackplot(steps, *split.values(), labels=list(split), colors=[colour(i) for i in range(len(split))], alpha=0.85)
     ax.set_title(f"seconds per step: {run.label}", fontsize=11)
     ax.set_xlabel("step")
+    integer_steps(ax)
     ax.grid(alpha=0.3)
     fig.legend(fontsize=8, ncols=4, loc="outside lower center")
     fig.savefig(path)

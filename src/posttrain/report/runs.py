@@ -31,7 +31,8 @@ class RunData:
     samples: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
-    """Wall time from the first logged record to the last."""
+    """Wall time from the start of the first logged step (its record's time less its step_time_s) to the last record:
+    the time in training steps, evaluations between them included."""
 
     @property
     def steps(self) -> int:
@@ -54,9 +55,11 @@ def load_run(path: str | Path, label: str | None = None) -> RunData:
     records = read_metrics(path)
     if not records:
         raise FileNotFoundError(f"{path}: no metrics.jsonl (is it a posttrain run directory?)")
+    series = series_of(records)
     times = [r["time"] for r in records if isinstance(r.get("time"), int | float)]
-    return RunData(label or path.name, path, series_of(records), read_samples(path), read_config(path),
-                   seconds=max(times) - min(times) if times else 0.0)  # fmt: skip
+    first_step = series.get(("train", "step_time_s"), ([], [0.0]))[1][:1] or [0.0]
+    seconds = max(times) - min(times) + first_step[0] if times else 0.0  # from the start of the first logged step
+    return RunData(label or path.name, path, series, read_samples(path), read_config(path), seconds=seconds)
 
 
 def series_of(records: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[list[int], list[float]]]:
