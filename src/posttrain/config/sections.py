@@ -189,9 +189,10 @@ class LogSection(Section):
     """Where a run's metrics go besides metrics.jsonl, which is always written (`runtime.trackers`)."""
 
     to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = ["tensorboard"]
-    """Experiment trackers to log to (each in its own extra: pip install 'posttrain[wandb]'). The default TensorBoard
-    is used when installed; a tracker named here that is not installed stops the run at its start. Each tracker's
-    own settings choose its offline or local mode (WANDB_MODE=offline, MLFLOW_TRACKING_URI, TRACKIO_DIR)."""
+    """Experiment trackers to log to: any of tensorboard, wandb, mlflow, trackio (each in its own extra: pip install
+    'posttrain[wandb]'). The default TensorBoard is used when installed; a tracker named here that is not installed
+    stops the run at its start. Each tracker's own settings choose its offline or local mode (WANDB_MODE=offline,
+    MLFLOW_TRACKING_URI, TRACKIO_DIR)."""
     project: str = "posttrain"
     """The wandb and trackio project, and the MLflow experiment."""
     run_name: str | None = None
