@@ -169,6 +169,9 @@ def main() -> None:
                   flush=True)  # fmt: skip
             Path(args.out).write_text(json.dumps(results, indent=1))
     print(table(results, args.methods))
+    from adastop_demos import table as adastop_table  # beside this script: AdaStop on the gains over the seeds
+
+    print(adastop_table())
 
 
 def table(results: dict, methods: list[str]) -> str:

@@ -14,6 +14,7 @@ from posttrain.config.sections import (
     DataSection,
     EvalSection,
     Fraction,
+    LogSection,
     ModelSection,
     RunSection,
     Section,
@@ -44,6 +45,10 @@ class PrefSection(Section):
     """Reference log-probs: once over the train set before training, per batch, or none (reference-free losses)."""
     length_normalize: bool = False
     """Divide each completion's summed log-prob by its token count before the loss sees it."""
+    max_prompt_length: PositiveInt | None = None
+    """Keep a prompt's last this many tokens (TRL's max_prompt_length; the start is cut, so the end that the
+    completion follows survives), counted as truncated; data.max_length still bounds prompt + completion. Online
+    rounds sample from prompts cut the same way. null: prompts are kept whole."""
 
 
 class JudgeSection(Section):
@@ -142,6 +147,8 @@ class _OfflineConfig(RunSection):
     """Optimisation."""
     eval: EvalSection = EvalSection()
     """Held-out evaluation."""
+    log: LogSection = LogSection()
+    """Experiment trackers (log.to), and the sampled completions online trainers log."""
     plugins: list[str] = []
     """Python files or modules imported before the run; they register their own losses."""
 
@@ -207,7 +214,7 @@ class PrefConfig(_OfflineConfig):
 
     def _online_fits(self, fn: Any) -> None:
         online, kind = self.online, feedback_kind(fn)
-        if self.train.max_steps % online.steps_per_round:
+        if self.train.epochs is None and self.train.max_steps % online.steps_per_round:
             raise ValueError(
                 f"train.max_steps={self.train.max_steps} is not a multiple of online.steps_per_round="
                 f"{online.steps_per_round} (a round trains steps_per_round steps)"

@@ -11,7 +11,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-from posttrain.config.sections import DataSection, EvalSection, Fraction, ModelSection, RunSection, Section
+from posttrain.config.sections import (
+    DataSection,
+    EvalSection,
+    Fraction,
+    LogSection,
+    ModelSection,
+    RunSection,
+    Section,
+)
 from posttrain.config.sections import TrainSection as _TrainSection
 from posttrain.objectives import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from posttrain.objectives.registry import Registry
@@ -231,6 +239,8 @@ class RLConfig(RunSection):
     """Optimisation (train.batch_size is unused: a step is rl.prompts_per_step x rl.group_size)."""
     eval: EvalSection = EvalSection()
     """Held-out greedy accuracy at eval_every and at the end."""
+    log: LogSection = LogSection()
+    """Experiment trackers (log.to), and the sampled completions online trainers log."""
     rl: RLSection = RLSection()
     """Sampling, advantage, policy loss, KL, critic."""
     env: EnvSection = EnvSection()

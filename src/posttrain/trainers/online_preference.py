@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -43,8 +44,8 @@ from posttrain.objectives.pairing import (
 )
 from posttrain.objectives.registry import PREFERENCE_LOSSES
 from posttrain.policies import Reference
-from posttrain.rewards import RewardSet, RewardSpec, load_reward_fn
-from posttrain.rewards.inputs import RewardLog, score_completions, trainer_state, trl_reward_kwargs
+from posttrain.rewards import RewardResult, RewardSet, RewardSpec, load_reward_fn
+from posttrain.rewards.inputs import RewardLog, sample_table, score_completions, trainer_state, trl_reward_kwargs
 from posttrain.rewards.judges import judge_all_pairs
 from posttrain.rewards.metrics import share_correct, verifier_scores
 from posttrain.rollout import ENGINES, SamplingParams
@@ -78,11 +79,12 @@ def train_online_pref(
     model, tokenizer, reference = build_models(cfg, model, tokenizer, life.checkpoint, device)
     new_tokens = {"online.sampling.max_new_tokens": online.sampling.max_new_tokens}
     check_positions(model, {"data.max_length": cfg.data.max_length, **new_tokens})
-    where = {"seed": cfg.seed, "recipe_dir": cfg.recipe_dir}
+    where = {"seed": cfg.seed, "recipe_dir": cfg.recipe_dir, "max_length": cfg.pref.max_prompt_length}
     with phase("reading and encoding the prompts", enabled=progress):  # before the log opens: the flag decides
         train_prompts, report = load_prompts(cfg.data, tokenizer, "train", rows=train_rows, **where)
         eval_split, _ = load_prompts(cfg.data, tokenizer, "eval", rows=eval_rows, limit=cfg.eval.limit, **where)
     eval_prompts = [p for p in eval_split if "answer" in p.extra]
+    cfg = life.fit_epochs(len(train_prompts), online.prompts_per_round, round_steps=online.steps_per_round)
     eval_reward = load_reward_fn(cfg.eval.reward, base_dir=cfg.recipe_dir) if eval_prompts else None
 
     def held_out() -> EvalResult:
@@ -122,6 +124,8 @@ def train_online_pref(
                                    params=params, n=online.samples_per_prompt, opponent=loss_fn.opponents,
                                    mixture_coef=online.mixture_coef, generator=life.generator,
                                    reward_kwargs=reward_kwargs)  # fmt: skip
+            life.log_samples((round_index + 1) * spr, partial(round_table, tokenizer, samples, reward_log.columns),
+                             steps=spr)  # fmt: skip
             items, extras = build_examples(samples, kind, select=select, margin=online.margin,
                                            label_threshold=online.label_threshold, top_k=online.top_k,
                                            min_score=online.min_score, where=f"round {round_index + 1}",
@@ -183,6 +187,8 @@ class RoundSamples:
     win_rates_P_N: Tensor | None
     """Each policy sample's win rate against its opponents (the mixture's samples, else its group)."""
     metrics: dict[str, float] = field(default_factory=dict)
+    rewards: RewardResult | None = None
+    """Each reward's scores of the round's P*K completions (none under a judge)."""
 
 
 @dataclass
@@ -227,7 +233,7 @@ def sample_round(
     completions = [[c for r in sampled for c in r.completion_ids[i * n : (i + 1) * n]] for i in range(len(prompts))]
     generated = time.perf_counter()
     k = len(completions[0])
-    verdicts_P_K = None
+    verdicts_P_K, scored = None, None
     if feedback.rewards is not None:
         ids = [c for group in completions for c in group]
         scored = score_completions(feedback.rewards, tokenizer, prompts, ids, k, reward_kwargs)
@@ -257,7 +263,16 @@ def sample_round(
         metrics["sample_accuracy"] = share_correct(verdicts_P_K[:, :n].flatten())
     if opponent is not None:
         metrics["opponent_score"] = scores_P_K[:, n:].mean().item()
-    return RoundSamples(prompts, completions, from_reference_P_K, scores_P_K, win_rates_P_N, metrics)
+    return RoundSamples(prompts, completions, from_reference_P_K, scores_P_K, win_rates_P_N, metrics, scored)
+
+
+def round_table(tokenizer: Any, samples: RoundSamples, logged: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The round's completions as sampled-completion rows (`rewards.inputs.sample_table`); under a judge, `reward`
+    is each completion's win rate among its prompt's."""
+    k = samples.scores_P_K.shape[1]
+    ids = [c for group in samples.completions for c in group]
+    scores = samples.rewards or RewardResult(samples.scores_P_K.flatten(), {}, {}, {})
+    return sample_table(tokenizer, samples.prompts, ids, k, scores, logged)
 
 
 def build_examples(

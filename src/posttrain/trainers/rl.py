@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import closing
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from posttrain.objectives.registry import call_with
 from posttrain.objectives.value import clipped_value_loss, lambda_returns
 from posttrain.policies import Reference, ValueModel, token_logprobs
 from posttrain.rewards import RewardResult, RewardSet, load_reward_fn
-from posttrain.rewards.inputs import RewardLog, trainer_state, trl_reward_kwargs
+from posttrain.rewards.inputs import RewardLog, sample_table, trainer_state, trl_reward_kwargs
 from posttrain.rewards.metrics import reward_metrics
 from posttrain.rollout import ENGINES
 from posttrain.rollout.engine import PaddedRollouts, Rollouts, SampleLayout
@@ -98,7 +99,7 @@ def train_rl(
     rl = cfg.rl
     run = build_rl_run(cfg, life, model=model, tokenizer=tokenizer, train_rows=train_rows, eval_rows=eval_rows,
                        rewards=rewards, progress=progress)  # fmt: skip
-    model, tokenizer = run.model, run.tokenizer
+    model, tokenizer, cfg = run.model, run.tokenizer, life.cfg  # life.cfg: train.epochs resolved to max_steps
     if rl.filtration is not None and life.ranks.distributed:
         raise ConfigError("rl.filtration resamples a whole step's completions and is not data-parallel yet; "
                           "run it in one process")
@@ -127,6 +128,9 @@ def train_rl(
             reward_log = RewardLog()
             reward_kwargs = trl_reward_kwargs(trainer_state(step, cfg.train.max_steps), reward_log)
             scored = draw_step(draw, rl.prompts_per_step, rl.dynamic_sampling_max_batches if rl.dynamic_sampling else 0)
+            rollouts = scored.rollouts
+            life.log_samples(step + 1, partial(sample_table, tokenizer, scored.prompts, rollouts.completion_ids,
+                                               rollouts.group_size, scored.rewards, reward_log.columns))  # fmt: skip
             padded, layout = scored.rollouts.to_training_rows(tokenizer.pad_token_id, life.device)
             available = {"rewards_PG": scored.rewards.total.to(life.device), "group_size": scored.rollouts.group_size}
             if "greedy_rollout" in objectives.advantage.needs:
@@ -234,6 +238,7 @@ def build_rl_run(
         train, report = load_prompts(cfg.data, tokenizer, "train", rows=train_rows, **where)
         train = scorable_prompts(train, reward_set.required_columns(), on_bad_row=cfg.data.on_bad_row, report=report)
         eval_split, _ = load_prompts(cfg.data, tokenizer, "eval", rows=eval_rows, limit=cfg.eval.limit, **where)
+    cfg = life.fit_epochs(len(train), rl.prompts_per_step)
     run = RLRun(
         model=model, tokenizer=tokenizer, reference=reference, critic=critic, critic_optimizer=critic_optimizer,
         reward_set=reward_set, train=train, eval_prompts=[p for p in eval_split if "answer" in p.extra],

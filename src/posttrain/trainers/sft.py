@@ -60,6 +60,7 @@ def train_sft(
     check_positions(model, {"data.max_length": cfg.data.max_length})
     with phase("reading and encoding the data", enabled=progress):  # before the log opens: the flag decides
         train, report = _encode_train(cfg, tokenizer, train_rows)
+        cfg = life.fit_epochs(len(train), cfg.train.batch_size)
         eval_prompts, eval_tokens = _encode_eval(cfg, tokenizer, eval_rows)
     sampler = EpochSampler(len(train), seed=cfg.seed, report=report)
     model = life.shard(model)
