@@ -95,3 +95,12 @@ def test_split_steps_cuts_a_sampled_completion_at_its_separators():
     assert split_steps("<think>7+8=15;3+5+1=9</think>95", ";") == ["<think>7+8=15", "3+5+1=9</think>95"]
     assert split_steps("a;;b;", ";") == ["a", "b"]
     assert split_steps("only", "") == ["only"]
+
+
+def test_max_prompt_length_keeps_the_prompts_last_tokens(byte_tokenizer):
+    # "2+2=" -> <|bos|> 2 + 2 = ; its last 3 ids are "+2=", counted as truncated once
+    (example,) = validate(ROW)
+    report = LoadReport()
+    (tokens,) = encode_stepwise([example], byte_tokenizer, separator="\n", max_prompt_length=3, report=report)
+    assert byte_tokenizer.decode(tokens.prompt_ids) == "+2=" and tokens.labels == [True, False]
+    assert report.truncated == 1

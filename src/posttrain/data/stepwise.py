@@ -58,14 +58,20 @@ def encode_stepwise(
     on_bad_row: str = "error",
     last_step_only: bool = False,
     report: LoadReport | None = None,
+    max_prompt_length: int | None = None,
 ) -> list[StepwiseTokens]:
     """Encode stepwise rows (module docstring), fitted to `max_length` (counted in `report`). `last_step_only`
-    keeps the last step's label only (TRL's train_on_last_step_only: an outcome label at the trace's end).
+    keeps the last step's label only (TRL's train_on_last_step_only: an outcome label at the trace's end). A prompt
+    longer than `max_prompt_length` keeps its last tokens, as the other encoders keep them.
     `on_bad_row` is taken for the same arguments as the other encoders; no encoded stepwise row is bad."""
     report = report if report is not None else LoadReport()
     encoded = []
     for example in examples:
-        prompt_ids = encode_prompt(tokenizer, example.prompt, where=example.where)
+        prompt_ids = encode_prompt(tokenizer, example.prompt, where=example.where, max_length=max_prompt_length,
+                                   from_end=True)  # fmt: skip
+        prompt_cut = max_prompt_length is not None and len(prompt_ids) > max_prompt_length
+        if prompt_cut:
+            prompt_ids = prompt_ids[-max_prompt_length:]
         ids, ends = encode_steps(tokenizer, example.steps, separator)
         labels = list(example.labels)
         room = None if max_length is None else max_length - len(prompt_ids)
@@ -76,6 +82,8 @@ def encode_stepwise(
                 continue
             report.truncated += 1
             ids, ends, labels = ids[: ends[kept - 1] + 1], ends[:kept], labels[:kept]
+        elif prompt_cut:
+            report.truncated += 1
         if last_step_only:
             ends, labels = ends[-1:], labels[-1:]
         encoded.append(StepwiseTokens(prompt_ids, ids, ends, labels, example.where))

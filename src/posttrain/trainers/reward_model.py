@@ -27,7 +27,13 @@ from posttrain.policies import build_reward_model, disable_dropout, load_tokeniz
 from posttrain.runtime.checkpoint import model_dir
 from posttrain.runtime.logging import phase
 from posttrain.runtime.model_files import holds_tokenizer
-from posttrain.trainers.build import build_optimisation, build_tokenizer_for, load_checkpoint_weights, resolve_path
+from posttrain.trainers.build import (
+    build_optimisation,
+    build_tokenizer_for,
+    load_checkpoint_weights,
+    resolve_path,
+    set_chat_template,
+)
 from posttrain.trainers.lifecycle import Lifecycle, RunResult
 from posttrain.trainers.preference_step import collate_feedback
 from posttrain.trainers.splits import Rows, Tokens, load_feedback
@@ -50,6 +56,7 @@ def train_rm(
     loss_fn, args, bf16, device = REWARD_MODEL_LOSSES[cfg.rm.loss], cfg.rm.loss_args, cfg.train.bf16, life.device
     kind = feedback_kind(loss_fn)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer_for(cfg.model, cfg.recipe_dir, model)
+    set_chat_template(tokenizer, cfg.model.chat_template, cfg.recipe_dir)
     if model is None:
         model = reward_model_for(cfg, tokenizer, life.checkpoint, per_token=kind == "stepwise").to(device)
     elif life.checkpoint is not None:
@@ -65,6 +72,7 @@ def train_rm(
                               encode_args=steps and {**steps, "last_step_only": cfg.rm.train_on_last_step_only})
         held_out = load_feedback(cfg.data, kind, "eval", tokenizer, rows=eval_rows, **load, encode_args=steps)
     eval_items = held_out.tokens[: cfg.eval.limit] if held_out else []
+    cfg = life.fit_epochs(len(train.tokens), cfg.train.batch_size)
     margins = {w: f["margin"] for w, f in train.fields.items() if cfg.rm.use_margin and "margin" in f}
     mb_size = cfg.train.micro_batch_size or cfg.train.batch_size
     lines: tuple[str, ...] = ()
@@ -72,6 +80,7 @@ def train_rm(
         with phase("preference strength of the training pairs under rm.margin_models", enabled=progress):
             margins, lines = ensemble_margins(cfg, train.tokens, tokenizer, mb_size, device)
     sampler = EpochSampler(len(train.tokens), seed=cfg.seed, report=train.report)
+    model = life.shard(model)
     optim = build_optimisation(model, cfg.train)
     life.track(model, tokenizer, optim, sampler)
     life.open_log(train.report, headline=("loss", "accuracy"), progress=progress, train_rows=train_rows,
