@@ -143,6 +143,28 @@ class FiltrationSection(Section):
     """The power of method pow (the authors' default 2)."""
 
 
+class ProcessRewardSection(Section):
+    """Per-step rewards from a process reward model at the token where each step ends (`rewards/process.py`;
+    Gao et al. 2024, arXiv:2410.15115)."""
+
+    path: str
+    """The PRM's directory: `posttrain rm` with loss process_bce (a one-label token classifier) that shares the
+    policy's tokenizer."""
+    step_separator: str = "\n"
+    """What ends a step in a sampled completion, as the PRM was trained (rm.step_separator; the arithmetic task's
+    worked steps: ";"); a completion's last model token always ends a step."""
+    refinement: Literal["clip", "delta", "none"] = "clip"
+    """How the PRM's p(step right) becomes a step reward: clip, min(p - eta, 0); delta, p_k - p_{k+1} with the last
+    step's 0; none, p itself (unbounded in the number of steps: the reward hacking the paper shows)."""
+    eta: float = 0.5
+    """Clip's threshold. Not the paper's value (which depends on its PRM): 0.5 is where a PRM trained with
+    process_bce calls a step right."""
+    coef: PositiveFloat = 1.0
+    """Weight of the process rewards beside the outcome rewards (`rewards:`)."""
+    batch_size: PositiveInt | None = None
+    """Episodes per PRM forward (memory only); null: the whole step."""
+
+
 class RLSection(Section):
     prompts_per_step: PositiveInt = 8
     """Prompts sampled per optimiser step (P)."""
@@ -180,6 +202,8 @@ class RLSection(Section):
     """Most generation rounds per step under dynamic sampling; then the step trains on what it has."""
     max_prompt_length: PositiveInt | None = None
     """Keep a prompt's last this many tokens; null: data.max_length."""
+    process_reward: ProcessRewardSection | None = None
+    """Per-step rewards from a process reward model, delivered to each step's last token; null: none."""
     filtration: FiltrationSection | None = None
     """PF-PPO (arXiv:2409.06957): train each step on its completions resampled by reward (with replacement, as many
     as were sampled); null trains on every completion once."""
@@ -192,6 +216,9 @@ class RLSection(Section):
         )
         check_registered("rl.loss_aggregation", self.loss_aggregation, AGGREGATIONS)
         check_registered("rl.kl.estimator", self.kl.estimator, KL_ESTIMATORS)
+        if "process_rewards" in ADVANTAGES[self.advantage].needs and self.process_reward is None:
+            raise ValueError(f"rl.advantage: '{self.advantage}' needs process rewards; set rl.process_reward (a PRM "
+                             "directory) or choose another advantage")  # fmt: skip
         if self.kl.coef == 0 and (self.kl.in_reward or self.kl.target is not None):
             raise ValueError(
                 "rl.kl: in_reward or target is set but coef is 0, so there is no KL term and no reference; "

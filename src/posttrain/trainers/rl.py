@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -37,6 +37,7 @@ from posttrain.policies import Reference, ValueModel, token_logprobs
 from posttrain.rewards import RewardResult, RewardSet, load_reward_fn
 from posttrain.rewards.inputs import RewardLog, sample_table, trainer_state, trl_reward_kwargs
 from posttrain.rewards.metrics import reward_metrics
+from posttrain.rewards.process import ProcessRewardScorer
 from posttrain.rollout import ENGINES
 from posttrain.rollout.engine import PaddedRollouts, Rollouts, SampleLayout
 from posttrain.rollout.groups import Scored, draw_step, filtered_rows
@@ -50,7 +51,13 @@ from posttrain.runtime.distributed import (
 )
 from posttrain.runtime.logging import phase
 from posttrain.runtime.optim import build_adamw
-from posttrain.trainers.build import build_optimisation, build_reward_set, policy_and_reference, sampling_params
+from posttrain.trainers.build import (
+    build_optimisation,
+    build_reward_set,
+    policy_and_reference,
+    resolve_path,
+    sampling_params,
+)
 from posttrain.trainers.evaluation import EvalResult, evaluate_with
 from posttrain.trainers.lifecycle import Lifecycle, RunResult, sampling_generator
 from posttrain.trainers.splits import Rows, load_prompts, scorable_prompts
@@ -79,6 +86,7 @@ class RLRun:
     kl_coef: float
     environments: EnvironmentMix
     limits: EpisodeLimits
+    process_reward: ProcessRewardScorer | None = None
 
 
 def train_rl(
@@ -137,11 +145,12 @@ def train_rl(
                 available["greedy_rewards_P"] = greedy_rewards(run, engine, scored, greedy, life.device, reward_kwargs)
             if "moving_baseline" in objectives.advantage.needs:
                 available["baseline"] = torch.tensor(run.baseline.value, device=life.device)
+            view = EpisodeView.of(scored.rollouts, tokenizer.pad_token_id, life.device, layout, padded,
+                                  process_reward=run.process_reward)  # fmt: skip
             tensors, kl_B_T = prepare_step(
                 padded, available, objectives, advantage_args=rl.advantage_args, reference=run.reference,
                 critic=run.critic, kl_coef=run.kl_coef, kl_in_reward=rl.kl.in_reward,
-                temperature=params.temperature, micro_batch_size=rl.micro_batch_size,
-                episodes=EpisodeView.of(scored.rollouts, tokenizer.pad_token_id, life.device, layout, padded),
+                temperature=params.temperature, micro_batch_size=rl.micro_batch_size, episodes=view,
                 ranks=life.ranks,
             )  # fmt: skip
             prepared = time.perf_counter()
@@ -188,6 +197,7 @@ def train_rl(
                 **step_metrics(scored, observed_kl, run.kl_coef, num_tokens * rl.epochs, trained - prepared),
                 **life.step_metrics(trained - started),
                 **({"rewards/kl_shaped/mean": tensors.rewards_PG.mean().item()} if rl.kl.in_reward else {}),
+                **process_metrics(view.process_rewards_E_T, life.ranks),
                 **reward_log.means(),
             }
             done = step + 1
@@ -247,6 +257,9 @@ def build_rl_run(
         baseline=MovingBaseline(), kl_coef=rl.kl.coef,
         environments=build_environments(cfg.env, tokenizer=tokenizer, base_dir=cfg.recipe_dir),
         limits=episode_limits(cfg.env),
+        process_reward=None if rl.process_reward is None else ProcessRewardScorer(
+            path=resolve_path(rl.process_reward.path, cfg.recipe_dir), tokenizer=tokenizer,
+            **rl.process_reward.model_dump(exclude={"path"}), device=life.device),
     )  # fmt: skip
 
     def extra_state() -> dict[str, Any]:
@@ -397,13 +410,19 @@ class EpisodeView:
     turn_ids_E_T: Tensor
     """[P*G, T_e] int64 each model token's turn, -1 elsewhere."""
     layout: SampleLayout | None = None
+    process_rewards_E_T: Tensor | None = None
+    """[P*G, T_e] a process reward model's step rewards at each step's last token (`rl.process_reward`); None
+    without one."""
 
     @staticmethod
     def of(rollouts: Rollouts, pad_id: int, device: torch.device, layout: SampleLayout | None,
-           rows: PaddedRollouts) -> EpisodeView:  # fmt: skip
+           rows: PaddedRollouts, process_reward: ProcessRewardScorer | None = None) -> EpisodeView:  # fmt: skip
         episodes = rows if layout is None else rollouts.to_padded(pad_id, device)
         mask_E_T = episodes.loss_mask_B_T
-        return EpisodeView(mask_E_T, rollouts.step_rewards_B_T(episodes), rollouts.turn_ids_B_T(episodes), layout)
+        process_E_T = None if process_reward is None else process_reward(
+            episodes.input_ids_B_T, episodes.attention_mask_B_T, mask_E_T)  # fmt: skip
+        return EpisodeView(mask_E_T, rollouts.step_rewards_B_T(episodes), rollouts.turn_ids_B_T(episodes), layout,
+                           process_E_T)  # fmt: skip
 
     def per_row(self, x_E: Tensor) -> Tensor:
         """[P*G] per-episode values -> [B], each training row's episode's."""
@@ -449,6 +468,7 @@ def prepare_step(
     """
     mask_B_T = padded.loss_mask_B_T
     view = episodes or EpisodeView(mask_B_T, None, torch.where(mask_B_T, 0, -1))
+    available, view = with_process_rewards(available, view, objectives.advantage.needs)
     mask_E_T = view.mask_E_T
     tensors = StepTensors(padded, adv_B_T=torch.empty(0), rewards_PG=available["rewards_PG"])
     if "group_rewards" in objectives.policy_loss.needs:
@@ -488,6 +508,29 @@ def prepare_step(
     adv_E_T = per_token(adv if adv.dim() == 1 else adv[:, : mask_E_T.shape[1]], mask_E_T)
     tensors.adv_B_T = view.to_rows(adv_E_T, mask_B_T.shape)
     return tensors, kl_B_T
+
+
+def with_process_rewards(available: dict[str, Any], view: EpisodeView,
+                         needs: tuple[str, ...]) -> tuple[dict[str, Any], EpisodeView]:  # fmt: skip
+    """A process reward model's step rewards as an estimator takes them: apart from the outcome
+    (`process_rewards_B_T`) for one that needs them so (PRIME), else added to the sequence rewards and to the
+    per-token rewards at the steps' last tokens, as an environment's per-turn rewards are."""
+    process_E_T = view.process_rewards_E_T
+    if process_E_T is None:
+        return available, view
+    if "process_rewards" in needs:
+        return available | {"process_rewards_B_T": process_E_T}, view
+    steps_E_T = process_E_T if view.step_rewards_E_T is None else view.step_rewards_E_T + process_E_T
+    rewards_PG = available["rewards_PG"] + process_E_T.sum(dim=1)
+    return available | {"rewards_PG": rewards_PG}, replace(view, step_rewards_E_T=steps_E_T)
+
+
+def process_metrics(process_E_T: Tensor | None, ranks: Ranks) -> dict[str, float]:
+    """`rewards/process/mean`: the mean over the step's episodes of their summed process rewards."""
+    if process_E_T is None:
+        return {}
+    total = all_reduce_sum(float(process_E_T.sum()), ranks)
+    return {"rewards/process/mean": total / max(1.0, all_reduce_sum(float(len(process_E_T)), ranks))}
 
 
 def update_minibatch(
