@@ -36,7 +36,10 @@ def test_every_estimator_runs_on_episodes_and_credits_model_tokens_only(name, ti
     critic = ValueModel(model) if "critic" in objectives.advantage.needs else None
     available = {"rewards_PG": rewards_PG, "group_size": 2, "greedy_rewards_P": torch.tensor([0.5, 0.5]),
                  "baseline": torch.tensor(0.3)}  # fmt: skip
-    view = EpisodeView.of(rollouts, 0, torch.device("cpu"), layout, rows)
+    process = None  # an estimator that needs process rewards (prime) gets 0.1 at every model token
+    if "process_rewards" in objectives.advantage.needs:
+        process = lambda ids, real, mask: torch.where(mask, 0.1, 0.0)
+    view = EpisodeView.of(rollouts, 0, torch.device("cpu"), layout, rows, process_reward=process)
     args = {"reward_min": 0.0, "reward_max": 3.0} if name == "bnpo" else {}  # its range holds the env's rewards
     tensors, _ = prepare_step(rows, available, objectives, advantage_args=args, reference=None, critic=critic,
                               kl_coef=0.0, kl_in_reward=False, temperature=1.0, micro_batch_size=None,
