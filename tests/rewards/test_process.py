@@ -139,3 +139,65 @@ def test_prime_needs_a_process_reward_and_a_prm_must_share_the_policys_tokenizer
         shutil.copy(f"{prm_dir}/{name}", tmp_path / "other" / name)
     with pytest.raises(ValueError, match="has another tokenizer than the policy's"):
         rl(config(tmp_path, path=str(tmp_path / "other")), progress=False)
+
+
+def test_an_implicit_prms_step_rewards_sum_its_tokens_beta_log_ratios(tmp_path):
+    # two tiny causal LMs (the implicit PRM and its reference, other seeds); the expectation is read from each
+    # model's whole logits: logp_t = log_softmax(logits_{t-1})[id_t], r_t = beta (logp_t - ref_logp_t), summed
+    # over each step's tokens and put at the step's last token
+    import torch.nn.functional as F
+
+    from posttrain.policies.models import build_model
+    from posttrain.rewards.process import ImplicitProcessRewardScorer
+    from posttrain.tasks import build_builtin_tokenizer
+
+    tokenizer = build_builtin_tokenizer("arithmetic")
+    for name, seed in (("prm", 1), ("ref", 2)):
+        build_model("qwen2-tiny", tokenizer, seed=seed).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    scorer = ImplicitProcessRewardScorer(path=tmp_path / "prm", reference=tmp_path / "ref", tokenizer=tokenizer,
+                                         step_separator=";", beta=0.5, coef=2.0, device=torch.device("cpu"))
+    prompt = tokenizer("12+3=")["input_ids"]
+    completion = tokenizer("2+3=5;1+0=1;15", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt + completion])
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[0, len(prompt) :] = True
+    rewards = scorer(ids, torch.ones_like(mask), mask)
+
+    with torch.no_grad():
+        logp = [F.log_softmax(m(input_ids=ids).logits[0, :-1].double(), dim=-1).gather(1, ids[0, 1:, None])[:, 0]
+                for m in (scorer.model, scorer.reference)]  # fmt: skip
+    token_rewards = 0.5 * (logp[0] - logp[1])  # token_rewards[t - 1] is token t's
+    separator = tokenizer.convert_tokens_to_ids(";")
+    ends = [t for t in range(len(prompt), ids.shape[1]) if ids[0, t] == separator] + [ids.shape[1] - 1]
+    expected, start = torch.zeros(ids.shape[1], dtype=torch.float64), len(prompt)
+    for end in ends:
+        expected[end] = 2.0 * token_rewards[start - 1 : end].sum()
+        start = end + 1
+    assert len(ends) == 3
+    torch.testing.assert_close(rewards[0].double(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_an_implicit_process_reward_needs_its_reference_and_takes_no_refinement(tmp_path):
+    from posttrain.api import as_config
+
+    raw = config(tmp_path, path="x", kind="implicit", refinement="none")
+    with pytest.raises(ConfigError, match=r"rl\.process_reward\.reference: kind implicit"):
+        as_config(RLConfig, raw)
+    with pytest.raises(ConfigError, match=r"rl\.process_reward\.refinement: 'clip' refines a PRM's probabilities"):
+        as_config(RLConfig, config(tmp_path, path="x", kind="implicit", reference="y"))
+    assert as_config(RLConfig, config(tmp_path, path="x", kind="implicit", reference="y",
+                                      refinement="none")).rl.process_reward.beta == 0.05  # fmt: skip
+
+
+def test_a_run_with_an_implicit_prm_that_is_its_own_reference_gets_zero_process_rewards(tmp_path):
+    # log pi/ref = 0 at every token when the implicit PRM is its reference: the run's process rewards are 0 exactly
+    from posttrain.policies.models import build_model
+    from posttrain.tasks import build_builtin_tokenizer
+
+    tokenizer = build_builtin_tokenizer("arithmetic")
+    build_model("qwen2-tiny", tokenizer, seed=1).save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    lm = str(tmp_path / "lm")
+    result = rl(config(tmp_path, path=lm, kind="implicit", reference=lm, refinement="none"), progress=False)
+    assert result.history[0]["rewards/process/mean"] == 0.0

@@ -147,9 +147,16 @@ class ProcessRewardSection(Section):
     """Per-step rewards from a process reward model at the token where each step ends (`rewards/process.py`;
     Gao et al. 2024, arXiv:2410.15115)."""
 
+    kind: Literal["prm", "implicit"] = "prm"
+    """prm: a process reward model's p(step right) per step; implicit: an implicit PRM's summed beta * log pi/ref
+    per step (Yuan et al. 2024, arXiv:2412.01981)."""
     path: str
-    """The PRM's directory: `posttrain rm` with loss process_bce (a one-label token classifier) that shares the
-    policy's tokenizer."""
+    """prm: the PRM's directory (`posttrain rm` with loss process_bce, a one-label token classifier); implicit: the
+    implicit PRM's (`posttrain pref` with loss implicit_prm, a causal LM). It shares the policy's tokenizer."""
+    reference: str | None = None
+    """implicit: the directory of the model the implicit PRM was trained from (its reference)."""
+    beta: PositiveFloat = 0.05
+    """implicit: the beta of its token rewards, as it was trained (pref.loss_args.beta; PRIME's 0.05)."""
     step_separator: str = "\n"
     """What ends a step in a sampled completion, as the PRM was trained (rm.step_separator; the arithmetic task's
     worked steps: ";"); a completion's last model token always ends a step."""
@@ -163,6 +170,18 @@ class ProcessRewardSection(Section):
     """Weight of the process rewards beside the outcome rewards (`rewards:`)."""
     batch_size: PositiveInt | None = None
     """Episodes per PRM forward (memory only); null: the whole step."""
+
+    @model_validator(mode="after")
+    def _fits_kind(self) -> ProcessRewardSection:
+        if self.kind == "implicit" and self.reference is None:
+            raise ValueError("rl.process_reward.reference: kind implicit scores log pi/ref; set the directory of the "
+                             "model the implicit PRM was trained from")  # fmt: skip
+        if self.kind == "implicit" and self.refinement != "none":
+            raise ValueError(f"rl.process_reward.refinement: '{self.refinement}' refines a PRM's probabilities; kind "
+                             "implicit gives step rewards themselves: set refinement: none")  # fmt: skip
+        if self.kind == "prm" and self.reference is not None:
+            raise ValueError("rl.process_reward.reference: only kind implicit has a reference")
+        return self
 
 
 class RLSection(Section):

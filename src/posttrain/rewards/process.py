@@ -14,6 +14,11 @@ and coef * r_k goes to step k's last token, beside the outcome reward on the las
 token rewards (GAE, REINFORCE++, turn_returns) credits each step with what follows it; one that reads sequence
 rewards sees their sum. An estimator that takes process rewards apart from the outcome (PRIME's `prime`) gets them
 as `process_rewards_B_T` instead.
+
+An implicit PRM (Yuan et al. 2024, "Free Process Rewards without Process Labels", arXiv:2412.01981;
+`rl.process_reward.kind: implicit`) is a causal LM trained with `implicit_prm` on outcome labels, scored against
+the reference it was trained from: step k's reward is the sum of its tokens' beta * log pi(y_t|y_<t) / ref(y_t|y_<t)
+(`step_rewards_from_tokens`), q_k - q_{k-1} in the paper's Q values, delivered to the same tokens.
 """
 
 from __future__ import annotations
@@ -25,9 +30,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from posttrain.objectives.process_rewards import clip_step_rewards, delta_step_rewards
+from posttrain.objectives.process_rewards import (
+    clip_step_rewards,
+    delta_step_rewards,
+    implicit_token_rewards,
+    step_rewards_from_tokens,
+)
 from posttrain.policies.heads import token_scores
-from posttrain.policies.models import load_tokenizer
+from posttrain.policies.logprobs import token_logprobs
+from posttrain.policies.models import load_model, load_tokenizer
 from posttrain.runtime.model_files import holds_tokenizer
 
 REFINEMENTS: dict[str, Callable[..., Tensor]] = {
@@ -61,6 +72,13 @@ def refined_step_rewards(logits_B_T: Tensor, ends_B_T: Tensor, *, refinement: st
     return coef * REFINEMENTS[refinement](torch.sigmoid(logits_B_T.float()), ends_B_T, eta=eta)
 
 
+def check_same_tokenizer(path: str | Path, tokenizer: Any, key: str) -> None:
+    """A model that scores the policy's token ids must share its tokenizer (when its directory holds one)."""
+    if holds_tokenizer(path) and load_tokenizer(path, key).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"{key}: {path} has another tokenizer than the policy's; the model scores the policy's "
+                         "token ids, so it must share the policy's tokenizer")  # fmt: skip
+
+
 class ProcessRewardScorer:
     """The PRM of `rl.process_reward`: scores episodes' token ids (the policy's tokenizer, so the PRM must share it)
     and gives each step's refined reward at its last token (module docstring)."""
@@ -70,9 +88,7 @@ class ProcessRewardScorer:
         from transformers import AutoModelForTokenClassification
 
         key = "rl.process_reward.path"
-        if holds_tokenizer(path) and load_tokenizer(path, key).get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"rl.process_reward.path: {path} has another tokenizer than the policy's; the PRM scores "
-                             "the policy's token ids, so it must share the policy's tokenizer")  # fmt: skip
+        check_same_tokenizer(path, tokenizer, key)
         self.model = AutoModelForTokenClassification.from_pretrained(path, local_files_only=True).to(device).eval()
         labels = self.model.config.num_labels
         if labels != 1:
@@ -94,3 +110,31 @@ class ProcessRewardScorer:
                           .view(every_B_T.shape))  # fmt: skip
         return refined_step_rewards(torch.cat(logits), ends_B_T, refinement=self.refinement, eta=self.eta,
                                     coef=self.coef)  # fmt: skip
+
+
+class ImplicitProcessRewardScorer:
+    """The implicit PRM of `rl.process_reward` (kind implicit): a causal LM and its reference, both sharing the
+    policy's tokenizer; each step's reward is the sum of its tokens' implicit rewards, at its last token (module
+    docstring)."""
+
+    def __init__(self, *, path: str | Path, reference: str | Path, tokenizer: Any, step_separator: str, beta: float,
+                 coef: float, device: torch.device, batch_size: int | None = None) -> None:  # fmt: skip
+        for key, directory in (("rl.process_reward.path", path), ("rl.process_reward.reference", reference)):
+            check_same_tokenizer(directory, tokenizer, key)
+        self.model = load_model(path, device=device).eval()
+        self.reference = load_model(reference, device=device).eval()
+        self.separator_ids = tokenizer(step_separator, add_special_tokens=False)["input_ids"] if step_separator else []
+        self.beta, self.coef, self.batch_size = beta, coef, batch_size
+
+    @torch.no_grad()
+    def __call__(self, input_ids_B_T: Tensor, attention_mask_B_T: Tensor, mask_B_T: Tensor) -> Tensor:
+        """[B, T] float32: each step's summed implicit token rewards at its last model token, 0 elsewhere."""
+        ends_B_T = step_ends(input_ids_B_T, mask_B_T, self.separator_ids)
+        size = self.batch_size or len(input_ids_B_T)
+        rewards = []
+        for start in range(0, len(input_ids_B_T), size):
+            ids, real, mask = (x[start : start + size] for x in (input_ids_B_T, attention_mask_B_T, mask_B_T))
+            logp_B_T = token_logprobs(self.model, ids, real, mask)[0]
+            ref_logp_B_T = token_logprobs(self.reference, ids, real, mask)[0]
+            rewards.append(implicit_token_rewards(logp_B_T, ref_logp_B_T, mask, beta=self.beta))
+        return self.coef * step_rewards_from_tokens(torch.cat(rewards), ends_B_T)

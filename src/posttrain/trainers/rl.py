@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from posttrain.config import ConfigError
-from posttrain.config.rl import RLConfig
+from posttrain.config.rl import ProcessRewardSection, RLConfig
 from posttrain.data import EpochSampler
 from posttrain.data.encoding import PromptTokens, check_positions
 from posttrain.data.report import LoadReport
@@ -37,7 +37,7 @@ from posttrain.policies import Reference, ValueModel, token_logprobs
 from posttrain.rewards import RewardResult, RewardSet, load_reward_fn
 from posttrain.rewards.inputs import RewardLog, sample_table, trainer_state, trl_reward_kwargs
 from posttrain.rewards.metrics import reward_metrics
-from posttrain.rewards.process import ProcessRewardScorer
+from posttrain.rewards.process import ImplicitProcessRewardScorer, ProcessRewardScorer
 from posttrain.rollout import ENGINES
 from posttrain.rollout.engine import PaddedRollouts, Rollouts, SampleLayout
 from posttrain.rollout.groups import Scored, draw_step, filtered_rows
@@ -86,7 +86,7 @@ class RLRun:
     kl_coef: float
     environments: EnvironmentMix
     limits: EpisodeLimits
-    process_reward: ProcessRewardScorer | None = None
+    process_reward: ProcessRewardScorer | ImplicitProcessRewardScorer | None = None
 
 
 def train_rl(
@@ -257,9 +257,7 @@ def build_rl_run(
         baseline=MovingBaseline(), kl_coef=rl.kl.coef,
         environments=build_environments(cfg.env, tokenizer=tokenizer, base_dir=cfg.recipe_dir),
         limits=episode_limits(cfg.env),
-        process_reward=None if rl.process_reward is None else ProcessRewardScorer(
-            path=resolve_path(rl.process_reward.path, cfg.recipe_dir), tokenizer=tokenizer,
-            **rl.process_reward.model_dump(exclude={"path"}), device=life.device),
+        process_reward=build_process_reward(rl.process_reward, tokenizer, life.device, cfg.recipe_dir),
     )  # fmt: skip
 
     def extra_state() -> dict[str, Any]:
@@ -280,6 +278,20 @@ def build_rl_run(
 
     life.track(model, tokenizer, run.optim, run.sampler, extra_state=extra_state, restore_extra=restore_extra)
     return run
+
+
+def build_process_reward(
+    section: ProcessRewardSection | None, tokenizer: Any, device: torch.device, recipe_dir: str | None
+) -> ProcessRewardScorer | ImplicitProcessRewardScorer | None:
+    """The scorer of rl.process_reward: a PRM, or an implicit PRM with its reference; None without one."""
+    if section is None:
+        return None
+    shared = {"path": resolve_path(section.path, recipe_dir), "tokenizer": tokenizer, "device": device,
+              "step_separator": section.step_separator, "coef": section.coef, "batch_size": section.batch_size}
+    if section.kind == "implicit":
+        return ImplicitProcessRewardScorer(**shared, reference=resolve_path(section.reference, recipe_dir),
+                                           beta=section.beta)  # fmt: skip
+    return ProcessRewardScorer(**shared, refinement=section.refinement, eta=section.eta)
 
 
 def greedy_rewards(
@@ -416,7 +428,7 @@ class EpisodeView:
 
     @staticmethod
     def of(rollouts: Rollouts, pad_id: int, device: torch.device, layout: SampleLayout | None,
-           rows: PaddedRollouts, process_reward: ProcessRewardScorer | None = None) -> EpisodeView:  # fmt: skip
+           rows: PaddedRollouts, process_reward: Callable[..., Tensor] | None = None) -> EpisodeView:  # fmt: skip
         episodes = rows if layout is None else rollouts.to_padded(pad_id, device)
         mask_E_T = episodes.loss_mask_B_T
         process_E_T = None if process_reward is None else process_reward(
