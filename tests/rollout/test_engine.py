@@ -1,5 +1,8 @@
 """Rollouts containers, the padded training layout and stop detection."""
 
+import importlib.util
+import sys
+
 import pytest
 import torch
 
@@ -75,6 +78,26 @@ def test_stop_checker_finds_strings_spanning_tokens(char_tokenizer):
 
 def test_stop_strings_need_a_tokenizer(qwen2_model):
     params = SamplingParams(max_new_tokens=2, stop_strings=("x",))
-    for engine in ENGINES.values():
+    for engine in (ENGINES[name] for name in ENGINES.installed()):
         with pytest.raises(ValueError, match="needs a tokenizer"):
             engine.generate(qwen2_model, [[1]], params, n=1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_is_listed_without_its_package_and_choosing_it_says_how_to_install():
+    from posttrain.api import registered
+    from posttrain.config.rl import RLSection
+
+    assert "vllm" in registered()["engines"]
+    with pytest.raises(ValueError, match=r"rl.engine: 'vllm' needs vLLM.*make vllm-venv"):
+        RLSection(engine="vllm")
+    with pytest.raises(ImportError, match="make vllm-venv"):
+        ENGINES["vllm"]
+    assert "vllm" not in sys.modules
+
+
+def test_engine_args_must_be_the_engines_own():
+    from posttrain.config.rl import RLSection
+
+    with pytest.raises(ValueError, match=r"rl.engine_args: \['beam'\] are not arguments of engine 'native'"):
+        RLSection(engine="native", engine_args={"beam": 4})
