@@ -65,6 +65,12 @@ def main() -> None:
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--completion", type=int, default=32)
     p.add_argument("--sides", default="native,vllm,generate", help="comma-separated: native, vllm, generate")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=harness.RETRIES,
+        help="re-runs of a worker that ran beside other processes' load (each vLLM one starts vLLM again)",
+    )
     args = p.parse_args()
     if args.worker:
         return harness.worker_main(args.worker, SIDES)
@@ -79,7 +85,7 @@ def main() -> None:
             "dtype": harness.dtype_of(args), "prompt_tokens": 0, "seed": 0, "max_model_len": 256,
         }  # fmt: skip
         print(f"vLLM peer, {size}: {case}", flush=True)
-        sides = harness.alternate(__file__, case, sides_run, rounds=rounds, threads=args.threads)
+        sides = harness.alternate(__file__, case, sides_run, rounds=rounds, threads=args.threads, retries=args.retries)
         shape = f"{args.prompts} prompts x {args.group} samples x {args.completion} tokens, {args.threads} threads"
         if "native" in sides and "vllm" in sides:
             vllm = sides["vllm"].extra
