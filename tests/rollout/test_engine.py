@@ -1,6 +1,8 @@
 """Rollouts containers, the padded training layout and stop detection."""
 
 import importlib.util
+import os
+import subprocess
 import sys
 
 import pytest
@@ -101,3 +103,30 @@ def test_engine_args_must_be_the_engines_own():
 
     with pytest.raises(ValueError, match=r"rl.engine_args: \['beam'\] are not arguments of engine 'native'"):
         RLSection(engine="native", engine_args={"beam": 4})
+
+
+DEFAULT_RUN = """
+import sys
+from posttrain.api import rl
+config = {
+    "model": {"preset": "qwen2-small", "tokenizer": "arithmetic"},
+    "data": {"task": {"name": "arithmetic", "digits": 1, "operators": "+", "train_size": 8, "eval_size": 2},
+             "max_length": 16},
+    "train": {"max_steps": 1},
+    "eval": {"max_new_tokens": 2, "limit": 2},
+    "rl": {"prompts_per_step": 2, "group_size": 2, "sampling": {"max_new_tokens": 4}},
+    "output_dir": sys.argv[1],
+}
+rl(config, progress=False)
+loaded = sorted(m for m in sys.modules if m == "vllm" or m.startswith(("vllm.", "posttrain.rollout.vllm")))
+print("LOADED", loaded)
+"""
+
+
+def test_a_default_rl_run_never_imports_vllm(tmp_path):
+    # a fresh process, so that the answer holds whether or not vLLM is installed (it is in .venv-vllm)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", DEFAULT_RUN, str(tmp_path / "run")], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "LOADED []" in done.stdout.splitlines()
