@@ -7,11 +7,11 @@ the tests in the solution's own process (red-team pass of issue #21); they must 
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 
 import pytest
+from tests.rewards.live_sandboxes import sandbox_processes
 
 from posttrain.rewards import RewardSet, RewardSpec
 from posttrain.rewards.code import (
@@ -30,35 +30,6 @@ TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) ==
 
 def score(completion: str, tests=TESTS, **kwargs) -> float:
     return code_tests_reward(["write add"], [completion], tests=[tests], wall_time_s=10.0, **kwargs)[0]
-
-
-def sandbox_processes() -> list[int]:
-    """Live launchers and sandboxed programs descended from this test process; other sessions' don't count."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                state, parent = f.read().rsplit(")", 1)[1].split()[:2]
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        table[int(entry)] = (state, int(parent), cmdline)
-
-    def ours(pid: int) -> bool:
-        for _ in range(64):
-            pid = table.get(pid, ("", 0, b""))[1]
-            if pid == os.getpid():
-                return True
-            if pid <= 1:
-                return False
-        return False
-
-    sandboxed = (b"main.py\0", b"sandbox_launcher.py\0")
-    return [pid for pid, (state, _, cmdline) in table.items()
-            if state != "Z" and any(s in cmdline for s in sandboxed) and ours(pid)]
 
 
 def wait_for_no_new_processes(before: list[int], seconds: float = 5.0) -> list[int]:

@@ -14,40 +14,12 @@ import time
 import uuid
 
 import pytest
+from tests.rewards.live_sandboxes import sandbox_processes
 
 import posttrain.rewards.sandbox
 from posttrain.rewards.sandbox import Program, SandboxLimits, probe_isolation, run_linked, run_python
 
 LIMITS = SandboxLimits(wall_time_s=3.0, cpu_time_s=2, memory_bytes=512 << 20, max_output_bytes=64 << 10)
-
-
-def sandbox_processes() -> list[int]:
-    """Live launchers and sandboxed programs descended from this test process; other sessions' don't count."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                state, parent = f.read().rsplit(")", 1)[1].split()[:2]
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        table[int(entry)] = (state, int(parent), cmdline)
-
-    def ours(pid: int) -> bool:
-        for _ in range(64):
-            pid = table.get(pid, ("", 0, b""))[1]
-            if pid == os.getpid():
-                return True
-            if pid <= 1:
-                return False
-        return False
-
-    sandboxed = (b"main.py\0", b"sandbox_launcher.py\0")
-    return [pid for pid, (state, _, cmdline) in table.items()
-            if state != "Z" and any(s in cmdline for s in sandboxed) and ours(pid)]
 
 
 def assert_no_processes_left(before: list[int]) -> None:

@@ -22,7 +22,7 @@ import re
 import reprlib
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -291,6 +291,15 @@ def dotted_keys(raw: dict[str, Any], prefix: str = "") -> list[str]:
         if isinstance(value, dict):
             keys += dotted_keys(value, f"{prefix}{key}.")
     return keys
+
+
+def dotted_items(raw: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """The leaves of a nested mapping with their dotted keys (`model.path`, ...); an empty section is a leaf."""
+    for key, value in raw.items():
+        if isinstance(value, dict) and value:
+            yield from dotted_items(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def parse_override(text: str) -> tuple[str, Any]:

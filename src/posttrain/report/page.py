@@ -7,12 +7,12 @@ from __future__ import annotations
 import base64
 import html
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from posttrain.config.loading import dotted_items
 from posttrain.report.plots import file_name, has_time_split, plot_metric, plot_time_split, plot_time_split_over_steps
 from posttrain.report.runs import RunData
 from posttrain.report.sections import ORDER, ordered, section_of
@@ -148,21 +148,13 @@ def samples_block(run: RunData) -> str:
 
 
 def config_differences(runs: list[RunData]) -> str:
-    flat = [dict(flatten(run.config)) for run in runs]
+    flat = [dict(dotted_items(run.config)) for run in runs]
     keys = sorted({k for f in flat for k in f if k not in ("output_dir",)})
     differing = [k for k in keys if len({yaml.safe_dump(f.get(k)) for f in flat}) > 1]
     if not differing:
         return '<p class="muted">The runs\' configs are the same (output_dir aside).</p>'
     rows = [[f"<code>{esc(k)}</code>", *(esc(short(f.get(k))) for f in flat)] for k in differing]
     return "<p>What differs between the runs' configs:</p>" + table(["key", *(r.label for r in runs)], rows)
-
-
-def flatten(raw: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in raw.items():
-        if isinstance(value, dict) and value:
-            yield from flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 def table(head: list[str], rows: list[list[str]]) -> str:

@@ -40,6 +40,7 @@ import torch
 import yaml
 
 from posttrain.config import ConfigError
+from posttrain.config.loading import dotted_items
 from posttrain.data import EpochSampler
 from posttrain.policies import describe_forward_path, is_lora, load_model, load_tokenizer, save_pretrained
 from posttrain.policies.families import decoder_of
@@ -491,15 +492,7 @@ def remove_stale_staging(run_dir: Path) -> None:
 
 def config_fingerprint(cfg: Any) -> dict[str, Any]:
     """The run's config as its checkpoints record it: every key, flat and dotted, as JSON values."""
-    return dict(flatten(cfg.model_dump(mode="json")))
-
-
-def flatten(raw: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in raw.items():
-        if isinstance(value, dict) and value:
-            yield from flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
+    return dict(dotted_items(cfg.model_dump(mode="json")))
 
 
 def check_resume(cfg: Any, kind: str, manifest: dict[str, Any], checkpoint: Path) -> list[str]:
