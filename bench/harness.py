@@ -518,19 +518,26 @@ QUIET_LOAD = 0.3
 
 
 def alternate(
-    script: str, case: dict[str, Any], sides: Sequence[str], *, rounds: int, threads: int, log: bool = True
+    script: str,
+    case: dict[str, Any],
+    sides: Sequence[str],
+    *,
+    rounds: int,
+    threads: int,
+    log: bool = True,
+    retries: int = RETRIES,
 ) -> dict[str, SideSummary]:
     """Run every side once per round, each in a fresh process, reversing the order every other round.
 
     A worker during which other processes kept more than `QUIET_LOAD` cores busy is run again (at most
-    `RETRIES` times) and the least contended attempt is kept: on a shared 2-core machine one burst of someone
+    `retries` times) and the least contended attempt is kept: on a shared 2-core machine one burst of someone
     else's work makes a 2-thread step several times slower."""
     runs: dict[str, list[Run]] = {s: [] for s in sides}
     for r in range(rounds):
         order = list(sides) if r % 2 == 0 else list(reversed(sides))
         for side in order:
             attempts = [run_worker(script, side, case, threads)]
-            while (attempts[-1].foreign_load or 0.0) > QUIET_LOAD and len(attempts) <= RETRIES:
+            while (attempts[-1].foreign_load or 0.0) > QUIET_LOAD and len(attempts) <= retries:
                 if log:
                     busy = attempts[-1].foreign_load
                     print(f"  round {r + 1} {side:>10}: contended (foreign load {busy:.2f}), again", flush=True)

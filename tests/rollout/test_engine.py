@@ -1,5 +1,10 @@
 """Rollouts containers, the padded training layout and stop detection."""
 
+import importlib.util
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -75,6 +80,53 @@ def test_stop_checker_finds_strings_spanning_tokens(char_tokenizer):
 
 def test_stop_strings_need_a_tokenizer(qwen2_model):
     params = SamplingParams(max_new_tokens=2, stop_strings=("x",))
-    for engine in ENGINES.values():
+    for engine in (ENGINES[name] for name in ENGINES.installed()):
         with pytest.raises(ValueError, match="needs a tokenizer"):
             engine.generate(qwen2_model, [[1]], params, n=1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_is_listed_without_its_package_and_choosing_it_says_how_to_install():
+    from posttrain.api import registered
+    from posttrain.config.rl import RLSection
+
+    assert "vllm" in registered()["engines"]
+    with pytest.raises(ValueError, match=r"rl.engine: 'vllm' needs vLLM.*make vllm-venv"):
+        RLSection(engine="vllm")
+    with pytest.raises(ImportError, match="make vllm-venv"):
+        ENGINES["vllm"]
+    assert "vllm" not in sys.modules
+
+
+def test_engine_args_must_be_the_engines_own():
+    from posttrain.config.rl import RLSection
+
+    with pytest.raises(ValueError, match=r"rl.engine_args: \['beam'\] are not arguments of engine 'native'"):
+        RLSection(engine="native", engine_args={"beam": 4})
+
+
+DEFAULT_RUN = """
+import sys
+from posttrain.api import rl
+config = {
+    "model": {"preset": "qwen2-small", "tokenizer": "arithmetic"},
+    "data": {"task": {"name": "arithmetic", "digits": 1, "operators": "+", "train_size": 8, "eval_size": 2},
+             "max_length": 16},
+    "train": {"max_steps": 1},
+    "eval": {"max_new_tokens": 2, "limit": 2},
+    "rl": {"prompts_per_step": 2, "group_size": 2, "sampling": {"max_new_tokens": 4}},
+    "output_dir": sys.argv[1],
+}
+rl(config, progress=False)
+loaded = sorted(m for m in sys.modules if m == "vllm" or m.startswith(("vllm.", "posttrain.rollout.vllm")))
+print("LOADED", loaded)
+"""
+
+
+def test_a_default_rl_run_never_imports_vllm(tmp_path):
+    # a fresh process, so that the answer holds whether or not vLLM is installed (it is in .venv-vllm)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", DEFAULT_RUN, str(tmp_path / "run")], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "LOADED []" in done.stdout.splitlines()

@@ -125,10 +125,9 @@ class OnlineSection(Section):
                 "online: give exactly one of rewards (a list, e.g. [{fn: numeric_match}]) and judge "
                 "(a pairwise judge, e.g. {fn: posttrain.rewards.judges:closer_answer})"
             )
-        from posttrain.rollout import ENGINES
+        from posttrain.rollout import check_engine
 
-        if self.engine not in ENGINES:
-            raise ValueError(f"online.engine: '{self.engine}' is not an engine; engines: {', '.join(sorted(ENGINES))}")
+        check_engine("online.engine", self.engine, {})
         return self
 
 

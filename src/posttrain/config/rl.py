@@ -196,7 +196,9 @@ class RLSection(Section):
     micro_batch_size: PositiveInt | None = None
     """Sequences per forward/backward (memory only; never changes the result). Default: the whole minibatch."""
     engine: str = "native"
-    """Generation engine (`posttrain list engines`)."""
+    """Generation engine (`posttrain list engines`); `vllm` needs vLLM installed (docs/engines.md)."""
+    engine_args: dict[str, Any] = {}
+    """Keyword arguments of the engine's constructor (vllm: max_sync_gap, dtype, max_model_len, sleep_level, ...)."""
     sampling: SamplingSection = SamplingSection()
     """How completions are sampled."""
     advantage: str = "grpo"
@@ -243,10 +245,9 @@ class RLSection(Section):
                 "rl.kl: in_reward or target is set but coef is 0, so there is no KL term and no reference; "
                 "set rl.kl.coef > 0 (e.g. 0.05) or drop in_reward/target"
             )
-        from posttrain.rollout import ENGINES
+        from posttrain.rollout import check_engine
 
-        if self.engine not in ENGINES:
-            raise ValueError(f"rl.engine: '{self.engine}' is not an engine; engines: {', '.join(sorted(ENGINES))}")
+        check_engine("rl.engine", self.engine, self.engine_args)
         return self
 
 

@@ -405,3 +405,11 @@ class StopChecker:
             if self.is_stop(completion[:end]):
                 return end - 1
         return None
+
+
+def sync_engine(engine: Any, model: Any) -> dict[str, float]:
+    """Push the trainer's weights into an engine that holds its own copy of them (one with `sync_weights`, vLLM),
+    which verifies the sync and returns its metrics (`sync/...`); {} for an engine that reads the trainer's model at
+    every call (native, hf)."""
+    sync = getattr(engine, "sync_weights", None)
+    return {} if sync is None else sync(model)

@@ -38,7 +38,7 @@ from posttrain.rewards import RewardResult, RewardSet, load_reward_fn
 from posttrain.rewards.inputs import RewardLog, sample_table, trainer_state, trl_reward_kwargs
 from posttrain.rewards.metrics import reward_metrics
 from posttrain.rewards.process import ImplicitProcessRewardScorer, ProcessRewardScorer
-from posttrain.rollout import ENGINES
+from posttrain.rollout import ENGINES, sync_engine
 from posttrain.rollout.engine import PaddedRollouts, Rollouts, SampleLayout
 from posttrain.rollout.groups import Scored, draw_step, filtered_rows
 from posttrain.runtime.distributed import (
@@ -118,7 +118,7 @@ def train_rl(
     log = life.open_log(run.report, headline=("rewards/total/mean", "accuracy", "kl_per_seq"), progress=progress,
                         train_rows=train_rows, eval_rows=eval_rows)  # fmt: skip
     params, greedy = sampling_params(rl.sampling, tokenizer.eos_token_id)
-    engine = ENGINES[rl.engine]
+    engine = ENGINES.build(rl.engine, rl.engine_args)
 
     def draw() -> Scored:
         prompts = [run.train[i] for i in run.sampler.take(rl.prompts_per_step)]
@@ -179,6 +179,7 @@ def train_rl(
                         critic_guard.step(run.critic.parameters(), run.critic_optimizer, cfg.train.max_grad_norm,
                                           step=step + 1)  # fmt: skip
             life.step_schedule()
+            synced = sync_engine(engine, model)  # an engine with its own copy of the weights takes them, verified
             trained = time.perf_counter()
 
             all_seqs = int(all_reduce_sum(float(num_seqs), life.ranks))
@@ -199,6 +200,7 @@ def train_rl(
                 **({"rewards/kl_shaped/mean": tensors.rewards_PG.mean().item()} if rl.kl.in_reward else {}),
                 **process_metrics(view.process_rewards_E_T, life.ranks),
                 **reward_log.means(),
+                **synced,
             }
             done = step + 1
             if life.eval_due(done) and run.eval_prompts:
