@@ -6,6 +6,7 @@ A task beside a training file gives the held-out rows only (`data_sources` says 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ from posttrain.data.encoding import CompletionTokens, PreferenceTokens, PromptTo
 from posttrain.data.errors import DataError
 from posttrain.data.examples import Kind, load_examples
 from posttrain.data.readers import Row
-from posttrain.tasks import TASKS, ArithmeticTask
+from posttrain.tasks import TASKS, ArithmeticTask, GuessNumberTask
 from posttrain.tasks.preference_data import FeedbackKind, feedback_rows
 from posttrain.trainers.build import resolve_path
 
@@ -35,11 +36,11 @@ Tokens = PreferenceTokens | CompletionTokens
 ENCODERS = {"preference": encode_preference, "unpaired": encode_unpaired, "listwise": encode_listwise}
 
 
-def build_task(section: TaskSection) -> ArithmeticTask:
-    return TASKS[section.name](
-        digits=section.digits, operators=section.operators, think_fraction=section.think_fraction,
-        tool_fraction=section.tool_fraction,
-    )
+def build_task(section: TaskSection) -> ArithmeticTask | GuessNumberTask:
+    """The task a config's `data.task` names, with the settings it takes."""
+    task = TASKS[section.name]
+    takes = {f.name for f in dataclasses.fields(task)}
+    return task(**{key: value for key, value in section.model_dump().items() if key in takes})
 
 
 def rows_from_memory(rows: Rows, source: str) -> list[Row]:
