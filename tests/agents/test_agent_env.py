@@ -4,6 +4,7 @@ episode's reward; an agent that raises, stalls or keeps calling past the limits 
 
 import json
 import threading
+from pathlib import Path
 
 import openai
 import pytest
@@ -198,35 +199,16 @@ def test_an_agent_that_returns_before_calling_the_model_is_named():
         play(tok, TurnScript(tok, []), lambda row: 1.0)
 
 
-AGENT_FILE = '''
-import json
-
-from posttrain.envs.builtin_tools import evaluate_arithmetic
-
-TOOLS = [{"type": "function", "function": {"name": "calculator", "description": "Evaluate an expression.",
-          "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
-                         "required": ["expression"]}}}]
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
-def solve(client, row, max_calls=3):
-    messages = list(row["prompt"])
-    for _ in range(max_calls):
-        message = client.chat.completions.create(model="posttrain", messages=messages, tools=TOOLS).choices[0].message
-        messages.append(message)
-        if not message.tool_calls:
-            break
-        for call in message.tool_calls:
-            try:
-                value = evaluate_arithmetic(json.loads(call.function.arguments).get("expression", ""))
-            except (ValueError, AttributeError) as error:
-                value = f"error: {error}"
-            messages.append({"role": "tool", "tool_call_id": call.id, "content": str(value)})
-    return float(len(message.content or "") % 2)  # a reward that differs within groups, so that GRPO updates
-'''
+def parity(prompts, completions, **kwargs):
+    """A reward that differs within groups, so that GRPO updates: the final message's length, odd or even."""
+    return [float(len(messages[-1]["content"] or "") % 2) for messages in completions]
 
 
-def test_a_grpo_run_through_an_agent(tmp_path):
-    (tmp_path / "agent.py").write_text(AGENT_FILE)
+def test_a_grpo_run_through_the_recipes_agent(tmp_path):
+    """recipes/agents/calculator_agent.py, the agent of recipes/arith-tools-agent.yaml, trained for two steps."""
     task = {"name": "arithmetic", "digits": 2, "operators": "*", "train_size": 32, "eval_size": 4,
             "tool_fraction": 0.5}  # fmt: skip
     sft = api.sft({"model": {"preset": "qwen2-tiny", "tokenizer": "arithmetic-tools"},
@@ -235,16 +217,15 @@ def test_a_grpo_run_through_an_agent(tmp_path):
     before = {k: v.clone() for k, v in sft.model.state_dict().items()}
     result = api.rl({"model": {"path": str(sft.final_dir)}, "data": {"task": task, "max_length": 96},
                      "train": {"max_steps": 2, "lr": 1e-2}, "eval": {"limit": 2, "max_new_tokens": 16},
-                     "env": {"name": "openai_agent", "args": {"agent": str(tmp_path / "agent.py") + ":solve",
-                                                              "agent_args": {"max_calls": 2}}, "max_turns": 3},
-                     "rewards": [{"fn": "numeric_match"}],
+                     "env": {"name": "openai_agent", "max_turns": 3,
+                             "args": {"agent": str(RECIPES / "agents/calculator_agent.py:solve"),
+                                      "agent_args": {"max_calls": 2}}},
                      "rl": {"prompts_per_step": 2, "group_size": 4, "sampling": {"max_new_tokens": 16}},
-                     "output_dir": str(tmp_path / "rl")}, progress=False)  # fmt: skip
+                     "output_dir": str(tmp_path / "rl")}, rewards=[parity], progress=False)  # fmt: skip
     steps = [h for h in result.history if "episodes/count" in h]
     assert len(steps) == 2
     for step in steps:
         assert step["episodes/count"] == 8 and step["episodes/calls"] >= 1 and step["episodes/failed"] == 0
-        assert "rewards/env/mean" in step
         assert step["episodes/turns"] == step["episodes/calls"]  # every call was one model turn
     assert "eval_calls" in result.final_eval
     after = result.model.state_dict()
