@@ -40,7 +40,7 @@ def test_a_user_class_is_loaded_from_its_file_with_args_and_the_tokenizer(tmp_pa
 
 
 def test_bad_names_and_args_are_one_clear_error(tmp_path):
-    with pytest.raises(EnvironmentLoadError, match=r"not a built-in environment.*built-ins: .*calculator"):
+    with pytest.raises(EnvironmentLoadError, match=r"not a built-in name.*built-ins: .*calculator"):
         environment_factory("no_such_env")
     with pytest.raises(EnvironmentLoadError, match=r"file 'missing\.py' not found"):
         environment_factory("missing.py:Env", base_dir=tmp_path)

@@ -3,21 +3,18 @@ with an `online` section) and reward-model config (`posttrain rm`)."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import math
-import sys
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
-from posttrain.config.rl import RewardEntry, SamplingSection
+from posttrain.config.rl import RewardEntry, SamplingSection, import_plugin
 from posttrain.config.sections import (
     DataSection,
     EvalSection,
     Fraction,
+    LogSection,
     ModelSection,
     RunSection,
     Section,
@@ -48,6 +45,10 @@ class PrefSection(Section):
     """Reference log-probs: once over the train set before training, per batch, or none (reference-free losses)."""
     length_normalize: bool = False
     """Divide each completion's summed log-prob by its token count before the loss sees it."""
+    max_prompt_length: PositiveInt | None = None
+    """Keep a prompt's last this many tokens (TRL's max_prompt_length; the start is cut, so the end that the
+    completion follows survives), counted as truncated; data.max_length still bounds prompt + completion. Online
+    rounds sample from prompts cut the same way. null: prompts are kept whole."""
 
 
 class JudgeSection(Section):
@@ -63,7 +64,7 @@ class JudgeSection(Section):
 
 
 SELECTIONS = {
-    "preference": ("best_vs_worst", "all_pairs"),
+    "preference": ("best_vs_worst", "all_pairs", "rso"),
     "unpaired": ("threshold", "top_k"),
     "listwise": ("all",),
 }
@@ -90,8 +91,9 @@ class OnlineSection(Section):
     """A pairwise judge instead of rewards: scores become win rates from the judge's preferences."""
     max_failure_fraction: Fraction = 0.5
     """Stop when more than this share of one reward call's samples fail."""
-    select: Literal["best_vs_worst", "all_pairs", "threshold", "top_k", "all"] | None = None
-    """How scored samples become examples. Pairs: best_vs_worst, all_pairs (above `margin`); unpaired
+    select: Literal["best_vs_worst", "all_pairs", "rso", "threshold", "top_k", "all"] | None = None
+    """How scored samples become examples. Pairs: best_vs_worst, all_pairs (above `margin`), rso (RSO's statistical
+    rejection sampling, then random pairs); unpaired
     labels: threshold (score >= label_threshold), top_k (RAFT); listwise: all. null: the first for the
     loss's data kind."""
     margin: NonNegativeFloat = 0.0
@@ -102,6 +104,11 @@ class OnlineSection(Section):
     """select: top_k: the k best completions of each prompt are trained on."""
     min_score: float | None = None
     """select: top_k: a selected completion scoring below this is left out (rejection sampling)."""
+    rejection_beta: PositiveFloat = 0.5
+    """select: rso: the beta of the optimal policy pi ~ pi_sample exp(r / beta) the accepted samples follow (RSO,
+    arXiv:2309.06657): smaller accepts fewer low-reward samples."""
+    rejection_accepted: Annotated[int, Field(ge=2)] = 2
+    """select: rso: samples accepted per prompt (paired two by two, so rejection_accepted / 2 pairs at most)."""
     reference: Literal["keep", "refresh"] = "keep"
     """keep: the initial model throughout; refresh: a frozen copy of the policy at the start of each round
     (the previous iterate of iterative DPO, SPPO and DNO)."""
@@ -140,6 +147,8 @@ class _OfflineConfig(RunSection):
     """Optimisation."""
     eval: EvalSection = EvalSection()
     """Held-out evaluation."""
+    log: LogSection = LogSection()
+    """Experiment trackers (log.to), and the sampled completions online trainers log."""
     plugins: list[str] = []
     """Python files or modules imported before the run; they register their own losses."""
 
@@ -205,7 +214,7 @@ class PrefConfig(_OfflineConfig):
 
     def _online_fits(self, fn: Any) -> None:
         online, kind = self.online, feedback_kind(fn)
-        if self.train.max_steps % online.steps_per_round:
+        if self.train.epochs is None and self.train.max_steps % online.steps_per_round:
             raise ValueError(
                 f"train.max_steps={self.train.max_steps} is not a multiple of online.steps_per_round="
                 f"{online.steps_per_round} (a round trains steps_per_round steps)"
@@ -238,23 +247,9 @@ class RMConfig(_OfflineConfig):
 
 
 def import_plugins(plugins: list[str], base_dir: str | None) -> None:
-    """Import each plugin (a .py file, relative to the working directory or the recipe, or a module)."""
+    """Import each plugin (a .py file, relative to the recipe or the working directory, or a module)."""
     for plugin in plugins:
-        if not plugin.endswith(".py"):
-            importlib.import_module(plugin)
-            continue
-        path = Path(plugin)
-        if not path.is_file() and base_dir is not None:
-            path = Path(base_dir) / plugin
-        if not path.is_file():
-            raise ValueError(f"plugins: {plugin} is not a file")
-        name = f"posttrain_plugin_{abs(hash(str(path.resolve())))}"
-        if name in sys.modules:
-            continue
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[name] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        import_plugin(plugin, base_dir)
 
 
 DATA_KINDS: dict[str | None, Literal["preference", "unpaired", "listwise"]] = {

@@ -6,20 +6,24 @@ before validation, so an objective a user registers in their own file can be nam
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
 import inspect
-import sys
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-from posttrain.config.sections import DataSection, EvalSection, Fraction, ModelSection, RunSection, Section
+from posttrain.config.sections import (
+    DataSection,
+    EvalSection,
+    Fraction,
+    LogSection,
+    ModelSection,
+    RunSection,
+    Section,
+)
 from posttrain.config.sections import TrainSection as _TrainSection
 from posttrain.objectives import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from posttrain.objectives.registry import Registry
+from posttrain.runtime import user_code
 
 
 def check_registered(
@@ -42,29 +46,7 @@ def check_registered(
 
 def import_plugin(plugin: str, recipe_dir: str | None = None) -> None:
     """Import a plugin: a `.py` file (relative to the recipe's directory, then the working directory) or a module."""
-    if not plugin.endswith(".py"):
-        try:
-            importlib.import_module(plugin)
-        except ImportError as err:
-            raise ValueError(f"plugins: cannot import module '{plugin}': {err}") from None
-        return
-    path = Path(plugin).expanduser()
-    if not path.is_absolute() and not path.exists() and recipe_dir is not None:
-        path = Path(recipe_dir) / path
-    if not path.is_file():
-        raise ValueError(f"plugins: file '{plugin}' does not exist")
-    path = path.resolve()
-    name = "posttrain_plugin_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    if name in sys.modules:  # a recipe loaded twice registers its objectives once
-        return
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception:
-        del sys.modules[name]
-        raise
+    user_code.import_plugin(plugin, recipe_dir, error=ValueError)
 
 
 class SamplingSection(Section):
@@ -150,6 +132,17 @@ class EnvSection(EnvEntry):
         return self
 
 
+class FiltrationSection(Section):
+    """PF-PPO's policy filtration (Zhang et al. 2024, arXiv:2409.06957): resample a step's completions with weights
+    from their rewards, favouring those whose rewards the reward model gives most reliably."""
+
+    method: Literal["pow", "max_min", "max_random"] = "pow"
+    """pow: weight |reward|^weight_pow; max_min: 1 for the step's highest and lowest reward, else 0; max_random: 0.4 for
+    the highest, 0.1 for the rest (the authors' three, `compute_pf_ppo_reweight_data`)."""
+    weight_pow: PositiveFloat = 2.0
+    """The power of method pow (the authors' default 2)."""
+
+
 class RLSection(Section):
     prompts_per_step: PositiveInt = 8
     """Prompts sampled per optimiser step (P)."""
@@ -187,6 +180,9 @@ class RLSection(Section):
     """Most generation rounds per step under dynamic sampling; then the step trains on what it has."""
     max_prompt_length: PositiveInt | None = None
     """Keep a prompt's last this many tokens; null: data.max_length."""
+    filtration: FiltrationSection | None = None
+    """PF-PPO (arXiv:2409.06957): train each step on its completions resampled by reward (with replacement, as many
+    as were sampled); null trains on every completion once."""
 
     @model_validator(mode="after")
     def _registered(self) -> RLSection:
@@ -243,6 +239,8 @@ class RLConfig(RunSection):
     """Optimisation (train.batch_size is unused: a step is rl.prompts_per_step x rl.group_size)."""
     eval: EvalSection = EvalSection()
     """Held-out greedy accuracy at eval_every and at the end."""
+    log: LogSection = LogSection()
+    """Experiment trackers (log.to), and the sampled completions online trainers log."""
     rl: RLSection = RLSection()
     """Sampling, advantage, policy loss, KL, critic."""
     env: EnvSection = EnvSection()

@@ -12,17 +12,14 @@ default), so several environments share one batch.
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
 import inspect
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from posttrain.envs.base import Environment
+from posttrain.runtime.user_code import resolve
 
 ENVIRONMENTS: dict[str, str] = {
     "single_turn": "posttrain.envs.single_turn:SingleTurnEnv",
@@ -45,17 +42,8 @@ EnvironmentFactory = Callable[[], Environment]
 
 def resolve_environment(name: str, base_dir: str | Path | None = None) -> Any:
     """The class (or factory) that `name` names: a built-in, `package.module:Class` or `path/file.py:Class`."""
-    if name in ENVIRONMENTS:
-        return _import(name, ENVIRONMENTS[name])
-    location, sep, attribute = name.rpartition(":")
-    if not sep or not location or not attribute:
-        raise EnvironmentLoadError(
-            f"env '{name}': not a built-in environment, 'package.module:Class' or 'path/to/file.py:Class'; "
-            f"built-ins: {', '.join(sorted(ENVIRONMENTS))}"
-        )
-    if location.endswith(".py") or "/" in location or "\\" in location:
-        return _attribute(name, _load_file(name, location, base_dir), attribute)
-    return _import(name, name)
+    return resolve(name, base_dir=base_dir, builtins=ENVIRONMENTS, where=f"env '{name}'", error=EnvironmentLoadError,
+                   prefix="posttrain_user_envs")  # fmt: skip
 
 
 def environment_factory(
@@ -123,47 +111,3 @@ def build_environments(section: Any, *, tokenizer: Any, base_dir: str | Path | N
 
     mix = {key: factory(entry.name, entry.args) for key, entry in section.entries.items()}
     return EnvironmentMix(factory(section.name, section.args), mix, section.column)
-
-
-def _import(name: str, dotted: str) -> Any:
-    module_name, _, attribute = dotted.rpartition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        raise EnvironmentLoadError(f"env '{name}': cannot import module '{module_name}': {err}") from err
-    return _attribute(name, module, attribute)
-
-
-def _attribute(name: str, module: Any, attribute: str) -> Any:
-    target = module
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            public = sorted(n for n in vars(module) if not n.startswith("_"))
-            raise EnvironmentLoadError(
-                f"env '{name}': {module.__name__} has no attribute '{attribute}'; it defines: "
-                f"{', '.join(public) or 'nothing public'}"
-            )
-        target = getattr(target, part)
-    return target
-
-
-def _load_file(name: str, location: str, base_dir: str | Path | None) -> Any:
-    candidate = Path(location).expanduser()
-    tried = [candidate] if candidate.is_absolute() else [*([Path(base_dir) / candidate] if base_dir else []),
-                                                         Path.cwd() / candidate]  # fmt: skip
-    path = next((p.resolve() for p in tried if p.is_file()), None)
-    if path is None:
-        raise EnvironmentLoadError(f"env '{name}': file '{location}' not found (looked at "
-                                   f"{', '.join(str(p) for p in tried)})")  # fmt: skip
-    module_name = f"posttrain_user_envs_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    except Exception as err:
-        del sys.modules[module_name]
-        raise EnvironmentLoadError(f"env '{name}': importing {path} failed: {type(err).__name__}: {err}") from err
-    return module

@@ -19,17 +19,13 @@ costs nothing until a recipe uses it.
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib
-import importlib.util
 import inspect
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from posttrain.rewards.base import RewardLoadError
+from posttrain.runtime.user_code import resolve
 
 BUILTIN_REWARDS: dict[str, str] = {
     "exact_match": "posttrain.rewards.verifiers:exact_match",
@@ -62,20 +58,10 @@ def default_reward_name(fn: str) -> str:
 
 
 def resolve_reward_target(fn: str, base_dir: str | Path | None = None) -> Any:
-    """The object (function or class) that `fn` names, before any args are bound."""
-    if fn in BUILTIN_REWARDS:
-        return _import_attribute(fn, BUILTIN_REWARDS[fn], builtin=True)
-    location, sep, attribute = fn.rpartition(":")
-    if not sep or not location or not attribute:
-        known = ", ".join(sorted(BUILTIN_REWARDS))
-        raise RewardLoadError(
-            f"reward '{fn}': not a built-in name, 'package.module:function' or 'path/to/file.py:function'; "
-            f"built-ins: {known}"
-        )
-    if location.endswith(".py") or "/" in location or "\\" in location:
-        module = _load_file_module(fn, location, base_dir)
-        return _get_attribute(fn, module, attribute)
-    return _import_attribute(fn, fn)
+    """The object (function or class) that `fn` names, before any args are bound (`runtime.user_code`)."""
+    where = f"built-in reward '{fn}'" if fn in BUILTIN_REWARDS else f"reward '{fn}'"
+    return resolve(fn, base_dir=base_dir, builtins=BUILTIN_REWARDS, where=where, error=RewardLoadError,
+                   prefix="posttrain_user_rewards")  # fmt: skip
 
 
 def bind_reward_args(
@@ -124,63 +110,3 @@ def _check_signature_accepts(fn: str, target: Any, args: dict[str, Any]) -> None
             f"reward '{fn}': args {unknown} are not parameters of {getattr(target, '__qualname__', target)}; "
             f"its parameters: {', '.join(named) or 'none'}"
         )
-
-
-def _import_attribute(fn: str, dotted: str, *, builtin: bool = False) -> Any:
-    module_name, _, attribute = dotted.rpartition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if builtin and err.name == module_name:
-            raise RewardLoadError(
-                f"built-in reward '{fn}' lives in module {module_name}, which this installation lacks"
-            ) from err
-        raise RewardLoadError(f"reward '{fn}': cannot import module '{module_name}': {err}") from err
-    return _get_attribute(fn, module, attribute)
-
-
-def _get_attribute(fn: str, module: ModuleType, attribute: str) -> Any:
-    target: Any = module
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            public = sorted(name for name in vars(module) if not name.startswith("_"))
-            raise RewardLoadError(
-                f"reward '{fn}': {module.__name__} has no attribute '{attribute}'; it defines: "
-                f"{', '.join(public) or 'nothing public'}"
-            )
-        target = getattr(target, part)
-    return target
-
-
-def _load_file_module(fn: str, location: str, base_dir: str | Path | None) -> ModuleType:
-    path = _find_file(fn, location, base_dir)
-    # One module per file path, reused, so that two rewards from one file share its globals.
-    digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
-    module_name = f"posttrain_user_rewards_{path.stem}_{digest}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise RewardLoadError(f"reward '{fn}': {path} cannot be loaded as a Python module")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as err:
-        del sys.modules[module_name]
-        raise RewardLoadError(f"reward '{fn}': importing {path} failed: {type(err).__name__}: {err}") from err
-    return module
-
-
-def _find_file(fn: str, location: str, base_dir: str | Path | None) -> Path:
-    candidate = Path(location).expanduser()
-    if candidate.is_absolute():
-        tried = [candidate]
-    else:
-        tried = [Path(base_dir) / candidate] if base_dir is not None else []
-        tried.append(Path.cwd() / candidate)
-    for path in tried:
-        if path.is_file():
-            return path.resolve()
-    looked = ", ".join(str(p) for p in tried)
-    raise RewardLoadError(f"reward '{fn}': file '{location}' not found (looked at {looked})")
