@@ -5,12 +5,13 @@ import pytest
 from tests.envs.scripted import NoModel, TurnScript
 
 from posttrain.config import ConfigError, SFTConfig, load_config
+from posttrain.config.pref import FeedbackDataSection
 from posttrain.data.encoding import PromptTokens
 from posttrain.envs import sample_episodes
 from posttrain.envs.games import GuessNumberEnv
 from posttrain.rollout import SamplingParams
 from posttrain.tasks import GuessNumberTask, build_builtin_tokenizer
-from posttrain.trainers.splits import build_task
+from posttrain.trainers.splits import build_task, load_feedback
 
 
 def guesses(messages):
@@ -66,3 +67,10 @@ def test_the_task_section_builds_the_game_and_refuses_another_tasks_settings():
     with pytest.raises(ConfigError, match="high: not a setting of the arithmetic task"):
         load_config(SFTConfig, {"model": {"preset": "qwen2-tiny", "tokenizer": "arithmetic"},
                                 "data": {"task": {"name": "arithmetic", "high": 3}}})  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["preference", "unpaired", "listwise"])
+def test_feedback_rows_of_the_game_are_one_clear_error(kind):
+    data = FeedbackDataSection(task={"name": "guess_number"})
+    with pytest.raises(ConfigError, match=f"the guess_number task gives demonstrations.*{kind} rows"):
+        load_feedback(data, kind, "train", build_builtin_tokenizer("arithmetic"), seed=0, recipe_dir=None)

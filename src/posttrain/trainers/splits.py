@@ -151,7 +151,10 @@ def load_feedback(
         raw = read_rows(resolve_path(path, recipe_dir), on_bad_row=data.on_bad_row, report=report)
     elif data.task is not None:
         task, size = build_task(data.task), data.task.train_size if split == "train" else data.task.eval_size
-        generated = feedback_rows(task, size, seed=seed, split=split, kind=kind)  # type: ignore[arg-type]
+        if not isinstance(task, ArithmeticTask):
+            raise ConfigError(f"data.task: the {data.task.name} task gives demonstrations and prompts (sft, rl); "
+                              f"{kind} rows are generated from the arithmetic task only")  # fmt: skip
+        generated = feedback_rows(task, size, seed=seed, split=split, kind=kind)
         raw = [Row(fields=r, where=f"task {data.task.name} ({split}) row {i + 1}") for i, r in enumerate(generated)]
     else:
         return require_train_data(split)
