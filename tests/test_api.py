@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import posttrain
+from posttrain.api import write_task
 from posttrain.config import ConfigError
 from posttrain.policies import build_model, load_model
 from posttrain.tasks import build_builtin_tokenizer
@@ -57,3 +58,9 @@ def test_rl_with_rows_and_a_model_object_needs_no_data_train(tmp_path: Path) -> 
         model=model, tokenizer=tokenizer, train=ROWS, rewards=[digits], progress=False,
     )  # fmt: skip
     assert result.model is model and len(result.history) == 1
+
+
+def test_write_task_of_a_task_it_does_not_write_names_the_ones_a_recipe_generates(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"writes the arithmetic task only.*arithmetic, guess_number"):
+        write_task("guess_number", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

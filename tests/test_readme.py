@@ -36,10 +36,10 @@ def section_block(title: str, language: str) -> str:
     return re.search(rf"```{language}\n(.*?)```", section, re.DOTALL).group(1)
 
 
-def cli_commands() -> list[list[str]]:
-    """Each command of the CLI quick start (a line's `&&` parts apart), comments dropped, as argv lists."""
+def cli_commands(title: str = "CLI quick start") -> list[list[str]]:
+    """Each command of a section's bash block (a line's `&&` parts apart), comments dropped, as argv lists."""
     commands = []
-    for line in section_block("CLI quick start", "bash").splitlines():
+    for line in section_block(title, "bash").splitlines():
         code = line.split("  #", 1)[0].strip()
         for part in filter(None, (p.strip() for p in code.split("&&"))):
             argv = shlex.split(part)
@@ -79,6 +79,21 @@ def test_every_cli_line_of_the_readme_runs_as_printed(fresh_checkout: Path) -> N
         assert code == 0, f"posttrain {shlex.join(argv)} exited {code}:\n{out.getvalue()}"
     assert (fresh_checkout / "runs" / "mine" / "final" / "config.json").is_file()
     assert (fresh_checkout / "runs" / "lora" / "merged" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_every_line_of_the_agents_quick_start_runs_as_printed(fresh_checkout: Path) -> None:
+    commands = cli_commands("Agents")
+    assert [c[1] for c in commands] == ["recipes/arith-tools-sft.yaml", "recipes/arith-tools-grpo.yaml",
+                                        "recipes/arith-tools-agent.yaml", "recipes/guess-number-sft.yaml",
+                                        "recipes/guess-number-grpo.yaml"]  # fmt: skip
+    for argv in commands:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main(shortened(argv))
+        assert code == 0, f"posttrain {shlex.join(argv)} exited {code}:\n{out.getvalue()}"
+    for run in ("arith-tools-grpo", "arith-tools-agent", "guess-number-grpo"):
+        assert (fresh_checkout / "runs" / run / "final" / "config.json").is_file()
 
 
 @pytest.mark.slow

@@ -256,6 +256,9 @@ def write_task(
     seed: int = 0,
 ) -> list[Path]:
     """A built-in task's train.jsonl, eval.jsonl and tokenizer/ (`posttrain task`)."""
+    if name != "arithmetic":
+        raise ConfigError(f"posttrain task {name!r}: writes the arithmetic task only; a recipe's data.task generates "
+                          f"the others ({', '.join(sorted(TASKS))})")  # fmt: skip
     try:
         task = TASKS[name](digits=digits, operators=operators, think_fraction=think_fraction)
     except ValueError as error:

@@ -6,6 +6,7 @@ posttrain pref RECIPE [key.sub=value ...] [--resume]
 posttrain rm RECIPE [key.sub=value ...] [--resume]
 posttrain eval [RECIPE] [key.sub=value ...]
 posttrain generate MODEL_DIR --prompt TEXT [--n N]
+posttrain serve MODEL_DIR [--port 8000] [--parser hermes] [--record calls.jsonl]
 posttrain export RUN_DIR [--merge] [--checkpoint STEP] [--output DIR]
 posttrain demo
 posttrain task arithmetic OUT_DIR
@@ -105,6 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message (chat template)")
     gen.add_argument("--seed", type=int, default=0)
+
+    srv = _add(sub, "serve", "serve a model as an OpenAI-compatible chat-completions endpoint on 127.0.0.1, every "
+                             "call recorded as token ids and log-probs", _run_serve)  # fmt: skip
+    srv.add_argument("model_dir", help="a local Hugging Face model directory with its tokenizer (a chat template)")
+    srv.add_argument("--port", type=int, default=8000, help="the port on 127.0.0.1 (0: a free one)")
+    srv.add_argument("--parser", default="hermes", help="the tool-call parser: hermes, llama3_json, mistral, ...")
+    srv.add_argument("--max-new-tokens", type=int, default=256, help="most tokens a call generates")
+    srv.add_argument("--temperature", type=float, default=1.0, help="when a request gives none; 0 for greedy")
+    srv.add_argument("--engine", default="native")
+    srv.add_argument("--seed", type=int, default=0)
+    srv.add_argument("--record", help="append every call to this JSONL file (prompt/completion ids, log-probs)")
 
     demo = _add(sub, "demo", "tiny model, SFT then GRPO on arithmetic, evaluated (CPU, minutes)", _run_demo)
     demo.add_argument("--output-dir", default="runs/demo")
@@ -348,6 +360,20 @@ def _run_generate(args: argparse.Namespace) -> int:
     for prompt, outs in zip(args.prompt, completions):
         for out in outs:
             print(json.dumps({"prompt": prompt, "completion": out}))
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from posttrain.agents import serve
+
+    endpoint = serve(args.model_dir, port=args.port, parser=args.parser, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, engine=args.engine, seed=args.seed, record=args.record)  # fmt: skip
+    print(f"serving {args.model_dir} at {endpoint.base_url} (POST /chat/completions, GET /models); Ctrl-C stops",
+          flush=True)  # fmt: skip
+    try:
+        endpoint.wait()
+    finally:
+        endpoint.close()
     return 0
 
 

@@ -67,9 +67,13 @@ class ModelSection(Section):
         return self
 
 
+ARITHMETIC_FIELDS = ("digits", "operators", "think_fraction", "tool_fraction")
+GUESS_NUMBER_FIELDS = ("low", "high", "max_guesses", "search_fraction")
+
+
 class TaskSection(Section):
-    name: Literal["arithmetic"] = "arithmetic"
-    """A built-in task."""
+    name: Literal["arithmetic", "guess_number"] = "arithmetic"
+    """A built-in task: arithmetic problems, or guess-the-number games (`tasks/guess_number.py`)."""
     digits: PositiveInt = 2
     """Largest number of digits in an operand."""
     operators: str = "+-"
@@ -86,6 +90,26 @@ class TaskSection(Section):
     """null: text rows. A number: conversational rows for a calculator agent (`tools` column, the calculator's
     schema), this share of the demonstrations calling the calculator and answering with its result, the rest
     answering directly (docs/agents.md)."""
+
+    low: int = 1
+    """guess_number: the smallest secret."""
+    high: int = 16
+    """guess_number: the largest secret."""
+    max_guesses: PositiveInt = 5
+    """guess_number: guesses a game allows (the environment's `max_guesses` must match)."""
+    search_fraction: Fraction = 1.0
+    """guess_number: share of demonstrations that play binary search; the rest count up from the lowest number still
+    possible."""
+
+    @model_validator(mode="after")
+    def _fields_of_the_task(self) -> TaskSection:
+        other = GUESS_NUMBER_FIELDS if self.name == "arithmetic" else ARITHMETIC_FIELDS
+        stray = sorted(set(other) & self.model_fields_set)
+        if stray:
+            raise ValueError(f"{', '.join(stray)}: not a setting of the {self.name} task")
+        if self.low > self.high:
+            raise ValueError(f"low={self.low} is above high={self.high}")
+        return self
 
     @model_validator(mode="after")
     def _working_is_written_for_plus_and_minus(self) -> TaskSection:

@@ -62,6 +62,9 @@ class Environment(Protocol):
         """Take the model's latest turn (its token ids only) and reply."""
         ...
 
+    # An environment may also define `close()`: the driver calls it once the episode is over, however it ended (an
+    # agent's environment answers the call its agent still waits on, `agents.env`).
+
 
 @dataclass
 class _Episode:
@@ -160,8 +163,36 @@ def run_episodes(
     turn reached `params.max_new_tokens`, ends with finish reason "length" and counts as truncated (a turn cut by
     max_new_tokens ends the episode only if its environment says done); one whose environment raised ends there
     and counts as failed (`info["env_error"]`). The observation of the final step is
-    not appended. `Rollouts.stats` holds the counts and the time spent generating and in the environments.
+    not appended. `Rollouts.stats` holds the counts and the time spent generating and in the environments. Every
+    environment that has a `close()` is closed at the end, whatever happened.
     """
+    try:
+        return _play(engine, model, envs, rows, params, n=n, generator=generator, tokenizer=tokenizer,
+                     max_turns=max_turns, max_total_tokens=max_total_tokens)  # fmt: skip
+    finally:
+        close_all(envs)
+
+
+def close_all(envs: list[Environment]) -> None:
+    for env in envs:
+        close = getattr(env, "close", None)
+        if callable(close):
+            close()
+
+
+def _play(
+    engine: Engine,
+    model: Any,
+    envs: list[Environment],
+    rows: list[dict[str, Any]],
+    params: SamplingParams,
+    *,
+    n: int,
+    generator: torch.Generator | None,
+    tokenizer: Any,
+    max_turns: int,
+    max_total_tokens: int | None,
+) -> Rollouts:
     started = time.perf_counter()
     prompts_P = reset_groups(envs, rows, n)
     first = engine.generate(model, prompts_P, params, n=n, generator=generator, tokenizer=tokenizer)

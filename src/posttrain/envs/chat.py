@@ -27,6 +27,23 @@ def conversation_of(prompt: Any) -> list[Message]:
     raise ValueError(f"the row's prompt must be text or a list of messages, got {type(prompt).__name__}")
 
 
+def render_chat_ids(tokenizer: Any, messages: list[Message], *, tools: list[dict[str, Any]] | None = None,
+                    template_kwargs: Mapping[str, Any] | None = None, add_generation_prompt: bool = True) -> list[int]:
+    """The ids of a conversation as the chat template renders it (with `tools`), tokenised without special tokens
+    (the template writes its own)."""
+    text = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, **dict(template_kwargs or {}))
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])  # fmt: skip
+
+
+def model_turn_text(tokenizer: Any, completion_ids: list[int]) -> tuple[str, bool]:
+    """A model turn's text (special tokens kept: `[TOOL_CALLS]` is one) and whether it ended on the stop token (EOS),
+    which is left out of the text."""
+    ended = bool(completion_ids) and completion_ids[-1] == tokenizer.eos_token_id
+    body = completion_ids[:-1] if ended else completion_ids
+    return tokenizer.decode(body, skip_special_tokens=False), ended
+
+
 class ChatTranscript:
     """One episode's messages and the exact ids of its context (see the module docstring)."""
 
@@ -41,9 +58,8 @@ class ChatTranscript:
         self.splits = 0
 
     def render_ids(self, messages: list[Message], *, add_generation_prompt: bool = True) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tools=self.tools, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt, **self.template_kwargs)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])  # fmt: skip
+        return render_chat_ids(self.tokenizer, messages, tools=self.tools, template_kwargs=self.template_kwargs,
+                               add_generation_prompt=add_generation_prompt)  # fmt: skip
 
     def start(self, messages: list[Message]) -> list[int]:
         """The prompt's ids: the conversation rendered with the tools and the generation prompt."""
@@ -55,10 +71,7 @@ class ChatTranscript:
         """The text of a model turn (special tokens kept: `[TOOL_CALLS]` is one) and whether it ended on the stop
         token (EOS), which is left out of the text; the ids join the context."""
         self.ids += completion_ids
-        eos = self.tokenizer.eos_token_id
-        ended = bool(completion_ids) and completion_ids[-1] == eos
-        body = completion_ids[:-1] if ended else completion_ids
-        return self.tokenizer.decode(body, skip_special_tokens=False), ended
+        return model_turn_text(self.tokenizer, completion_ids)
 
     def extend(self, new_messages: list[Message]) -> tuple[list[int], list[int] | None]:
         """Append messages; return (observation ids, None) when the rendering extends the ids so far, else

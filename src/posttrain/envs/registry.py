@@ -28,6 +28,7 @@ ENVIRONMENTS: dict[str, str] = {
     "python": "posttrain.envs.tool_env:PythonEnv",
     "search": "posttrain.envs.tool_env:SearchEnv",
     "guess_number": "posttrain.envs.games:GuessNumberEnv",
+    "openai_agent": "posttrain.agents.env:AgentEnv",
 }
 """Built-in environment name -> `module:Class`, imported on first use."""
 

@@ -3,9 +3,10 @@
 from typing import Any
 
 from posttrain.tasks.arithmetic import ArithmeticTask, extract_answer, verify
+from posttrain.tasks.guess_number import GuessNumberTask
 from posttrain.tasks.tokenizer import TOOL_TOKENS, TOOLS_CHATML_TEMPLATE, build_tokenizer, save_tokenizer
 
-TASKS = {"arithmetic": ArithmeticTask}
+TASKS = {"arithmetic": ArithmeticTask, "guess_number": GuessNumberTask}
 
 
 BUILTIN_TOKENIZERS = ("arithmetic", "arithmetic-tools")
@@ -17,7 +18,7 @@ def build_builtin_tokenizer(name: str) -> Any:
     """The tokenizer of a built-in task. Its corpus is fixed, so the vocabulary is the same every time."""
     if name == "arithmetic-tools":
         return build_tools_tokenizer()
-    if name not in TASKS:
+    if name != "arithmetic":
         return None
     return build_tokenizer(ArithmeticTask(digits=3, operators="+-*").corpus())
 
@@ -33,6 +34,6 @@ def build_tools_tokenizer() -> Any:
 
 
 __all__ = [
-    "BUILTIN_TOKENIZERS", "TASKS", "ArithmeticTask", "build_builtin_tokenizer", "build_tokenizer", "extract_answer",
-    "save_tokenizer", "verify",
+    "BUILTIN_TOKENIZERS", "TASKS", "ArithmeticTask", "GuessNumberTask", "build_builtin_tokenizer", "build_tokenizer",
+    "extract_answer", "save_tokenizer", "verify",
 ]  # fmt: skip

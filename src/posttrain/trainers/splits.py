@@ -6,6 +6,7 @@ A task beside a training file gives the held-out rows only (`data_sources` says 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,7 @@ from posttrain.data.errors import DataError
 from posttrain.data.examples import Kind, load_examples
 from posttrain.data.readers import Row
 from posttrain.data.stepwise import StepwiseTokens, encode_stepwise
-from posttrain.tasks import TASKS, ArithmeticTask
+from posttrain.tasks import TASKS, ArithmeticTask, GuessNumberTask
 from posttrain.tasks.preference_data import FeedbackKind, feedback_rows
 from posttrain.tasks.process_data import stepwise_rows
 from posttrain.trainers.build import resolve_path
@@ -38,11 +39,11 @@ ENCODERS = {"preference": encode_preference, "unpaired": encode_unpaired, "listw
             "stepwise": encode_stepwise}  # fmt: skip
 
 
-def build_task(section: TaskSection) -> ArithmeticTask:
-    return TASKS[section.name](
-        digits=section.digits, operators=section.operators, think_fraction=section.think_fraction,
-        tool_fraction=section.tool_fraction,
-    )
+def build_task(section: TaskSection) -> ArithmeticTask | GuessNumberTask:
+    """The task a config's `data.task` names, with the settings it takes."""
+    task = TASKS[section.name]
+    takes = {f.name for f in dataclasses.fields(task)}
+    return task(**{key: value for key, value in section.model_dump().items() if key in takes})
 
 
 def rows_from_memory(rows: Rows, source: str) -> list[Row]:
@@ -155,6 +156,9 @@ def load_feedback(
         raw = read_rows(resolve_path(path, recipe_dir), on_bad_row=data.on_bad_row, report=report)
     elif data.task is not None:
         task, size = build_task(data.task), data.task.train_size if split == "train" else data.task.eval_size
+        if not isinstance(task, ArithmeticTask):
+            raise ConfigError(f"data.task: the {data.task.name} task gives demonstrations and prompts (sft, rl); "
+                              f"{kind} rows are generated from the arithmetic task only")  # fmt: skip
         if kind == "stepwise":
             generated = stepwise_rows(task, size, seed=seed, split=split, wrong_fraction=data.task.wrong_step_fraction)
         else:
