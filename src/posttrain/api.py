@@ -247,16 +247,24 @@ def write_task(
     name: str,
     out_dir: str | Path,
     *,
-    digits: int = 2,
-    operators: str = "+-",
+    digits: int | None = None,
+    operators: str | None = None,
     train_size: int = 20000,
     eval_size: int = 500,
-    think_fraction: float = 0.0,
+    think_fraction: float | None = None,
+    wrong_fraction: float = 0.0,
     seed: int = 0,
 ) -> list[Path]:
-    """A built-in task's train.jsonl, eval.jsonl and tokenizer/ (`posttrain task`)."""
+    """A built-in task's train.jsonl, eval.jsonl and tokenizer/ (`posttrain task`). digits, operators and
+    think_fraction are the arithmetic task's (None: its defaults)."""
+    arithmetic = {"digits": digits, "operators": operators, "think_fraction": think_fraction}
+    given = {key: value for key, value in arithmetic.items() if value is not None}
+    if name not in TASKS:
+        raise ConfigError(f"posttrain task: unknown task {name!r}; tasks: {', '.join(sorted(TASKS))}")
+    if given and name != "arithmetic":
+        raise ConfigError(f"posttrain task {name}: {', '.join(given)} are settings of the arithmetic task")
     try:
-        task = TASKS[name](digits=digits, operators=operators, think_fraction=think_fraction)
+        task = TASKS[name](**given, wrong_fraction=wrong_fraction)
     except ValueError as error:
         raise ConfigError(f"posttrain task {name}: {error}") from error
     out = make_output_dir(out_dir, "OUT_DIR")

@@ -27,6 +27,9 @@ class FeedbackTaskSection(TaskSection):
     kind: Literal["preference"] = "preference"
     """Rows built from the task: a correct answer (chosen) against a plausible wrong one (rejected);
     unpaired and listwise losses get the same pairs as labelled or scored completions."""
+    rejected: Literal["near_duplicate", "different"] = "near_duplicate"
+    """The wrong answer of a pair: a near duplicate, one token or one swap from the right one (`95` -> `96`, `dcba`
+    -> `dcab`), or a clearly different one (`95` -> `12`, `dcba` -> `hfgj`)."""
 
 
 class FeedbackDataSection(DataSection):

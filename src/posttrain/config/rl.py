@@ -11,7 +11,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-from posttrain.config.sections import DataSection, EvalSection, Fraction, ModelSection, RunSection, Section
+from posttrain.config.sections import (
+    DataSection,
+    EvalSection,
+    Fraction,
+    ModelSection,
+    RunSection,
+    Section,
+    task_verifier,
+)
 from posttrain.config.sections import TrainSection as _TrainSection
 from posttrain.objectives import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from posttrain.objectives.registry import Registry
@@ -222,7 +230,8 @@ class RLConfig(RunSection):
     env: EnvSection = EnvSection()
     """The environment each prompt's episodes are played in (single-turn by default; docs/agents.md)."""
     rewards: list[RewardEntry] = [RewardEntry()]
-    """Weighted rewards summed into the total."""
+    """Weighted rewards summed into the total. Left out beside data.task, the task's verifier (numeric_match, or
+    exact_match for reverse and sort)."""
     max_failure_fraction: Fraction = 0.5
     """Stop when more than this share of one reward call's samples fail."""
     plugins: list[str] = []
@@ -237,6 +246,12 @@ class RLConfig(RunSection):
             for plugin in raw.get("plugins") or []:
                 import_plugin(str(plugin), raw.get("recipe_dir"))
         return raw
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_verifier_rewards_by_default(cls, raw: Any) -> Any:
+        verifier = task_verifier(raw)
+        return {**raw, "rewards": [{"fn": verifier}]} if verifier is not None and "rewards" not in raw else raw
 
     @model_validator(mode="after")
     def _checks(self) -> RLConfig:

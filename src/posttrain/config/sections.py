@@ -6,7 +6,7 @@ Public contract (issue #3): `model.path`, `data.train`, `data.eval`, `output_dir
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
@@ -35,8 +35,9 @@ class ModelSection(Section):
     preset: str | None = None
     """Build a new, randomly initialised model of this preset (see `posttrain list presets`)."""
     tokenizer: str | None = None
-    """A tokenizer directory, or a built-in task name (arithmetic) whose tokenizer is built. Default: model.path's
-    own."""
+    """A tokenizer directory, or a built-in tokenizer the project builds: a task's name (arithmetic, reverse, sort,
+    count, sequence), arithmetic-tools, or characters (one token per character, the suite tasks'). Default:
+    model.path's own."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype."""
     gradient_checkpointing: bool = False
@@ -56,13 +57,18 @@ class ModelSection(Section):
         return self
 
 
+TaskName = Literal["arithmetic", "reverse", "sort", "count", "sequence"]
+ARITHMETIC_ONLY = ("digits", "operators", "think_fraction", "tool_fraction")
+
+
 class TaskSection(Section):
-    name: Literal["arithmetic"] = "arithmetic"
-    """A built-in task."""
+    name: TaskName = "arithmetic"
+    """A built-in task: arithmetic (`37+58=` -> `95`), reverse (`rev abcd=` -> `dcba`), sort (`sort 3912=` ->
+    `1239`), count (`count b in abbcab=` -> `3`) or sequence (`next 4,7,10,13=` -> `16`); `posttrain list tasks`."""
     digits: PositiveInt = 2
-    """Largest number of digits in an operand."""
+    """arithmetic: largest number of digits in an operand."""
     operators: str = "+-"
-    """Operators to draw from (any of +-*)."""
+    """arithmetic: operators to draw from (any of +-*)."""
     train_size: PositiveInt = 20000
     """Training problems to generate (seeded by `seed`)."""
     eval_size: PositiveInt = 500
@@ -75,11 +81,17 @@ class TaskSection(Section):
     """null: text rows. A number: conversational rows for a calculator agent (`tools` column, the calculator's
     schema), this share of the demonstrations calling the calculator and answering with its result, the rest
     answering directly (docs/agents.md)."""
+    wrong_fraction: Fraction = 0.0
+    """Share of demonstrations that state a near miss instead of the answer (noisy demonstrations: `95` -> `96`,
+    `dcba` -> `dcab`); the rows' `answer` column, which rewards and held-out accuracy read, stays right."""
 
     @model_validator(mode="after")
     def _working_is_written_for_plus_and_minus(self) -> TaskSection:
         if self.think_fraction > 0 and "*" in self.operators:
             raise ValueError("think_fraction > 0 needs operators from +- only (no worked form for *)")
+        misplaced = [key for key in ARITHMETIC_ONLY if key in self.model_fields_set]
+        if self.name != "arithmetic" and misplaced:
+            raise ValueError(f"{', '.join(misplaced)}: settings of the arithmetic task, not of {self.name}")
         return self
 
 
@@ -153,7 +165,8 @@ class EvalSection(Section):
     limit: PositiveInt | None = None
     """Evaluate at most this many rows."""
     reward: str = "numeric_match"
-    """Reward that decides correctness (score >= 1): a built-in name or module:function."""
+    """Reward that decides correctness (score >= 1): a built-in name or module:function. Left out beside data.task,
+    the task's verifier (exact_match for reverse and sort)."""
 
     @model_validator(mode="after")
     def _k_within_samples(self) -> EvalSection:
@@ -175,3 +188,25 @@ class RunSection(Section):
     """Set by the loader: the recipe's directory, for relative paths in it."""
     load_notes: tuple[str, ...] = Field(default=(), exclude=True)
     """Set by the loader: what an override replaced in the recipe (`config.loading.REPLACES`); runs print it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_verifier_judges_by_default(cls, raw: Any) -> Any:
+        verifier = task_verifier(raw)
+        evaluation = raw.get("eval", {}) if isinstance(raw, dict) else None
+        if verifier is None or "eval" not in cls.model_fields or not isinstance(evaluation, dict):
+            return raw
+        return raw if "reward" in evaluation else {**raw, "eval": {**evaluation, "reward": verifier}}
+
+
+def task_verifier(raw: Any) -> str | None:
+    """The verifier of the built-in task a raw config's data.task names, when it is not numeric_match (the default
+    of eval.reward and of RL's rewards); None otherwise."""
+    from posttrain.tasks import TASKS
+
+    data = raw.get("data") if isinstance(raw, dict) else None
+    task = data.get("task") if isinstance(data, dict) else None
+    name = task.get("name") if isinstance(task, dict) else None
+    if not isinstance(name, str) or name not in TASKS or TASKS[name].verifier == "numeric_match":
+        return None
+    return TASKS[name].verifier

@@ -35,10 +35,13 @@ Tokens = PreferenceTokens | CompletionTokens
 ENCODERS = {"preference": encode_preference, "unpaired": encode_unpaired, "listwise": encode_listwise}
 
 
-def build_task(section: TaskSection) -> ArithmeticTask:
-    return TASKS[section.name](
+def build_task(section: TaskSection) -> Any:
+    """The task data.task names, with its settings (the arithmetic ones for arithmetic only)."""
+    if section.name != "arithmetic":
+        return TASKS[section.name](wrong_fraction=section.wrong_fraction)
+    return ArithmeticTask(
         digits=section.digits, operators=section.operators, think_fraction=section.think_fraction,
-        tool_fraction=section.tool_fraction,
+        tool_fraction=section.tool_fraction, wrong_fraction=section.wrong_fraction,
     )
 
 
@@ -148,7 +151,8 @@ def load_feedback(
         raw = read_rows(resolve_path(path, recipe_dir), on_bad_row=data.on_bad_row, report=report)
     elif data.task is not None:
         task, size = build_task(data.task), data.task.train_size if split == "train" else data.task.eval_size
-        generated = feedback_rows(task, size, seed=seed, split=split, kind=kind)  # type: ignore[arg-type]
+        generated = feedback_rows(task, size, seed=seed, split=split, kind=kind,  # type: ignore[arg-type]
+                                  rejected=data.task.rejected)  # fmt: skip
         raw = [Row(fields=r, where=f"task {data.task.name} ({split}) row {i + 1}") for i, r in enumerate(generated)]
     else:
         return require_train_data(split)
