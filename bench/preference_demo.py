@@ -13,8 +13,12 @@ Per seed S (all on CPU):
      scored by numeric_match; each prompt with a right and a wrong answer gives one pair, the first right
      against the first wrong with the greedy answer first (`pairing.best_vs_worst`), so a wrong greedy
      answer is the rejected one. Written as pairs.jsonl, and as unpaired.jsonl (both sides of each pair,
-     labelled) for KTO. Pairs with an empty answer (EOS first) are left out.
-  3. `posttrain pref recipes/arith-self-{dpo,ipo,simpo,kto}.yaml` on that set and
+     labelled) for KTO and BCO, and as lists.jsonl for the listwise presets: each prompt's first 4 distinct
+     answers graded by their distance to the right answer (0 right, -|answer - right answer| otherwise, -100
+     without a number), kept when a right and a wrong one are among them. Pairs with an empty answer (EOS
+     first) are left out, and lists holding one.
+  3. `posttrain pref recipes/arith-self-<method>.yaml` on that set (DPO, IPO, SimPO, KTO by default; --methods
+     names any of the offline presets) and
      `posttrain pref recipes/arith-online_dpo.yaml`, each with model.path, seed and output_dir set.
   4. Held-out greedy accuracy on the seed's first 1000 held-out problems (drawn with replacement; the
      first 300 are the SFT run's held-out set) of the SFT model and of each result.
@@ -31,6 +35,7 @@ import statistics
 import time
 from pathlib import Path
 
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, or torch starts 2 threads (DESIGN.md)
 import torch
 
 from posttrain.api import evaluate, pref, sft
@@ -43,13 +48,20 @@ from posttrain.tasks import ArithmeticTask
 ROOT = Path(__file__).resolve().parent.parent
 TASK = {"name": "arithmetic", "digits": 2, "operators": "+-", "train_size": 20000, "eval_size": 1000}
 """The recipes' task: its held-out split's first 300 problems are the SFT run's held-out set."""
+PAIRED = ("dpo", "ipo", "simpo", "robust_dpo", "hinge", "nca", "exo", "apo_zero", "apo_down", "aot", "sppo_hard", "rpo",
+          "dpop", "cpo", "orpo", "cpl")
 METHODS = {
-    "dpo": ("recipes/arith-self-dpo.yaml", "pairs.jsonl"),
-    "ipo": ("recipes/arith-self-ipo.yaml", "pairs.jsonl"),
-    "simpo": ("recipes/arith-self-simpo.yaml", "pairs.jsonl"),
-    "kto": ("recipes/arith-self-kto.yaml", "unpaired.jsonl"),
+    **{name: (f"recipes/arith-self-{name}.yaml", "pairs.jsonl") for name in PAIRED},
+    **{name: (f"recipes/arith-self-{name}.yaml", "unpaired.jsonl") for name in ("kto", "bco")},
+    **{name: (f"recipes/arith-self-{name}.yaml", "lists.jsonl") for name in ("lipo_lambda", "plackett_luce")},
     "online_dpo": ("recipes/arith-online_dpo.yaml", None),
+    "selm": ("recipes/arith-selm.yaml", None),
+    "rso": ("recipes/arith-rso.yaml", None),
+    "rso_hinge": ("recipes/arith-rso_hinge.yaml", None),
 }
+DEFAULT_METHODS = ("dpo", "ipo", "simpo", "kto", "online_dpo")
+LIST_SIZE = 4
+"""Completions per list of lists.jsonl (the listwise presets' K)."""
 
 
 def sft_dir(seed: int) -> Path:
@@ -90,11 +102,33 @@ def build_preference_set(model_dir: Path, out_dir: Path, *, seed: int, prompts: 
         pairs.append({"prompt": rows[p]["prompt"], "chosen": chosen, "rejected": rejected})
         unpaired += [{"prompt": rows[p]["prompt"], "completion": chosen, "label": True},
                      {"prompt": rows[p]["prompt"], "completion": rejected, "label": False}]  # fmt: skip
-    for name, data in (("pairs.jsonl", pairs), ("unpaired.jsonl", unpaired)):
+    lists = graded_lists(rows, texts, scores_P_K, samples)
+    for name, data in (("pairs.jsonl", pairs), ("unpaired.jsonl", unpaired), ("lists.jsonl", lists)):
         (out_dir / name).write_text("".join(json.dumps(r) + "\n" for r in data))
-    stats = {"prompts": len(rows), "samples": samples, "sample_accuracy": scores_P_K.mean().item(), "pairs": len(pairs)}
+    stats = {"prompts": len(rows), "samples": samples, "sample_accuracy": scores_P_K.mean().item(), "pairs": len(pairs),
+             "lists": len(lists)}
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=1))
     return stats
+
+
+def graded_lists(rows: list[dict], texts: list[str], scores_P_K: torch.Tensor, samples: int) -> list[dict]:
+    """Each prompt's first LIST_SIZE distinct non-empty answers, graded by their distance to the right answer,
+    kept when a right and a wrong one are among them."""
+    from posttrain.rewards.verifiers import extract_final_fraction
+
+    lists = []
+    for p, row in enumerate(rows):
+        seen: dict[str, float] = {}
+        for i in range(samples):
+            text = texts[p * samples + i]
+            if text.strip() and text not in seen and len(seen) < LIST_SIZE:
+                value = extract_final_fraction(text)
+                right = scores_P_K[p, i].item() >= 1.0
+                seen[text] = 0.0 if right else -100.0 if value is None else -float(abs(value - int(row["answer"])))
+        grades = list(seen.values())
+        if len(grades) == LIST_SIZE and max(grades) == 0.0 and min(grades) < 0.0:
+            lists.append({"prompt": row["prompt"], "completions": list(seen), "scores": grades})
+    return lists
 
 
 def greedy_accuracy(model_dir: Path, seed: int, out_dir: Path) -> float:
@@ -116,12 +150,11 @@ def run_method(method: str, seed: int, model_dir: Path, set_dir: Path, out_dir: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
     parser.add_argument("--prompts", type=int, default=20000, help="training prompts sampled for the set")
     parser.add_argument("--samples", type=int, default=8, help="samples per prompt for the set")
     parser.add_argument("--out", default=str(ROOT / "bench/preference_demo.json"))
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     results = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
     for seed in args.seeds:
         entry = results.setdefault(str(seed), {})
@@ -136,6 +169,9 @@ def main() -> None:
                   flush=True)  # fmt: skip
             Path(args.out).write_text(json.dumps(results, indent=1))
     print(table(results, args.methods))
+    from adastop_demos import table as adastop_table  # beside this script: AdaStop on the gains over the seeds
+
+    print(adastop_table())
 
 
 def table(results: dict, methods: list[str]) -> str:

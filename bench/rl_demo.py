@@ -38,6 +38,9 @@ def main() -> None:
         rows.append({"seed": seed, **vars(result)})
     (HERE / "rl_demo.json").write_text(json.dumps(rows, indent=1))
     print(markdown_table(rows))
+    from adastop_demos import table as adastop_table  # beside this script: AdaStop on the gains over the seeds
+
+    print(adastop_table())
 
 
 def markdown_table(rows: list[dict]) -> str:

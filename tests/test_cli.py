@@ -278,7 +278,7 @@ def test_a_torn_last_metrics_line_is_left_out(trained: Path, tmp_path: Path, cap
     (run / "metrics.jsonl").write_text(whole + '{"step": 99, "kind": "tra')
     assert main(["report", str(run)]) == 0
     assert "steps" in capsys.readouterr().out
-    log = RunLogger(run, total_steps=1, progress=False, tensorboard=False)
+    log = RunLogger(run, total_steps=1, progress=False)
     log.log(100, {"loss": 1.0})
     log.close()
     records = read_metrics(run)

@@ -8,7 +8,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API = ("sft", "rl", "pref", "rm", "evaluate", "generate", "export", "write_task", "registered", "summarise_run")
+_API = ("sft", "rl", "pref", "rm", "evaluate", "generate", "export", "write_task", "registered", "summarise_run",
+        "report", "compare")
 
 
 def __getattr__(name: str) -> Any:

@@ -9,6 +9,7 @@ A config may be a config object, a dict, or a path to a YAML recipe (plus `overr
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -290,6 +291,41 @@ def registered() -> dict[str, list[str]]:
         "tasks": sorted(TASKS),
     }
     return table
+
+
+def report(
+    run_dirs: Sequence[str | Path], *, output: str | Path | None = None, smoothing: float = 0.6, html: bool = True
+) -> tuple[list[Any], Path | None]:
+    """The runs as `posttrain report` reads them (`report.RunData`: every logged series, samples, config) and, with
+    `html`, the page it writes: `output`/index.html with the PNGs in `output`/plots/ (default: RUN/report for one run,
+    ./report for several). The page is None when matplotlib (the `report` extra) is not installed."""
+    from posttrain.report import labels_for, load_run
+
+    if not run_dirs:
+        raise ConfigError("report: give at least one run directory")
+    if not 0.0 <= smoothing < 1.0:
+        raise ConfigError(f"report: smoothing={smoothing}; give a weight in [0, 1) (0: none; TensorBoard's 0.6)")
+    paths = [Path(p) for p in run_dirs]
+    runs = [load_run(path, label) for path, label in zip(paths, labels_for(paths))]
+    if not html or importlib.util.find_spec("matplotlib") is None:
+        return runs, None
+    from posttrain.report.page import write_report
+
+    out = Path(output) if output is not None else paths[0] / "report" if len(paths) == 1 else Path("report")
+    return runs, write_report(runs, make_output_dir(out, "--output"), smoothing=smoothing)
+
+
+def compare(
+    runs_a: str | Sequence[str | Path], runs_b: str | Sequence[str | Path], *, metric: str, reduce: str = "last",
+    higher_is_better: bool = True, n: int = 5, K: int = 5, alpha: float = 0.05, seed: int = 0,
+) -> Any:  # fmt: skip
+    """Whether runs A beat runs B on `metric`, by AdaStop over their seeds (`posttrain compare`; `report.compare`).
+    `runs_a` / `runs_b`: run directories, or one spec string (a directory of runs, a glob, comma-separated parts)."""
+    from posttrain.report.compare import compare_runs, expand_runs
+
+    arms = [expand_runs(runs) if isinstance(runs, str) else [Path(p) for p in runs] for runs in (runs_a, runs_b)]
+    return compare_runs(*arms, metric=metric, reduce=reduce, higher_is_better=higher_is_better, n=n, K=K,
+                        alpha=alpha, seed=seed)  # type: ignore[arg-type]  # fmt: skip
 
 
 def summarise_run(run_dir: str | Path) -> dict[str, Any]:

@@ -10,7 +10,8 @@ posttrain export RUN_DIR [--merge] [--checkpoint STEP] [--output DIR]
 posttrain demo
 posttrain task arithmetic|reverse|sort|count|sequence OUT_DIR
 posttrain list [advantages|policy_losses|aggregations|kl_estimators|preference_losses|rewards|presets]
-posttrain report RUN_DIR
+posttrain report RUN_DIR [RUN_DIR ...] [--output DIR] [--smoothing W] [--no-html]
+posttrain compare RUNS_A RUNS_B --metric M [--reduce last] [--lower-is-better] [--n 5] [--k 5] [--alpha 0.05]
 
 Exit codes: 0 done; 2 a user error (one line on stderr, the traceback with --debug); 130 / 143 stopped by
 SIGINT / SIGTERM (a training command first finishes its step and writes a checkpoint, and prints the
@@ -134,8 +135,26 @@ def build_parser() -> argparse.ArgumentParser:
     lst = _add(sub, "list", "list registered objectives, rewards and model presets", _run_list)
     lst.add_argument("what", nargs="?", default="all")
 
-    report = _add(sub, "report", "summarise a run directory's metrics", _run_report)
-    report.add_argument("run_dir")
+    about = "every metric of one or more runs: sparklines here, an HTML page with plots"
+    report = _add(sub, "report", about, _run_report)
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="posttrain run directories (several: overlaid)")
+    report.add_argument("--output", help="where the page and plots go (default: RUN/report for one run, ./report)")
+    report.add_argument("--smoothing", type=float, default=0.6, help="EMA weight of smoothed curves")
+    report.add_argument("--no-html", action="store_true", help="the terminal summary only")
+
+    about = "does A beat B on a metric, over seeds? AdaStop's sequential test (arXiv:2306.10882)"
+    cmp = _add(sub, "compare", about, _run_compare)
+    for arm in ("A", "B"):
+        cmp.add_argument(f"runs_{arm.lower()}", metavar=f"RUNS_{arm}",
+                         help="a directory of runs, a run, a quoted glob, or comma-separated ones")  # fmt: skip
+    cmp.add_argument("--metric", required=True, help="a logged metric (eval_accuracy, rewards/total/mean, ...)")
+    cmp.add_argument("--reduce", default="last", choices=["last", "mean", "max", "min"], help="a run's value")
+    cmp.add_argument("--lower-is-better", action="store_true", help="lower values win (default: higher, or lower for "
+                     "a metric named *loss*)")  # fmt: skip
+    cmp.add_argument("--n", type=int, default=5, help="seeds per arm in each interim")
+    cmp.add_argument("--k", type=int, default=5, help="most interims (then an undecided comparison is equal)")
+    cmp.add_argument("--alpha", type=float, default=0.05, help="family-wise error over every interim")
+    cmp.add_argument("--seed", type=int, default=0, help="seed of the permutations AdaStop samples")
     return parser
 
 
@@ -381,10 +400,30 @@ def _run_list(args: argparse.Namespace) -> int:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from posttrain.api import summarise_run
+    from rich.console import Console
 
-    summary = summarise_run(args.run_dir)
-    _print_table(f"run {args.run_dir}", summary)
+    from posttrain.api import report
+    from posttrain.report.terminal import run_table
+
+    runs, page = report(args.run_dirs, output=args.output, smoothing=args.smoothing, html=not args.no_html)
+    console = Console(width=max(shutil.get_terminal_size((140, 24)).columns, 100))
+    for run in runs:
+        console.print(run_table(run))
+    if page is not None:
+        print(f"report: {page} (plots in {page.parent / 'plots'})")
+    elif not args.no_html:
+        print("report: the HTML page and plots need matplotlib: pip install 'posttrain[report]'", file=sys.stderr)
+    return 0
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from posttrain.api import compare
+
+    lower = args.lower_is_better or "loss" in args.metric
+    result = compare(args.runs_a, args.runs_b, metric=args.metric, reduce=args.reduce, higher_is_better=not lower,
+                     n=args.n, K=args.k, alpha=args.alpha, seed=args.seed)  # fmt: skip
+    print(f"A = {args.runs_a}, B = {args.runs_b}")
+    print(result.summary())
     return 0
 
 

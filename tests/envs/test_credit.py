@@ -37,7 +37,8 @@ def test_every_estimator_runs_on_episodes_and_credits_model_tokens_only(name, ti
     available = {"rewards_PG": rewards_PG, "group_size": 2, "greedy_rewards_P": torch.tensor([0.5, 0.5]),
                  "baseline": torch.tensor(0.3)}  # fmt: skip
     view = EpisodeView.of(rollouts, 0, torch.device("cpu"), layout, rows)
-    tensors, _ = prepare_step(rows, available, objectives, advantage_args={}, reference=None, critic=critic,
+    args = {"reward_min": 0.0, "reward_max": 3.0} if name == "bnpo" else {}  # its range holds the env's rewards
+    tensors, _ = prepare_step(rows, available, objectives, advantage_args=args, reference=None, critic=critic,
                               kl_coef=0.0, kl_in_reward=False, temperature=1.0, micro_batch_size=None,
                               episodes=view)  # fmt: skip
     mask = rows.loss_mask_B_T
@@ -96,3 +97,19 @@ def test_per_turn_rewards_and_the_outcome_sum_to_the_return_on_each_token():
     # episode 1's completion [5, 6, 7, 9, 5, 6, 7] after its 2-token prompt: turn ends at columns 4 and 8
     assert seen["token_rewards"][1, :9].tolist() == [0, 0, 0, 0, 0.25, 0, 0, 0, 1.5]
     assert seen["token_rewards"][1].sum().item() == pytest.approx(1.75)
+
+
+def test_a_split_episodes_rows_get_their_episodes_group_rewards(tiny_qwen2):
+    rollouts = episodes()
+    rows, layout = rollouts.to_training_rows(pad_id=0)
+    rewards_PG = torch.tensor([1.0, 0.0, 0.5, 0.25])
+    objectives = Objectives(ADVANTAGES["grpo"], POLICY_LOSSES["nft"], AGGREGATIONS["token_mean"], KL_ESTIMATORS["k3"])
+    view = EpisodeView.of(rollouts, 0, torch.device("cpu"), layout, rows)
+    tensors, _ = prepare_step(rows, {"rewards_PG": rewards_PG, "group_size": 2}, objectives, advantage_args={},
+                              reference=None, critic=None, kl_coef=0.0, kl_in_reward=False, temperature=1.0,
+                              micro_batch_size=None, episodes=view)  # fmt: skip
+    episode_B = layout.episode_of_B
+    assert len(episode_B) > len(rewards_PG)  # some episode became several rows
+    assert torch.equal(tensors.row_inputs["rewards_B"], rewards_PG[episode_B])
+    group_means = torch.tensor([0.5, 0.5, 0.375, 0.375])
+    assert torch.equal(tensors.row_inputs["group_mean_rewards_B"], group_means[episode_B])

@@ -8,13 +8,16 @@ import torch
 from torch import Tensor
 
 from posttrain.objectives.advantages import (
+    bnpo,
     gae,
+    group_reward_inputs,
     grpo,
     reinforce,
     reinforce_pp,
     reinforce_pp_baseline,
     remax,
     rloo,
+    spo,
 )
 from posttrain.objectives.registry import ADVANTAGES
 
@@ -35,6 +38,8 @@ def test_registered_names_and_needs_read_from_the_signatures():
     assert ADVANTAGES["reinforce_pp"].needs == ("token_rewards",)
     assert set(ADVANTAGES["reinforce_pp_baseline"].needs) == {"groups", "token_rewards"}
     assert ADVANTAGES["reinforce"].needs == ("moving_baseline",)
+    assert ADVANTAGES["bnpo"].needs == ("groups",)
+    assert ADVANTAGES["spo"].needs == ("groups",)
 
 
 # ---------------------------------------------------------------- gae
@@ -230,6 +235,60 @@ def test_sequence_estimators_return_one_value_per_completion():
     assert math.isfinite(float(grpo(rewards, group_size=2).sum()))
 
 
+# ---------------------------------------------------------------- bnpo
+
+
+def test_bnpo_divides_by_a_beta_density_fitted_to_the_group_accuracies():
+    # groups of 4 with accuracies p = 0.25, 0.5, 0.75: mean m = 0.5, unbiased variance v = (0.0625 + 0 + 0.0625) / 2
+    # = 0.0625; m (1 - m) / v - 1 = 3, a = b = 1.5 -> alpha = beta = 1 + 1.5 / 3 = 1.5
+    # Beta(1.5, 1.5) density = sqrt(p (1 - p)) / B(1.5, 1.5), B = Gamma(1.5)^2 / Gamma(3) = pi / 8 = 0.392699
+    #   p 0.5:  0.5 / 0.392699 = 1.273240 -> weight 0.785398; A = +-0.5 * 0.785398 = +-0.392699
+    #   p 0.25: 0.433013 / 0.392699 = 1.102658 -> weight 0.906900; right 0.75 * 0.9069 = 0.680175, wrong -0.226725
+    adv = bnpo(t([1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0]), group_size=4)
+    expected = [0.680175, -0.226725, -0.226725, -0.226725, 0.392699, 0.392699, -0.392699, -0.392699,
+                0.226725, 0.226725, 0.226725, -0.680175]  # fmt: skip
+    torch.testing.assert_close(adv, t(expected), atol=1e-5, rtol=0)
+
+
+def test_bnpo_with_a_uniform_density_is_the_group_centred_reward():
+    # one prompt in the step: m = 0, v = 1 (the authors' convention) -> a = 0, b = -1 -> alpha = 1, beta =
+    # max(1 - 1/3, 1) = 1: uniform, weight 1, A = r - p (p = 0.25)
+    torch.testing.assert_close(bnpo(t([1, 0, 0, 0]), group_size=4), t([0.75, -0.25, -0.25, -0.25]))
+    # equal accuracies (v = 0, where the authors' code divides by zero): weight 1, A = r - 0.5
+    torch.testing.assert_close(bnpo(t([1, 0, 0, 1]), group_size=2), t([0.5, -0.5, -0.5, 0.5]))
+    # all-right and all-wrong groups give 0 whatever their density (p = 1 and 0, weight capped at 1e6)
+    adv = bnpo(t([1, 1, 0, 0, 1, 0]), group_size=2)
+    torch.testing.assert_close(adv[:4], torch.zeros(4))
+
+
+def test_bnpo_maps_the_reward_range_to_zero_one_and_refuses_rewards_outside_it():
+    # rewards in [-1, 1] with reward_min -1: r' = (r + 1) / 2 = [1, 0, 0, 0] -> as the uniform case above
+    torch.testing.assert_close(bnpo(t([1, -1, -1, -1]), group_size=4, reward_min=-1.0), t([0.75, -0.25, -0.25, -0.25]))
+    with pytest.raises(ValueError, match=r"rewards outside \[reward_min, reward_max\]"):
+        bnpo(t([2.0, 0.0]), group_size=2)
+
+
+def test_group_reward_inputs_give_each_row_its_reward_and_its_groups_mean():
+    inputs = group_reward_inputs(t([1.0, 0.0, 0.0, 0.0, 1.0, 1.0]), group_size=3)
+    torch.testing.assert_close(inputs["rewards_B"], t([1.0, 0.0, 0.0, 0.0, 1.0, 1.0]))
+    torch.testing.assert_close(inputs["group_mean_rewards_B"], t([1 / 3] * 3 + [2 / 3] * 3))
+
+
+# ---------------------------------------------------------------- spo
+
+
+def test_spo_advantage_is_the_win_rate_against_the_group_minus_a_half():
+    # group [1, 0, 0, 1]: each 1 beats two 0s and ties the other 1: (2 + 0.5) / 3 = 0.833333 -> +0.333333;
+    #                     each 0 ties the other 0 and loses twice: 0.5 / 3 = 0.166667 -> -0.333333
+    # group [3, 2, 1, 0]: win rates 1, 2/3, 1/3, 0 -> 0.5, 0.166667, -0.166667, -0.5 (only the order counts)
+    adv = spo(t([1.0, 0.0, 0.0, 1.0, 3.0, 2.0, 1.0, 0.0]), group_size=4)
+    torch.testing.assert_close(adv, t([1 / 3, -1 / 3, -1 / 3, 1 / 3, 0.5, 1 / 6, -1 / 6, -0.5]))
+    # a group of equal scores: every win rate 1/2, advantage 0; a monotone transform of the scores changes nothing
+    torch.testing.assert_close(spo(t([0.7, 0.7]), group_size=2), torch.zeros(2))
+    scores = t([0.1, 5.0, -2.0])
+    torch.testing.assert_close(spo(scores, group_size=3), spo(scores.exp(), group_size=3))
+
+
 # ---------------------------------------------------------------- the calling contract
 
 ALWAYS_SUPPLIED = {"rewards_PG", "mask_B_T"}
@@ -240,7 +299,7 @@ SUPPLIED_BY_NEED = {
     "greedy_rollout": "greedy_rewards_P",
     "moving_baseline": "baseline",
 }
-BUILT_IN = ["gae", "grpo", "rloo", "remax", "reinforce_pp", "reinforce_pp_baseline", "reinforce"]
+BUILT_IN = ["gae", "grpo", "rloo", "remax", "reinforce_pp", "reinforce_pp_baseline", "reinforce", "bnpo", "spo"]
 
 
 @pytest.mark.parametrize("name", BUILT_IN)

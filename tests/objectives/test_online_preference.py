@@ -88,6 +88,23 @@ def test_xpo_bonus_lowers_a_reference_sample_the_pair_prefers():
     assert chosen.grad.item() == 0.5
 
 
+def test_selm_is_dpo_plus_alpha_beta_times_the_reference_samples_implicit_reward():
+    # beta 0.5: DPO terms sp(0) = 0.693147 and sp(1) = 0.313262
+    # pair 0's chosen (r_w = 0.5) and pair 1's rejected (r_l = -1) were sampled by the reference; alpha 0.1:
+    #   0.693147 + 0.1 * 0.5 * 0.5 = 0.718147;  0.313262 + 0.1 * 0.5 * -1 = 0.263262
+    from_ref_c, from_ref_r = torch.tensor([True, False]), torch.tensor([False, True])
+    flags = dict(chosen_from_reference=from_ref_c, rejected_from_reference=from_ref_r)
+    close(O.selm(**PAIRS, **flags, beta=0.5, alpha=0.1), [0.718147, 0.263262])
+    assert PREFERENCE_LOSSES["selm"].opponents == "reference" and PREFERENCE_LOSSES["selm"].consumes == "pairs"
+    # the reference log-prob carries no gradient: the gradient is XPO's with alpha * beta as its alpha
+    grads = []
+    for fn, alpha in ((O.selm, 0.1), (O.xpo, 0.05)):
+        chosen = PAIRS["chosen"].clone().requires_grad_()
+        fn(**{**PAIRS, "chosen": chosen}, **flags, beta=0.5, alpha=alpha).sum().backward()
+        grads.append(chosen.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_nash_md_matches_hand_computed_values_and_gradient():
     # log-ratios (1, -1); beta 0.5; win rates (1, 0.5):
     #   k0: 0.5 * 1 * -1 - (1 - 0.5) * -1 = -0.5 + 0.5 = 0

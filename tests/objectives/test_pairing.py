@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import Tensor
@@ -78,3 +80,34 @@ def test_top_k_labels_keep_the_best_and_drop_rejected_samples():
 def test_threshold_labels():
     assert threshold_labels(t([[1.0, 0.0, 0.5]]), threshold=1.0).tolist() == [[1, 0, 0]]
     assert threshold_labels(t([[1.0, 0.0, 0.5]]), threshold=0.5).tolist() == [[1, 0, 1]]
+
+
+def test_statistical_rejection_sampling_accepts_with_probability_exp_of_the_reward_gap():
+    from posttrain.objectives.pairing import statistical_rejection_sample
+
+    # candidates in order [r = 0, r = 1], beta 1, one to accept: the first pass meets r = 0 first and accepts it with
+    # probability exp((0 - 1) / 1) = e^-1 = 0.367879, else it accepts r = 1 (exp(0) = 1 > u always)
+    g = torch.Generator().manual_seed(0)
+    draws = [statistical_rejection_sample([0.0, 1.0], beta=1.0, num_accepted=1, generator=g) for _ in range(20000)]
+    share_first = sum(d == [0] for d in draws) / len(draws)
+    assert abs(share_first - math.exp(-1)) < 0.01  # 3.4 standard errors of 20,000 draws
+    # the best candidate is always accepted first if it leads; a tiny beta keeps only the best of what is left
+    assert statistical_rejection_sample([1.0, 0.0], beta=1.0, num_accepted=1, generator=g) == [0]
+    assert statistical_rejection_sample([0.2, 0.9, 0.5], beta=1e-9, num_accepted=3, generator=g) == [1, 2, 0]
+    # a huge beta accepts everything in the first pass, in order; asking for more than K gives all K
+    assert statistical_rejection_sample([0.0, 5.0, 1.0], beta=1e9, num_accepted=5, generator=g) == [0, 1, 2]
+
+
+def test_statistical_rejection_pairs_orient_by_reward_and_drop_ties():
+    from posttrain.objectives.pairing import statistical_rejection_pairs
+
+    g = torch.Generator().manual_seed(1)
+    # beta 1e9 accepts all four; two pairs per prompt after the shuffle; prompt 1's candidates all tie -> no pair
+    scores_P_K = torch.tensor([[0.0, 1.0, 2.0, 3.0], [1.0, 1.0, 1.0, 1.0]])
+    pairs = statistical_rejection_pairs(scores_P_K, beta=1e9, num_accepted=4, generator=g)
+    assert pairs.shape == (2, 3) and (pairs[:, 0] == 0).all()
+    chosen, rejected = scores_P_K[0, pairs[:, 1]], scores_P_K[0, pairs[:, 2]]
+    assert (chosen > rejected).all()
+    assert sorted(pairs[:, 1:].flatten().tolist()) == [0, 1, 2, 3]  # each accepted sample in one pair
+    with pytest.raises(ValueError, match="beta=0"):
+        statistical_rejection_pairs(scores_P_K, beta=0.0, num_accepted=2)

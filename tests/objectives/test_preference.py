@@ -45,7 +45,7 @@ PAIRS = dict(
 def test_every_loss_is_registered_under_its_name_with_allowed_needs():
     expected = {
         "dpo", "robust_dpo", "ipo", "hinge", "simpo", "orpo", "cpo", "kto", "bco", "nca", "exo",
-        "apo_zero", "apo_down", "aot", "sppo_hard", "rpo", "dpop", "lipo_lambda", "plackett_luce",
+        "apo_zero", "apo_down", "aot", "sppo_hard", "rpo", "dpop", "lipo_lambda", "plackett_luce", "cpl",
     }  # fmt: skip
     assert expected <= set(PREFERENCE_LOSSES)
     assert "srpo" not in PREFERENCE_LOSSES  # see docs/preference.md: not derivable from our inputs
@@ -273,6 +273,7 @@ LENS = dict(chosen_len=t([4.0]), rejected_len=t([4.0]))
         ("simpo", {"gamma": 0.0}, math.log(2)),
         ("cpo", {"alpha": 0.0}, math.log(2)),
         ("orpo", {"lam": 1.0}, 0.5 + math.log(2)),  # NLL -(-2)/4 = 0.5; equal odds -> sp(0)
+        ("cpl", {}, 0.744397),  # the bias: 0.1 * -2 - 0.5 * 0.1 * -2 = -0.1 -> sp(-0.1) = log(1 + e^0.1)
     ],
 )
 def test_equal_log_probs(name, hyper, expected):
@@ -282,7 +283,7 @@ def test_equal_log_probs(name, hyper, expected):
 
 
 PAIRED = ["dpo", "robust_dpo", "ipo", "hinge", "simpo", "orpo", "cpo", "nca", "exo", "apo_zero", "apo_down",
-          "aot", "sppo_hard", "rpo", "dpop"]  # fmt: skip
+          "aot", "sppo_hard", "rpo", "dpop", "cpl"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", PAIRED)
@@ -298,7 +299,9 @@ def test_extreme_margins_stay_finite(name):
         chosen_len=t([1.0, 1.0]),
         rejected_len=t([1.0, 1.0]),
     )
-    hyper = {"ipo": {"tau": 1.0}, "sppo_hard": {"eta": 1.0}, "orpo": {"lam": 1.0}}.get(name, {"beta": 1.0})
+    hyper = {"ipo": {"tau": 1.0}, "sppo_hard": {"eta": 1.0}, "orpo": {"lam": 1.0}, "cpl": {"alpha": 1.0}}.get(
+        name, {"beta": 1.0}
+    )
     loss = call(PREFERENCE_LOSSES[name], inputs, **hyper)
     loss.sum().backward()
     assert (
@@ -336,6 +339,18 @@ def test_dpo_depends_only_on_log_ratios():
         ref_rejected=PAIRS["ref_rejected"] - 3,
     )
     torch.testing.assert_close(P.dpo(**shifted, beta=0.5), P.dpo(**PAIRS, beta=0.5))
+
+
+def test_cpl_matches_hand_computed_values():
+    # alpha 0.1, lam 0.5: chosen -2, rejected -6 -> 0.1 * -2 - 0.05 * -6 = 0.1 -> sp(0.1) = 0.644397
+    #   with bc_coef 1 and lengths 2, 3: + (2 + 6) / 5 = 1.6 -> 2.244397
+    # alpha 1, lam 1 (unbiased CPL = reference-free DPO with beta 1): chosen -1, rejected -3 -> sp(2) = 0.126928
+    inputs = dict(chosen=t([-2.0]), rejected=t([-6.0]), chosen_len=t([2.0]), rejected_len=t([3.0]))
+    close(P.cpl(**inputs), [0.644397])
+    close(P.cpl(**inputs, bc_coef=1.0), [2.244397])
+    close(P.cpl(t([-1.0]), t([-3.0]), t([1.0]), t([1.0]), alpha=1.0, lam=1.0), [0.126928])
+    with pytest.raises(ValueError, match="lam=0"):
+        P.cpl(**inputs, lam=0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------

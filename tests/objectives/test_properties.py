@@ -120,6 +120,17 @@ def step_batch(draw: Any) -> dict[str, Any]:
     }
 
 
+@SETTINGS
+@given(batch=step_batch(), rewards=st.lists(st.sampled_from([0.0, 0.5, 1.0]), min_size=30, max_size=30))
+def test_bnpo_is_finite_on_rewards_in_its_range(batch: dict[str, Any], rewards: list[float]) -> None:
+    # verifier-like rewards in [0, 1] (at most 6 x 5 = 30 a step), including steps whose group accuracies are all
+    # equal (all 0, all 1, or one shared p, where the authors' code divides by a zero variance)
+    if batch["group_size"] < 2:
+        return
+    rewards_PG = torch.tensor(rewards[: batch["rewards_PG"].shape[0]])
+    assert torch.isfinite(ADVANTAGES["bnpo"](rewards_PG, group_size=batch["group_size"])).all()
+
+
 ADVANTAGE_NAMES = sorted(ADVANTAGES)
 
 
@@ -132,8 +143,11 @@ def test_advantages_are_finite_or_a_clean_error_for_a_too_small_group(name: str,
     try:
         adv = fn(**{k: v for k, v in batch.items() if k in params})
     except ValueError as error:
-        # the only documented refusal: a group smaller than the estimator's baseline needs
-        assert batch["group_size"] == 1 and "group_size=1; it needs at least 2" in str(error), error
+        # the documented refusals: a group smaller than the estimator's baseline needs, and (bnpo) rewards outside
+        # the range its Beta density is fitted on
+        too_small = batch["group_size"] == 1 and "group_size=1; it needs at least 2" in str(error)
+        outside = name == "bnpo" and "rewards outside [reward_min, reward_max]" in str(error)
+        assert too_small or outside, error
         return
     b, t = batch["mask_B_T"].shape
     assert adv.shape in ((b,), (b, t))

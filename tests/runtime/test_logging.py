@@ -33,7 +33,7 @@ def test_disabled_or_inside_a_run_without_progress_is_silent(tmp_path, capsys: p
     assert list(track(range(3), "x", enabled=False)) == [0, 1, 2]
     with phase("y", enabled=False):
         pass
-    log = RunLogger(tmp_path, total_steps=1, progress=False, tensorboard=False)
+    log = RunLogger(tmp_path, total_steps=1, progress=False)
     assert list(track(range(3), "held-out generation")) == [0, 1, 2]  # the run's progress=False holds
     with phase("checkpoint"):
         pass
@@ -44,7 +44,7 @@ def test_disabled_or_inside_a_run_without_progress_is_silent(tmp_path, capsys: p
 
 
 def test_inside_a_run_with_progress_the_line_goes_to_its_display(tmp_path, capsys) -> None:
-    log = RunLogger(tmp_path, total_steps=2, progress=True, tensorboard=False)
+    log = RunLogger(tmp_path, total_steps=2, progress=True)
     assert list(track(range(4), "held-out generation", unit="batches")) == [0, 1, 2, 3]
     log.close()
     assert "held-out generation: 4 batches in " in capsys.readouterr().err

@@ -96,3 +96,43 @@ def test_grpo_on_two_ranks_trains_checkpoints_and_resumes_on_one(tmp_path: Path)
     assert [x["step"] for x in train_lines(tmp_path / "run")] == [1, 2]
     assert main(["rl", *overrides, "train.max_steps=3", f"output_dir={tmp_path / 'run'}", "--resume"]) == 0
     assert [x["step"] for x in train_lines(tmp_path / "run")] == [1, 2, 3]
+
+
+def one_process(command: str, overrides: list[str], out: Path, *extra: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "posttrain", command, *overrides, f"output_dir={out}", *extra]
+    return subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+FSDP = [*RUNS["sft"], "train.parallel=fsdp"]
+
+
+@pytest.mark.slow
+def test_fsdp_on_one_rank_trains_as_ddp_checkpoints_and_resumes(tmp_path: Path) -> None:
+    assert main(["sft", *RUNS["sft"], f"output_dir={tmp_path / 'ddp'}"]) == 0
+    whole = one_process("sft", FSDP, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    cut = one_process("sft", [*FSDP, "train.max_steps=2"], tmp_path / "cut")
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    assert (tmp_path / "cut" / "checkpoints" / "step-00000002" / "shards").is_dir()  # torch.distributed.checkpoint
+    resumed = one_process("sft", FSDP, tmp_path / "cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = [x["loss"] for x in train_lines(tmp_path / "ddp")]
+    assert [x["loss"] for x in train_lines(tmp_path / "whole")] == pytest.approx(expected, rel=1e-6)
+    assert [x["loss"] for x in train_lines(tmp_path / "cut")] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_ranks_trains_as_one_and_its_shards_resume_on_one(tmp_path: Path) -> None:
+    assert main(["sft", *RUNS["sft"], f"output_dir={tmp_path / 'one'}"]) == 0
+    expected = [x["loss"] for x in train_lines(tmp_path / "one")]
+    two = two_ranks("sft", FSDP, tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert [x["loss"] for x in train_lines(tmp_path / "two")] == pytest.approx(expected, rel=1e-5)
+    cut = two_ranks("sft", [*FSDP, "train.max_steps=2"], tmp_path / "cut")
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    resumed = one_process("sft", FSDP, tmp_path / "cut", "--resume")  # written by 2 ranks, resumed on 1
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [x["loss"] for x in train_lines(tmp_path / "cut")] == pytest.approx(expected, rel=1e-5)
+    weights_one, weights_two = (load_model(tmp_path / d / "final").state_dict() for d in ("one", "two"))
+    for name, tensor in weights_one.items():
+        torch.testing.assert_close(weights_two[name], tensor, rtol=1e-4, atol=1e-5)

@@ -102,8 +102,8 @@ real_save_pretrained = run_state.save_pretrained
 marker = pathlib.Path(sys.argv[2])
 
 
-def save_then_hang(model, tokenizer, directory):
-    real_save_pretrained(model, tokenizer, directory)
+def save_then_hang(model, tokenizer, directory, *rest):
+    real_save_pretrained(model, tokenizer, directory, *rest)
     if ".tmp-step-00000004-" in str(directory):  # step 4's model is written, its trainer state is not yet
         marker.write_text("mid-write")
         time.sleep(600)

@@ -251,7 +251,8 @@ def test_online_config_errors_name_the_key(tmp_path, change, message):
 
 
 PRESETS = ["arith-self-dpo", "arith-self-ipo", "arith-self-simpo", "arith-self-kto", "arith-online_dpo",
-           "arith-iterative_dpo", "arith-raft", "arith-sppo", "arith-xpo", "arith-nash_md", "arith-dno"]  # fmt: skip
+           "arith-iterative_dpo", "arith-raft", "arith-sppo", "arith-xpo", "arith-nash_md", "arith-dno",
+           "arith-selm", "arith-rso", "arith-rso_hinge"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -264,6 +265,24 @@ def test_presets_load_and_inherit_their_base(name):
     assert cfg.model.path == "../runs/arith-sft/final"
     assert (cfg.online is None) == name.startswith("arith-self-")
     assert cfg.output_dir == f"runs/{name}"
+
+
+@pytest.mark.parametrize("name", [p for p in PRESETS if not p.startswith("arith-self-")])
+def test_online_presets_run_a_round_with_the_loss_they_name(name, tmp_path) -> None:
+    # each online preset with a fresh tiny model in place of the SFT model: two rounds of one step on a few prompts
+    from pathlib import Path
+
+    from posttrain.api import pref
+    from posttrain.config import load_config
+
+    overrides = ["model.preset=qwen2-tiny", "model.tokenizer=arithmetic", "data.task.digits=1",
+                 "data.task.train_size=32", "data.task.eval_size=4", "online.prompts_per_round=4",
+                 "online.steps_per_round=1", "online.sampling.max_new_tokens=4", "train.max_steps=2",
+                 "train.batch_size=8", "train.warmup_steps=0", "eval.limit=4", "eval.max_new_tokens=4",
+                 f"output_dir={tmp_path}"]  # fmt: skip
+    cfg = load_config(PrefConfig, Path(__file__).parents[2] / "recipes" / f"{name}.yaml", overrides)
+    history = pref(cfg, progress=False).history
+    assert len(history) == 2 and all(h["round"] == i + 1 for i, h in enumerate(history))
 
 
 def test_sample_accuracy_is_the_only_rewards_verdict(tmp_path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from posttrain.trainers.preference_step import sequence_logps
 
 TASK = ArithmeticTask(digits=2, operators="+")
 PAIRS = preference_pairs(TASK, 64, seed=0)
+RECIPES = Path(__file__).parents[2] / "recipes"
 
 
 def config(tmp_path, **pref) -> dict:
@@ -231,3 +233,34 @@ def test_kto_reference_point_pairs_each_prompt_with_the_previous_completion(monk
     reference = SimpleNamespace(model="reference", active=contextlib.nullcontext)
     z0 = offline.kl_reference_point("policy", reference, items, 0, torch.device("cpu"), False)
     assert z0.item() == pytest.approx(14.0)
+
+
+OFFLINE_PRESETS = ["dpo", "ipo", "simpo", "kto", "robust_dpo", "hinge", "nca", "exo", "apo_zero", "apo_down", "aot",
+                   "sppo_hard", "rpo", "dpop", "bco", "cpo", "orpo", "lipo_lambda", "plackett_luce", "cpl"]  # fmt: skip
+PRESET_SMOKE = ["model.preset=qwen2-tiny", "model.tokenizer=arithmetic", "data.train=null", "data.task.digits=1",
+                "data.task.train_size=32", "data.task.eval_size=8", "train.max_steps=2", "train.batch_size=8",
+                "train.warmup_steps=0", "eval.limit=8"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", OFFLINE_PRESETS)
+def test_offline_presets_run_on_the_task_with_the_loss_they_name(tmp_path, name) -> None:
+    # each arith-self-* preset with a fresh tiny model and the task's generated rows in place of the SFT model and its
+    # self-made set (bench/preference_demo.py builds those): the recipe's loss and arguments run two finite steps
+    from posttrain.api import pref
+    from posttrain.config import load_config
+
+    recipe = RECIPES / f"arith-self-{name}.yaml"
+    cfg = load_config(PrefConfig, recipe, [*PRESET_SMOKE, f"output_dir={tmp_path}"])
+    assert cfg.pref.loss == name and cfg.online is None
+    history = pref(cfg, progress=False).history
+    assert len(history) == 2 and all(math.isfinite(h["loss"]) for h in history)
+
+
+def test_the_listwise_reward_model_preset_trains_on_lists(tmp_path) -> None:
+    from posttrain.api import rm
+    from posttrain.config import RMConfig, load_config
+
+    cfg = load_config(RMConfig, RECIPES / "arith-self-rm_listwise.yaml", [*PRESET_SMOKE, f"output_dir={tmp_path}"])
+    assert cfg.rm.loss == "listwise_pl"
+    history = rm(cfg, progress=False).history
+    assert len(history) == 2 and all(math.isfinite(h["loss"]) for h in history)

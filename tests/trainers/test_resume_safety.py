@@ -33,12 +33,12 @@ def test_a_kill_while_final_is_written_leaves_no_half_directory(tmp_path: Path, 
     before = sorted(p.name for p in (tmp_path / "final").iterdir())
     real = lifecycle.save_pretrained
 
-    def dies_halfway(model, tokenizer, directory):
+    def dies_halfway(model, tokenizer, directory, *rest):
         if "final" in Path(directory).name:
             Path(directory).mkdir(parents=True)
             (Path(directory) / "config.json").write_text("{")  # half a model
             raise KeyboardInterrupt  # as a kill would stop it
-        return real(model, tokenizer, directory)
+        return real(model, tokenizer, directory, *rest)
 
     monkeypatch.setattr(lifecycle, "save_pretrained", dies_halfway)
     with pytest.raises(KeyboardInterrupt):

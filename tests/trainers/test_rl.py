@@ -28,6 +28,15 @@ PRESETS = [
     "cispo",
     "topr",
     "r1",
+    "grpo-k2",
+    "grpo-trl",
+    "ppo-adaptive_kl",
+    "reinforce_pp_baseline",
+    "gmpo",
+    "sapo",
+    "bnpo",
+    "nft",
+    "spo",
 ]
 TASK = {"name": "arithmetic", "digits": 1, "operators": "+-", "train_size": 2000, "eval_size": 32}
 
@@ -178,6 +187,75 @@ def test_preset_recipes_load_and_run(name: str, sft_model: str, tmp_path: Path) 
     ]
     cfg = load_config(RLConfig, RECIPES / f"arith-{name}.yaml", overrides)
     assert len(rl(cfg, progress=False).history) == 2
+
+
+PRESET_SMOKE = ["data.task.digits=1", "data.task.train_size=200", "data.task.eval_size=8", "train.max_steps=2",
+                "rl.prompts_per_step=2", "rl.group_size=2", "rl.sampling.max_new_tokens=4", "eval.max_new_tokens=4"]
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A briefly trained reward model (the presets' own paths are runs of arith-rm.yaml)."""
+    from posttrain.api import rm
+
+    config = {"model": {"preset": "qwen2-tiny", "tokenizer": "arithmetic"},
+              "data": {"task": {"name": "arithmetic", "kind": "preference", "digits": 1, "train_size": 32,
+                                "eval_size": 8}},
+              "train": {"max_steps": 2, "batch_size": 8}, "output_dir": str(tmp_path_factory.mktemp("rm"))}  # fmt: skip
+    return str(rm(config, progress=False).final_dir)
+
+
+def test_the_ensemble_preset_scores_with_its_reward_models(sft_model: str, rm_dir: str, tmp_path: Path) -> None:
+    # the recipe's three reward-model members, each pointed at the test's reward model; the step's reward is the
+    # ensemble's mean - lam * variance over the members
+    from posttrain.config.loading import read_recipe
+
+    raw = read_recipe(RECIPES / "arith-grpo-ensemble.yaml")
+    ensemble = raw["rewards"][0]
+    assert ensemble["fn"] == "ensemble" and [m["fn"] for m in ensemble["args"]["members"]] == ["reward_model"] * 3
+    for member in ensemble["args"]["members"]:
+        member["args"]["path"] = str(rm_dir)
+    cfg = load_config(RLConfig, raw, [f"model.path={sft_model}", *PRESET_SMOKE, f"output_dir={tmp_path / 'rl'}"])
+    history = rl(cfg, progress=False).history
+    assert len(history) == 2 and "rewards/ensemble/mean" in history[0]
+
+
+def test_the_pf_ppo_preset_runs_on_its_reward_model(sft_model: str, rm_dir: str, tmp_path: Path) -> None:
+    reward = f"rewards=[{{fn: reward_model, args: {{path: {rm_dir}}}}}]"
+    cfg = load_config(RLConfig, RECIPES / "arith-pf_ppo.yaml",
+                      [f"model.path={sft_model}", *PRESET_SMOKE, reward, f"output_dir={tmp_path}"])  # fmt: skip
+    assert cfg.rl.filtration.method == "pow" and cfg.rl.advantage == "gae"
+    assert len(rl(cfg, progress=False).history) == 2
+
+
+def test_filtration_trains_on_the_resampled_rows(sft_model: str, tmp_path: Path, monkeypatch) -> None:
+    # PF-PPO's pow weights |r|^2 on a 0/1 reward: the wrong answers weigh 1e-8, so every row the updates see is a
+    # right answer (and rows repeat); without filtration every row is seen once
+    import posttrain.trainers.rl as loop
+
+    seen: list[tuple[list[int], list[float]]] = []
+    update = loop.update_minibatch
+
+    def recording(policy, critic, step, rows, **kwargs):
+        seen.append((rows.tolist(), step.rewards_PG.tolist()))
+        return update(policy, critic, step, rows, **kwargs)
+
+    monkeypatch.setattr(loop, "update_minibatch", recording)
+    answers = [{"fn": f"{__file__}:odd_first_digit"}]
+    rl(config(sft_model, tmp_path / "pf", rewards=answers, rl={"filtration": {"method": "pow"}}), progress=False)
+    filtered, seen[:] = list(seen), []
+    rl(config(sft_model, tmp_path / "all", rewards=answers), progress=False)
+    assert any(any(rewards) for _, rewards in filtered)
+    for rows, rewards in filtered:
+        assert len(rows) == len(rewards)
+        if any(rewards):  # a step without a right answer has equal weights: uniform resampling
+            assert all(rewards[i] == 1.0 for i in rows)
+    assert all(sorted(rows) == list(range(len(rewards))) for rows, rewards in seen)
+
+
+def odd_first_digit(completions, **kwargs):
+    """1 when the completion starts with an odd digit: about half the samples of any model."""
+    return [1.0 if c[:1] in ("1", "3", "5", "7", "9") else 0.0 for c in completions]
 
 
 def test_sigterm_finishes_the_step_saves_it_and_the_run_resumes(sft_model: str, tmp_path: Path) -> None:

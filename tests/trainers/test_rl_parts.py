@@ -121,3 +121,19 @@ def test_kl_in_the_reward_shapes_what_every_estimator_reads(advantage: str) -> N
         torch.testing.assert_close(tensors.rewards_PG, rewards_PG - coef * kl_PG, atol=1e-4, rtol=1e-4)
         advantages.append(tensors.adv_B_T)
     assert not torch.allclose(advantages[0], advantages[1], atol=1e-3)
+
+
+def test_filtration_weights_are_the_authors_three():
+    from posttrain.rollout.groups import filtration_weights
+
+    # rewards [1, -2, 0.5, 0] (+ 1e-8 each):
+    #   pow 2:       1, 4, 0.25, 0
+    #   max_min:     the step's max (1) and min (-2) weigh 1, the rest 0
+    #   max_random:  the max 0.4, the rest 0.1
+    rewards = torch.tensor([1.0, -2.0, 0.5, 0.0])
+    for method, expected in (("pow", [1.0, 4.0, 0.25, 0.0]), ("max_min", [1.0, 1.0, 0.0, 0.0]),
+                             ("max_random", [0.4, 0.1, 0.1, 0.1])):  # fmt: skip
+        weights = filtration_weights(rewards, method=method)
+        torch.testing.assert_close(weights, torch.tensor(expected) + 1e-8)
+    with pytest.raises(ValueError, match=r"rl\.filtration\.method"):
+        filtration_weights(rewards, method="best_of_n")

@@ -6,6 +6,7 @@ from posttrain.config.rl import RLConfig
 from posttrain.config.sections import (
     DataSection,
     EvalSection,
+    LogSection,
     LoraSection,
     ModelSection,
     RunSection,
@@ -19,6 +20,7 @@ __all__ = [
     "DataSection",
     "EvalConfig",
     "EvalSection",
+    "LogSection",
     "LoraSection",
     "ModelSection",
     "PrefConfig",

@@ -144,7 +144,10 @@ def _child_nodes(node: Any) -> list[Any]:
     return list(node.value) if isinstance(node, yaml.SequenceNode) else []
 
 
-REPLACES: dict[str, tuple[str, ...]] = {"model.path": ("model.preset",), "model.preset": ("model.path",)}
+REPLACES: dict[str, tuple[str, ...]] = {
+    "model.path": ("model.preset",), "model.preset": ("model.path",),
+    "train.epochs": ("train.max_steps",), "train.max_steps": ("train.epochs",),
+}  # fmt: skip
 """Keys that name one thing two ways (exactly one may be set): setting one replaces the other."""
 
 

@@ -14,6 +14,7 @@ from posttrain.config.sections import (
     DataSection,
     EvalSection,
     Fraction,
+    LogSection,
     ModelSection,
     RunSection,
     Section,
@@ -47,6 +48,10 @@ class PrefSection(Section):
     """Reference log-probs: once over the train set before training, per batch, or none (reference-free losses)."""
     length_normalize: bool = False
     """Divide each completion's summed log-prob by its token count before the loss sees it."""
+    max_prompt_length: PositiveInt | None = None
+    """Keep a prompt's last this many tokens (TRL's max_prompt_length; the start is cut, so the end that the
+    completion follows survives), counted as truncated; data.max_length still bounds prompt + completion. Online
+    rounds sample from prompts cut the same way. null: prompts are kept whole."""
 
 
 class JudgeSection(Section):
@@ -62,7 +67,7 @@ class JudgeSection(Section):
 
 
 SELECTIONS = {
-    "preference": ("best_vs_worst", "all_pairs"),
+    "preference": ("best_vs_worst", "all_pairs", "rso"),
     "unpaired": ("threshold", "top_k"),
     "listwise": ("all",),
 }
@@ -89,8 +94,9 @@ class OnlineSection(Section):
     """A pairwise judge instead of rewards: scores become win rates from the judge's preferences."""
     max_failure_fraction: Fraction = 0.5
     """Stop when more than this share of one reward call's samples fail."""
-    select: Literal["best_vs_worst", "all_pairs", "threshold", "top_k", "all"] | None = None
-    """How scored samples become examples. Pairs: best_vs_worst, all_pairs (above `margin`); unpaired
+    select: Literal["best_vs_worst", "all_pairs", "rso", "threshold", "top_k", "all"] | None = None
+    """How scored samples become examples. Pairs: best_vs_worst, all_pairs (above `margin`), rso (RSO's statistical
+    rejection sampling, then random pairs); unpaired
     labels: threshold (score >= label_threshold), top_k (RAFT); listwise: all. null: the first for the
     loss's data kind."""
     margin: NonNegativeFloat = 0.0
@@ -101,6 +107,11 @@ class OnlineSection(Section):
     """select: top_k: the k best completions of each prompt are trained on."""
     min_score: float | None = None
     """select: top_k: a selected completion scoring below this is left out (rejection sampling)."""
+    rejection_beta: PositiveFloat = 0.5
+    """select: rso: the beta of the optimal policy pi ~ pi_sample exp(r / beta) the accepted samples follow (RSO,
+    arXiv:2309.06657): smaller accepts fewer low-reward samples."""
+    rejection_accepted: Annotated[int, Field(ge=2)] = 2
+    """select: rso: samples accepted per prompt (paired two by two, so rejection_accepted / 2 pairs at most)."""
     reference: Literal["keep", "refresh"] = "keep"
     """keep: the initial model throughout; refresh: a frozen copy of the policy at the start of each round
     (the previous iterate of iterative DPO, SPPO and DNO)."""
@@ -139,6 +150,8 @@ class _OfflineConfig(RunSection):
     """Optimisation."""
     eval: EvalSection = EvalSection()
     """Held-out evaluation."""
+    log: LogSection = LogSection()
+    """Experiment trackers (log.to), and the sampled completions online trainers log."""
     plugins: list[str] = []
     """Python files or modules imported before the run; they register their own losses."""
 
@@ -204,7 +217,7 @@ class PrefConfig(_OfflineConfig):
 
     def _online_fits(self, fn: Any) -> None:
         online, kind = self.online, feedback_kind(fn)
-        if self.train.max_steps % online.steps_per_round:
+        if self.train.epochs is None and self.train.max_steps % online.steps_per_round:
             raise ValueError(
                 f"train.max_steps={self.train.max_steps} is not a multiple of online.steps_per_round="
                 f"{online.steps_per_round} (a round trains steps_per_round steps)"

@@ -15,6 +15,7 @@ from posttrain.config.sections import (
     DataSection,
     EvalSection,
     Fraction,
+    LogSection,
     ModelSection,
     RunSection,
     Section,
@@ -132,6 +133,17 @@ class EnvSection(EnvEntry):
         return self
 
 
+class FiltrationSection(Section):
+    """PF-PPO's policy filtration (Zhang et al. 2024, arXiv:2409.06957): resample a step's completions with weights
+    from their rewards, favouring those whose rewards the reward model gives most reliably."""
+
+    method: Literal["pow", "max_min", "max_random"] = "pow"
+    """pow: weight |reward|^weight_pow; max_min: 1 for the step's highest and lowest reward, else 0; max_random: 0.4 for
+    the highest, 0.1 for the rest (the authors' three, `compute_pf_ppo_reweight_data`)."""
+    weight_pow: PositiveFloat = 2.0
+    """The power of method pow (the authors' default 2)."""
+
+
 class RLSection(Section):
     prompts_per_step: PositiveInt = 8
     """Prompts sampled per optimiser step (P)."""
@@ -169,6 +181,9 @@ class RLSection(Section):
     """Most generation rounds per step under dynamic sampling; then the step trains on what it has."""
     max_prompt_length: PositiveInt | None = None
     """Keep a prompt's last this many tokens; null: data.max_length."""
+    filtration: FiltrationSection | None = None
+    """PF-PPO (arXiv:2409.06957): train each step on its completions resampled by reward (with replacement, as many
+    as were sampled); null trains on every completion once."""
 
     @model_validator(mode="after")
     def _registered(self) -> RLSection:
@@ -225,6 +240,8 @@ class RLConfig(RunSection):
     """Optimisation (train.batch_size is unused: a step is rl.prompts_per_step x rl.group_size)."""
     eval: EvalSection = EvalSection()
     """Held-out greedy accuracy at eval_every and at the end."""
+    log: LogSection = LogSection()
+    """Experiment trackers (log.to), and the sampled completions online trainers log."""
     rl: RLSection = RLSection()
     """Sampling, advantage, policy loss, KL, critic."""
     env: EnvSection = EnvSection()

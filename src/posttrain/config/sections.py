@@ -38,12 +38,20 @@ class ModelSection(Section):
     """A tokenizer directory, or a built-in tokenizer the project builds: a task's name (arithmetic, reverse, sort,
     count, sequence), arithmetic-tools, or characters (one token per character, the suite tasks'). Default:
     model.path's own."""
+    chat_template: str | None = None
+    """A chat template replacing the tokenizer's own (TRL's chat_template_path): the Jinja text itself, or a file
+    holding it (relative to the working directory, else to the recipe). Conversational rows are rendered with it,
+    and final/ saves it with the tokenizer."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     lora: LoraSection | None = None
     """Train a LoRA adapter (needs the `lora` extra) instead of all weights."""
+    quantization: Literal["4bit", "8bit"] | None = None
+    """Load model.path's weights quantized through bitsandbytes (the `quantization` extra; a CUDA GPU): 4bit is
+    QLoRA's NF4 with double quantisation and bfloat16 compute (Dettmers et al. 2023, arXiv:2305.14314), 8bit is
+    LLM.int8() (arXiv:2208.07339). The quantized weights stay frozen, so it needs model.lora."""
     disable_dropout: bool = True
     """Set every dropout probability of the model to 0 (TRL's default): with dropout on, the policy's log-probs
     differ from the sampler's and the reference's even before any update. LoRA's own dropout is model.lora.dropout."""
@@ -54,6 +62,9 @@ class ModelSection(Section):
             raise ValueError("set one of model.path (a local model directory) and model.preset, not both")
         if self.preset is not None and self.tokenizer is None:
             raise ValueError("model.preset needs model.tokenizer (a tokenizer directory or a task name)")
+        if self.quantization is not None and (self.path is None or self.lora is None):
+            raise ValueError(f"model.quantization: {self.quantization} loads model.path's weights frozen, for a LoRA "
+                             "adapter to train: set model.path and model.lora (e.g. model.lora.r=16)")  # fmt: skip
         return self
 
 
@@ -117,9 +128,14 @@ class DataSection(Section):
 
 class TrainSection(Section):
     max_steps: PositiveInt = 200
-    """Optimiser steps."""
+    """Optimiser steps. Or train.epochs (setting one replaces the recipe's other)."""
     lr: PositiveFloat = 1e-3
     """Peak learning rate (AdamW)."""
+    epochs: PositiveFloat | None = None
+    """Passes over the training data instead of max_steps (TRL's num_train_epochs), over the rows that loading kept:
+    max_steps = ceil(epochs * examples / batch_size) for sft, pref and rm; ceil(epochs * prompts / prompts_per_step)
+    for rl (rl.epochs is another thing: passes over each step's rollouts); ceil(epochs * prompts / prompts_per_round)
+    rounds of steps_per_round steps for online pref. A run's first lines say the steps it makes."""
     batch_size: PositiveInt = 32
     """Examples per optimiser step."""
     micro_batch_size: PositiveInt | None = None
@@ -146,9 +162,21 @@ class TrainSection(Section):
     """Checkpoints to keep."""
     log_every: PositiveInt = 1
     """Log metrics every N steps."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Data parallelism over ranks (`--nproc`, torchrun): ddp keeps the whole model on every rank and sums the
+    gradients; fsdp shards parameters, gradients and optimiser state over the ranks (FSDP2, `fully_shard`), for a
+    model that does not fit one device; its checkpoints (torch.distributed.checkpoint) resume on any number of
+    ranks. SFT, offline preference and reward models (docs/distributed.md)."""
     max_bad_steps: PositiveInt = 5
     """An optimiser update whose loss or gradient norm is NaN/inf is skipped (counted as skipped_steps);
     this many in a row stop the run, keeping the checkpoints already written."""
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainSection:
+        if self.epochs is not None and "max_steps" in self.model_fields_set:
+            raise ValueError(f"set one of train.max_steps ({self.max_steps}) and train.epochs ({self.epochs}), not "
+                             "both")
+        return self
 
 
 class EvalSection(Section):
@@ -173,6 +201,25 @@ class EvalSection(Section):
         if self.k > self.samples:
             raise ValueError(f"eval.k={self.k} needs eval.samples >= k (got {self.samples})")
         return self
+
+
+class LogSection(Section):
+    """Where a run's metrics go besides metrics.jsonl, which is always written (`runtime.trackers`)."""
+
+    to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = ["tensorboard"]
+    """Experiment trackers to log to: any of tensorboard, wandb, mlflow, trackio (each in its own extra: pip install
+    'posttrain[wandb]'). The default TensorBoard is used when installed; a tracker named here that is not installed
+    stops the run at its start. Each tracker's own settings choose its offline or local mode (WANDB_MODE=offline,
+    MLFLOW_TRACKING_URI, TRACKIO_DIR)."""
+    project: str = "posttrain"
+    """The wandb and trackio project, and the MLflow experiment."""
+    run_name: str | None = None
+    """The run's name in the trackers; default: output_dir's last part."""
+    samples_every: NonNegativeInt = 10
+    """Online trainers (rl, pref with online:): log sampled completions with their prompts and each reward's score to
+    samples.jsonl and the trackers' tables at step 1 and every this many steps; 0: never."""
+    samples_per_step: PositiveInt = 16
+    """Most completions logged per logged step (whole groups first: the first prompts' completions)."""
 
 
 class RunSection(Section):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from posttrain.config.sections import DataSection, EvalSection, ModelSection, RunSection, TrainSection
+from posttrain.config.sections import DataSection, EvalSection, LogSection, ModelSection, RunSection, TrainSection
 
 
 class SFTConfig(RunSection):
@@ -16,6 +16,8 @@ class SFTConfig(RunSection):
     """Optimisation."""
     eval: EvalSection = EvalSection()
     """Held-out evaluation (accuracy when rows carry an `answer`)."""
+    log: LogSection = LogSection()
+    """Experiment trackers (log.to), and the sampled completions online trainers log."""
     output_dir: str = "runs/sft"
     """Run directory: checkpoints, metrics.jsonl, tensorboard/, final model."""
 

@@ -37,6 +37,7 @@ from posttrain.data.encoding import (
     encode_prompts,
     encode_sft,
     encode_sft_example,
+    encode_sft_turns,
     encode_unpaired,
     render_chat,
 )
@@ -92,6 +93,7 @@ __all__ = [
     "encode_prompts",
     "encode_sft",
     "encode_sft_example",
+    "encode_sft_turns",
     "encode_unpaired",
     "iter_rows",
     "load_examples",

@@ -15,9 +15,11 @@ Tokenisation choices (one rule each, so training sees what generation sees):
   its first character lies in a span (offsets of one tokenisation of the whole text), up to and
   including the turn's EOS (what the template writes after EOS, e.g. ChatML's newline, is context).
   A conversational completion likewise ends at its EOS. This works with
-  any template that renders a conversation's prefixes as prefixes of its rendering; one that does not
-  (a template that rewrites earlier turns) is reported as an error. It needs no `{% generation %}`
-  markers, which most templates lack.
+  any template that renders a conversation's prefixes as prefixes of its rendering, and needs no
+  `{% generation %}` markers, which most templates lack. A template that rewrites earlier turns (Qwen3 drops
+  the reasoning of assistant turns before the last user turn) renders no such prefixes: an SFT conversation
+  is then rendered per assistant turn, one sequence for each, `messages[:i + 1]` with turn i its only target,
+  so that each turn is trained in the context the template gives it when the model answers there.
 - EOS: appended to a text completion, and after the last assistant turn of a conversation when the
   template wrote no EOS inside it (ChatML templates whose EOS is `<|im_end|>` write it themselves).
 - `loss_mask[t]` is True when token t is a target, i.e. predicted by the logits at t - 1. Position 0
@@ -26,8 +28,9 @@ Tokenisation choices (one rule each, so training sees what generation sees):
 Truncation (`max_length`, `truncation="truncate" | "drop"`, counted in `LoadReport`):
 - SFT: keep the first `max_length` tokens (the right end is cut, as TRL does); an example left with no
   target token is dropped.
-- preference / unpaired / listwise: the prompt is kept whole and each completion is cut to
-  `max_length - len(prompt_ids)`; when the prompt leaves no room the example is dropped.
+- preference / unpaired / listwise: the prompt is kept whole (or, with `max_prompt_length`, its last
+  `max_prompt_length` tokens, as TRL's max_prompt_length and `encode_prompts` keep them) and each completion is
+  cut to `max_length - len(prompt_ids)`; when the prompt leaves no room the example is dropped.
 - prompt-only: keep the last `max_length` tokens (the start is cut, as TRL's `max_prompt_length`),
   so the generation prompt at the end survives.
 
@@ -287,15 +290,39 @@ def _first_not_target(mask: list[bool]) -> list[bool]:
 def encode_sft(examples: Sequence[SFTExample], tokenizer: Any, *, max_length: int | None = None,
                truncation: Truncation = "truncate", completion_only: bool = True,
                report: LoadReport | None = None) -> list[SFTTokens]:
-    """Encode demonstrations, fitting each to `max_length` (counted in `report`)."""
+    """Encode demonstrations, fitting each to `max_length` (counted in `report`); a conversation whose template
+    rewrites earlier turns gives one sequence per assistant turn (`encode_sft_turns`)."""
     report = report if report is not None else LoadReport()
     encoded = []
     for example in examples:
-        tokens = encode_sft_example(tokenizer, example, completion_only=completion_only, max_length=max_length)
-        fitted = fit_sft(tokens, max_length, truncation, report)
-        if fitted is not None:
-            encoded.append(fitted)
+        try:
+            sequences = [encode_sft_example(tokenizer, example, completion_only=completion_only,
+                                            max_length=max_length)]  # fmt: skip
+        except DataError as error:
+            if error.reason != "chat template" or isinstance(example.completion, str):
+                raise
+            sequences = encode_sft_turns(tokenizer, example, completion_only=completion_only, max_length=max_length)
+        for tokens in sequences:
+            fitted = fit_sft(tokens, max_length, truncation, report)
+            if fitted is not None:
+                encoded.append(fitted)
     return encoded
+
+
+def encode_sft_turns(tokenizer: Any, example: SFTExample, *, completion_only: bool = True,
+                     max_length: int | None = None) -> list[SFTTokens]:
+    """One sequence per assistant turn i of a conversational demonstration: `messages[:i + 1]` rendered, turn i
+    its only target (for templates that rewrite earlier turns; module docstring)."""
+    messages = [*(example.prompt or []), *example.completion]
+    out = []
+    for i in range(len(example.prompt or []), len(messages)):
+        if messages[i]["role"] != "assistant":
+            continue
+        where = f"{example.where} (assistant turn {i + 1})"
+        ids, mask = encode_conversation(tokenizer, messages[:i + 1], first_target_turn=i, where=where,
+                                        max_length=max_length, tools=example.tools)  # fmt: skip
+        out.append(SFTTokens(ids, _first_not_target(mask if completion_only else [True] * len(ids)), where))
+    return out
 
 
 def fit_sft(tokens: SFTTokens, max_length: int | None, truncation: Truncation,
@@ -321,11 +348,12 @@ def _check_truncation(truncation: str) -> None:
 
 def encode_preference(examples: Sequence[PreferenceExample], tokenizer: Any, *, max_length: int | None = None,
                       truncation: Truncation = "truncate", on_bad_row: OnBadRow = "error",
-                      report: LoadReport | None = None) -> list[PreferenceTokens]:
+                      report: LoadReport | None = None, max_prompt_length: int | None = None) -> list[PreferenceTokens]:
     """Encode pairs; the prompt is kept whole and completions are cut to fit (counted in `report`). A pair whose
     chosen and rejected ids are equal is raised (`on_bad_row="error"`) or skipped and counted."""
     report = report if report is not None else LoadReport()
-    fitted = _fit_each(examples, lambda e: [e.chosen, e.rejected], tokenizer, max_length, truncation, report)
+    fitted = _fit_each(examples, lambda e: [e.chosen, e.rejected], tokenizer, max_length, truncation, report,
+                       max_prompt_length)
     return [PreferenceTokens(prompt_ids, chosen, rejected, e.where)
             for e, prompt_ids, (chosen, rejected), cut in fitted
             if _differ(chosen, rejected, what="'chosen' and 'rejected'", cut=cut, where=e.where,
@@ -334,20 +362,20 @@ def encode_preference(examples: Sequence[PreferenceExample], tokenizer: Any, *, 
 
 def encode_unpaired(examples: Sequence[UnpairedExample], tokenizer: Any, *, max_length: int | None = None,
                     truncation: Truncation = "truncate", on_bad_row: OnBadRow = "error",
-                    report: LoadReport | None = None) -> list[CompletionTokens]:
+                    report: LoadReport | None = None, max_prompt_length: int | None = None) -> list[CompletionTokens]:
     """Encode labelled completions (one per example), fitted like preference pairs. `on_bad_row` is taken for
     the same arguments as the other encoders; a row with one completion has no pair to compare."""
-    fitted = _fit_each(examples, lambda e: [e.completion], tokenizer, max_length, truncation, report)
+    fitted = _fit_each(examples, lambda e: [e.completion], tokenizer, max_length, truncation, report, max_prompt_length)
     return [CompletionTokens(prompt_ids, ids, e.where, label=e.label) for e, prompt_ids, ids, _ in fitted]
 
 
 def encode_listwise(examples: Sequence[ListwiseExample], tokenizer: Any, *, max_length: int | None = None,
                     truncation: Truncation = "truncate", on_bad_row: OnBadRow = "error",
-                    report: LoadReport | None = None) -> list[CompletionTokens]:
+                    report: LoadReport | None = None, max_prompt_length: int | None = None) -> list[CompletionTokens]:
     """Encode scored completion lists, fitted like preference pairs; a list whose completions' ids are all equal
     is raised (`on_bad_row="error"`) or skipped and counted."""
     report = report if report is not None else LoadReport()
-    fitted = _fit_each(examples, lambda e: e.completions, tokenizer, max_length, truncation, report)
+    fitted = _fit_each(examples, lambda e: e.completions, tokenizer, max_length, truncation, report, max_prompt_length)
     return [CompletionTokens(prompt_ids, ids, e.where, scores=e.scores) for e, prompt_ids, ids, cut in fitted
             if _differ(*ids, what="all completions", cut=cut, where=e.where, on_bad_row=on_bad_row, report=report)]
 
@@ -368,23 +396,35 @@ def _differ(*completions: list[int], what: str, cut: bool, where: str, on_bad_ro
 
 
 def _fit_each(examples: Sequence[Any], completions_of: Callable[[Any], Sequence[Content]], tokenizer: Any,
-              max_length: int | None, truncation: Truncation, report: LoadReport | None
-              ) -> Iterator[tuple[Any, list[int], list[list[int]], bool]]:
+              max_length: int | None, truncation: Truncation, report: LoadReport | None,
+              max_prompt_length: int | None = None) -> Iterator[tuple[Any, list[int], list[list[int]], bool]]:
     """(example, prompt ids, fitted completion ids, whether they were cut) for each example whose completions
-    fit; the rest are counted in `report` by `fit_completions`."""
+    fit; the rest are counted in `report` by `fit_completions`. A prompt longer than `max_prompt_length` keeps its
+    last tokens (counted as truncated, once per example)."""
     report = report if report is not None else LoadReport()
     for example in examples:
         prompt_ids, completions = _encode_prompt_and_completions(
-            tokenizer, example.prompt, completions_of(example), example.where, max_length)
+            tokenizer, example.prompt, completions_of(example), example.where, max_length, max_prompt_length)
+        prompt_cut = max_prompt_length is not None and len(prompt_ids) > max_prompt_length
+        if prompt_cut:
+            prompt_ids = prompt_ids[-max_prompt_length:]
         fitted = fit_completions(prompt_ids, completions, max_length, truncation, report)
         if fitted is not None:
+            if prompt_cut and fitted is completions:
+                report.truncated += 1
             yield example, prompt_ids, fitted, fitted is not completions
 
 
 def _encode_prompt_and_completions(tokenizer: Any, prompt: Content | None, completions: Sequence[Content],
-                                   where: str, max_length: int | None) -> tuple[list[int], list[list[int]]]:
-    prompt_ids = encode_prompt(tokenizer, prompt, where=where, max_length=max_length)
-    room = None if max_length is None else max_length - len(prompt_ids)
+                                   where: str, max_length: int | None, max_prompt_length: int | None = None
+                                   ) -> tuple[list[int], list[list[int]]]:
+    if max_prompt_length is not None:
+        prompt_ids = encode_prompt(tokenizer, prompt, where=where, max_length=max_prompt_length, from_end=True)
+        kept = min(len(prompt_ids), max_prompt_length)
+    else:
+        prompt_ids = encode_prompt(tokenizer, prompt, where=where, max_length=max_length)
+        kept = len(prompt_ids)
+    room = None if max_length is None else max_length - kept
     return prompt_ids, [encode_completion(tokenizer, prompt, c, where=where, max_length=room) for c in completions]
 
 

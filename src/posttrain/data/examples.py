@@ -26,9 +26,15 @@ Conversation rules (checked on every conversational field; `Conversation` below)
 Every string of a row, nested ones and keys included, must be Unicode text: a lone surrogate (a JSON `\ud800`
 escape without its other half) is a bad row, named with its field, since no tokenizer can encode it.
 
-Preference rows without `prompt` whose `chosen` and `rejected` are conversations sharing a prefix
-("implicit prompt"): the longest shared prefix of messages becomes the prompt and the rest of each must
-be one assistant message. Text rows without `prompt` are compared as whole sequences (prompt None).
+Preference rows without `prompt` ("implicit prompt", as TRL's `extract_prompt`): for conversations the longest
+shared prefix of messages becomes the prompt and the rest of each must be one assistant message; for text the
+longest shared prefix of characters, less a space it ends with (which starts both completions: "The sky is" +
+" blue." / " green."), so that length-normalised losses (SimPO, ORPO) see the completions only. Text pairs that
+share no character have no prompt (prompt None: the tokenizer's leading specials only).
+
+`unpaired` rows may be preference pairs (`chosen` + `rejected`, with or without `prompt`, as above), as TRL's
+KTO trainer takes them (`unpair_preference_dataset`): each pair gives two labelled completions, the chosen one
+desirable and the rejected one undesirable (where "(chosen)" / "(rejected)").
 """
 
 import itertools
@@ -77,9 +83,10 @@ class PreferenceExample:
 
 @dataclass(frozen=True, slots=True)
 class UnpairedExample:
-    """One completion labelled desirable (True) or undesirable (False), as KTO consumes."""
+    """One completion labelled desirable (True) or undesirable (False), as KTO consumes (prompt None: one side of
+    an unpaired text pair that shared no prefix)."""
 
-    prompt: Content
+    prompt: Content | None
     completion: Content
     label: bool
     where: str
@@ -136,7 +143,8 @@ def validate_rows(rows: Iterable[Row], kind: Kind, *, on_bad_row: OnBadRow = "er
     for row in rows:
         try:
             check_unicode(row)
-            examples.append(validate(row))
+            example = validate(row)
+            examples.extend(example) if isinstance(example, tuple) else examples.append(example)
         except DataError as error:
             if on_bad_row == "error":
                 raise
@@ -184,12 +192,38 @@ def validate_preference_row(row: Row) -> PreferenceExample:
         return PreferenceExample(prompt, chosen, rejected, row.where)
     if isinstance(row.fields["chosen"], str):
         rejected = _text_matching(row, "rejected", "chosen")
-        return PreferenceExample(None, _text(row, "chosen"), rejected, row.where)
+        prompt, chosen, rejected = split_text_prompt(_text(row, "chosen"), rejected)
+        for name, text in (("chosen", chosen), ("rejected", rejected)):
+            if not text.strip():
+                raise DataError(f"{row.where}: field {name!r}: nothing of it follows the prompt it shares with the "
+                                f"other ({show_value(prompt[-40:])}); give 'prompt', or completions that differ",
+                                reason="empty text")  # fmt: skip
+        return PreferenceExample(prompt or None, chosen, rejected, row.where)
     return _split_implicit_prompt(row)
 
 
-def validate_unpaired_row(row: Row) -> UnpairedExample:
-    _require(row, ("prompt", "completion", "label"), "'prompt' + 'completion' + 'label'")
+def split_text_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen completion, rejected completion) of an implicit-prompt text pair, as TRL's `extract_prompt`:
+    the prompt is the text up to the first character where the two differ, less a space it ends with (the space
+    starts both completions); where the shorter one is a prefix of the other, its last character starts the
+    completions."""
+    shortest = min(len(chosen), len(rejected))
+    cut = next((i for i in range(shortest) if chosen[i] != rejected[i]), None)
+    if cut is None:
+        cut = shortest - 1
+    elif cut > 0 and chosen[cut - 1] == " ":
+        cut -= 1
+    cut = max(cut, 0)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def validate_unpaired_row(row: Row) -> UnpairedExample | tuple[UnpairedExample, UnpairedExample]:
+    if "chosen" in row.fields and "rejected" in row.fields and "completion" not in row.fields:
+        pair = validate_preference_row(row)  # a preference pair, unpaired as TRL's KTO trainer does
+        return (UnpairedExample(pair.prompt, pair.chosen, True, f"{row.where} (chosen)"),
+                UnpairedExample(pair.prompt, pair.rejected, False, f"{row.where} (rejected)"))  # fmt: skip
+    _require(row, ("prompt", "completion", "label"), "'prompt' + 'completion' + 'label' (or a pair: 'chosen' + "
+             "'rejected')")  # fmt: skip
     prompt, completion = _content_pair(row, "prompt", "completion", single_turn=True)
     label = row.fields["label"]
     if not isinstance(label, bool):

@@ -272,6 +272,84 @@ def reinforce(rewards_PG: Tensor, baseline: Tensor) -> Tensor:
     return rewards_PG.detach() - baseline.detach()
 
 
+@advantage("bnpo")
+def bnpo(
+    rewards_PG: Tensor,
+    *,
+    group_size: int,
+    reward_min: float = 0.0,
+    reward_max: float = 1.0,
+    max_weight: float = 1e6,
+) -> Tensor:
+    """Beta normalisation policy optimisation (Xiao et al. 2025, arXiv:2506.02864): the group-mean baseline, divided
+    by a Beta density fitted to the step's group accuracies.
+
+        r'_i      = (r_i - reward_min) / (reward_max - reward_min)          rewards mapped to [0, 1]
+        p_q       = mean_j r'_j over the G completions of prompt q          (the prompt's expected reward)
+        m, v      = mean and unbiased variance of p_q over the step's P prompts
+        a, b      = (m (1 - m) / v - 1) * m,  (m (1 - m) / v - 1) * (1 - m)   (method-of-moments Beta fit to the p_q)
+        alpha     = max(1 + a / 3, 1),  beta = max(1 + b / 3, 1)
+        A_i       = min(1 / Beta(p_q; alpha, beta), max_weight) * (r'_i - p_q)
+
+    alpha = beta = 1 (a uniform density) is REINFORCE with the group mean as baseline. Every step is the authors' code
+    (github.com/changyi7231/BNPO, recipe/bnpo/src/bnpo_ray_trainer.py, `compute_bnpo_outcome_advantage`): the affine
+    map with min 0 and max 1, the 1/3 factors, the clamps at 1 and the weight cap of 1e6; one prompt in the step
+    gives m = 0 and v = 1 there, as here.
+
+    rewards_PG: [P*G], each prompt's G completions contiguous, within [reward_min, reward_max] (checked; the authors'
+    code asserts it). Returns [P*G].
+    Deviations: where the p_q are all equal (v = 0) the authors' code divides by zero and gives NaN advantages; here
+    alpha = beta = 1 (weight 1). The density is computed in float64 with xlogy, so p = 0 or 1 with alpha or beta = 1
+    is finite. The paper's advantage decomposition (one BNPO advantage per reward component, averaged) is not
+    implemented: this reads the summed reward.
+    """
+    _require_groups("bnpo", group_size, 2)
+    if not reward_max > reward_min:
+        raise ValueError(f"advantage 'bnpo': reward_max={reward_max} must be > reward_min={reward_min}")
+    r_P_G = (rewards_PG.detach().double().view(-1, group_size) - reward_min) / (reward_max - reward_min)
+    if bool(((r_P_G < 0) | (r_P_G > 1)).any()):
+        raise ValueError(f"advantage 'bnpo': rewards outside [reward_min, reward_max] = [{reward_min}, {reward_max}]; "
+                         "set rl.advantage_args.reward_min / reward_max to the reward's range")  # fmt: skip
+    p_P = r_P_G.mean(dim=1)
+    m, v = (p_P.mean(), p_P.var()) if len(p_P) > 1 else (p_P.new_tensor(0.0), p_P.new_tensor(1.0))
+    if v > 0:
+        spread = m * (1 - m) / v - 1
+        alpha, beta = (1 + spread * m / 3).clamp(min=1.0), (1 + spread * (1 - m) / 3).clamp(min=1.0)
+    else:
+        alpha, beta = p_P.new_tensor(1.0), p_P.new_tensor(1.0)
+    log_density_P = (
+        torch.xlogy(alpha - 1, p_P) + torch.xlogy(beta - 1, 1 - p_P)
+        - (torch.lgamma(alpha) + torch.lgamma(beta) - torch.lgamma(alpha + beta))
+    )  # fmt: skip
+    weight_P = (-log_density_P).exp().clamp(max=max_weight)
+    return (weight_P[:, None] * (r_P_G - p_P[:, None])).flatten().to(rewards_PG.dtype)
+
+
+@advantage("spo")
+def spo(rewards_PG: Tensor, *, group_size: int) -> Tensor:
+    """Self-play preference optimisation, the minimaximalist approach (Swamy et al. 2024, arXiv:2401.04056): each
+    completion's reward is the share of the other completions of its prompt it is preferred to, a win rate against
+    the policy itself, with no reward model; the group's mean win rate, 1/2, is the baseline.
+
+        pref(i, j) = 1 if r_i > r_j,  1/2 if r_i = r_j,  0 if r_i < r_j      (hard preferences from the scores)
+        w_i        = 1/(G-1) * sum_{j != i} pref(i, j)
+        A_i        = w_i - 1/2                                              (the mean of w over a group is 1/2)
+
+    rewards_PG: [P*G] scores, each prompt's G completions contiguous; only their order within a group matters.
+    Returns [P*G] in [-1/2, 1/2].
+    Deviations: the paper queries a preference function for every pair (which may be intransitive); the RL loop scores
+    completions one by one, so here the preference is read off the scores (a verifier's right > wrong). The paper
+    feeds the win rate to PPO or SAC as the reward; here it is the advantage directly, with the exact group mean
+    1/2 as baseline.
+    """
+    _require_groups("spo", group_size, 2)
+    r_P_G = rewards_PG.detach().view(-1, group_size)
+    diff_P_G_G = r_P_G[:, :, None] - r_P_G[:, None, :]
+    prefs_P_G_G = (diff_P_G_G > 0).to(r_P_G.dtype) + 0.5 * (diff_P_G_G == 0).to(r_P_G.dtype)
+    win_P_G = (prefs_P_G_G.sum(dim=2) - 0.5) / (group_size - 1)  # the diagonal (i vs i) is a tie, 1/2
+    return (win_P_G - 0.5).flatten()
+
+
 # --- sequence values as per-token tensors (not registered: every loop uses them the same way) ---
 
 
@@ -287,3 +365,10 @@ def per_token(adv: Tensor, mask_B_T: Tensor) -> Tensor:
     """An advantage of [P*G] broadcast over each completion's tokens, or a [B, T] one; 0 off the mask."""
     adv_B_T = adv[:, None].expand(mask_B_T.shape) if adv.dim() == 1 else adv
     return torch.where(mask_B_T, adv_B_T.to(torch.float32), 0.0).detach()
+
+
+def group_reward_inputs(rewards_PG: Tensor, group_size: int) -> dict[str, Tensor]:
+    """The `group_rewards` need of a policy loss: each row's reward and its group's mean, both [P*G], detached."""
+    r_P_G = rewards_PG.detach().view(-1, group_size)
+    mean_P_G = r_P_G.mean(dim=1, keepdim=True).expand_as(r_P_G)
+    return {"rewards_B": r_P_G.flatten(), "group_mean_rewards_B": mean_P_G.flatten()}

@@ -101,3 +101,38 @@ def nll(logps: Tensor, labels: Tensor, lengths: Tensor) -> Tensor:
     usual token mean over the selected batch; equal when lengths are equal).
     """
     return torch.where(labels.bool(), -logps / lengths.clamp(min=1.0), 0.0)
+
+
+@preference_loss("selm")
+def selm(
+    chosen: Tensor,
+    rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    chosen_from_reference: Tensor,
+    rejected_from_reference: Tensor,
+    *,
+    beta: float = 0.01,
+    alpha: float = 0.001,
+) -> Tensor:
+    """Self-exploring language models (Zhang et al. 2024, arXiv:2405.19332): online DPO plus an optimism term that
+    lowers the implicit reward of the reference model's own answer, so the policy explores beyond it.
+
+        loss = -log sigmoid(beta * h)  +  alpha * beta * sum over the pair's reference samples y~ of
+                                          (log pi(y~|x) - log ref(y~|x))
+
+    h as in `dpo`. This is the authors' `optimistic_dpo_loss` (github.com/shenao-zhang/SELM, scripts/selm_trainer.py):
+    `-logsigmoid(beta * logits) + alpha * beta * (policy_response_logps - reference_response_logps)`. Defaults
+    beta 0.01 and alpha 0.001 are their Zephyr recipe (recipes/zephyr-selm/selm_config_full.yaml). The reference's
+    log-prob carries no gradient, so the gradient is XPO's with alpha * beta as XPO's alpha.
+    Inputs [N]; chosen_from_reference, rejected_from_reference: bool [N]. Returns [N].
+    Deviations: the authors' y~ is the round's reference model's greedy answer, ranked with the offline chosen and
+    rejected answers to pick the pair, and its term applies whether or not it is in the pair; here the reference's
+    samples (online.sampling) compete with the policy's for the pair, and the term applies to the pair's sides the
+    reference sampled (no term when the pair holds none).
+    """
+    h = (chosen - ref_chosen) - (rejected - ref_rejected)
+    from_ref = torch.where(chosen_from_reference, chosen - ref_chosen, 0.0) + torch.where(
+        rejected_from_reference, rejected - ref_rejected, 0.0
+    )
+    return -F.logsigmoid(beta * h) + alpha * beta * from_ref

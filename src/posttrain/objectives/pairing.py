@@ -9,6 +9,8 @@ an int tensor [P, K] with 1 = desirable, 0 = undesirable, -1 = left out.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -83,3 +85,53 @@ def threshold_labels(scores_P_K: Tensor, *, threshold: float) -> Tensor:
     """Unpaired labels (KTO, BCO): desirable (1) when the score reaches `threshold`, else undesirable (0).
     scores_P_K: [P, K]. Returns labels [P, K] (int64)."""
     return (scores_P_K >= threshold).long()
+
+
+def statistical_rejection_sample(
+    rewards: list[float], *, beta: float, num_accepted: int, generator: torch.Generator | None = None
+) -> list[int]:
+    """RSO's statistical rejection sampling (Liu et al. 2023, arXiv:2309.06657, Algorithm 1): from K candidates sampled
+    from a policy pi, with their rewards, the indices of `num_accepted` of them as samples of the optimal policy
+    pi*(y|x) ~ pi(y|x) exp(r(y) / beta).
+
+        repeat until num_accepted are accepted (or every candidate is):
+            r_max = the highest reward among the candidates left
+            for each candidate left, in order: accept it when u < exp((r - r_max) / beta),  u ~ U[0, 1);
+                                               stop the pass once num_accepted are accepted
+
+    A pass always accepts the best candidate left (exp(0) = 1 > u), so it ends. Returns indices in acceptance order.
+    Deviations: none (the paper's listing, one uniform draw per candidate per pass).
+    """
+    if beta <= 0:
+        raise ValueError(f"statistical rejection sampling: beta={beta} must be > 0")
+    left, accepted = list(range(len(rewards))), []
+    wanted = min(num_accepted, len(rewards))
+    while len(accepted) < wanted:
+        r_max = max(rewards[i] for i in left)
+        taken = []
+        for i in left:
+            if torch.rand((), generator=generator).item() >= math.exp((rewards[i] - r_max) / beta):
+                continue
+            taken.append(i)
+            if len(accepted) + len(taken) == wanted:
+                break
+        accepted += taken
+        left = [i for i in left if i not in taken]
+    return accepted
+
+
+def statistical_rejection_pairs(
+    scores_P_K: Tensor, *, beta: float, num_accepted: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """RSO's pairs (Liu et al. 2023, arXiv:2309.06657): each prompt's candidates rejection-sampled
+    (`statistical_rejection_sample`), the accepted ones shuffled and paired (1st, 2nd), (3rd, 4th), ..., each pair
+    labelled by its rewards (the higher chosen); a pair of equal rewards carries no preference and is left out.
+    scores_P_K: [P, K]. Returns pairs_M_3 (prompt, chosen, rejected)."""
+    pairs = []
+    for p, row in enumerate(scores_P_K.tolist()):
+        accepted = statistical_rejection_sample(row, beta=beta, num_accepted=num_accepted, generator=generator)
+        shuffled = [accepted[i] for i in torch.randperm(len(accepted), generator=generator).tolist()]
+        for a, b in zip(shuffled[0::2], shuffled[1::2], strict=False):
+            if row[a] != row[b]:
+                pairs.append((p, a, b) if row[a] > row[b] else (p, b, a))
+    return torch.tensor(pairs, dtype=torch.long).view(-1, 3)

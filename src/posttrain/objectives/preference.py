@@ -57,6 +57,8 @@ TRL_LOSS_TYPES: dict[str, tuple[str, str | None] | None] = {
     "nll": None,
     "lipo_lambda": None,
     "plackett_luce": None,
+    "cpl": None,  # TRL 1.16 has no CPL
+    "selm": None,  # nor SELM
 }
 
 
@@ -565,3 +567,34 @@ def plackett_luce(
     in list order (the paper assumes a strict ranking).
     """
     return _plackett_luce_nll(beta * (logps_N_K - ref_logps_N_K), scores_N_K)
+
+
+@preference_loss("cpl")
+def cpl(
+    chosen: Tensor,
+    rejected: Tensor,
+    chosen_len: Tensor,
+    rejected_len: Tensor,
+    *,
+    alpha: float = 0.1,
+    lam: float = 0.5,
+    bc_coef: float = 0.0,
+) -> Tensor:
+    """Contrastive preference learning (Hejna et al. 2023, arXiv:2310.13639): a preference's likelihood under the
+    regret model, with the policy's log-probs as the (scaled) advantages, and a conservative bias lam on the rejected
+    side; reference-free.
+
+        loss = -log sigmoid(alpha * log pi(y_w|x) - lam * alpha * log pi(y_l|x))
+               + bc_coef * -(log pi(y_w|x) + log pi(y_l|x)) / (|y_w| + |y_l|)
+
+    = -log [exp(alpha S_w) / (exp(alpha S_w) + exp(lam alpha S_l))], S = the completion's summed log-prob (the
+    discount is 1 for a completion). lam = 1 is the unbiased CPL. Inputs: summed log-probs and token counts [N];
+    returns [N]. Defaults are the authors' (github.com/jhejna/cpl, configs/mw_state_dense/cpl.yaml): alpha 0.1,
+    contrastive_bias 0.5, bc_coeff 0; 0 < lam <= 1 (their code asserts it).
+    Deviations: the behaviour-cloning term (the authors' `bc_loss`, a mean over every step of both segments) is each
+    pair's per-token mean; the authors' warm-up of pure BC steps (`bc_steps`) is an SFT run before this one.
+    """
+    if not 0.0 < lam <= 1.0:
+        raise ValueError(f"cpl: lam={lam} must be in (0, 1] (the conservative bias on the rejected side)")
+    bc = -(chosen + rejected) / (chosen_len + rejected_len).clamp(min=1.0)
+    return -F.logsigmoid(alpha * chosen - lam * alpha * rejected) + bc_coef * bc

@@ -174,7 +174,12 @@ ADVANTAGES = Registry(
     },
 )
 POLICY_LOSSES = Registry(
-    "policy loss", inputs={"logp_B_T": None, "old_logp_B_T": None, "adv_B_T": None, "mask_B_T": None}
+    "policy loss",
+    inputs={
+        "logp_B_T": None, "old_logp_B_T": None, "adv_B_T": None, "mask_B_T": None,
+        "rewards_B": "group_rewards",  # [B] each row's sequence reward as scored (no KL shaping)
+        "group_mean_rewards_B": "group_rewards",  # [B] the mean reward of the row's group (NFT's r_q)
+    },
 )
 AGGREGATIONS = Registry(
     "loss aggregation",

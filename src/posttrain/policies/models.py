@@ -246,16 +246,22 @@ def is_lora(model: Any) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, directory: str | Path) -> Path:
+def save_pretrained(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    directory: str | Path,
+    state_dict: dict[str, Any] | None = None,
+) -> Path:
     """A standard Hugging Face directory (safetensors): the model, or for a peft LoRA model its trained adapter
     only (`adapter_config.json`, `adapter_model.safetensors`, the base model's path inside), which transformers'
-    and peft's `from_pretrained` load on that base and `posttrain export --merge` merges into a full model."""
+    and peft's `from_pretrained` load on that base and `posttrain export --merge` merges into a full model.
+    `state_dict`: the weights to write in place of the model's own (an FSDP2 model's, gathered whole)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if is_lora(model):
         model.save_pretrained(directory, selected_adapters=[model.active_adapter], safe_serialization=True)
     else:
-        model.save_pretrained(directory, safe_serialization=True)
+        model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory

@@ -13,6 +13,9 @@ sampled completions, so that a TRL user's reward function works unchanged.
     **columns       every other column of the rows (`answer`, ...), one value per completion
 
 TRL leaves the rows' `prompt`, `completion` and `completion_ids` columns out of the columns; so does posttrain.
+
+`sample_table` turns a step's prompts, completions and scores into the rows of the sampled-completions table
+(samples.jsonl, and the trackers' tables), as TRL's completions table shows them.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from typing import Any
 from posttrain.data.encoding import PromptTokens
 from posttrain.rewards.scoring import RewardResult, RewardSet
 
-NOT_COLUMNS = frozenset({"prompt", "completion", "completion_ids"})
+NOT_COLUMNS = frozenset({"prompt", "completion", "completion_ids", "completions"})
+"""Row fields never passed as columns: the samples themselves (a listwise row's `completions` would collide with the
+reward's own `completions`)."""
 
 
 def is_conversation(content: Any) -> bool:
@@ -100,3 +105,38 @@ def score_completions(
         completions = reward_completions(prompts_N, texts)
     return reward_set.score(prompts_N, completions, completion_ids, row_columns(prompts, n),
                             extra_kwargs=extra_kwargs)  # fmt: skip
+
+
+def sample_table(
+    tokenizer: Any,
+    prompts: Sequence[PromptTokens],
+    completion_ids: Sequence[Sequence[int]],
+    n: int,
+    rewards: RewardResult,
+    logged: Mapping[str, Sequence[Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per completion (prompt i owns completions i*n .. i*n + n - 1): the prompt
+    and completion as text, the weighted total (`reward`), each reward's raw score (`reward/<name>`; None where it
+    did not apply), the completion's token count, and the columns reward functions logged with `log_extra` this
+    step. A logged column of another length than the step's completions (several draws under dynamic sampling) is
+    left out: its values cannot be matched to these completions."""
+    prompts_N = reward_prompts(prompts, tokenizer, n)
+    texts = tokenizer.batch_decode(list(completion_ids), skip_special_tokens=True)
+    matched = {k: v for k, v in (logged or {}).items() if len(v) == len(completion_ids)}
+    rows = []
+    for i in range(len(completion_ids)):
+        row: dict[str, Any] = {"prompt": as_text(prompts_N[i]), "completion": texts[i],
+                               "reward": rewards.total[i].item()}  # fmt: skip
+        for name, scores_N in rewards.per_reward.items():
+            score = scores_N[i].item()
+            row[f"reward/{name}"] = None if score != score else score  # NaN: not applicable
+        row["tokens"] = len(completion_ids[i])
+        rows.append(row | {column: values[i] for column, values in matched.items()})
+    return rows
+
+
+def as_text(content: Any) -> str:
+    """A prompt as one string: text as it is, a conversation as `role: content` lines."""
+    if is_conversation(content):
+        return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in content)
+    return str(content)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from posttrain.data.encoding import PromptTokens
 from posttrain.rewards import RewardResult
@@ -82,3 +83,33 @@ def merge_scored(parts: list[Scored]) -> Scored:
         metrics={},
     )
     return Scored([p for s in parts for p in s.prompts], rollouts, rewards)
+
+
+def filtration_weights(rewards_B: Tensor, *, method: str, weight_pow: float = 2.0) -> Tensor:
+    """PF-PPO's sampling weights (Zhang et al. 2024, arXiv:2409.06957; the authors' `compute_pf_ppo_reweight_data`,
+    github.com/DtYXs/verl, branch pf-ppo), from the rewards of a whole step's completions (not per prompt):
+
+        pow:         |r|^weight_pow
+        max_min:     1 where r is the step's highest or lowest reward, else 0
+        max_random:  0.4 where r is the step's highest reward, else 0.1
+
+    then + 1e-8 (the authors' floor, so every weight is positive). rewards_B: [B]. Returns [B].
+    """
+    if method == "pow":
+        weights_B = rewards_B.abs().pow(weight_pow)
+    elif method == "max_min":
+        weights_B = ((rewards_B == rewards_B.max()) | (rewards_B == rewards_B.min())).to(rewards_B.dtype)
+    elif method == "max_random":
+        weights_B = torch.where(rewards_B == rewards_B.max(), 0.4, 0.1).to(rewards_B.dtype)
+    else:
+        raise ValueError(f"rl.filtration.method: '{method}' is not one of pow, max_min, max_random")
+    return (weights_B + 1e-8).clamp(min=1e-8)
+
+
+def filtered_rows(
+    rewards_B: Tensor, *, method: str, weight_pow: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """PF-PPO's resampled step: B row indices drawn with replacement in proportion to `filtration_weights` (the
+    authors' `torch.multinomial(weights, batch_size, replacement=True)`). rewards_B: [B]. Returns int64 [B]."""
+    weights_B = filtration_weights(rewards_B.detach().double(), method=method, weight_pow=weight_pow)
+    return torch.multinomial(weights_B, len(weights_B), replacement=True, generator=generator)

@@ -62,16 +62,19 @@ class Checkpointer:
         save_model: Callable[[Path], Any],
         state: dict[str, Any],
         about: dict[str, Any] | None = None,
+        staging: Path | None = None,
     ) -> Path:
         """`save_model(directory)` writes the model; `state` (tensors and plain values) goes to trainer_state.pt;
-        `about` (the trainer kind and config) into the manifest beside every file's size and hash."""
+        `about` (the trainer kind and config) into the manifest beside every file's size and hash. `staging`: a
+        staging directory made by `collective_staging` and already holding what every rank wrote into it."""
         final = self.root / f"step-{step:08d}"
-        staging = self.root / f".tmp-step-{step:08d}-{os.getpid()}"
+        written = staging is not None
+        staging = staging or self.root / f".tmp-step-{step:08d}-{os.getpid()}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            if staging.exists():
+            if staging.exists() and not written:
                 shutil.rmtree(staging)
-            staging.mkdir()
+            staging.mkdir(exist_ok=written)
             save_model(staging / MODEL_DIR)
             torch.save({**state, "step": step}, staging / STATE_FILE)
             manifest = {"step": step, **(about or {}), "files": file_digests(staging)}
@@ -86,6 +89,15 @@ class Checkpointer:
             raise disk_error(error, f"writing checkpoint step-{step:08d} to {self.root}") from error
         self._prune()
         return final
+
+    def collective_staging(self, step: int, *, main: bool) -> Path:
+        """The staging directory of a checkpoint every rank writes a part of (FSDP2's shards), the same path on each:
+        the main rank makes it fresh; call a barrier before the others write."""
+        staging = self.root / f".tmp-step-{step:08d}-ranks"
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        return staging
 
     def latest(self) -> Path | None:
         """The newest checkpoint that is complete (its manifest and state written), or None."""
@@ -136,7 +148,7 @@ class Checkpointer:
         for _, path in self._complete_steps()[: -self.keep_last]:
             shutil.rmtree(path, ignore_errors=True)
         for stale in self.root.glob(".tmp-step-*"):  # left by a process killed mid-write
-            if not stale.name.endswith(f"-{os.getpid()}"):
+            if not stale.name.endswith((f"-{os.getpid()}", "-ranks")):
                 shutil.rmtree(stale, ignore_errors=True)
 
 

@@ -56,11 +56,14 @@ ONE_PROCESS = Ranks()
 """The ranks of a single-process run (every collective is the identity)."""
 
 
-def init_ranks(device_type: str) -> Ranks:
+def init_ranks(device_type: str, *, group: bool = False) -> Ranks:
     """The ranks torchrun started (WORLD_SIZE, RANK, LOCAL_RANK in the environment), with the process group
-    initialised on first use (gloo on CPU, NCCL on CUDA); `Ranks()` for a single process."""
+    initialised on first use (gloo on CPU, NCCL on CUDA); `Ranks()` for a single process, which gets a process group
+    of one only when `group` asks (FSDP2 shards over a group, of one rank too)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
+        if group:
+            init_group_of_one(device_type)
         return Ranks()
     ranks = Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     import torch.distributed as dist
@@ -68,6 +71,26 @@ def init_ranks(device_type: str) -> Ranks:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return ranks
+
+
+def init_group_of_one(device_type: str) -> None:
+    """A process group holding this process alone, on a free loopback port."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def broadcast_object(value: T, ranks: Ranks) -> T:
+    """The main rank's `value` on every rank."""
+    return all_gather_objects(value, ranks)[0] if ranks.distributed else value
 
 
 def all_reduce_sum(value: float | Tensor, ranks: Ranks) -> Any:
@@ -102,6 +125,14 @@ def sum_gradients(parameters: Sequence[torch.nn.Parameter], ranks: Ranks) -> Non
         for p in params:
             p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
             offset += p.numel()
+
+
+def scale_gradients(parameters: Sequence[torch.nn.Parameter], factor: float) -> None:
+    """Multiply every gradient by `factor` (FSDP2 averages over ranks where the losses want the sum)."""
+    if factor != 1:
+        for p in parameters:
+            if p.grad is not None:
+                p.grad.mul_(factor)
 
 
 def any_rank(flag: bool, ranks: Ranks) -> bool:

@@ -107,11 +107,21 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     Its float32 squares overflow from elements of about 2e19, as those of torch's norm do; a sum that is not
     finite is taken again by `get_total_norm`, so that the guard skips an update exactly where torch's norm is
     not finite."""
+    shards = [g for g in grads if is_sharded(g)]
+    if shards:  # FSDP2: the norm over every rank's shards (the same on each), with the whole tensors' beside it
+        shard_norm = torch.nn.utils.get_total_norm(shards)
+        whole_norm = total_norm([g for g in grads if not is_sharded(g)])
+        return torch.linalg.vector_norm(torch.stack([shard_norm.full_tensor(), whole_norm.to(shard_norm.device)]))
     on_cpu = all(g.device.type == "cpu" and g.dtype == torch.float32 for g in grads)
     if not grads or not on_cpu:
         return torch.nn.utils.get_total_norm(grads)
     norm = torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]).sum().sqrt()
     return norm if math.isfinite(norm) else torch.nn.utils.get_total_norm(grads)
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether a tensor is a DTensor (an FSDP2 parameter or gradient, sharded over ranks)."""
+    return type(tensor).__name__ == "DTensor"
 
 
 def clipped_step(

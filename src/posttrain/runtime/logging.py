@@ -1,12 +1,13 @@
-"""Run logging: a rich progress bar, metrics as JSONL in the run directory, TensorBoard when installed, and
-`track` / `phase` for the long steps outside the training loop (reference log-probs, evaluation, saving)."""
+"""Run logging: a rich progress bar, metrics as JSONL in the run directory (and sampled completions as
+samples.jsonl), the experiment trackers a run selects (`runtime.trackers`), and `track` / `phase` for the long
+steps outside the training loop (reference log-probs, evaluation, saving)."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -23,9 +24,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from posttrain.runtime.trackers import Tracker, scalars
+
 console = Console(stderr=True)
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 
 T = TypeVar("T")
 
@@ -34,7 +38,9 @@ _run_display: ContextVar[Progress | bool | None] = ContextVar("run_display", def
 
 
 class RunLogger:
-    """Writes one JSON object per logged step to `run_dir/metrics.jsonl` and shows progress."""
+    """Writes one JSON object per logged step to `run_dir/metrics.jsonl` (and to the open `trackers`, as
+    `kind/name`), sampled completions to `run_dir/samples.jsonl` (and the trackers' tables), and shows progress.
+    Closing it closes the trackers."""
 
     def __init__(
         self,
@@ -44,7 +50,7 @@ class RunLogger:
         start_step: int = 0,
         headline: tuple[str, ...] = ("loss",),
         progress: bool = True,
-        tensorboard: bool = True,
+        trackers: Sequence[Tracker] = (),
     ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -54,7 +60,7 @@ class RunLogger:
         self._metrics = open(path, "a", encoding="utf-8")  # noqa: SIM115
         if torn:  # a run killed mid-line: the next record starts a line of its own
             self._metrics.write("\n")
-        self._tensorboard = _open_tensorboard(self.run_dir) if tensorboard else None
+        self._trackers = list(trackers)
         self._progress = _make_progress() if progress else None
         self._task = None
         if self._progress is not None:
@@ -63,21 +69,28 @@ class RunLogger:
         self._display = _run_display.set(self._progress if progress else False)
 
     def log(self, step: int, metrics: dict[str, float], *, kind: str = "train") -> None:
-        record = {
-            "step": step,
-            "kind": kind,
-            "time": time.time(),
-            **{k: _plain(v) for k, v in metrics.items()},
-        }
-        self._metrics.write(json.dumps(record) + "\n")
+        values = {k: _plain(v) for k, v in metrics.items()}
+        self._metrics.write(json.dumps({"step": step, "kind": kind, "time": time.time(), **values}) + "\n")
         self._metrics.flush()
-        if self._tensorboard is not None:
-            for key, value in metrics.items():
-                if isinstance(value, int | float) and math.isfinite(value):
-                    self._tensorboard.add_scalar(f"{kind}/{key}", value, step)
+        numbers = {f"{kind}/{key}": value for key, value in scalars(values).items()}
+        for tracker in self._trackers:
+            tracker.log(numbers, step)
         if self._progress is not None and kind == "train":
             stats = "  ".join(f"{k} {_short(metrics[k])}" for k in self.headline if k in metrics)
             self._progress.update(self._task, completed=step, stats=stats)
+
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """Sampled completions of `step` (one dict per completion) as lines of samples.jsonl and a tracker table."""
+        if not rows:
+            return
+        path = self.run_dir / SAMPLES_FILE
+        torn = _ends_mid_line(path)
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write("\n" if torn else "")
+            for row in rows:
+                handle.write(json.dumps({"step": step, **{k: _plain(v) for k, v in row.items()}}, default=str) + "\n")
+        for tracker in self._trackers:
+            tracker.log_table("samples", [{"step": step, **row} for row in rows], step)
 
     def print(self, message: str) -> None:
         (self._progress.console if self._progress is not None else console).print(message)
@@ -89,9 +102,9 @@ class RunLogger:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-        if self._tensorboard is not None:
-            self._tensorboard.close()
-            self._tensorboard = None
+        trackers, self._trackers = self._trackers, []
+        for tracker in trackers:
+            tracker.close()
         self._metrics.close()
 
 
@@ -179,15 +192,34 @@ def _ends_mid_line(path: Path) -> bool:
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The records of a run's metrics.jsonl, in order; a line that does not parse (cut short when a run was
     killed while writing it) is left out."""
-    path = Path(run_dir) / METRICS_FILE
+    return read_jsonl(Path(run_dir) / METRICS_FILE)
+
+
+def read_samples(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's samples.jsonl (sampled completions), in order, torn lines left out."""
+    return read_jsonl(Path(run_dir) / SAMPLES_FILE)
+
+
+def trim_samples(run_dir: str | Path, *, step: int) -> None:
+    """After a resume from the checkpoint of `step`, samples.jsonl keeps the rows of steps up to it (later rows were
+    of lost work, and are sampled again)."""
+    path = Path(run_dir) / SAMPLES_FILE
+    if path.is_file():
+        kept = [row for row in read_samples(run_dir) if isinstance(row.get("step"), int) and row["step"] <= step]
+        path.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     records = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 
@@ -203,14 +235,6 @@ def _make_progress(*, transient: bool = False) -> Progress:
         console=console,
         transient=transient,
     )
-
-
-def _open_tensorboard(run_dir: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is an optional extra
-        return None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
 def _plain(value: Any) -> Any:

@@ -15,10 +15,13 @@ def build_adamw(
     params = [p for p in parameters if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters (is every weight frozen?)")
+    # FSDP2's sharded parameters (DTensors) and whole ones take separate groups: one fused kernel cannot mix them
+    kinds = sorted({type(p).__name__ == "DTensor" for p in params})
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+        {"params": [p for p in params if (p.dim() >= 2) == decayed and (type(p).__name__ == "DTensor") == kind],
+         "weight_decay": weight_decay if decayed else 0.0}
+        for kind in kinds for decayed in (True, False)
+    ]  # fmt: skip
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, fused=fused_adamw_runs_on(params))
 
 

@@ -5,6 +5,7 @@ Trainers call these once, before their loop; the loops never build anything.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,8 +78,12 @@ def build_policy(
     if model is None and section.path is None and section.preset is None:
         raise ConfigError("model: set model.path (a local model directory) or model.preset, or pass model= from Python")
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer_for(section, recipe_dir, model)
+    set_chat_template(tokenizer, section.chat_template, recipe_dir)
     if model is not None:
         model = model.to(device)
+    elif section.quantization is not None:
+        model = load_quantized(resolve_path(section.path, recipe_dir), section.quantization, device=device,
+                               gradient_checkpointing=section.gradient_checkpointing)  # fmt: skip
     elif section.path is not None:
         model = load_model(resolve_path(section.path, recipe_dir), dtype=section.dtype, device=device)
     else:
@@ -93,6 +98,46 @@ def build_policy(
         model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                            target_modules=lora.target_modules, base_path=base)  # fmt: skip
     return model, tokenizer
+
+
+def load_quantized(path: Path, bits: str, *, device: torch.device, gradient_checkpointing: bool) -> Any:
+    """A causal LM with its weights in 4-bit NF4 (double quantisation, bfloat16 compute: QLoRA's setting) or 8-bit
+    through bitsandbytes, on the run's CUDA device, made ready for a LoRA adapter (peft's
+    prepare_model_for_kbit_training: norms in float32, input gradients on). ConfigError off a CUDA device or without
+    bitsandbytes."""
+    if device.type != "cuda":
+        raise ConfigError(f"model.quantization: {bits} loading runs bitsandbytes' CUDA kernels, and this run's device "
+                          f"is {device} (no CUDA GPU): drop model.quantization, or run on a GPU")  # fmt: skip
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("model.quantization needs bitsandbytes: pip install 'posttrain[quantization]'")
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    check_model_directory(path)
+    quantization = (
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+        if bits == "4bit" else BitsAndBytesConfig(load_in_8bit=True)
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=torch.bfloat16,
+                                                 device_map={"": device.index or 0}, local_files_only=True)  # fmt: skip
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def set_chat_template(tokenizer: Any, template: str | None, recipe_dir: str | None) -> None:
+    """model.chat_template on the tokenizer: the Jinja text itself when it holds a Jinja tag, else a file's text."""
+    if template is None:
+        return
+    if "{%" not in template and "{{" not in template:
+        path = resolve_path(template, recipe_dir)
+        if not path.is_file():
+            raise ConfigError(f"model.chat_template: {template!r} is no file (looked in the working directory"
+                              f"{' and beside the recipe' if recipe_dir else ''}) and holds no Jinja tag ({{% or {{{{)")
+        try:
+            template = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"model.chat_template: {path} is not UTF-8 text") from None
+    tokenizer.chat_template = template
 
 
 BASE_MODEL_DIR = "base"

@@ -4,10 +4,11 @@
     model, tokenizer, _ = policy_and_reference(cfg.model, ..., life.checkpoint, ...)
     ...                                                    # data, optimiser, sampler: the trainer's own
     life.track(model, tokenizer, optim, sampler)           # what a checkpoint carries; restored when resuming
-    life.open_log(report, headline=("loss",), progress=progress)
+    life.open_log(report, headline=("loss",), progress=progress)  # metrics.jsonl, config.yaml, the trackers (log.to)
     with life.stop_requests():
         for step in life.steps():
             ...                                            # the loop: the part that differs between trainers
+            life.log_samples(step + 1, lambda: rows)       # online trainers: sampled completions, on log.samples_every
             grad_norm = life.update(model, loss=loss, step=step + 1)
             life.end_step(step + 1, metrics)
     return life.finish(eval_metrics)                        # final evaluation line, checkpoint, final/, close
@@ -36,28 +37,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from posttrain.config import ConfigError
 from posttrain.data import EpochSampler
-from posttrain.policies import describe_forward_path, load_model, load_tokenizer, save_pretrained
+from posttrain.policies import describe_forward_path, is_lora, load_model, load_tokenizer, save_pretrained
+from posttrain.policies.families import decoder_of
 from posttrain.runtime.checkpoint import Checkpointer, CheckpointError, model_dir, write_atomically
 from posttrain.runtime.device import limit_cpu_threads, rank_device, resolve_device
-from posttrain.runtime.distributed import all_reduce_sum, any_rank, barrier, init_ranks, sum_gradients
-from posttrain.runtime.guards import NonFiniteGuard, step_schedule
-from posttrain.runtime.logging import METRICS_FILE, RunLogger, phase, read_metrics
+from posttrain.runtime.distributed import all_reduce_sum, any_rank, barrier, init_ranks, scale_gradients, sum_gradients
+from posttrain.runtime.guards import NonFiniteGuard, is_sharded, step_schedule
+from posttrain.runtime.logging import METRICS_FILE, RunLogger, phase, read_metrics, trim_samples
 from posttrain.runtime.optim import lr_of_last_step
 from posttrain.runtime.seeding import capture_rng_states, restore_rng_states, seed_everything
+from posttrain.runtime.sharding import SHARDS_DIR, gathered_weights, load_shards, save_shards
 from posttrain.runtime.signals import StopRequest, TrainingInterrupted
+from posttrain.runtime.trackers import open_trackers
 from posttrain.trainers.build import check_environment
 from posttrain.trainers.splits import data_sources
 
 MAY_CHANGE = (
-    "train.max_steps", "train.lr", "train.warmup_steps", "train.schedule", "train.min_lr_ratio",
+    "train.max_steps", "train.epochs", "train.lr", "train.warmup_steps", "train.schedule", "train.min_lr_ratio",
     "train.weight_decay", "train.adam_betas", "train.max_grad_norm", "train.save_every", "train.eval_every",
     "train.log_every", "train.keep_last", "train.max_bad_steps", "train.micro_batch_size", "rl.micro_batch_size",
-    "eval.", "device",
+    "eval.", "log.", "device",
 )  # fmt: skip
 """Config keys (or prefixes) a resumed run may change: applied from the resumed step, and said."""
+CONFIG_FILE = "config.yaml"
+"""The run's whole config, written when its log opens (`posttrain report` shows it)."""
 MOVABLE = ("output_dir",)
 """Keys a resume does not compare: a run directory may be moved or copied whole."""
 
@@ -87,7 +94,8 @@ class Lifecycle:
         limit_cpu_threads()
         self.generator = seed_everything(cfg.seed)  # every rank: the same initial model and data order
         self.device = resolve_device(cfg.device)
-        self.ranks = init_ranks(self.device.type)
+        self.sharded = cfg.train.parallel == "fsdp"
+        self.ranks = init_ranks(self.device.type, group=self.sharded)
         if self.ranks.distributed:
             self.device = rank_device(self.device, self.ranks)
             self.generator.manual_seed(cfg.seed + 1_000_003 * self.ranks.rank)  # each rank's own samples
@@ -96,6 +104,7 @@ class Lifecycle:
         self.before: dict[str, float] = {}
         self.checkpoint: Path | None = None
         self.start_step = 0
+        self.recount = False
         if resume:
             self._find_checkpoint()
         self.history: list[dict[str, float]] = []
@@ -107,7 +116,7 @@ class Lifecycle:
     @property
     def complete(self) -> bool:
         """A resumed run whose checkpoint is at its last step: nothing is left to train."""
-        return self.checkpoint is not None and self.start_step >= self.cfg.train.max_steps
+        return self.checkpoint is not None and self.start_step >= self.cfg.train.max_steps and not self.recount
 
     def _find_checkpoint(self) -> None:
         found = self.checkpointer.latest_intact()
@@ -116,8 +125,36 @@ class Lifecycle:
         if found.skipped:
             self.notes.append(f"resume: skipped damaged checkpoints {', '.join(found.skipped)}; "
                               f"resuming from {found.path.name}")  # fmt: skip
+        saved = found.manifest.get("config", {})
+        planned = saved.get("train.max_steps")
+        if self.cfg.train.epochs is not None and isinstance(planned, int):
+            self.cfg = with_max_steps(self.cfg, planned)  # the checkpoint's, until `fit_epochs` counts the data
+            self.recount = saved.get("train.epochs") != self.cfg.train.epochs  # other epochs: not complete yet
         self.notes += check_resume(self.cfg, self.kind, found.manifest, found.path)
         self.checkpoint, self.start_step = found.path, Checkpointer.step_of(found.path)
+
+    def fit_epochs(self, examples: int, per_step: int, *, round_steps: int = 1) -> Any:
+        """With train.epochs set, the run's train.max_steps from the data: ceil(epochs * examples / per_step) steps,
+        or for online rounds of `per_step` prompts that many rounds of `round_steps` steps; said in the run's first
+        lines. Returns the config the run goes on with (the same without train.epochs); call it before building the
+        optimiser, whose schedule spans max_steps."""
+        epochs = self.cfg.train.epochs
+        if epochs is None:
+            return self.cfg
+        if examples < 1:
+            raise ConfigError("train.epochs: the training data holds no example to make epochs of")
+        steps = math.ceil(epochs * examples / per_step) * round_steps
+        unit = f"rounds of {per_step} prompts x {round_steps} steps" if round_steps > 1 else f"{per_step} per step"
+        planned = self.cfg.train.max_steps if self.checkpoint is not None else None
+        if steps < self.start_step:
+            raise ConfigError(f"train.epochs={epochs:g} makes {steps} steps of these {examples} examples, but the run "
+                              f"resumes at step {self.start_step}; give more epochs or another output_dir")  # fmt: skip
+        self.cfg = with_max_steps(self.cfg, steps)
+        line = f"train.epochs={epochs:g}: {examples} examples, {unit} -> train.max_steps={steps}"
+        if planned is not None and planned != steps:
+            line += f" (the checkpoint's run planned {planned}: its data changed, or train.epochs did)"
+        self.notes.append(line)
+        return self.cfg
 
     def track(
         self,
@@ -139,7 +176,10 @@ class Lifecycle:
         state = self.checkpointer.load_state(self.checkpoint)
         if restore_extra is not None:
             restore_extra(state)
-        optim.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            load_shards(model, optim.optimizer, self.checkpoint / SHARDS_DIR)
+        else:
+            optim.optimizer.load_state_dict(state["optimizer"])
         optim.scheduler.load_state_dict(state["scheduler"])
         apply_optimiser_settings(optim, self.cfg.train)
         sampler.load_state_dict(state["data"])
@@ -148,6 +188,7 @@ class Lifecycle:
         self.guard = NonFiniteGuard(self.cfg.train.max_bad_steps, self.checkpointer, self.history)
         if self.ranks.main:
             rewrite_metrics(self.run_dir, self.history, step=self.start_step)
+            trim_samples(self.run_dir, step=self.start_step)
         barrier(self.ranks)
 
     def open_log(
@@ -161,12 +202,20 @@ class Lifecycle:
         lines: tuple[str, ...] = (),
     ) -> RunLogger:
         """The run's logger, and its first lines: what overrides replaced, where the rows come from and what
-        loading kept, `lines` of the trainer's own (which forward runs), and what a resume found and applied."""
+        loading kept, `lines` of the trainer's own (which forward runs), and what a resume found and applied. The run's
+        config is written to RUN/config.yaml, and the trackers of `log.to` are opened (`runtime.trackers`)."""
         if not self.ranks.main:  # one rank logs, evaluates and writes the run's files
             self.log = SilentLog()
             return self.log
-        self.log = RunLogger(self.run_dir, total_steps=self.cfg.train.max_steps, start_step=self.start_step,
-                             headline=headline, progress=progress)  # fmt: skip
+        cfg = self.cfg
+        config = cfg.model_dump(mode="json")
+        (self.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        explicit = "to" in cfg.log.model_fields_set
+        trackers = open_trackers(cfg.log.to, self.run_dir, project=cfg.log.project, config=config,
+                                 run_name=cfg.log.run_name or self.run_dir.resolve().name,
+                                 skip_missing=() if explicit else ("tensorboard",))  # fmt: skip
+        self.log = RunLogger(self.run_dir, total_steps=cfg.train.max_steps, start_step=self.start_step,
+                             headline=headline, progress=progress, trackers=trackers)  # fmt: skip
         if self.ranks.distributed:
             self.log.print(f"distributed: {self.ranks.world} ranks, data-parallel ({self.device.type})")
         model = self._parts.get("model")
@@ -177,6 +226,14 @@ class Lifecycle:
         if self.checkpoint is not None:
             self.log.print(f"resumed from {self.checkpoint} at step {self.start_step}")
         return self.log
+
+    def log_samples(self, done: int, rows: Callable[[], list[dict[str, Any]]], *, steps: int = 1) -> None:
+        """The sampled completions of the `steps` steps ending at `done` (an online round's), logged when they hold
+        step 1 or a multiple of log.samples_every (0: never); `rows()` builds them (`rewards.inputs.sample_table`)
+        only then."""
+        every = self.cfg.log.samples_every
+        if every and (done - steps == 0 or done // every > (done - steps) // every):
+            self.log.log_samples(done, rows()[: self.cfg.log.samples_per_step])
 
     def steps(self) -> range:
         return range(self.start_step, self.cfg.train.max_steps)
@@ -198,7 +255,9 @@ class Lifecycle:
         the update and stops the run after train.max_bad_steps in a row); then step the schedule, which advances
         on a skipped update too. Returns the gradient norm before clipping."""
         optimizer = self._parts["optim"].optimizer
-        sum_gradients(list(model.parameters()), self.ranks)
+        sharded = [p for p in model.parameters() if is_sharded(p)]
+        scale_gradients(sharded, self.ranks.world)  # FSDP2 averaged them over ranks; the losses want the sum
+        sum_gradients([p for p in model.parameters() if not is_sharded(p)], self.ranks)
         norm = self.guard.step(model.parameters(), optimizer, self.cfg.train.max_grad_norm, loss=loss, step=step)
         self.step_schedule()
         return norm
@@ -258,10 +317,26 @@ class Lifecycle:
         return self.before
 
     def evaluate(self, evaluate: Callable[[], dict[str, float]]) -> dict[str, float]:
-        """`evaluate()` on the main rank, {} on the others (the model is the same on every rank)."""
-        metrics = evaluate() if self.ranks.main else {}
+        """`evaluate()` on the main rank, {} on the others (the model is the same on every rank); sharded (FSDP2),
+        on every rank in step, each forward gathering the shards, and the main rank's result kept."""
+        metrics = evaluate() if self.ranks.main or self.sharded else {}
         barrier(self.ranks)
-        return metrics
+        return metrics if self.ranks.main else {}
+
+    def shard(self, model: Any) -> Any:
+        """The model's decoder layers sharded over the ranks with FSDP2 (`train.parallel: fsdp`), the model itself
+        otherwise. The embeddings, final norm and head stay whole on every rank (posttrain's log-probs read the head
+        in vocabulary chunks, outside any module's forward) and their gradients are summed as ddp's are. Call it
+        after the model is built and before its optimiser."""
+        if not self.sharded:
+            return model
+        if is_lora(model):
+            raise ConfigError("train.parallel: fsdp does not shard a LoRA model; use ddp (an adapter is small)")
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in decoder_of(model).layers:
+            fully_shard(layer)
+        return model
 
     def global_sum(self, value: Any) -> Any:
         """The sum of a count or tensor over the ranks (the global token count that divides every rank's loss)."""
@@ -288,7 +363,7 @@ class Lifecycle:
         parts = self._parts
         model, tokenizer, optim, sampler = parts["model"], parts["tokenizer"], parts["optim"], parts["sampler"]
         state = {
-            "optimizer": optim.optimizer.state_dict(),
+            "optimizer": SHARDS_DIR if self.sharded else optim.optimizer.state_dict(),
             "scheduler": optim.scheduler.state_dict(),
             "data": sampler.state_dict(),
             "rng": capture_rng_states({"sampling": self.generator}),
@@ -296,11 +371,15 @@ class Lifecycle:
             **(parts["extra_state"]() if parts["extra_state"] else {}),
         }
         about = {"kind": self.kind, "config": config_fingerprint(self.cfg), "world_size": self.ranks.world}
-        path = self.checkpointer.root / f"step-{step:08d}"
+        path, staging, whole = self.checkpointer.root / f"step-{step:08d}", None, None
+        if self.sharded:  # every rank writes its shards of the model and optimiser, then the main rank the rest
+            staging = self.checkpointer.collective_staging(step, main=self.ranks.main)
+            barrier(self.ranks)
+            whole = save_shards(model, optim.optimizer, staging / SHARDS_DIR)
         if self.ranks.main:  # the model and optimiser are the same on every rank: one writes them
             with phase(f"checkpoint of step {step}"):
-                path = self.checkpointer.save(step, save_model=lambda d: save_pretrained(model, tokenizer, d),
-                                              state=state, about=about)  # fmt: skip
+                path = self.checkpointer.save(step, save_model=lambda d: save_pretrained(model, tokenizer, d, whole),
+                                              state=state, about=about, staging=staging)  # fmt: skip
         barrier(self.ranks)
         return path
 
@@ -317,9 +396,10 @@ class Lifecycle:
                 self.log.print(line)
             self.save(last)
             final_dir = self.run_dir / "final"
+            whole = gathered_weights(model) if self.sharded else None
             if self.ranks.main:
                 with phase("final/"):
-                    write_final(self.run_dir, lambda d: save_pretrained(model, tokenizer, d))
+                    write_final(self.run_dir, lambda d: save_pretrained(model, tokenizer, d, whole))
             barrier(self.ranks)
         finally:
             self.log.close()
@@ -336,6 +416,11 @@ class Lifecycle:
         print(f"--resume: {self.checkpoint.name} is the run's last step (train.max_steps={self.cfg.train.max_steps});"
               f" final/ written again from it")  # fmt: skip
         return RunResult(load_model(final_dir, device=self.device), load_tokenizer(final_dir), final_dir, history)
+
+
+def with_max_steps(cfg: Any, steps: int) -> Any:
+    """The config with train.max_steps = steps (train.epochs resolved; pydantic's copy, not validated again)."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": steps})})
 
 
 PROPORTIONS = {"eval_accuracy": "eval_examples", "eval_pref_accuracy": "eval_pairs", "eval_pass@": "eval_examples"}
@@ -366,6 +451,9 @@ class SilentLog:
     """The logger of a rank that is not the main one: it logs nothing (the main rank writes metrics.jsonl)."""
 
     def log(self, step: int, metrics: dict[str, float], *, kind: str = "train") -> None:
+        pass
+
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         pass
 
     def print(self, message: str) -> None:

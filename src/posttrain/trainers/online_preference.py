@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from posttrain.objectives.pairing import (
     all_pairs_above_margin,
     best_vs_worst,
     preference_matrix,
+    statistical_rejection_pairs,
     threshold_labels,
     top_k_labels,
     win_rates_against,
@@ -42,8 +44,8 @@ from posttrain.objectives.pairing import (
 )
 from posttrain.objectives.registry import PREFERENCE_LOSSES
 from posttrain.policies import Reference
-from posttrain.rewards import RewardSet, RewardSpec, load_reward_fn
-from posttrain.rewards.inputs import RewardLog, score_completions, trainer_state, trl_reward_kwargs
+from posttrain.rewards import RewardResult, RewardSet, RewardSpec, load_reward_fn
+from posttrain.rewards.inputs import RewardLog, sample_table, score_completions, trainer_state, trl_reward_kwargs
 from posttrain.rewards.judges import judge_all_pairs
 from posttrain.rewards.metrics import share_correct, verifier_scores
 from posttrain.rollout import ENGINES, SamplingParams
@@ -77,11 +79,12 @@ def train_online_pref(
     model, tokenizer, reference = build_models(cfg, model, tokenizer, life.checkpoint, device)
     new_tokens = {"online.sampling.max_new_tokens": online.sampling.max_new_tokens}
     check_positions(model, {"data.max_length": cfg.data.max_length, **new_tokens})
-    where = {"seed": cfg.seed, "recipe_dir": cfg.recipe_dir}
+    where = {"seed": cfg.seed, "recipe_dir": cfg.recipe_dir, "max_length": cfg.pref.max_prompt_length}
     with phase("reading and encoding the prompts", enabled=progress):  # before the log opens: the flag decides
         train_prompts, report = load_prompts(cfg.data, tokenizer, "train", rows=train_rows, **where)
         eval_split, _ = load_prompts(cfg.data, tokenizer, "eval", rows=eval_rows, limit=cfg.eval.limit, **where)
     eval_prompts = [p for p in eval_split if "answer" in p.extra]
+    cfg = life.fit_epochs(len(train_prompts), online.prompts_per_round, round_steps=online.steps_per_round)
     eval_reward = load_reward_fn(cfg.eval.reward, base_dir=cfg.recipe_dir) if eval_prompts else None
 
     def held_out() -> EvalResult:
@@ -97,6 +100,9 @@ def train_online_pref(
     life.track(model, tokenizer, optim, sampler)
     life.open_log(report, headline=("loss", "sample_accuracy"), progress=progress, train_rows=train_rows,
                   eval_rows=eval_rows)  # fmt: skip
+    if life.sharded:
+        raise ConfigError("train.parallel: fsdp is for sft, offline pref and rm; online rounds sample on each rank "
+                          "apart, which sharded weights cannot (use ddp)")  # fmt: skip
     if online.prompts_per_round % life.ranks.world:
         raise ConfigError(f"online.prompts_per_round={online.prompts_per_round} does not divide among "
                           f"{life.ranks.world} ranks")  # fmt: skip
@@ -118,9 +124,13 @@ def train_online_pref(
                                    params=params, n=online.samples_per_prompt, opponent=loss_fn.opponents,
                                    mixture_coef=online.mixture_coef, generator=life.generator,
                                    reward_kwargs=reward_kwargs)  # fmt: skip
+            life.log_samples((round_index + 1) * spr, partial(round_table, tokenizer, samples, reward_log.columns),
+                             steps=spr)  # fmt: skip
             items, extras = build_examples(samples, kind, select=select, margin=online.margin,
                                            label_threshold=online.label_threshold, top_k=online.top_k,
-                                           min_score=online.min_score, where=f"round {round_index + 1}")  # fmt: skip
+                                           min_score=online.min_score, where=f"round {round_index + 1}",
+                                           rejection=(online.rejection_beta, online.rejection_accepted),
+                                           generator=life.generator)  # fmt: skip
             ref_cache = None
             if "reference" in loss_fn.needs and items:
                 with reference.active():
@@ -177,6 +187,8 @@ class RoundSamples:
     win_rates_P_N: Tensor | None
     """Each policy sample's win rate against its opponents (the mixture's samples, else its group)."""
     metrics: dict[str, float] = field(default_factory=dict)
+    rewards: RewardResult | None = None
+    """Each reward's scores of the round's P*K completions (none under a judge)."""
 
 
 @dataclass
@@ -221,7 +233,7 @@ def sample_round(
     completions = [[c for r in sampled for c in r.completion_ids[i * n : (i + 1) * n]] for i in range(len(prompts))]
     generated = time.perf_counter()
     k = len(completions[0])
-    verdicts_P_K = None
+    verdicts_P_K, scored = None, None
     if feedback.rewards is not None:
         ids = [c for group in completions for c in group]
         scored = score_completions(feedback.rewards, tokenizer, prompts, ids, k, reward_kwargs)
@@ -251,7 +263,16 @@ def sample_round(
         metrics["sample_accuracy"] = share_correct(verdicts_P_K[:, :n].flatten())
     if opponent is not None:
         metrics["opponent_score"] = scores_P_K[:, n:].mean().item()
-    return RoundSamples(prompts, completions, from_reference_P_K, scores_P_K, win_rates_P_N, metrics)
+    return RoundSamples(prompts, completions, from_reference_P_K, scores_P_K, win_rates_P_N, metrics, scored)
+
+
+def round_table(tokenizer: Any, samples: RoundSamples, logged: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The round's completions as sampled-completion rows (`rewards.inputs.sample_table`); under a judge, `reward`
+    is each completion's win rate among its prompt's."""
+    k = samples.scores_P_K.shape[1]
+    ids = [c for group in samples.completions for c in group]
+    scores = samples.rewards or RewardResult(samples.scores_P_K.flatten(), {}, {}, {})
+    return sample_table(tokenizer, samples.prompts, ids, k, scores, logged)
 
 
 def build_examples(
@@ -264,15 +285,22 @@ def build_examples(
     top_k: int,
     min_score: float | None,
     where: str,
+    rejection: tuple[float, int] = (0.5, 2),
+    generator: torch.Generator | None = None,
 ) -> tuple[list[Tokens], dict[str, Tensor]]:
     """The round's examples of a loss's data kind, and per-example extras (first axis = example):
-    pairs by `select` (best_vs_worst, all_pairs) with which side the reference sampled; unpaired rows
+    pairs by `select` (best_vs_worst, all_pairs; rso with `rejection` = (beta, accepted per prompt) and `generator`)
+    with which side the reference sampled; unpaired rows
     labelled by `select` (threshold, top_k; rows labelled -1 are left out); or each prompt's N policy
     samples as a list with their scores and win rates."""
     s, prompts = samples, samples.prompts
     if kind == "preference":
-        pick = best_vs_worst if select == "best_vs_worst" else all_pairs_above_margin
-        pairs_M_3 = pick(s.scores_P_K, margin=margin)
+        if select == "rso":
+            beta, accepted = rejection
+            pairs_M_3 = statistical_rejection_pairs(s.scores_P_K, beta=beta, num_accepted=accepted, generator=generator)
+        else:
+            pick = best_vs_worst if select == "best_vs_worst" else all_pairs_above_margin
+            pairs_M_3 = pick(s.scores_P_K, margin=margin)
         items = [PreferenceTokens(prompts[p].prompt_ids, s.completions[p][i], s.completions[p][j],
                                   f"{where} {prompts[p].where}") for p, i, j in pairs_M_3.tolist()]  # fmt: skip
         p, i, j = pairs_M_3.unbind(dim=1)

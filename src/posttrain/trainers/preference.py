@@ -56,12 +56,14 @@ def train_pref(
     model, tokenizer, reference = build_models(cfg, model, tokenizer, life.checkpoint, device)
     check_positions(model, {"data.max_length": cfg.data.max_length})
     pad_id, kind = tokenizer.pad_token_id, feedback_kind(loss_fn)
-    load = dict(seed=cfg.seed, recipe_dir=cfg.recipe_dir)
+    load = dict(seed=cfg.seed, recipe_dir=cfg.recipe_dir, max_prompt_length=cfg.pref.max_prompt_length)
     with phase("reading and encoding the data", enabled=progress):  # before the log opens: the flag decides
         train = load_feedback(cfg.data, kind, "train", tokenizer, rows=train_rows, **load)
         held_out = load_feedback(cfg.data, kind, "eval", tokenizer, rows=eval_rows, **load)
     eval_items = held_out.tokens[: cfg.eval.limit] if held_out else []
+    cfg = life.fit_epochs(len(train.tokens), cfg.train.batch_size)
     sampler = EpochSampler(len(train.tokens), seed=cfg.seed, report=train.report)
+    model = life.shard(model)
     optim = build_optimisation(model, cfg.train)
     life.track(model, tokenizer, optim, sampler)
     log = life.open_log(train.report, headline=("loss", "pref_accuracy"), progress=progress, train_rows=train_rows,

@@ -23,7 +23,13 @@ from posttrain.objectives.reward_model import pairwise_accuracy
 from posttrain.policies import build_reward_model, disable_dropout, scalar_rewards
 from posttrain.runtime.checkpoint import model_dir
 from posttrain.runtime.logging import phase
-from posttrain.trainers.build import build_optimisation, build_tokenizer_for, load_checkpoint_weights, resolve_path
+from posttrain.trainers.build import (
+    build_optimisation,
+    build_tokenizer_for,
+    load_checkpoint_weights,
+    resolve_path,
+    set_chat_template,
+)
 from posttrain.trainers.lifecycle import Lifecycle, RunResult
 from posttrain.trainers.preference_step import collate_feedback
 from posttrain.trainers.splits import Rows, Tokens, load_feedback
@@ -45,6 +51,7 @@ def train_rm(
         return life.finished_result()
     loss_fn, args, bf16, device = REWARD_MODEL_LOSSES[cfg.rm.loss], cfg.rm.loss_args, cfg.train.bf16, life.device
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer_for(cfg.model, cfg.recipe_dir, model)
+    set_chat_template(tokenizer, cfg.model.chat_template, cfg.recipe_dir)
     if model is None:
         model = reward_model_for(cfg, tokenizer, life.checkpoint).to(device)
     elif life.checkpoint is not None:
@@ -58,9 +65,11 @@ def train_rm(
         train = load_feedback(cfg.data, kind, "train", tokenizer, rows=train_rows, **load)
         held_out = load_feedback(cfg.data, kind, "eval", tokenizer, rows=eval_rows, **load)
     eval_items = held_out.tokens[: cfg.eval.limit] if held_out else []
+    cfg = life.fit_epochs(len(train.tokens), cfg.train.batch_size)
     margins = {w: f["margin"] for w, f in train.fields.items() if cfg.rm.use_margin and "margin" in f}
     mb_size = cfg.train.micro_batch_size or cfg.train.batch_size
     sampler = EpochSampler(len(train.tokens), seed=cfg.seed, report=train.report)
+    model = life.shard(model)
     optim = build_optimisation(model, cfg.train)
     life.track(model, tokenizer, optim, sampler)
     life.open_log(train.report, headline=("loss", "accuracy"), progress=progress, train_rows=train_rows,

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import closing
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -27,18 +28,18 @@ from posttrain.data.report import LoadReport
 from posttrain.envs import EnvironmentMix, EpisodeLimits, build_environments, sample_and_score, sample_episodes
 from posttrain.envs.sampling import score_episodes
 from posttrain.objectives import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
-from posttrain.objectives.advantages import outcome_at_last_token, per_token
+from posttrain.objectives.advantages import group_reward_inputs, outcome_at_last_token, per_token
 from posttrain.objectives.composition import critic_objective, policy_objective
 from posttrain.objectives.kl import adaptive_kl_coef
 from posttrain.objectives.registry import call_with
 from posttrain.objectives.value import clipped_value_loss, lambda_returns
 from posttrain.policies import Reference, ValueModel, token_logprobs
 from posttrain.rewards import RewardResult, RewardSet, load_reward_fn
-from posttrain.rewards.inputs import RewardLog, trainer_state, trl_reward_kwargs
+from posttrain.rewards.inputs import RewardLog, sample_table, trainer_state, trl_reward_kwargs
 from posttrain.rewards.metrics import reward_metrics
 from posttrain.rollout import ENGINES
 from posttrain.rollout.engine import PaddedRollouts, Rollouts, SampleLayout
-from posttrain.rollout.groups import Scored, draw_step
+from posttrain.rollout.groups import Scored, draw_step, filtered_rows
 from posttrain.runtime.distributed import (
     ONE_PROCESS,
     Ranks,
@@ -98,7 +99,10 @@ def train_rl(
     rl = cfg.rl
     run = build_rl_run(cfg, life, model=model, tokenizer=tokenizer, train_rows=train_rows, eval_rows=eval_rows,
                        rewards=rewards, progress=progress)  # fmt: skip
-    model, tokenizer = run.model, run.tokenizer
+    model, tokenizer, cfg = run.model, run.tokenizer, life.cfg  # life.cfg: train.epochs resolved to max_steps
+    if rl.filtration is not None and life.ranks.distributed:
+        raise ConfigError("rl.filtration resamples a whole step's completions and is not data-parallel yet; "
+                          "run it in one process")
     objectives = Objectives(ADVANTAGES[rl.advantage], POLICY_LOSSES[rl.policy_loss], AGGREGATIONS[rl.loss_aggregation],
                             KL_ESTIMATORS[rl.kl.estimator])  # fmt: skip
     kl_in_loss = objectives.kl_estimator if run.reference is not None and not rl.kl.in_reward else None
@@ -124,6 +128,9 @@ def train_rl(
             reward_log = RewardLog()
             reward_kwargs = trl_reward_kwargs(trainer_state(step, cfg.train.max_steps), reward_log)
             scored = draw_step(draw, rl.prompts_per_step, rl.dynamic_sampling_max_batches if rl.dynamic_sampling else 0)
+            rollouts = scored.rollouts
+            life.log_samples(step + 1, partial(sample_table, tokenizer, scored.prompts, rollouts.completion_ids,
+                                               rollouts.group_size, scored.rewards, reward_log.columns))  # fmt: skip
             padded, layout = scored.rollouts.to_training_rows(tokenizer.pad_token_id, life.device)
             available = {"rewards_PG": scored.rewards.total.to(life.device), "group_size": scored.rollouts.group_size}
             if "greedy_rollout" in objectives.advantage.needs:
@@ -140,9 +147,12 @@ def train_rl(
             prepared = time.perf_counter()
 
             stats, num_seqs = UpdateStats(), len(padded.loss_mask_B_T)
+            trained_rows = torch.arange(num_seqs) if rl.filtration is None else filtered_rows(
+                scored.rewards.total[row_episodes(layout, num_seqs)], **rl.filtration.model_dump(),
+                generator=life.generator)  # fmt: skip
             for _ in range(rl.epochs):
                 shuffled = rl.minibatches > 1
-                order = torch.randperm(num_seqs, generator=life.generator) if shuffled else torch.arange(num_seqs)
+                order = trained_rows[torch.randperm(num_seqs, generator=life.generator)] if shuffled else trained_rows
                 for rows in order.chunk(rl.minibatches):
                     update_minibatch(
                         model, run.critic, tensors, rows.to(life.device), policy_loss=objectives.policy_loss,
@@ -205,6 +215,9 @@ def build_rl_run(
     """The policy, its reference (only when a KL term needs one), the critic (only for an advantage that needs
     one), the rewards, the encoded prompts, the optimisers; on a resume, the checkpoint's state restored."""
     rl = cfg.rl
+    if life.sharded:
+        raise ConfigError("train.parallel: fsdp is for sft, offline pref and rm; RL samples on each rank apart, "
+                          "which sharded weights cannot (use ddp)")  # fmt: skip
     if rl.prompts_per_step % life.ranks.world:
         raise ConfigError(f"rl.prompts_per_step={rl.prompts_per_step} does not divide among {life.ranks.world} "
                           "ranks (each rank samples whole groups of its share of the prompts)")  # fmt: skip
@@ -225,6 +238,7 @@ def build_rl_run(
         train, report = load_prompts(cfg.data, tokenizer, "train", rows=train_rows, **where)
         train = scorable_prompts(train, reward_set.required_columns(), on_bad_row=cfg.data.on_bad_row, report=report)
         eval_split, _ = load_prompts(cfg.data, tokenizer, "eval", rows=eval_rows, limit=cfg.eval.limit, **where)
+    cfg = life.fit_epochs(len(train), rl.prompts_per_step)
     run = RLRun(
         model=model, tokenizer=tokenizer, reference=reference, critic=critic, critic_optimizer=critic_optimizer,
         reward_set=reward_set, train=train, eval_prompts=[p for p in eval_split if "answer" in p.extra],
@@ -346,6 +360,8 @@ class StepTensors:
     ref_logp_B_T: Tensor | None = None
     old_values_B_T: Tensor | None = None
     returns_B_T: Tensor | None = None
+    row_inputs: dict[str, Tensor] = field(default_factory=dict)
+    """Per-row [B] inputs the policy loss's signature names beyond the common four (`group_rewards`: NFT)."""
 
 
 @dataclass
@@ -361,6 +377,11 @@ class UpdateStats:
         """`tok/` sums over `token_visits` (tokens x epochs), the others over `num_updates`."""
         out = {k.removeprefix("tok/"): v / max(1, token_visits) for k, v in self.sums.items() if k.startswith("tok/")}
         return out | {k: v / max(1, num_updates) for k, v in self.sums.items() if not k.startswith("tok/")}
+
+
+def row_episodes(layout: SampleLayout | None, num_rows: int) -> Tensor:
+    """[B] the episode each training row belongs to (the rows are the episodes without a layout)."""
+    return torch.arange(num_rows) if layout is None else layout.episode_of_B.cpu()
 
 
 @dataclass
@@ -383,6 +404,10 @@ class EpisodeView:
         episodes = rows if layout is None else rollouts.to_padded(pad_id, device)
         mask_E_T = episodes.loss_mask_B_T
         return EpisodeView(mask_E_T, rollouts.step_rewards_B_T(episodes), rollouts.turn_ids_B_T(episodes), layout)
+
+    def per_row(self, x_E: Tensor) -> Tensor:
+        """[P*G] per-episode values -> [B], each training row's episode's."""
+        return x_E if self.layout is None else x_E[self.layout.episode_of_B]
 
     def to_episodes(self, x_B_T: Tensor) -> Tensor:
         return x_B_T if self.layout is None else self.layout.to_episodes(x_B_T)
@@ -426,6 +451,9 @@ def prepare_step(
     view = episodes or EpisodeView(mask_B_T, None, torch.where(mask_B_T, 0, -1))
     mask_E_T = view.mask_E_T
     tensors = StepTensors(padded, adv_B_T=torch.empty(0), rewards_PG=available["rewards_PG"])
+    if "group_rewards" in objectives.policy_loss.needs:
+        tensors.row_inputs = {key: view.per_row(value_E) for key, value_E in
+                              group_reward_inputs(available["rewards_PG"], available["group_size"]).items()}
     outcome_PG = available["rewards_PG"]
     if view.step_rewards_E_T is not None:
         outcome_PG = outcome_PG - view.step_rewards_E_T.sum(dim=1)
@@ -496,7 +524,7 @@ def update_minibatch(
         ids_B_T, attn_B_T, mask_B_T = p.input_ids_B_T[mb], p.attention_mask_B_T[mb], p.loss_mask_B_T[mb]
         logp_B_T, entropy_B_T = token_logprobs(policy, ids_B_T, attn_B_T, mask_B_T, temperature=temperature)
         inputs = {"logp_B_T": logp_B_T, "old_logp_B_T": p.old_logp_B_T[mb], "adv_B_T": step.adv_B_T[mb],
-                  "mask_B_T": mask_B_T}  # fmt: skip
+                  "mask_B_T": mask_B_T, **{key: value[mb] for key, value in step.row_inputs.items()}}  # fmt: skip
         surrogate_B_T, clipped_B_T = call_with(policy_loss, inputs, policy_loss_args)
         kl_B_T = None  # the estimator gets its inputs by name: k3_bias_corrected reads old_logp_B_T too
         if kl_estimator is not None:

@@ -60,8 +60,10 @@ def train_sft(
     check_positions(model, {"data.max_length": cfg.data.max_length})
     with phase("reading and encoding the data", enabled=progress):  # before the log opens: the flag decides
         train, report = _encode_train(cfg, tokenizer, train_rows)
+        cfg = life.fit_epochs(len(train), cfg.train.batch_size)
         eval_prompts, eval_tokens = _encode_eval(cfg, tokenizer, eval_rows)
     sampler = EpochSampler(len(train), seed=cfg.seed, report=report)
+    model = life.shard(model)
     optim = build_optimisation(model, cfg.train)
     life.track(model, tokenizer, optim, sampler)
     life.open_log(report, headline=("loss", "tokens_per_s"), progress=progress, train_rows=train_rows,

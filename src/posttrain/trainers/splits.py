@@ -141,8 +141,10 @@ def load_feedback(
     seed: int,
     recipe_dir: str | None,
     rows: Rows | None = None,
+    max_prompt_length: int | None = None,
 ) -> FeedbackSplit | None:
-    """Rows (Python, a file or data.task) -> validated examples of `kind` -> tokens; None if absent."""
+    """Rows (Python, a file or data.task) -> validated examples of `kind` -> tokens; None if absent. A prompt longer
+    than `max_prompt_length` keeps its last tokens (pref.max_prompt_length)."""
     report = LoadReport()
     path = data.train if split == "train" else data.eval
     if rows is not None:
@@ -159,7 +161,7 @@ def load_feedback(
     report.rows = report.rows or len(raw)
     examples = validate_rows(raw, kind, on_bad_row=data.on_bad_row, report=report)
     fit = dict(max_length=data.max_length, truncation=data.truncation, on_bad_row=data.on_bad_row)
-    tokens = ENCODERS[kind](examples, tokenizer, **fit, report=report)
+    tokens = ENCODERS[kind](examples, tokenizer, **fit, report=report, max_prompt_length=max_prompt_length)
     answered = [r for r in raw if "answer" in r.fields and "prompt" in r.fields]
     prompts = (
         encode_prompts(validate_rows(answered, "prompt", on_bad_row="skip"), tokenizer, max_length=data.max_length)
