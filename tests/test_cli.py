@@ -115,7 +115,7 @@ def test_help_lists_allowed_and_registered_values(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
     pref = " ".join(_help("pref", capsys).split())
     assert "Allowed: precomputed, on_the_fly, none." in pref  # pref.reference, a Literal
-    assert "Allowed: best_vs_worst, all_pairs, threshold, top_k, all, null." in pref  # online.select, optional
+    assert "Allowed: best_vs_worst, all_pairs, rso, threshold, top_k, all, null." in pref  # online.select, optional
     assert "Allowed: keep, refresh." in pref  # inside the optional `online` section
     from posttrain.objectives.registry import KL_ESTIMATORS, PREFERENCE_LOSSES
 
