@@ -30,7 +30,7 @@ from posttrain.rollout import ENGINES, SamplingParams
 from posttrain.runtime.checkpoint import model_dir, write_atomically
 from posttrain.runtime.logging import read_metrics
 from posttrain.runtime.model_files import is_adapter_directory
-from posttrain.tasks import TASKS, build_builtin_tokenizer
+from posttrain.tasks import TASKS, WRITTEN_TASKS, build_builtin_tokenizer
 from posttrain.trainers.evaluation import EvalResult, RewardFn, run_evaluation
 from posttrain.trainers.lifecycle import RunResult, make_output_dir
 from posttrain.trainers.preference import train_pref
@@ -248,19 +248,27 @@ def write_task(
     name: str,
     out_dir: str | Path,
     *,
-    digits: int = 2,
-    operators: str = "+-",
+    digits: int | None = None,
+    operators: str | None = None,
     train_size: int = 20000,
     eval_size: int = 500,
-    think_fraction: float = 0.0,
+    think_fraction: float | None = None,
+    wrong_fraction: float = 0.0,
     seed: int = 0,
 ) -> list[Path]:
-    """A built-in task's train.jsonl, eval.jsonl and tokenizer/ (`posttrain task`)."""
-    if name != "arithmetic":
-        raise ConfigError(f"posttrain task {name!r}: writes the arithmetic task only; a recipe's data.task generates "
-                          f"the others ({', '.join(sorted(TASKS))})")  # fmt: skip
+    """A built-in task's train.jsonl, eval.jsonl and tokenizer/ (`posttrain task`). digits, operators and
+    think_fraction are the arithmetic task's (None: its defaults)."""
+    arithmetic = {"digits": digits, "operators": operators, "think_fraction": think_fraction}
+    given = {key: value for key, value in arithmetic.items() if value is not None}
+    if name not in TASKS:
+        raise ConfigError(f"posttrain task: unknown task {name!r}; tasks: {', '.join(sorted(TASKS))}")
+    if name not in WRITTEN_TASKS:
+        raise ConfigError(f"posttrain task {name!r}: writes {', '.join(WRITTEN_TASKS)} only; a recipe's data.task "
+                          f"generates the others ({', '.join(sorted(TASKS))})")  # fmt: skip
+    if given and name != "arithmetic":
+        raise ConfigError(f"posttrain task {name}: {', '.join(given)} are settings of the arithmetic task")
     try:
-        task = TASKS[name](digits=digits, operators=operators, think_fraction=think_fraction)
+        task = TASKS[name](**given, wrong_fraction=wrong_fraction)
     except ValueError as error:
         raise ConfigError(f"posttrain task {name}: {error}") from error
     out = make_output_dir(out_dir, "OUT_DIR")

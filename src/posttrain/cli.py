@@ -9,7 +9,7 @@ posttrain generate MODEL_DIR --prompt TEXT [--n N]
 posttrain serve MODEL_DIR [--port 8000] [--parser hermes] [--record calls.jsonl]
 posttrain export RUN_DIR [--merge] [--checkpoint STEP] [--output DIR]
 posttrain demo
-posttrain task arithmetic OUT_DIR
+posttrain task arithmetic|reverse|sort|count|sequence OUT_DIR
 posttrain list [advantages|policy_losses|aggregations|kl_estimators|preference_losses|rewards|presets]
 posttrain report RUN_DIR [RUN_DIR ...] [--output DIR] [--smoothing W] [--no-html]
 posttrain compare RUNS_A RUNS_B --metric M [--reduce last] [--lower-is-better] [--n 5] [--k 5] [--alpha 0.05]
@@ -123,15 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
 
     task = _add(sub, "task", "write a built-in task's train/eval JSONL and its tokenizer", _run_task)
-    task.add_argument("name", choices=["arithmetic"])
+    task.add_argument("name", choices=["arithmetic", "reverse", "sort", "count", "sequence"])
     task.add_argument("out_dir")
-    task.add_argument("--digits", type=int, default=2)
-    task.add_argument("--operators", default="+-")
+    task.add_argument("--digits", type=int, default=None, help="arithmetic: digits per operand (default 2)")
+    task.add_argument("--operators", default=None, help="arithmetic: operators, any of +-* (default +-)")
     task.add_argument("--train-size", type=int, default=20000)
     task.add_argument("--eval-size", type=int, default=500)
     task.add_argument(
-        "--think-fraction", type=float, default=0.0, help="share of rows worked out in <think> first (+ and - only)"
+        "--think-fraction", type=float, default=None,
+        help="arithmetic: share of rows worked out in <think> first (+ and - only; default 0)",
     )
+    task.add_argument("--wrong-fraction", type=float, default=0.0,
+                      help="share of demonstrations that state a near miss instead of the answer (noisy)")  # fmt: skip
     task.add_argument("--seed", type=int, default=0)
 
     export = _add(sub, "export", "write a run's model as a standalone directory (--merge: a LoRA adapter merged)",
@@ -395,6 +398,7 @@ def _run_task(args: argparse.Namespace) -> int:
         train_size=args.train_size,
         eval_size=args.eval_size,
         think_fraction=args.think_fraction,
+        wrong_fraction=args.wrong_fraction,
         seed=args.seed,
     )
     for path in paths:

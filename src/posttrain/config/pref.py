@@ -29,6 +29,9 @@ class FeedbackTaskSection(TaskSection):
     """Rows built from the task: a correct answer (chosen) against a plausible wrong one (rejected);
     unpaired and listwise losses get the same pairs as labelled or scored completions, a stepwise loss (a PRM)
     the worked `<think>` steps, each right or wrong (`tasks/process_data.py`)."""
+    rejected: Literal["near_duplicate", "different"] = "near_duplicate"
+    """The wrong answer of a pair: a near duplicate, one token or one swap from the right one (`95` -> `96`, `dcba`
+    -> `dcab`), or a clearly different one (`95` -> `12`, `dcba` -> `hfgj`)."""
     wrong_step_fraction: Fraction = 0.5
     """Stepwise rows: the share whose worked steps hold a slip (a column's result off by one)."""
 

@@ -19,6 +19,7 @@ from posttrain.config.sections import (
     ModelSection,
     RunSection,
     Section,
+    task_verifier,
 )
 from posttrain.config.sections import TrainSection as _TrainSection
 from posttrain.objectives import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
@@ -293,7 +294,8 @@ class RLConfig(RunSection):
     env: EnvSection = EnvSection()
     """The environment each prompt's episodes are played in (single-turn by default; docs/agents.md)."""
     rewards: list[RewardEntry] = [RewardEntry()]
-    """Weighted rewards summed into the total."""
+    """Weighted rewards summed into the total. Left out beside data.task, the task's verifier (numeric_match, or
+    exact_match for reverse and sort)."""
     max_failure_fraction: Fraction = 0.5
     """Stop when more than this share of one reward call's samples fail."""
     plugins: list[str] = []
@@ -308,6 +310,12 @@ class RLConfig(RunSection):
             for plugin in raw.get("plugins") or []:
                 import_plugin(str(plugin), raw.get("recipe_dir"))
         return raw
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_verifier_rewards_by_default(cls, raw: Any) -> Any:
+        verifier = task_verifier(raw)
+        return {**raw, "rewards": [{"fn": verifier}]} if verifier is not None and "rewards" not in raw else raw
 
     @model_validator(mode="after")
     def _checks(self) -> RLConfig:

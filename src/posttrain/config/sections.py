@@ -6,7 +6,7 @@ Public contract (issue #3): `model.path`, `data.train`, `data.eval`, `output_dir
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
@@ -35,8 +35,9 @@ class ModelSection(Section):
     preset: str | None = None
     """Build a new, randomly initialised model of this preset (see `posttrain list presets`)."""
     tokenizer: str | None = None
-    """A tokenizer directory, or a built-in task name (arithmetic) whose tokenizer is built. Default: model.path's
-    own."""
+    """A tokenizer directory, or a built-in tokenizer the project builds: a task's name (arithmetic, reverse, sort,
+    count, sequence), arithmetic-tools, or characters (one token per character, the suite tasks'). Default:
+    model.path's own."""
     chat_template: str | None = None
     """A chat template replacing the tokenizer's own (TRL's chat_template_path): the Jinja text itself, or a file
     holding it (relative to the working directory, else to the recipe). Conversational rows are rendered with it,
@@ -67,17 +68,22 @@ class ModelSection(Section):
         return self
 
 
+TaskName = Literal["arithmetic", "guess_number", "reverse", "sort", "count", "sequence"]
 ARITHMETIC_FIELDS = ("digits", "operators", "think_fraction", "tool_fraction")
 GUESS_NUMBER_FIELDS = ("low", "high", "max_guesses", "search_fraction")
+TASK_FIELDS = {"arithmetic": (*ARITHMETIC_FIELDS, "wrong_fraction"), "guess_number": GUESS_NUMBER_FIELDS}
+"""The settings only some tasks take; the suite's tasks (reverse, sort, count, sequence) take `wrong_fraction`."""
 
 
 class TaskSection(Section):
-    name: Literal["arithmetic", "guess_number"] = "arithmetic"
-    """A built-in task: arithmetic problems, or guess-the-number games (`tasks/guess_number.py`)."""
+    name: TaskName = "arithmetic"
+    """A built-in task: arithmetic (`37+58=` -> `95`), guess-the-number games (`tasks/guess_number.py`), reverse
+    (`rev abcd=` -> `dcba`), sort (`sort 3912=` -> `1239`), count (`count b in abbcab=` -> `3`) or sequence
+    (`next 4,7,10,13=` -> `16`); `posttrain list tasks`."""
     digits: PositiveInt = 2
-    """Largest number of digits in an operand."""
+    """arithmetic: largest number of digits in an operand."""
     operators: str = "+-"
-    """Operators to draw from (any of +-*)."""
+    """arithmetic: operators to draw from (any of +-*)."""
     train_size: PositiveInt = 20000
     """Training problems to generate (seeded by `seed`)."""
     eval_size: PositiveInt = 500
@@ -90,6 +96,9 @@ class TaskSection(Section):
     """null: text rows. A number: conversational rows for a calculator agent (`tools` column, the calculator's
     schema), this share of the demonstrations calling the calculator and answering with its result, the rest
     answering directly (docs/agents.md)."""
+    wrong_fraction: Fraction = 0.0
+    """Share of demonstrations that state a near miss instead of the answer (noisy demonstrations: `95` -> `96`,
+    `dcba` -> `dcab`); the rows' `answer` column, which rewards and held-out accuracy read, stays right."""
 
     low: int = 1
     """guess_number: the smallest secret."""
@@ -103,8 +112,9 @@ class TaskSection(Section):
 
     @model_validator(mode="after")
     def _fields_of_the_task(self) -> TaskSection:
-        other = GUESS_NUMBER_FIELDS if self.name == "arithmetic" else ARITHMETIC_FIELDS
-        stray = sorted(set(other) & self.model_fields_set)
+        specific = {key for fields in TASK_FIELDS.values() for key in fields}
+        own = TASK_FIELDS.get(self.name, ("wrong_fraction",))
+        stray = sorted((specific - set(own)) & self.model_fields_set)
         if stray:
             raise ValueError(f"{', '.join(stray)}: not a setting of the {self.name} task")
         if self.low > self.high:
@@ -205,7 +215,8 @@ class EvalSection(Section):
     limit: PositiveInt | None = None
     """Evaluate at most this many rows."""
     reward: str = "numeric_match"
-    """Reward that decides correctness (score >= 1): a built-in name or module:function."""
+    """Reward that decides correctness (score >= 1): a built-in name or module:function. Left out beside data.task,
+    the task's verifier (exact_match for reverse and sort)."""
 
     @model_validator(mode="after")
     def _k_within_samples(self) -> EvalSection:
@@ -246,3 +257,25 @@ class RunSection(Section):
     """Set by the loader: the recipe's directory, for relative paths in it."""
     load_notes: tuple[str, ...] = Field(default=(), exclude=True)
     """Set by the loader: what an override replaced in the recipe (`config.loading.REPLACES`); runs print it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_verifier_judges_by_default(cls, raw: Any) -> Any:
+        verifier = task_verifier(raw)
+        evaluation = raw.get("eval", {}) if isinstance(raw, dict) else None
+        if verifier is None or "eval" not in cls.model_fields or not isinstance(evaluation, dict):
+            return raw
+        return raw if "reward" in evaluation else {**raw, "eval": {**evaluation, "reward": verifier}}
+
+
+def task_verifier(raw: Any) -> str | None:
+    """The verifier of the built-in task a raw config's data.task names, when it is not numeric_match (the default
+    of eval.reward and of RL's rewards); None otherwise."""
+    from posttrain.tasks import TASKS
+
+    data = raw.get("data") if isinstance(raw, dict) else None
+    task = data.get("task") if isinstance(data, dict) else None
+    name = task.get("name") if isinstance(task, dict) else None
+    if not isinstance(name, str) or name not in TASKS or TASKS[name].verifier == "numeric_match":
+        return None
+    return TASKS[name].verifier

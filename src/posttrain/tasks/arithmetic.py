@@ -14,9 +14,10 @@ import random
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar
 
-Split = Literal["train", "eval"]
+from posttrain.tasks.problems import Rejected, Split, check_fraction, digit_slip
+
 OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 _NUMBER = re.compile(r"-?\d+")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -38,6 +39,12 @@ class ArithmeticTask:
     """None: text rows. A number: conversational rows for an agent (a user message; `tools` holds the
     calculator's schema), of which this share of demonstrations calls the calculator on the problem and answers
     with its result; the rest answer directly (`tool_row`)."""
+    wrong_fraction: float = 0.0
+    """Share of demonstrations that state a near miss (`digit_slip`) instead of the answer (noisy demonstrations);
+    the row's `answer` stays the right one."""
+
+    name: ClassVar[str] = "arithmetic"
+    verifier: ClassVar[str] = "numeric_match"
 
     def __post_init__(self) -> None:
         if self.digits < 1:
@@ -57,6 +64,7 @@ class ArithmeticTask:
             raise ValueError(f"arithmetic.tool_fraction must be in [0, 1], got {self.tool_fraction}")
         if self.tool_fraction is not None and self.think_fraction > 0:
             raise ValueError("arithmetic: tool_fraction and think_fraction cannot both be set")
+        check_fraction("arithmetic.wrong_fraction", self.wrong_fraction)
 
     def row(self, a: int, op: str, b: int, *, worked: bool = False) -> dict[str, str]:
         """The problem, its completion (the answer, or `worked_completion` when `worked`) and its answer."""
@@ -72,6 +80,7 @@ class ArithmeticTask:
         """`n` problems of one split, drawn with replacement from that split by a seeded generator."""
         rng = random.Random(f"{seed}-{split}")
         think = random.Random(f"{seed}-{split}-think")  # its own stream: the problems drawn do not depend on it
+        noise = random.Random(f"{seed}-{split}-wrong")
         rows = []
         while len(rows) < n:
             a, op, b = self._draw_operand(rng), rng.choice(self.operators), self._draw_operand(rng)
@@ -81,7 +90,20 @@ class ArithmeticTask:
                     rows.append(self.row(a, op, b, worked=chance < self.think_fraction))
                 else:
                     rows.append(tool_row(a, op, b, call=chance < self.tool_fraction))
+                if noise.random() < self.wrong_fraction and self.tool_fraction is None:
+                    rows[-1]["completion"] = digit_slip(rows[-1]["answer"], noise)
         return rows
+
+    def near_miss(self, answer: str, rng: random.Random) -> str:
+        """One digit off by one (a carry or borrow slip): `95` -> `85` or `96`."""
+        return digit_slip(answer, rng)
+
+    def different_answer(self, answer: str, rng: random.Random) -> str:
+        """A number 10 to 10^digits away: `95` -> `12`."""
+        return str(int(answer) + rng.choice((-1, 1)) * rng.randint(10, 10**self.digits))
+
+    def wrong_answer(self, answer: str, rng: random.Random, kind: Rejected) -> str:
+        return self.near_miss(answer, rng) if kind == "near_duplicate" else self.different_answer(answer, rng)
 
     def _draw_operand(self, rng: random.Random) -> int:
         # Uniform over the digit count first, so short operands are not drowned out by long ones.

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 Split = Literal["train", "eval"]
 
@@ -27,6 +27,8 @@ Split = Literal["train", "eval"]
 @dataclass(frozen=True)
 class GuessNumberTask:
     """Games over [low, high] with at most `max_guesses` guesses (see the module docstring)."""
+
+    verifier: ClassVar[str | None] = None  # the environment scores a game, no reward checks an answer
 
     low: int = 1
     """Smallest secret."""

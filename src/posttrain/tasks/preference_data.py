@@ -1,8 +1,10 @@
-"""Preference data from a verifiable task: the correct answer against a plausible wrong one.
+"""Preference data from a verifiable task: the correct answer against a wrong one.
 
-A wrong answer is the correct one with one digit off by one (a carry or borrow slip): `37+58=` gives
-chosen `95`, rejected `85` or `96`. The same pairs become unpaired rows (KTO, BCO: chosen labelled
-desirable, rejected undesirable) or listwise rows (the answer and two slips, scored 1, 0, 0).
+The wrong answer is a near duplicate by default, one token or one swap away from the correct one (arithmetic:
+one digit off by one, a carry or borrow slip: `37+58=` gives chosen `95`, rejected `85` or `96`), or clearly
+different (`rejected="different"`: `37+58=` gives rejected `12`; `tasks.problems`). The same pairs become
+unpaired rows (KTO, BCO: chosen labelled desirable, rejected undesirable) or listwise rows (the answer and two
+wrong ones, scored 1, 0, 0).
 """
 
 from __future__ import annotations
@@ -10,31 +12,30 @@ from __future__ import annotations
 import random
 from typing import Any, Literal
 
-from posttrain.tasks.arithmetic import ArithmeticTask, Split
+from posttrain.tasks.problems import Rejected, Split, digit_slip
 
 FeedbackKind = Literal["preference", "unpaired", "listwise", "stepwise"]
+__all__ = ["FeedbackKind", "digit_slip", "feedback_rows", "preference_pairs"]
 
 
-def digit_slip(answer: str, rng: random.Random) -> str:
-    """`answer` with one digit moved by +-1 (a carry error); never equal to `answer`."""
-    value = int(answer)
-    place = 10 ** rng.randrange(len(answer.lstrip("-")))
-    wrong = value + rng.choice((-1, 1)) * place
-    return str(wrong)
-
-
-def preference_pairs(task: ArithmeticTask, n: int, *, seed: int, split: Split = "train") -> list[dict[str, str]]:
-    """`n` rows {prompt, chosen, rejected, answer} from the task's `split`."""
+def preference_pairs(
+    task: Any, n: int, *, seed: int, split: Split = "train", rejected: Rejected = "near_duplicate"
+) -> list[dict[str, str]]:
+    """`n` rows {prompt, chosen, rejected, answer} from the task's `split`; `rejected` says which kind of wrong
+    answer is rejected."""
     rng = random.Random(f"{seed}-{split}-pairs")
     return [
-        {"prompt": r["prompt"], "chosen": r["answer"], "rejected": digit_slip(r["answer"], rng), "answer": r["answer"]}
+        {"prompt": r["prompt"], "chosen": r["answer"], "rejected": task.wrong_answer(r["answer"], rng, rejected),
+         "answer": r["answer"]}
         for r in task.sample(n, seed=seed, split=split)
-    ]
+    ]  # fmt: skip
 
 
-def feedback_rows(task: ArithmeticTask, n: int, *, seed: int, split: Split, kind: FeedbackKind) -> list[dict[str, Any]]:
+def feedback_rows(
+    task: Any, n: int, *, seed: int, split: Split, kind: FeedbackKind, rejected: Rejected = "near_duplicate"
+) -> list[dict[str, Any]]:
     """Rows of a data kind built from `n` problems (unpaired: 2n rows, both halves of each pair)."""
-    pairs = preference_pairs(task, n, seed=seed, split=split)
+    pairs = preference_pairs(task, n, seed=seed, split=split, rejected=rejected)
     if kind == "preference":
         return pairs
     if kind == "unpaired":
@@ -46,9 +47,13 @@ def feedback_rows(task: ArithmeticTask, n: int, *, seed: int, split: Split, kind
     rng = random.Random(f"{seed}-{split}-lists")
     rows = []
     for p in pairs:
-        other = digit_slip(p["answer"], rng)
+        other = task.wrong_answer(p["answer"], rng, rejected)
+        for _ in range(20):  # some answers have a single near miss (a count of 0: only 1)
+            if other != p["rejected"]:
+                break
+            other = task.wrong_answer(p["answer"], rng, rejected)
         while other == p["rejected"]:
-            other = digit_slip(p["answer"], rng)
+            other = task.different_answer(p["answer"], rng)
         rows.append(
             {
                 "prompt": p["prompt"],

@@ -80,6 +80,18 @@ def build_tokenizer(corpus: Iterable[str] = (), *, vocab_size: int = 384) -> Pre
     )
 
 
+CHARACTERS_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+"""The byte alphabet and the special tokens, no merges: the `characters` tokenizer."""
+
+
+def build_characters_tokenizer(corpus: Iterable[str] = ()) -> PreTrainedTokenizerFast:
+    """The byte-level tokenizer of the task suite (reverse, sort, count, sequence): no merges, so every ASCII
+    character is one token, which tasks that move characters around need. With no merges, any pre-tokenizer
+    gives the same ids, so the one transformers substitutes beside a model's config (DESIGN.md pitfalls) cannot
+    change them."""
+    return build_tokenizer(corpus, vocab_size=CHARACTERS_VOCAB_SIZE)
+
+
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | Path) -> Path:
     directory = Path(directory)
     tokenizer.save_pretrained(directory)

@@ -156,13 +156,17 @@ def load_feedback(
         raw = read_rows(resolve_path(path, recipe_dir), on_bad_row=data.on_bad_row, report=report)
     elif data.task is not None:
         task, size = build_task(data.task), data.task.train_size if split == "train" else data.task.eval_size
-        if not isinstance(task, ArithmeticTask):
+        if kind == "stepwise" and not isinstance(task, ArithmeticTask):
+            raise ConfigError(f"data.task: stepwise rows come from the arithmetic task's worked steps, not from "
+                              f"{data.task.name}")  # fmt: skip
+        if not hasattr(task, "wrong_answer"):
             raise ConfigError(f"data.task: the {data.task.name} task gives demonstrations and prompts (sft, rl); "
-                              f"{kind} rows are generated from the arithmetic task only")  # fmt: skip
+                              f"{kind} rows are generated from the tasks with answers to get wrong only")  # fmt: skip
         if kind == "stepwise":
             generated = stepwise_rows(task, size, seed=seed, split=split, wrong_fraction=data.task.wrong_step_fraction)
         else:
-            generated = feedback_rows(task, size, seed=seed, split=split, kind=kind)  # type: ignore[arg-type]
+            generated = feedback_rows(task, size, seed=seed, split=split, kind=kind,  # type: ignore[arg-type]
+                                      rejected=data.task.rejected)  # fmt: skip
         raw = [Row(fields=r, where=f"task {data.task.name} ({split}) row {i + 1}") for i, r in enumerate(generated)]
     else:
         return require_train_data(split)
