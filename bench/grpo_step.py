@@ -76,7 +76,7 @@ def run_posttrain(case: dict[str, Any]) -> dict[str, Any]:
         config = {
             "model": {"preset": harness.preset_of(case["size"], case.get("family")), "tokenizer": "arithmetic",
                       **weights},
-            "data": {"train": api.IN_MEMORY},
+            "data": {},
             "train": {"max_steps": case["warmup"] + case["steps"], "lr": case["lr"], "max_grad_norm": 1.0,
                       **autocast},
             "rl": {
