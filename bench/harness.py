@@ -62,6 +62,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sizes", default="tiny", help=f"comma-separated model sizes: {', '.join(SIZES)}")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds; each runs every side once, fresh")
+    p.add_argument("--retries", type=int, default=RETRIES,
+                   help="re-runs of a contended worker (0 under constant foreign load, where they only cost time)")
     p.add_argument("--steps", type=int, default=None, help="measured steps per side and round; None: per size")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of every worker")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the worker process")
@@ -518,19 +520,20 @@ QUIET_LOAD = 0.3
 
 
 def alternate(
-    script: str, case: dict[str, Any], sides: Sequence[str], *, rounds: int, threads: int, log: bool = True
+    script: str, case: dict[str, Any], sides: Sequence[str], *, rounds: int, threads: int, log: bool = True,
+    retries: int = RETRIES,
 ) -> dict[str, SideSummary]:
     """Run every side once per round, each in a fresh process, reversing the order every other round.
 
     A worker during which other processes kept more than `QUIET_LOAD` cores busy is run again (at most
-    `RETRIES` times) and the least contended attempt is kept: on a shared 2-core machine one burst of someone
+    `retries` times) and the least contended attempt is kept: on a shared 2-core machine one burst of someone
     else's work makes a 2-thread step several times slower."""
     runs: dict[str, list[Run]] = {s: [] for s in sides}
     for r in range(rounds):
         order = list(sides) if r % 2 == 0 else list(reversed(sides))
         for side in order:
             attempts = [run_worker(script, side, case, threads)]
-            while (attempts[-1].foreign_load or 0.0) > QUIET_LOAD and len(attempts) <= RETRIES:
+            while (attempts[-1].foreign_load or 0.0) > QUIET_LOAD and len(attempts) <= retries:
                 if log:
                     busy = attempts[-1].foreign_load
                     print(f"  round {r + 1} {side:>10}: contended (foreign load {busy:.2f}), again", flush=True)
