@@ -65,7 +65,7 @@ def run_posttrain(case: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         config = {
             "model": {"preset": harness.SIZES[case["size"]], "tokenizer": "arithmetic", **weights},
-            "data": {"train": api.IN_MEMORY, "max_length": 4096},
+            "data": {"max_length": 4096},
             "train": {"max_steps": steps, "batch_size": case["batch"], "lr": case["lr"], "warmup_steps": 0,
                       "schedule": "constant", "max_grad_norm": 1.0, **autocast},
             "pref": {"loss": "dpo", "loss_args": {"beta": case["beta"]}, "reference": REFERENCES[case["reference"]][0]},

@@ -76,7 +76,7 @@ def run_posttrain(case: dict[str, Any]) -> dict[str, Any]:
         config = {
             "model": {"preset": harness.preset_of(case["size"], case.get("family")), "tokenizer": "arithmetic",
                       **weights},
-            "data": {"train": api.IN_MEMORY},
+            "data": {},
             "train": {"max_steps": case["warmup"] + case["steps"], "lr": case["lr"], "max_grad_norm": 1.0,
                       **autocast},
             "rl": {
@@ -178,7 +178,8 @@ def main() -> None:
                          steps=steps, warmup=args.warmup, device=args.device, dtype=harness.dtype_of(args),
                          prompt_tokens=args.prompt_tokens, micro_batch=args.micro_batch, family=family)  # fmt: skip
         print(f"GRPO step, {size}: {case}", flush=True)
-        sides = harness.alternate(__file__, case, ["posttrain", "trl"], rounds=rounds, threads=args.threads)
+        sides = harness.alternate(__file__, case, ["posttrain", "trl"], rounds=rounds, threads=args.threads,
+                                  retries=args.retries)
         ours = sides["posttrain"].extra
         cases.append(
             harness.CaseResult(

@@ -62,6 +62,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sizes", default="tiny", help=f"comma-separated model sizes: {', '.join(SIZES)}")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds; each runs every side once, fresh")
+    p.add_argument("--retries", type=int, default=RETRIES,
+                   help="re-runs of a contended worker (0 under constant foreign load, where they only cost time)")
     p.add_argument("--steps", type=int, default=None, help="measured steps per side and round; None: per size")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of every worker")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the worker process")
@@ -518,13 +520,7 @@ QUIET_LOAD = 0.3
 
 
 def alternate(
-    script: str,
-    case: dict[str, Any],
-    sides: Sequence[str],
-    *,
-    rounds: int,
-    threads: int,
-    log: bool = True,
+    script: str, case: dict[str, Any], sides: Sequence[str], *, rounds: int, threads: int, log: bool = True,
     retries: int = RETRIES,
 ) -> dict[str, SideSummary]:
     """Run every side once per round, each in a fresh process, reversing the order every other round.

@@ -117,7 +117,7 @@ def run_profile(case: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         config_dict = {
             "model": {"preset": harness.SIZES[case["size"]], "tokenizer": "arithmetic", **weights},
-            "data": {"train": api.IN_MEMORY},
+            "data": {},
             "train": {"max_steps": case["warmup"] + case["steps"], "lr": case["lr"], **autocast},
             "rl": {
                 "prompts_per_step": case["prompts"], "group_size": case["group"],

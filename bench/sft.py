@@ -68,7 +68,7 @@ def run_posttrain(case: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         config = {
             "model": {"preset": harness.SIZES[case["size"]], "tokenizer": "arithmetic", **weights},
-            "data": {"train": api.IN_MEMORY, "max_length": case["max_length"], "packing": bool(case["packing"]),
+            "data": {"max_length": case["max_length"], "packing": bool(case["packing"]),
                      "completion_only": True},
             "train": {"max_steps": case["warmup"] + case["steps"], "batch_size": case["batch"], "lr": 1e-4,
                       "warmup_steps": 0, "schedule": "constant", "max_grad_norm": 1.0, **autocast},

@@ -310,3 +310,62 @@ def test_what_an_adapter_cannot_reproduce_takes_transformers_forward() -> None:
     olmo2 = build("olmo2")
     del olmo2.model.layers[0].self_attn.q_norm
     assert describe_forward_path(olmo2).endswith("(its olmo2 decoder has no layers.0.self_attn.q_norm)")
+
+
+# ---------------------------------------------------------------- mixtures of experts
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_sparse_blocks_run_posttrains_expert_products_not_their_modules(family, monkeypatch) -> None:
+    # the equality tests above hold whichever computes the block; here the block's own forward may not run at all
+    model = build(family)
+    block_type = type(next(layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts")))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{block_type.__name__}.forward ran")
+
+    monkeypatch.setattr(block_type, "forward", refuse)
+    ids_B_T, real_B_T, target_B_T, _, _ = right_padded()
+    logp, _ = token_logprobs(model, ids_B_T, real_B_T, target_B_T)
+    logp.sum().backward()
+    decoder = StaticCacheDecoder(model, max_new_tokens=2)
+    with torch.no_grad():
+        decoder.prefill(*left_pad(PROMPTS, torch.device("cpu")))
+        decoder.step(torch.tensor([3, 4, 5, 6]))
+    assert all(p.grad is not None for n, p in model.named_parameters() if "experts" in n)
+
+
+@pytest.mark.parametrize("normalised", [True, False], ids=["norm_topk_prob", "raw_top_k"])
+def test_expert_products_equal_a_loop_over_each_tokens_experts(normalised) -> None:
+    # y(x) = sum over x's top-2 experts e of p_e(x) down_e(silu(gate_e x) * up_e x) + sigmoid(g x) shared(x), with
+    # p the router's softmax, renormalised over the two where norm_topk_prob; computed token by token
+    from posttrain.policies.decoder_layer import experts_op
+
+    config = FAMILIES_UNDER_TEST["qwen2_moe"]()
+    config.norm_topk_prob = normalised
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        block = AutoModelForCausalLM.from_config(config).model.layers[0].mlp
+    with torch.no_grad():
+        for param in block.parameters():
+            param.copy_(torch.randn(param.shape) * 0.3)
+    routed = experts_op(block, family_of(AutoModelForCausalLM.from_config(config)).experts, config)
+    assert routed is not None
+    x_X_H = torch.randn(9, config.hidden_size, generator=torch.Generator().manual_seed(6))
+    bank, inter = block.experts, config.moe_intermediate_size
+    expected = []
+    for x_H in x_X_H:
+        p_E = torch.softmax(block.gate.weight @ x_H, dim=-1)
+        top = p_E.topk(2).indices
+        weights = p_E[top] / p_E[top].sum() if normalised else p_E[top]
+        y_H = torch.zeros(config.hidden_size)
+        for w, e in zip(weights, top.tolist()):
+            gate_up = bank.gate_up_proj[e] @ x_H
+            y_H += w * (bank.down_proj[e] @ (torch.nn.functional.silu(gate_up[:inter]) * gate_up[inter:]))
+        shared = block.shared_expert
+        shared_H = shared.down_proj.weight @ (
+            torch.nn.functional.silu(shared.gate_proj.weight @ x_H) * (shared.up_proj.weight @ x_H)
+        )
+        expected.append(y_H + torch.sigmoid(block.shared_expert_gate.weight @ x_H) * shared_H)
+    with torch.no_grad():
+        torch.testing.assert_close(routed(x_X_H), torch.stack(expected), atol=1e-5, rtol=1e-5)

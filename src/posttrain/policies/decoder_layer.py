@@ -25,7 +25,7 @@ from torch import Tensor
 
 from posttrain.policies import cpu_matmul
 from posttrain.policies.families import family_of
-from posttrain.policies.families.adapter import Family, Norm
+from posttrain.policies.families.adapter import Experts, Family, Norm
 from posttrain.policies.kernels import HALF_DTYPES, HalfRMSNorm, RMSNorm, SwiGLUDown
 
 SILUS = frozenset({"SiLUActivation", "SiLU"})
@@ -237,11 +237,14 @@ def layer_ops(layer: torch.nn.Module, family: Family, config: Any, index: int) -
 
     def mlp_residual(x_Q_H: Tensor) -> Tensor:
         h_Q_H = mlp_in(x_Q_H)
+        if routed is not None:
+            return x_Q_H + mlp_out(routed(h_Q_H))
         if family.mlp_block:  # the model's own block, routing and all, over the rows as one sequence
             return x_Q_H + mlp_out(mlp(h_Q_H[None])[0])
         gate_Q_I, up_Q_I = gate_up[0](h_Q_H).chunk(2, dim=-1) if len(gate_up) == 1 else (f(h_Q_H) for f in gate_up)
         return x_Q_H + mlp_out(gated_down(gate_Q_I, up_Q_I))
 
+    routed = experts_op(mlp, family.experts, config) if family.experts is not None else None
     if not family.mlp_block:
         gate_up = [linear_op(getattr(mlp, name)) for name in family.gate_up]
         gated_down = gated_down_op(getattr(mlp, family.activation), mlp.down_proj)
@@ -252,6 +255,63 @@ def layer_ops(layer: torch.nn.Module, family: Family, config: Any, index: int) -
         attention_inputs, attention_residual, mlp_residual, heads, kv_heads, dim, attn.scaling, softcap,
         family.window(config, index), rope_key,
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------- mixtures of experts
+
+
+def experts_op(block: torch.nn.Module, experts: Experts, config: Any) -> Op | None:
+    """A sparse MLP block as a function of its tokens [X, H] -> [X, H] (`Experts`, for the formula): each token's k
+    (token, expert) pairs sorted by expert, the experts' products as one grouped product over their tokens
+    (`F.grouped_mm`), the weighted outputs summed back into their tokens by `index_add`. transformers' own grouped
+    path gathers and un-permutes by indexed reads, whose backward is an accumulating `index_put` (bench/RESULTS.md,
+    "Model families"). None (the block runs as its own module) where this does not apply: another module type, off
+    the CPU, experts with biases, transposed or interleaved weights or expert parallelism, or widths whose rows are not
+    the 16-byte multiples `grouped_mm` needs."""
+    if type(block).__name__ not in experts.block_types or not hasattr(F, "grouped_mm"):
+        return None
+    router, bank = block.gate, block.experts
+    gate_up_E_F_H, down_E_H_I = bank.gate_up_proj, bank.down_proj
+    standard = getattr(bank, "has_gate", True) and getattr(bank, "is_concatenated", True)
+    unusual = getattr(bank, "has_bias", False) or getattr(bank, "is_transposed", False) or getattr(
+        bank, "_is_expert_parallel", False) or getattr(bank, "has_post_expert_norm", False)  # fmt: skip
+    widths = (gate_up_E_F_H.shape[-1], down_E_H_I.shape[-1])
+    aligned = all(width * gate_up_E_F_H.element_size() % 16 == 0 for width in widths)
+    if not standard or unusual or not aligned or gate_up_E_F_H.device.type != "cpu":
+        return None
+    num_experts, top_k, normalises = gate_up_E_F_H.shape[0], router.top_k, experts.normalises(config)
+    act = activation_op(bank.act_fn)
+    shared = shared_gate = None
+    if experts.shared_expert:
+        shared_mlp = block.shared_expert
+        shared_gate_up = [linear_op(shared_mlp.gate_proj), linear_op(shared_mlp.up_proj)]
+        shared_down = gated_down_op(shared_mlp.act_fn, shared_mlp.down_proj)
+        shared_gate = linear_op(block.shared_expert_gate)
+
+        def shared(x_X_H: Tensor) -> Tensor:
+            return shared_down(*(f(x_X_H) for f in shared_gate_up))
+
+    def routed(x_X_H: Tensor) -> Tensor:
+        logits_X_E = F.linear(x_X_H, router.weight)
+        top_X_K, expert_X_K = logits_X_E.float().softmax(dim=-1).topk(top_k, dim=-1)
+        if normalises:
+            top_X_K = top_X_K / top_X_K.sum(dim=-1, keepdim=True)
+        if not experts.weights_in_float32:
+            top_X_K = top_X_K.to(logits_X_E.dtype)
+        expert_S = expert_X_K.flatten()  # S = X * k pairs, token-major
+        order_S = expert_S.argsort(stable=True)
+        token_S = order_S.div(top_k, rounding_mode="floor")
+        ends_E = torch.bincount(expert_S, minlength=num_experts).cumsum(0, dtype=torch.int32)
+        gate_up_S_F = F.grouped_mm(x_X_H.index_select(0, token_S), gate_up_E_F_H.transpose(1, 2), offs=ends_E)
+        gate_S_I, up_S_I = gate_up_S_F.chunk(2, dim=-1)
+        y_S_H = F.grouped_mm(act(gate_S_I) * up_S_I, down_E_H_I.transpose(1, 2), offs=ends_E)
+        y_S_H = y_S_H * top_X_K.flatten().index_select(0, order_S)[:, None]
+        out_X_H = y_S_H.new_zeros(x_X_H.shape).index_add(0, token_S, y_S_H).to(x_X_H.dtype)
+        if shared is not None:
+            out_X_H = out_X_H + torch.sigmoid(shared_gate(x_X_H)) * shared(x_X_H)
+        return out_X_H
+
+    return routed
 
 
 def heads_op(family: Family, attn: torch.nn.Module, name: str, heads: int, dim: int) -> Op:

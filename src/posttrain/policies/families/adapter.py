@@ -52,6 +52,30 @@ def no_refusal(config: Any, training: bool) -> str | None:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """A family's mixture-of-experts block as the shared layer forward computes it (`decoder_layer.experts_op`):
+    a router's softmax over E experts, the top k of them per token, each expert a gated MLP
+    down_e(act(gate_e(x)) * up_e(x)) whose weights are [E, 2I, H] (gate then up) and [E, H, I], combined as
+
+        y = sum over the token's top k experts e of p_e down_e(act(gate_e(x)) * up_e(x))
+            (+ sigmoid(shared_gate(x)) shared(x), with a shared expert)
+
+    where p_e is the router's softmax (in float32), renormalised over the k where `normalises`. Layers whose MLP is
+    of another module type (a dense layer among sparse ones) run their module as it is."""
+
+    block_types: tuple[str, ...]
+    """Class names of the sparse blocks computed so; module attributes `gate` (the router: `weight`, `top_k`),
+    `experts` (`gate_up_proj`, `down_proj`, `act_fn`) and, with a shared expert, `shared_expert` (a gated MLP
+    of Linear layers) and `shared_expert_gate`."""
+    normalises: Callable[[Any], bool]
+    """config -> whether the top-k probabilities are divided by their sum."""
+    weights_in_float32: bool = True
+    """The top-k probabilities weigh the experts' outputs in float32 (Mixtral), or rounded to the router logits'
+    dtype (Qwen2-MoE)."""
+    shared_expert: bool = False
+
+
+@dataclass(frozen=True)
 class Family:
     """One family's decoder layer, as `policies/decoder_layer.py` builds it (see the module docstring). Module
     names are attributes of a transformers decoder layer (norms), of its `self_attn` (projections, q/k norms) or of
@@ -75,7 +99,10 @@ class Family:
     activation: str = "act_fn"
     mlp_block: bool = False
     """The layer's `mlp` runs as its own module over the tokens [1, X, H] instead of as gate, up and down: a mixture
-    of experts, whose routing (top-k router, shared experts) is the model's own code (Mixtral, Qwen2-MoE)."""
+    of experts, whose routing (top-k router, shared experts) is the model's own code (Mixtral, Qwen2-MoE), unless
+    `experts` describes it."""
+    experts: Experts | None = None
+    """The family's sparse MLP block, computed by the shared layer forward where it applies (`Experts`)."""
     attention_softcap: str | None = None
     """The config attribute of the attention scores' soft-cap, cap * tanh(s / cap) (Gemma 2)."""
     final_softcap: str | None = None
