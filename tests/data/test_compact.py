@@ -112,7 +112,9 @@ def test_each_example_is_rebuilt_so_that_a_caller_changing_one_changes_no_other(
 
 def test_where_of_any_form_is_given_back_as_written():
     wheres = ["a.jsonl line 1", "a.jsonl line 2 (chosen)", "b.json item 3", "a.jsonl line 0", "row 007",
-              "no number", "", "x 12345678901234567890123", "a.jsonl line 3", "٣ arabic digit", "run2/a line 9"]
+              "no number", "", "x 12345678901234567890123", "a.jsonl line 3", "٣ arabic digit", "run2/a line 9",
+              "a.jsonl line 4 (assistant turn 2)", "a.jsonl line 5 (assistant turn 2)", "train rows row 1 (chosen)",
+              "a.jsonl line 12a", "a.jsonl line 05", *[f"file{i}.jsonl line {i}" for i in range(20)]]  # 20 sources
     examples = CompactExamples()
     for where in wheres:
         examples.append(SFTExample(None, "t", where))

@@ -1,7 +1,8 @@
 """A read-only sequence of examples kept as bytes, so that a large dataset's examples take about the file's size.
 
-An example is a frozen dataclass (`SFTExample`, ...) whose fields are Python strings, lists and dicts: about 280
-bytes for a 38-byte JSONL row of short text (bench/RESULTS.md, "Loading rows"). `CompactExamples` keeps each one as
+An example is a frozen dataclass (`SFTExample`, ..., and `SFTTokens`, an example encoded) whose fields are Python
+strings, lists and dicts: about 280 bytes for a 38-byte JSONL row of short text, 400 for its tokens (bench/RESULTS.md,
+"Loading rows"). `CompactExamples` keeps each one as
 the `marshal` bytes of its fields, all in one `bytearray` with an offset per example, and builds the dataclass
 again when it is asked for (`examples[i]`, a slice, iteration): equal to the one appended, not the same object.
 
@@ -24,28 +25,35 @@ from dataclasses import fields
 from operator import attrgetter
 from typing import Any, overload
 
+ROW_WHERE = re.compile(r"(.* (?:line|item|row) )(0|[1-9]\d{0,17})(\D.*|)", re.ASCII | re.DOTALL)
+"""A `where` the readers write: source ("data.jsonl line "), the row's number, an ending (" (chosen)")."""
 NUMBERED = re.compile(r"(.*\D|)(0|[1-9]\d{0,17})(\D*)", re.ASCII | re.DOTALL)
 """A `where` as source + number + ending: the number's last run of digits, written as `str(int)` writes it."""
+AFTER_SOURCE = re.compile(r"(0|[1-9]\d{0,17})(\D.*|)", re.ASCII | re.DOTALL)
+"""What follows a known source: the row's number (as `str(int)` writes it), then any ending (" (assistant turn 2)")."""
+MAX_SOURCES, MAX_ENDINGS = 16, 4096
+"""The most distinct sources and endings a collection keeps in its tables; a `where` past them is kept whole."""
 
 
-EXACT = (str, int, float, bool, type(None), bytes)
+EXACT = frozenset({str, int, float, bool, type(None), bytes})
 """Types that `marshal` writes and reads back as they were (it writes any other buffer, a bytearray or a numpy
 array, as bytes)."""
+CONTAINERS = frozenset({list, tuple, dict})
 
 
 def _marshal_exact(value: Any) -> bool:
-    """Whether `value` holds only lists, tuples and dicts (of those exact types) of `EXACT` values."""
+    """Whether `value` holds only lists, tuples and dicts (of those exact types) of `EXACT` values. The types of a
+    container's members are gathered in C (`set(map(type, ...))`), so that a list of token ids is not walked."""
     stack = [value]
     while stack:
         item = stack.pop()
-        kind = type(item)
-        if kind is list or kind is tuple:
-            stack += item
-        elif kind is dict:
-            stack += item
-            stack += item.values()
-        elif kind not in EXACT:
+        members = [*item, *item.values()] if type(item) is dict else item
+        kinds = set(map(type, members))
+        if kinds <= EXACT:
+            continue
+        if not kinds <= EXACT | CONTAINERS:
             return False
+        stack += [m for m in members if type(m) in CONTAINERS]
     return True
 
 
@@ -112,7 +120,7 @@ class CompactExamples(Sequence[Any]):
         if types not in self._flat_types:
             if not _marshal_exact(values):
                 return None
-            if all(t in EXACT for t in types):
+            if EXACT.issuperset(types):
                 self._flat_types.add(types)
         where, first = example.where, self._first_source
         if first is not None and where.startswith(first) and _is_number(rest := where[len(first):]):
@@ -126,15 +134,28 @@ class CompactExamples(Sequence[Any]):
 
     def _where_code(self, where: str) -> int | tuple[int, int, int] | str:
         """where's number alone (first source, no ending), (source, number, ending) indices, or where itself."""
-        match = NUMBERED.fullmatch(where)
-        if match is None:
-            return where
-        source, number, ending = match.groups()
-        source_index = self._index(source, self._sources, self._source_index)
-        self._first_source = self._sources[0]
+        known = self._after_known_source(where)
+        if known is not None:
+            source_index, number, ending = known
+        else:
+            if (match := ROW_WHERE.fullmatch(where) or NUMBERED.fullmatch(where)) is None:
+                return where
+            source, number, ending = match.groups()
+            if len(self._sources) == MAX_SOURCES:
+                return where
+            source_index = self._index(source, self._sources, self._source_index)
+            self._first_source = self._sources[0]
         if source_index == 0 and not ending:
             return int(number)
+        if ending not in self._ending_index and len(self._endings) == MAX_ENDINGS:
+            return where
         return source_index, int(number), self._index(ending, self._endings, self._ending_index)
+
+    def _after_known_source(self, where: str) -> tuple[int, str, str] | None:
+        for i, source in enumerate(self._sources):
+            if where.startswith(source) and (match := AFTER_SOURCE.fullmatch(where, len(source))):
+                return i, *match.groups()
+        return None
 
     @staticmethod
     def _index(text: str, table: list[str], index: dict[str, int]) -> int:
