@@ -8,7 +8,8 @@ It writes `--rows` SFT rows (`{"prompt": "37+5=", "completion": "42"}`, about 36
 temporary directory in each format, then loads each file with `posttrain.data.load_examples(path, "sft")`
 in a fresh Python process, so that one measurement's memory does not carry into the next, `--repeat` times.
 For each format it prints the file size, the fastest load's wall and CPU time, the peak resident set size of
-the process (`ru_maxrss`) and the peak minus the resident size measured just before the call (the imports:
+the process (`VmHWM`; `ru_maxrss` keeps the peak of this script, the parent, across the child's exec) and the
+peak minus the resident size measured just before the call (the imports:
 torch, transformers, pyarrow), the largest of the repeats, and the resident size after the call minus before
 it: the examples kept (`load_examples` returns them). Peak near "after" means nothing but the examples piled
 up while loading.
@@ -33,14 +34,14 @@ import tempfile
 from pathlib import Path
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 from posttrain.data import load_examples
 
-def rss_mib():
+def rss_mib(field="VmRSS"):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 encode = sys.argv[2] == "encode"
 if encode:
@@ -54,7 +55,7 @@ examples, report = load_examples(sys.argv[1], "sft")
 if encode:
     examples = encode_sft(examples, tokenizer, max_length=512, report=report)
 seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = rss_mib("VmHWM")  # not ru_maxrss: it keeps the parent's peak across the exec of a vfork
 print(json.dumps({"examples": len(examples), "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mib": peak,
                   "before_mib": before, "after_mib": rss_mib()}))
 """
