@@ -2,8 +2,11 @@
 <|bos|>=1, <|im_start|>=3, <|im_end|>=4 (EOS) are one token each."""
 
 import copy
+import json
 import re
 import tempfile
+import tracemalloc
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -29,6 +32,7 @@ from posttrain.data import (
     encode_sft,
     encode_sft_example,
     encode_unpaired,
+    load_examples,
 )
 from posttrain.data.encoding import fit_sft
 
@@ -317,3 +321,22 @@ def test_lengths_past_the_model_positions_are_refused_naming_both():
     check_positions(scaled, {"data.max_length": 128})
     with pytest.raises(DataError, match="129 tokens is more than the model's 128 positions"):
         check_positions(scaled, {"data.max_length": 129})
+
+
+def test_sft_tokens_kept_take_about_twice_the_size_of_the_file(tmp_path: Path, byte_tokenizer):
+    rows = [{"prompt": f"{i % 100}+{i % 7}=", "completion": str(i % 100 + i % 7)} for i in range(5_000)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # about 37 bytes a row
+    examples, _ = load_examples(path, "sft")
+    tracemalloc.start()
+    tokens = encode_sft(examples, byte_tokenizer)
+    kept = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    # row 4,999: "99+1=" (4,999 = 49 * 100 + 99 = 714 * 7 + 1), "100": BOS, 5 + 3 characters, EOS; targets the
+    # completion and EOS
+    ids = byte_tokenizer("99+1=100", add_special_tokens=False)["input_ids"]
+    assert len(tokens) == 5_000 and tokens[4_999].input_ids == [1, *ids, 4]
+    assert tokens[4_999].loss_mask == [False] * 6 + [True] * 4
+    # lists of ids kept about 10 times the file: 56 (SFTTokens) + 2 x (56 + 8 x 10) (two lists of 10) + about 80
+    # (where) bytes a row; as bytes, 10 ids of 5 bytes, 10 flags of 1, a few for the lists and where, an offset of 8
+    assert kept < 3 * path.stat().st_size

@@ -23,6 +23,7 @@ from posttrain.data.batching import (
     count_padding,
     pack_by_length,
 )
+from posttrain.data.compact import CompactExamples
 from posttrain.data.encoding import (
     CompletionTokens,
     PreferenceTokens,
@@ -59,6 +60,7 @@ from posttrain.data.sampler import EpochSampler
 
 __all__ = [
     "ROLES",
+    "CompactExamples",
     "CompletionTokens",
     "DataError",
     "EpochSampler",

@@ -113,7 +113,7 @@ def train_sft(
     return life.finish(eval_metrics, eval=final_eval)
 
 
-def _encode_train(cfg: SFTConfig, tokenizer: Any, rows: Rows | None) -> tuple[list[SFTTokens], LoadReport]:
+def _encode_train(cfg: SFTConfig, tokenizer: Any, rows: Rows | None) -> tuple[Sequence[SFTTokens], LoadReport]:
     examples, report = load_split(cfg.data, "sft", "train", seed=cfg.seed, recipe_dir=cfg.recipe_dir, rows=rows)
     tokens = encode_sft(
         examples,
@@ -126,7 +126,7 @@ def _encode_train(cfg: SFTConfig, tokenizer: Any, rows: Rows | None) -> tuple[li
     return tokens, report
 
 
-def _encode_eval(cfg: SFTConfig, tokenizer: Any, rows: Rows | None) -> tuple[list[Any], list[SFTTokens]]:
+def _encode_eval(cfg: SFTConfig, tokenizer: Any, rows: Rows | None) -> tuple[list[Any], Sequence[SFTTokens]]:
     """Prompts with an `answer` (for accuracy) and demonstrations (for held-out loss), either may be empty."""
     loaded = load_split(cfg.data, "prompt", "eval", seed=cfg.seed, recipe_dir=cfg.recipe_dir, rows=rows)
     if loaded is None:
@@ -193,7 +193,7 @@ def _evaluate_metrics(
     model: Any,
     tokenizer: Any,
     prompts: list[Any],
-    tokens: list[SFTTokens],
+    tokens: Sequence[SFTTokens],
     reward: Any,
     cfg: SFTConfig,
     device: torch.device,

@@ -68,7 +68,7 @@ def load_split(
     seed: int,
     recipe_dir: str | None,
     rows: Rows | None = None,
-) -> tuple[list[Any], LoadReport] | None:
+) -> tuple[Sequence[Any], LoadReport] | None:
     """Examples of one split ("train" or "eval") from Python rows, a file, or a built-in task; None for an absent
     eval split (an absent train split is a ConfigError)."""
     report = LoadReport()
