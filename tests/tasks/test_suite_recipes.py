@@ -51,7 +51,8 @@ def test_pairs_of_both_kinds_from_a_recipe() -> None:
         cfg = validate(PrefConfig, {"model": MODEL, "data": {"task": {"name": "reverse", "train_size": 40,
                                                                       "rejected": kind}}})  # fmt: skip
         split = load_feedback(cfg.data, "preference", "train", tokenizer, seed=0, recipe_dir=None)
-        rejected_of[kind] = [(f["chosen"], f["rejected"]) for f in split.fields.values()]
+        rejected_of[kind] = [(tokenizer.decode(t.chosen_ids, skip_special_tokens=True),
+                              tokenizer.decode(t.rejected_ids, skip_special_tokens=True)) for t in split.tokens]
     assert len(rejected_of["near_duplicate"]) == len(rejected_of["different"]) == 40
     for chosen, rejected in rejected_of["near_duplicate"]:  # one swap of two neighbours (or one letter of `aaa`)
         assert sum(a != b for a, b in zip(chosen, rejected, strict=True)) in (1, 2)

@@ -73,7 +73,7 @@ def train_rm(
         held_out = load_feedback(cfg.data, kind, "eval", tokenizer, rows=eval_rows, **load, encode_args=steps)
     eval_items = held_out.tokens[: cfg.eval.limit] if held_out else []
     cfg = life.fit_epochs(len(train.tokens), cfg.train.batch_size)
-    margins = {w: f["margin"] for w, f in train.fields.items() if cfg.rm.use_margin and "margin" in f}
+    margins = train.margins if cfg.rm.use_margin else {}
     mb_size = cfg.train.micro_batch_size or cfg.train.batch_size
     lines: tuple[str, ...] = ()
     if cfg.rm.margin_models:
@@ -85,8 +85,8 @@ def train_rm(
     life.track(model, tokenizer, optim, sampler)
     life.open_log(train.report, headline=("loss", "accuracy"), progress=progress, train_rows=train_rows,
                   eval_rows=eval_rows, lines=lines)  # fmt: skip
-    labelled = held_out.fields if held_out else {}
-    label_margins = [labelled.get(it.where, {}).get("margin") for it in eval_items]
+    labelled = held_out.margins if held_out else {}
+    label_margins = [labelled.get(it.where) for it in eval_items]
 
     def held_out_accuracy() -> dict[str, float]:
         if kind == "stepwise":

@@ -7,7 +7,7 @@ A task beside a training file gives the held-out rows only (`data_sources` says 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,13 +20,12 @@ from posttrain.data import (
     encode_preference,
     encode_prompts,
     encode_unpaired,
-    read_rows,
     validate_rows,
 )
 from posttrain.data.encoding import CompletionTokens, PreferenceTokens, PromptTokens
 from posttrain.data.errors import DataError
 from posttrain.data.examples import Kind, load_examples
-from posttrain.data.readers import Row
+from posttrain.data.readers import Row, gc_paused, iter_rows
 from posttrain.data.stepwise import StepwiseTokens, encode_stepwise
 from posttrain.tasks import TASKS, ArithmeticTask, GuessNumberTask
 from posttrain.tasks.preference_data import FeedbackKind, feedback_rows
@@ -129,7 +128,8 @@ class FeedbackSplit:
 
     tokens: list[Tokens]
     report: LoadReport
-    fields: dict[str, dict[str, Any]] = field(default_factory=dict)
+    margins: dict[str, Any] = field(default_factory=dict)
+    """The rows' `margin` column (reward models' margin), by `where`."""
     answer_prompts: list[Any] = field(default_factory=list)
 
 
@@ -153,7 +153,7 @@ def load_feedback(
     if rows is not None:
         raw = rows_from_memory(rows, f"{split} rows")
     elif path is not None:
-        raw = read_rows(resolve_path(path, recipe_dir), on_bad_row=data.on_bad_row, report=report)
+        raw = iter_rows(resolve_path(path, recipe_dir), on_bad_row=data.on_bad_row, report=report)
     elif data.task is not None:
         task, size = build_task(data.task), data.task.train_size if split == "train" else data.task.eval_size
         if kind == "stepwise" and not isinstance(task, ArithmeticTask):
@@ -170,18 +170,33 @@ def load_feedback(
         raw = [Row(fields=r, where=f"task {data.task.name} ({split}) row {i + 1}") for i, r in enumerate(generated)]
     else:
         return require_train_data(split)
-    report.rows = report.rows or len(raw)
-    examples = validate_rows(raw, kind, on_bad_row=data.on_bad_row, report=report)
+    margins: dict[str, Any] = {}
+    answered: list[Row] = []
+    with gc_paused():
+        examples = validate_rows(_noting(raw, margins, answered if split == "eval" else None), kind,
+                                 on_bad_row=data.on_bad_row, report=report)  # fmt: skip
+    if isinstance(raw, list):
+        report.rows = report.rows or len(raw)
     fit = dict(max_length=data.max_length, truncation=data.truncation, on_bad_row=data.on_bad_row)
     tokens = ENCODERS[kind](examples, tokenizer, **fit, **(encode_args or {}), report=report,
                             max_prompt_length=max_prompt_length)  # fmt: skip
-    answered = [r for r in raw if "answer" in r.fields and "prompt" in r.fields]
     prompts = (
         encode_prompts(validate_rows(answered, "prompt", on_bad_row="skip"), tokenizer, max_length=data.max_length)
-        if split == "eval"
+        if answered
         else []
     )
-    return FeedbackSplit(tokens, report, {r.where: r.fields for r in raw}, prompts)
+    return FeedbackSplit(tokens, report, margins, prompts)
+
+
+def _noting(rows: Iterable[Row], margins: dict[str, Any], answered: list[Row] | None) -> Iterator[Row]:
+    """`rows` as they are read, noting each row's `margin` column (by `where`) and, for held-out rows, the rows
+    with an answer to score (their prompts are evaluated): the file's rows are never all held at once."""
+    for row in rows:
+        if "margin" in row.fields:
+            margins[row.where] = row.fields["margin"]
+        if answered is not None and "answer" in row.fields and "prompt" in row.fields:
+            answered.append(row)
+        yield row
 
 
 def data_sources(data: Any, train_rows: bool, eval_rows: bool) -> str:
