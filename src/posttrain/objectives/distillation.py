@@ -67,6 +67,8 @@ class _ChunkedJSD(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h_s: Tensor, w_s: Tensor, b_s: Tensor | None, h_t: Tensor, w_t: Tensor,
                 b_t: Tensor | None, beta: float, inv_tau: float, chunk: int) -> Tensor:  # fmt: skip
+        """GKD's generalised JSD (Agarwal et al. 2024, arXiv:2306.13649, Eq. 1) per token, the logits of both models
+        formed `chunk` vocabulary rows at a time from their hidden states and heads, never [N, V] whole."""
         vocab = w_s.shape[0]
         lse_s, lse_t = _logsumexp(h_s, w_s, b_s, inv_tau, chunk), _logsumexp(h_t, w_t, b_t, inv_tau, chunk)
         loss = h_s.new_zeros(h_s.shape[0], dtype=torch.float32)
@@ -83,6 +85,8 @@ class _ChunkedJSD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_N: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        """The gradient of the generalised JSD (arXiv:2306.13649) in the student's hidden states and head, chunk by
+        chunk over the vocabulary like the forward."""
         h_s, w_s, b_s, h_t, w_t, b_t, lse_s, lse_t, kl_q_m = ctx.saved_tensors
         beta, inv_tau, chunk = ctx.beta, ctx.inv_tau, ctx.chunk
         grad_h = torch.zeros_like(h_s, dtype=torch.float32)

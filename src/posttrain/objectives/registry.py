@@ -61,6 +61,7 @@ class Registry(dict[str, Callable[..., Any]]):
 
     @property
     def allowed_needs(self) -> frozenset[str]:
+        """Every need a registered objective may declare (not an objective: the registry's own check, no paper)."""
         return frozenset(n for n in self.inputs.values() if n) | frozenset(FLAGS) | frozenset(OPPONENTS.values())
 
     def register(
